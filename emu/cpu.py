@@ -1,0 +1,586 @@
+"""The vCPU: one x86 CPU over a Unicorn engine, with vmlab's soft-MMU and hooks.
+
+A Vcpu owns a UC_MODE_64 Unicorn engine (the only mode whose register API reaches
+every register in every mode), maps guest RAM into it without copies, registers
+the native hooks (TLB fill, block, interrupt, CPUID/RDTSC) and returns exit values
+from ``run()``.  It knows nothing of devices or of the VMM.
+"""
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+
+from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
+from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import unicorn_const as ucc
+from unicorn import x86_const as X
+
+from . import x86
+from .errors import ConfigError, NativeError
+from .exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+                    IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
+from .memory import GuestMemory
+from .native import ensure_api, ffi, lib
+from .qemu_state import find_layout
+
+GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+GPR_INDEX = {n: i for i, n in enumerate(GPR_NAMES)}
+# write-mask bits of vmlab_regs_write (native/hooks.c)
+_M_RIP, _M_RFLAGS, _M_CR2, _M_FSBASE, _M_GSBASE, _M_KGSBASE, _M_GDTR, _M_IDTR, _M_DR = (
+    1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 23, 1 << 24)
+
+ACC_READ, ACC_WRITE, ACC_USER, ACC_FETCH = 0, 2, 4, 16
+WALK_SET_AD, WALK_IMPLICIT_SUP = 1, 2
+
+#: Trap kinds by name -> bit number (native/vmlab.h VMLAB_TRAP_*)
+TRAP_KINDS = {
+    "rdmsr": 0, "wrmsr": 1, "cr_read": 2, "cr_write": 3, "clts": 4, "lmsw": 5, "invlpg": 6,
+    "hlt": 7, "io": 8, "cpuid": 9, "rdtsc": 10, "rdtscp": 11, "rdpmc": 12, "wbinvd": 13,
+    "invd": 14, "xsetbv": 15, "mwait": 16, "monitor": 17, "pause": 18, "dr": 19, "desc": 20,
+    "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26,
+}
+#: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
+MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt"})
+
+
+class GuestFault(Exception):
+    """Raised inside emu/ when an access made on the guest's behalf faults; the
+    caller turns it into an exception delivered to the guest."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None):
+        super().__init__(vector, error_code, cr2)
+        self.vector, self.error_code, self.cr2 = vector, error_code, cr2
+
+
+@lru_cache(maxsize=None)
+def _cs(bits: int) -> Cs:
+    md = Cs(CS_ARCH_X86, {16: CS_MODE_16, 32: CS_MODE_32, 64: CS_MODE_64}[bits])
+    md.detail = True
+    return md
+
+
+@lru_cache(maxsize=None)
+def _reset_stub() -> tuple[bytes, bytes, bytes, bytes]:
+    """A stub that leaves Unicorn's 64-bit start state the way a CPU leaves long
+    mode, ending in real mode with HLT (../shared/platform-notes.md, "Modes").
+    Unicorn starts a UC_MODE_64 engine with EFER.LMA=1 and CR0.PG=0; LMA only
+    clears on a CR0.PG 1->0 transition, hence the PG on/off pair."""
+    k64, k32, k16 = Ks(KS_ARCH_X86, KS_MODE_64), Ks(KS_ARCH_X86, KS_MODE_32), Ks(KS_ARCH_X86, KS_MODE_16)
+    s64 = bytes(k64.asm("mov rax, 0x1800; lgdt [rax]; push 0x08; mov rax, 0x1040; push rax; "
+                        ".byte 0x48, 0xcb", 0x1000)[0])                        # retfq
+    s32 = bytes(k32.asm("mov eax, cr4; or eax, 0x20; mov cr4, eax; "
+                        "mov eax, cr0; or eax, 0x80000000; mov cr0, eax; "
+                        "and eax, 0x7fffffff; mov cr0, eax; "
+                        "mov ecx, 0xc0000080; xor eax, eax; xor edx, edx; wrmsr; "
+                        "xor eax, eax; mov cr4, eax; "
+                        ".byte 0xea; .long 0x1080; .word 0x10", 0x1040)[0])    # ljmp 0x10:0x1080
+    s16 = bytes(k16.asm("mov ax, 0x18; mov ds, ax; mov es, ax; mov ss, ax; mov fs, ax; mov gs, ax; "
+                        "mov eax, cr0; and eax, 0xfffffffe; mov cr0, eax; "
+                        ".byte 0xea; .word 0x10c0; .word 0", 0x1080)[0])        # ljmp 0:0x10c0
+    real = bytes(k16.asm("xor ax, ax; mov ds, ax; mov es, ax; mov ss, ax; mov fs, ax; mov gs, ax; hlt",
+                         0x10C0)[0])
+    return s64, s32, s16, real
+
+
+_STUB_GDT = struct.pack("<HQ", 0x1F, 0x1810).ljust(16, b"\0") + struct.pack(
+    "<4Q", 0, 0x00CF9A000000FFFF, 0x00009A000000FFFF, 0x000092000000FFFF)
+
+
+def compute_hflags(hflags: int, cr0: int, efer: int, rflags: int, segs) -> int:
+    """Recompute QEMU's segment-derived hflags bits like cpu_x86_load_seg_cache."""
+    cs, ss = segs[x86.R_CS], segs[x86.R_SS]
+    hf = hflags & ~x86.HF_SEG_BITS
+    if not (cr0 & x86.CR0_PE):
+        cpl = 0
+    elif rflags & x86.RFLAGS_VM:
+        cpl = 3
+    else:
+        cpl = (ss.flags >> x86.DESC_DPL_SHIFT) & 3
+    hf |= cpl
+    if (hflags & x86.HF_LMA) and (cs.flags & x86.DESC_L):
+        hf |= x86.HF_CS32 | x86.HF_SS32 | x86.HF_CS64
+    else:
+        if cs.flags & x86.DESC_B:
+            hf |= x86.HF_CS32
+        if ss.flags & x86.DESC_B:
+            hf |= x86.HF_SS32
+        if not (cr0 & x86.CR0_PE) or (rflags & x86.RFLAGS_VM) or not (hf & x86.HF_CS32):
+            hf |= x86.HF_ADDSEG
+        elif segs[x86.R_DS].base | segs[x86.R_ES].base | segs[x86.R_SS].base:
+            hf |= x86.HF_ADDSEG
+    return hf
+
+
+class Vcpu:
+    """One virtual x86 CPU over guest RAM.
+
+    The register file is fetched in one native call after each exit
+    (``self.regs``, a cffi ``vmlab_regs``) and written back in one call before
+    the next run for whatever was changed through ``set_reg``/``set_rip``.
+    """
+
+    def __init__(self, memory: GuestMemory, *, cpuid=None, maxphyaddr: int = 40):
+        ensure_api()
+        self.mem = memory
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._uch = ffi.cast("void *", uc._uch.value)
+        self.layout = find_layout(uc)
+        uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
+        uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
+        self._v = v = ffi.new("vmlab_vcpu *")
+        if lib.vmlab_vcpu_init(v, self._uch, ffi.cast("uint8_t *", memory.address), memory.size):
+            raise NativeError("native vCPU initialisation failed")
+        lay = self.layout
+        v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr
+        v.ctx_error_code, v.ctx_is_int, v.ctx_old_exception = lay.error_code, lay.is_int, lay.old_exception
+        v.maxphyaddr = maxphyaddr
+        err = lib.vmlab_attach(v, self._uch)
+        if err:
+            raise NativeError(f"registering native hooks failed (code {err})")
+        # Exits enabled with an empty set: emu_start's `until` is then ignored
+        # (trap sites are code hooks, see native/hooks.c exit_add).
+        uc.ctl_exits_enabled(True)
+        self.regs = ffi.new("vmlab_regs *")
+        self._dirty = 0
+        self._trap_names: frozenset[str] = frozenset()
+        self.cpuid = None
+        if cpuid is not None:
+            self.set_cpuid(cpuid)
+        self.reset()
+
+    # ------------------------------------------------------------------ life cycle
+    def close(self) -> None:
+        if self._v is not None and self._v.priv != ffi.NULL:
+            lib.vmlab_vcpu_fini(self._v)
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def native(self):
+        """The native vmlab_vcpu struct (stats, icount, deadline)."""
+        return self._v
+
+    @property
+    def icount(self) -> int:
+        return self._v.icount
+
+    def set_cpuid(self, model) -> None:
+        """Load a CPUID model (emu.cpuid.CpuidModel) into the native table."""
+        entries = model.entries()
+        if len(entries) > len(self._v.cpuid):
+            raise ConfigError("too many CPUID entries")
+        for i, (leaf, sub, sig, regs) in enumerate(entries):
+            e = self._v.cpuid[i]
+            e.leaf, e.subleaf, e.flags = leaf, sub or 0, 1 if sig else 0
+            e.eax, e.ebx, e.ecx, e.edx = regs
+        self._v.ncpuid = len(entries)
+        self._v.cpuid_max_basic = model.max_basic
+        self._v.cpuid_max_ext = model.max_ext
+        self._v.pdpe1gb = 1 if model.has_pdpe1gb else 0
+        self._v.maxphyaddr = model.maxphyaddr
+        self.cpuid = model
+
+    def set_traps(self, names) -> None:
+        """Arm the trap sites of these kinds (TRAP_KINDS names) and only those."""
+        names = frozenset(names)
+        unknown = names - TRAP_KINDS.keys()
+        if unknown:
+            raise ConfigError(f"unknown trap kinds: {sorted(unknown)}")
+        mask = 0
+        for n in names:
+            mask |= 1 << TRAP_KINDS[n]
+        self._trap_names = names
+        lib.vmlab_trap_set_kinds(self._v, self._uch, mask)
+
+    @property
+    def trap_kinds(self) -> frozenset[str]:
+        return self._trap_names
+
+    def armed_sites(self) -> list[int]:
+        v = self._v
+        return [v.exits[i] for i in range(v.nexits)]
+
+    def reset(self) -> None:
+        """Put the CPU in its power-on state (SDM Vol. 3A 10.1.1, Table 10-1):
+        real mode, CS:IP = F000:FFF0 with CS.base FFFF0000, CR0 = 60000010H."""
+        uc, v = self.uc, self._v
+        kinds = self._trap_names
+        if kinds:
+            self.set_traps(())
+        scratch = self.mem.read(0x1000, 0x1000)
+        s64, s32, s16, real = _reset_stub()
+        self.mem.fill(0x1000, 0x1000)
+        self.mem.write(0x1000, s64)
+        self.mem.write(0x1040, s32)
+        self.mem.write(0x1080, s16)
+        self.mem.write(0x10C0, real)
+        self.mem.write(0x1800, _STUB_GDT)
+        v.cr0, v.cr3, v.cr4, v.efer = 0, 0, 0, 0     # the stub runs identity-mapped
+        v.icount_deadline = 1 << 62
+        uc.reg_write(X.UC_X86_REG_RSP, 0x1F00)
+        try:
+            uc.emu_start(0x1000, 0)
+        except UcError as exc:  # pragma: no cover - would mean Unicorn changed
+            raise NativeError(f"reset stub failed in Unicorn: {exc}") from exc
+        self.mem.write(0x1000, scratch)
+        if uc.reg_read(X.UC_X86_REG_CR0) & 1 or uc.reg_read(X.UC_X86_REG_MSR, x86.MSR_EFER) & x86.EFER_LMA:
+            raise NativeError("reset stub did not reach real mode")
+        uc.ctl_flush_tb()
+        # Architectural reset values.
+        for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RSI,
+                  X.UC_X86_REG_RDI, X.UC_X86_REG_RBP, X.UC_X86_REG_RSP, X.UC_X86_REG_R8,
+                  X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11, X.UC_X86_REG_R12,
+                  X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15, X.UC_X86_REG_CR2,
+                  X.UC_X86_REG_CR3):
+            uc.reg_write(r, 0)
+        sig = self.cpuid.signature if self.cpuid is not None else 0x600
+        uc.reg_write(X.UC_X86_REG_RDX, sig)
+        uc.reg_write(X.UC_X86_REG_RFLAGS, 2)
+        uc.reg_write(X.UC_X86_REG_CR0, x86.CR0_RESET)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+        uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
+        v.icount_deadline = 0
+        self.refresh()
+        data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A
+        code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A
+        self.load_segments({x86.R_CS: (0xF000, 0xFFFF0000, 0xFFFF, code)} |
+                           {s: (0, 0, 0xFFFF, data) for s in (0, 2, 3, 4, 5)})
+        self.set_rip(0xFFF0)
+        self._sync_paging()
+        if kinds:
+            self.set_traps(kinds)
+
+    # ------------------------------------------------------------------ registers
+    def refresh(self):
+        """Fetch the whole register file in one native call; returns self.regs."""
+        self.flush()
+        err = lib.vmlab_regs_read(self._v, self._uch, self.regs)
+        if err:
+            raise NativeError(f"register read failed ({err})")
+        return self.regs
+
+    def flush(self) -> None:
+        """Write back registers changed through set_* (one native call)."""
+        if self._dirty:
+            lib.vmlab_regs_write(self._v, self._uch, self.regs, self._dirty)
+            self._dirty = 0
+
+    def get_reg(self, name: str) -> int:
+        i = GPR_INDEX.get(name)
+        if i is not None:
+            return self.regs.gpr[i]
+        return getattr(self.regs, name)
+
+    def set_reg(self, name: str, value: int) -> None:
+        i = GPR_INDEX.get(name)
+        if i is not None:
+            self.regs.gpr[i] = value & 0xFFFFFFFFFFFFFFFF
+            self._dirty |= 1 << i
+            return
+        bit = {"rip": _M_RIP, "rflags": _M_RFLAGS, "cr2": _M_CR2, "fs_base": _M_FSBASE,
+               "gs_base": _M_GSBASE, "kernel_gs_base": _M_KGSBASE}.get(name)
+        if bit is None:
+            raise ConfigError(f"register {name!r} is not writable this way")
+        setattr(self.regs, name, value & 0xFFFFFFFFFFFFFFFF)
+        self._dirty |= bit
+
+    def set_gpr(self, index: int, value: int, size: int = 8) -> None:
+        """Write a GPR like an instruction with this operand size would
+        (32-bit writes zero-extend; 8/16-bit writes merge)."""
+        old = self.regs.gpr[index]
+        if size == 8:
+            new = value
+        elif size == 4:
+            new = value & 0xFFFFFFFF
+        else:
+            mask = (1 << (8 * size)) - 1
+            new = (old & ~mask) | (value & mask)
+        self.regs.gpr[index] = new & 0xFFFFFFFFFFFFFFFF
+        self._dirty |= 1 << index
+
+    def set_rip(self, rip: int) -> None:
+        self.regs.rip = rip & 0xFFFFFFFFFFFFFFFF
+        self._dirty |= _M_RIP
+
+    def set_rflags(self, value: int) -> None:
+        self.regs.rflags = (value | 2) & 0x3F7FD7
+        self._dirty |= _M_RFLAGS
+
+    def set_descriptor_tables(self, gdtr=None, idtr=None) -> None:
+        if gdtr is not None:
+            self.regs.gdtr_base, self.regs.gdtr_limit = gdtr
+            self._dirty |= _M_GDTR
+        if idtr is not None:
+            self.regs.idtr_base, self.regs.idtr_limit = idtr
+            self._dirty |= _M_IDTR
+
+    @property
+    def cpl(self) -> int:
+        return self.regs.hflags & 3
+
+    @property
+    def mode_bits(self) -> int:
+        """16, 32 or 64: the default operand size of the code segment."""
+        hf = self.regs.hflags
+        return 64 if hf & x86.HF_CS64 else 32 if hf & x86.HF_CS32 else 16
+
+    def linear_rip(self) -> int:
+        r = self.regs
+        if r.hflags & x86.HF_CS64:
+            return r.rip
+        return (r.seg[x86.R_CS].base + r.rip) & 0xFFFFFFFF
+
+    def load_segments(self, segs: dict, hflags_extra: tuple[int, int] = (0, 0), clear_exception=False):
+        """Load segment caches {index: (selector, base, limit, flags)} (index 6 = LDTR,
+        7 = TR) and recompute the segment-derived hflags."""
+        self.flush()
+        r = self.regs
+        mask = 0
+        for idx, (sel, base, limit, flags) in segs.items():
+            s = r.seg[idx] if idx < 6 else (r.ldtr if idx == 6 else r.tr)
+            s.selector, s.base, s.limit, s.flags = sel, base, limit, flags
+            mask |= 1 << idx
+        hf = compute_hflags(r.hflags, r.cr0, r.efer, r.rflags, r.seg)
+        hmask, hval = hflags_extra
+        hf = (hf & ~hmask) | (hval & hmask)
+        if lib.vmlab_env_set_segs(self._v, self._uch, r, mask, 0xFFFFFFFF, hf, 1 if clear_exception else 0):
+            raise NativeError("segment load through the CPU context failed")
+        r.hflags = hf
+
+    def clear_exception_state(self) -> None:
+        """Reset QEMU's exception-in-flight field (stale after UC_HOOK_INTR)."""
+        self.flush()
+        lib.vmlab_env_set_segs(self._v, self._uch, self.regs, 0, 0, 0, 1)
+
+    # ------------------------------------------------------------------ control registers
+    def _sync_paging(self) -> None:
+        """Copy CR0/CR3/CR4/EFER into the native MMU context (after any change)."""
+        uc, v = self.uc, self._v
+        v.cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        v.cr3 = uc.reg_read(X.UC_X86_REG_CR3)
+        v.cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+        v.efer = uc.reg_read(X.UC_X86_REG_MSR, x86.MSR_EFER)
+        r = self.regs
+        r.cr0, r.cr3, r.cr4, r.efer = v.cr0, v.cr3, v.cr4, v.efer
+
+    def write_cr(self, n: int, value: int) -> None:
+        """Write CR0/2/3/4/8 with Unicorn's side effects (mode, hflags, TLB flush);
+        callers have done the architectural checks (emu.sensitive)."""
+        self.flush()
+        reg = {0: X.UC_X86_REG_CR0, 2: X.UC_X86_REG_CR2, 3: X.UC_X86_REG_CR3,
+               4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}[n]
+        self.uc.reg_write(reg, value)
+        if n in (0, 3, 4):
+            lib.vmlab_tlb_flush(self._uch)
+        self._sync_paging()
+        if n == 0:
+            # PE/PG/LMA changes alter hflags: read them back.
+            self.refresh()
+        elif n == 2:
+            self.regs.cr2 = value
+        elif n == 8:
+            self.regs.cr8 = value
+
+    def write_efer(self, value: int) -> None:
+        self.flush()
+        self.uc.reg_write(X.UC_X86_REG_MSR, (x86.MSR_EFER, value))
+        lib.vmlab_tlb_flush(self._uch)
+        self._sync_paging()
+        self.refresh()
+
+    def read_msr_raw(self, msr: int) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_MSR, msr)
+
+    def write_msr_raw(self, msr: int, value: int) -> None:
+        self.flush()
+        self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
+
+    def flush_tlb(self) -> None:
+        lib.vmlab_tlb_flush(self._uch)
+
+    # ------------------------------------------------------------------ mode entry
+    def enter_real(self, cs: int, ip: int) -> None:
+        data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A
+        code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A
+        self.load_segments({x86.R_CS: (cs, cs << 4, 0xFFFF, code)} |
+                           {s: (0, 0, 0xFFFF, data) for s in (0, 2, 3, 4, 5)})
+        self.set_rip(ip)
+
+    def enter_protected32(self, entry: int) -> None:
+        """Flat 32-bit protected mode, paging off (Multiboot §3.2 machine state)."""
+        self.write_cr(0, x86.CR0_PE | x86.CR0_ET)
+        g = x86.DESC_G | x86.DESC_B | x86.DESC_P | x86.DESC_S | x86.DESC_A
+        self.load_segments({x86.R_CS: (0x08, 0, 0xFFFFFFFF, g | x86.DESC_CS | x86.DESC_R)} |
+                           {s: (0x10, 0, 0xFFFFFFFF, g | x86.DESC_W) for s in (0, 2, 3, 4, 5)})
+        self.set_rflags(2)
+        self.set_rip(entry)
+
+    def enter_long64(self, entry: int, cr3: int, gdt: tuple[int, int] | None) -> None:
+        """64-bit mode with the loader's page tables (SDM Vol. 3A 10.8.5 order:
+        PAE, CR3, EFER.LME, then CR0.PG)."""
+        self.write_cr(4, x86.CR4_PAE)
+        self.write_cr(3, cr3)
+        self.write_efer(x86.EFER_LME)
+        self.write_cr(0, x86.CR0_PG | x86.CR0_PE | x86.CR0_ET | x86.CR0_WP)
+        if gdt is not None:
+            self.set_descriptor_tables(gdtr=gdt)
+        code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_L | x86.DESC_G
+        data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
+        self.load_segments({x86.R_CS: (0x08, 0, 0xFFFFFFFF, code)} |
+                           {s: (0x10, 0, 0xFFFFFFFF, data) for s in (0, 2, 3, 4, 5)})
+        self.set_rflags(2)
+        self.set_rip(entry)
+
+    # ------------------------------------------------------------------ guest-linear memory
+    def translate(self, vaddr: int, access: int = ACC_READ, *, user: bool | None = None,
+                  set_ad: bool = False, implicit: bool = False):
+        """Walk the guest page tables for vaddr (native walker); returns the
+        vmlab_walk struct.  user=None takes the current CPL."""
+        w = ffi.new("vmlab_walk *")
+        if user is None:
+            user = self.cpl == 3
+        acc = access | (ACC_USER if user and not implicit else 0)
+        flags = (WALK_SET_AD if set_ad else 0) | (WALK_IMPLICIT_SUP if implicit else 0)
+        lib.vmlab_walk_do(self._v, vaddr, acc, flags, w)
+        return w
+
+    def _linear_chunks(self, vaddr: int, length: int, access: int, user, implicit: bool):
+        out = []
+        while length > 0:
+            w = self.translate(vaddr, access, user=user, set_ad=True, implicit=implicit)
+            if w.fault == 1:
+                raise GuestFault(x86.PF, w.error_code, vaddr)
+            n = min(length, 4096 - (vaddr & 0xFFF))
+            if w.fault == 2:
+                out.append((None, n, w.paddr))
+            else:
+                out.append((w.paddr, n, None))
+            vaddr = (vaddr + n) & 0xFFFFFFFFFFFFFFFF
+            length -= n
+        return out
+
+    def read_linear(self, vaddr: int, length: int, *, user=None, implicit=False) -> bytes:
+        """Read guest-linear memory like the CPU would (page walk, A bits);
+        raises GuestFault(#PF) on a fault.  Non-RAM reads as all-ones."""
+        buf = bytearray()
+        for pa, n, mmio in self._linear_chunks(vaddr, length, ACC_READ, user, implicit):
+            buf += b"\xff" * n if pa is None else self.mem.read(pa, n)
+        return bytes(buf)
+
+    def write_linear(self, vaddr: int, data: bytes, *, user=None, implicit=False) -> None:
+        off = 0
+        chunks = self._linear_chunks(vaddr, len(data), ACC_WRITE, user, implicit)
+        for pa, n, mmio in chunks:
+            if pa is not None:
+                self.mem.write(pa, data[off:off + n])
+                lib.vmlab_code_page_written(self._v, pa & ~0xFFF)
+            off += n
+        # Keep Unicorn's translated code coherent with host-side writes.
+        self.uc.ctl_remove_cache(vaddr, vaddr + len(data))
+
+    def read_linear_int(self, vaddr: int, size: int, **kw) -> int:
+        return int.from_bytes(self.read_linear(vaddr, size, **kw), "little")
+
+    def write_linear_int(self, vaddr: int, size: int, value: int, **kw) -> None:
+        self.write_linear(vaddr, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"), **kw)
+
+    # ------------------------------------------------------------------ decoding
+    def fetch_insn(self, linear: int | None = None):
+        """Decode the instruction at a linear address (default: RIP) with Capstone."""
+        if linear is None:
+            linear = self.linear_rip()
+        code = b""
+        try:
+            code = self.read_linear(linear, 15, implicit=True)
+        except GuestFault:
+            # The instruction may end before an unmapped page.
+            n = 4096 - (linear & 0xFFF)
+            code = self.read_linear(linear, n, implicit=True) if n < 15 else b""
+        insn = next(_cs(self.mode_bits).disasm(code, self.regs.rip), None)
+        return insn
+
+    # ------------------------------------------------------------------ running
+    def run(self, deadline: int) -> Exit:
+        """Run until something needs attention or virtual time reaches
+        ``deadline`` (instructions); returns one exit value."""
+        v, uc = self._v, self.uc
+        self.flush()
+        v.stop_kind = 0
+        v.icount_deadline = deadline
+        err = 0
+        try:
+            uc.emu_start(self.regs.rip, 0)
+        except UcError as exc:
+            err = exc.errno
+        r = self.refresh()
+        kind = v.stop_kind
+        v.stop_kind = 0
+        if kind == 1:
+            return DeadlineExit(rip=r.rip)
+        if kind == 2:
+            return IrqWindowExit(rip=r.rip)
+        if kind == 3:
+            vec = v.intno
+            sw = bool(r.exception_is_int)
+            ec = r.error_code & 0xFFFFFFFF if vec in x86.ERROR_CODE_VECTORS and not sw else None
+            return ExceptionExit(rip=r.rip, vector=vec, error_code=ec, software=sw)
+        if kind == 4:
+            return self._page_fault_exit(v.fault_vaddr, v.fault_access, v.fault_error_code)
+        if kind == 5:
+            return self._mmio_exit(v.fault_vaddr, v.fault_paddr, v.fault_access)
+        if err == ucc.UC_ERR_INSN_INVALID:
+            return self._invalid_opcode_exit()
+        if err not in (0,):
+            return InternalErrorExit(rip=r.rip, message=f"Unicorn: {UcError(err)}")
+        lin = self.linear_rip()
+        if kind == 7:
+            return self._trap_exit(v.fault_vaddr)
+        # HLT leaves RIP after the F4 byte.
+        try:
+            prev = self.read_linear(lin - 1, 1, implicit=True)
+        except GuestFault:
+            prev = b""
+        if prev == b"\xf4":
+            return HltExit(rip=r.rip)
+        return InternalErrorExit(rip=r.rip, message="emulation stopped for an unknown reason")
+
+    # ---- exit decoding helpers (emu.decode does the operand work)
+    def _page_fault_exit(self, vpage: int, access: int, error_code: int) -> Exit:
+        from .decode import fault_address
+        cr2 = fault_address(self, vpage, access)
+        return ExceptionExit(rip=self.regs.rip, vector=x86.PF, error_code=error_code, cr2=cr2)
+
+    def _mmio_exit(self, vpage: int, ppage: int, access: int) -> Exit:
+        from .decode import mmio_access
+        return mmio_access(self, vpage, ppage, access)
+
+    def _invalid_opcode_exit(self) -> Exit:
+        try:
+            b = self.read_linear(self.linear_rip(), 1, implicit=True)
+        except GuestFault:
+            b = b""
+        if b == b"\xf1":  # INT1/ICEBP: a #DB trap (SDM Vol. 3A 6.15 "Interrupt 1")
+            return ExceptionExit(rip=self.regs.rip + 1, vector=x86.DB, software=False, insn_len=1)
+        return ExceptionExit(rip=self.regs.rip, vector=x86.UD)
+
+    def _trap_exit(self, lin: int) -> Exit:
+        from .decode import trap_exit
+        ex = trap_exit(self, lin)
+        if ex is None:
+            # Not an armed instruction after all (a straddling guess, or code that
+            # changed under a stale site): drop the site and run on.
+            lib.vmlab_exit_remove(self._v, self._uch, lin)
+            return self.run(self._v.icount_deadline)
+        return ex
+
+    def skip(self, insn_len: int) -> None:
+        """Advance RIP past an emulated instruction (and clear RF)."""
+        r = self.regs
+        mask = 0xFFFFFFFFFFFFFFFF if r.hflags & x86.HF_CS64 else 0xFFFFFFFF if r.hflags & x86.HF_CS32 else 0xFFFF
+        self.set_rip((r.rip + insn_len) & mask)

@@ -1,0 +1,115 @@
+"""Exit values: what a vCPU run returns (a closed set).
+
+``Vcpu.run()`` returns exactly one of these.  They carry what happened, decoded;
+they do not act.  The dispatcher in vmm/ decides what each means (a device
+access on a bus, an MSR from the model, a VM exit to a user handler) and then
+completes it through the Vcpu (``complete_io``, ``complete_mmio``,
+``complete_rdmsr``…), which also advances RIP.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Exit:
+    """Base class.  ``rip`` is the guest RIP at the exit; ``insn_len`` the length
+    of the instruction the exit is about (0 when there is none)."""
+    rip: int = 0
+    insn_len: int = 0
+
+
+@dataclass(slots=True)
+class IoExit(Exit):
+    """IN/OUT/INS/OUTS (port I/O).  For OUT(S) ``values`` holds the data written,
+    one item per element; for IN(S) the dispatcher supplies them to
+    ``Vcpu.complete_io``.  ``count`` > 1 only for string I/O."""
+    port: int = 0
+    size: int = 1
+    is_write: bool = False
+    string: bool = False
+    rep: bool = False
+    count: int = 1
+    imm: bool = False          # port given as an 8-bit immediate
+    values: list[int] = field(default_factory=list)
+    # decoding details needed to complete the instruction
+    addr_size: int = 2
+    seg_base: int = 0
+
+
+@dataclass(slots=True)
+class MmioExit(Exit):
+    """A load or store to a guest-physical address outside RAM."""
+    gpa: int = 0
+    gla: int = 0
+    size: int = 0
+    is_write: bool = False
+    value: int = 0
+    insn: Any = None           # decoded instruction (capstone) used to complete it
+
+
+@dataclass(slots=True)
+class HltExit(Exit):
+    """HLT retired; RIP is after it."""
+
+
+@dataclass(slots=True)
+class ExceptionExit(Exit):
+    """An exception or software interrupt raised by guest code, not yet delivered.
+    ``software`` is True for INT n / INT3 / INTO (RIP is after the instruction)."""
+    vector: int = 0
+    error_code: int | None = None
+    software: bool = False
+    cr2: int | None = None     # for #PF: the faulting linear address
+
+
+@dataclass(slots=True)
+class MsrExit(Exit):
+    """RDMSR (is_write False) or WRMSR; ``value`` is EDX:EAX for WRMSR."""
+    msr: int = 0
+    is_write: bool = False
+    value: int = 0
+
+
+@dataclass(slots=True)
+class CrExit(Exit):
+    """MOV to/from CRn, CLTS, LMSW (SDM Vol. 3C Table 28-3 access types:
+    0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW)."""
+    cr: int = 0
+    access_type: int = 0
+    gpr: int = 0
+    value: int = 0             # value to write (MOV to CR, LMSW source)
+    lmsw_mem: bool = False
+    lmsw_addr: int = 0
+
+
+@dataclass(slots=True)
+class TrapExit(Exit):
+    """Any other armed trap site (INVLPG, descriptor-table instructions, VMX…):
+    the instruction at RIP has not run.  ``kind`` is a TrapKind name."""
+    kind: str = ""
+    insn: Any = None
+    operand: int | None = None  # e.g. INVLPG's linear address
+
+
+@dataclass(slots=True)
+class DeadlineExit(Exit):
+    """Virtual time reached the deadline the caller gave ``run()``."""
+
+
+@dataclass(slots=True)
+class IrqWindowExit(Exit):
+    """The guest can take an interrupt now (IF=1 at a block boundary)."""
+
+
+@dataclass(slots=True)
+class ShutdownExit(Exit):
+    """The machine stopped: triple fault, or a state vmlab cannot continue from."""
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class InternalErrorExit(Exit):
+    """Unicorn reported an error vmlab does not know how to turn into guest state."""
+    message: str = ""

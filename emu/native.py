@@ -1,0 +1,44 @@
+"""Binding to the native fast path (native/_vmlab_native, built by the install).
+
+The C side does not link libunicorn or libcapstone: this module hands it the
+entry points of the libraries the Python bindings already loaded, once per
+process.  ``ffi``/``lib`` are the cffi objects; everything else in emu/ goes
+through them.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from .errors import NativeError
+
+try:
+    from native._vmlab_native import ffi, lib  # type: ignore[import-not-found]
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise NativeError(
+        "the native module native/_vmlab_native is not built: "
+        "run `pip install -e .` (or `python native/build.py`) in the vmlab checkout"
+    ) from exc
+
+_api_set = False
+
+
+def _fn_ptr(cdll, name: str) -> int:
+    return ctypes.cast(getattr(cdll, name), ctypes.c_void_p).value
+
+
+def ensure_api() -> None:
+    """Give the C side Unicorn's and Capstone's entry points (idempotent)."""
+    global _api_set
+    if _api_set:
+        return
+    from unicorn.unicorn_py3.unicorn import uclib
+    import capstone
+
+    cs = capstone._cs
+    names_uc = ["uc_hook_add", "uc_hook_del", "uc_reg_read", "uc_reg_write", "uc_reg_read_batch",
+                "uc_reg_write_batch", "uc_emu_stop", "uc_ctl", "uc_context_alloc",
+                "uc_context_save", "uc_context_restore", "uc_context_free"]
+    ptrs = [ffi.cast("void *", _fn_ptr(uclib, n)) for n in names_uc]
+    ptrs += [ffi.cast("void *", _fn_ptr(cs, n)) for n in ("cs_open", "cs_disasm", "cs_free")]
+    lib.vmlab_set_api(*ptrs)
+    _api_set = True

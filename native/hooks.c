@@ -1,0 +1,784 @@
+/* vmlab native hooks: everything Unicorn calls per block, per TLB miss or per
+ * sensitive instruction.  No Python runs here (rule 1); the C side records why it
+ * stopped in vmlab_vcpu and calls uc_emu_stop, and Python turns that into an
+ * exit value.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <stdbool.h>
+#include <stdarg.h>
+#include <unicorn/unicorn.h>
+#include "vmlab.h"
+
+/* ---- Unicorn / Capstone entry points handed over at run time ---------------- */
+typedef uc_err (*fn_hook_add)(uc_engine *, uc_hook *, int, void *, void *, uint64_t, uint64_t, ...);
+typedef uc_err (*fn_hook_del)(uc_engine *, uc_hook);
+typedef uc_err (*fn_reg_read)(uc_engine *, int, void *);
+typedef uc_err (*fn_reg_write)(uc_engine *, int, const void *);
+typedef uc_err (*fn_reg_batch)(uc_engine *, int const *, void **, int);
+typedef uc_err (*fn_emu_stop)(uc_engine *);
+typedef uc_err (*fn_ctl)(uc_engine *, uc_control_type, ...);
+typedef uc_err (*fn_ctx_alloc)(uc_engine *, uc_context **);
+typedef uc_err (*fn_ctx_io)(uc_engine *, uc_context *);
+typedef uc_err (*fn_ctx_free)(uc_context *);
+typedef int (*fn_cs_open)(int, int, size_t *);
+typedef size_t (*fn_cs_disasm)(size_t, const uint8_t *, size_t, uint64_t, size_t, void **);
+typedef void (*fn_cs_free)(void *, size_t);
+
+static struct {
+    fn_hook_add hook_add;
+    fn_hook_del hook_del;
+    fn_reg_read reg_read;
+    fn_reg_write reg_write;
+    fn_reg_batch reg_read_batch, reg_write_batch;
+    fn_emu_stop emu_stop;
+    fn_ctl ctl;
+    fn_ctx_alloc ctx_alloc;
+    fn_ctx_io ctx_save, ctx_restore;
+    fn_ctx_free ctx_free;
+    fn_cs_open cs_open;
+    fn_cs_disasm cs_disasm;
+    fn_cs_free cs_free;
+} api;
+
+int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_write, void *reg_read_batch,
+                  void *reg_write_batch, void *emu_stop, void *ctl, void *context_alloc,
+                  void *context_save, void *context_restore, void *context_free,
+                  void *cs_open, void *cs_disasm, void *cs_free)
+{
+    api.hook_add = (fn_hook_add)hook_add;
+    api.hook_del = (fn_hook_del)hook_del;
+    api.reg_read = (fn_reg_read)reg_read;
+    api.reg_write = (fn_reg_write)reg_write;
+    api.reg_read_batch = (fn_reg_batch)reg_read_batch;
+    api.reg_write_batch = (fn_reg_batch)reg_write_batch;
+    api.emu_stop = (fn_emu_stop)emu_stop;
+    api.ctl = (fn_ctl)ctl;
+    api.ctx_alloc = (fn_ctx_alloc)context_alloc;
+    api.ctx_save = (fn_ctx_io)context_save;
+    api.ctx_restore = (fn_ctx_io)context_restore;
+    api.ctx_free = (fn_ctx_free)context_free;
+    api.cs_open = (fn_cs_open)cs_open;
+    api.cs_disasm = (fn_cs_disasm)cs_disasm;
+    api.cs_free = (fn_cs_free)cs_free;
+    return 0;
+}
+
+/* ---- private per-vCPU state ------------------------------------------------- */
+#define ICACHE_SIZE 8192   /* direct-mapped block -> instruction-count cache */
+#define SCANNED_SIZE 4096  /* direct-mapped (linear page, phys page) scan cache */
+#define EXITSET_BITS 14
+
+struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; };
+struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
+
+struct priv {
+    uc_engine *uc;
+    uc_context *ctx;
+    size_t cs_handle[3];        /* capstone handles: 16, 32, 64-bit */
+    struct icache_entry icache[ICACHE_SIZE];
+    struct scanned_entry scanned[SCANNED_SIZE];
+    uint64_t *exitset;          /* open-addressing hash set of armed linear addresses */
+    uint32_t exitset_cap, exitset_used;
+    uc_hook *site_hooks;        /* parallel to v->exits */
+};
+
+#define HF_CPL_MASK 3u
+#define HF_CS32_MASK (1u << 4)
+#define HF_LMA_MASK (1u << 14)
+#define HF_CS64_MASK (1u << 15)
+
+static inline uint8_t *ctx_data(struct priv *p) { return (uint8_t *)p->ctx; }
+
+static uint32_t read_hflags(vmlab_vcpu *v, struct priv *p)
+{
+    uint32_t hf = 0;
+    if (api.ctx_save(p->uc, p->ctx) != UC_ERR_OK || v->ctx_hflags <= 0)
+        return 0;
+    memcpy(&hf, ctx_data(p) + v->ctx_hflags, 4);
+    return hf;
+}
+
+static int current_cpl(vmlab_vcpu *v, struct priv *p)
+{
+    /* CPL is CS.RPL in protected mode; real mode is 0 and virtual-8086 is 3.
+     * The selector read is cheap; the rare V86 case reads EFLAGS.VM. */
+    uint64_t cs = 0, fl = 0;
+    if (!(v->cr0 & 1))
+        return 0;
+    api.reg_read(p->uc, UC_X86_REG_CS, &cs);
+    api.reg_read(p->uc, UC_X86_REG_EFLAGS, &fl);
+    if (fl & (1u << 17))
+        return 3;
+    return (int)(cs & 3);
+}
+
+/* ---- trap-site scanner ------------------------------------------------------ */
+static int is_prefix(uint8_t b, int mode64)
+{
+    switch (b) {
+    case 0x26: case 0x2e: case 0x36: case 0x3e: case 0x64: case 0x65:
+    case 0x66: case 0x67: case 0xf0: case 0xf2: case 0xf3:
+        return 1;
+    default:
+        return mode64 && (b & 0xf0) == 0x40;
+    }
+}
+
+#define K(x) (1u << VMLAB_TRAP_##x)
+
+/* Which trap kind does an instruction whose opcode starts at c[0] belong to?
+ * c has at least 4 readable bytes (zero padded past the limit).  Prefixes are
+ * handled by the caller; the kinds are those of SDM Vol. 3C 25.1.3 / 25.3
+ * (instructions that cause VM exits) that Unicorn cannot hook itself. */
+static uint32_t opcode_kind(const uint8_t *c, int prev_is_f3, int prev_is_66)
+{
+    switch (c[0]) {
+    case 0xf4: return K(HLT);
+    case 0xe4: case 0xe5: case 0xe6: case 0xe7:
+    case 0xec: case 0xed: case 0xee: case 0xef:
+    case 0x6c: case 0x6d: case 0x6e: case 0x6f:
+        return K(IO);
+    case 0xf1: return K(INT1);
+    case 0x90: return prev_is_f3 ? K(PAUSE) : 0;
+    case 0x0f: break;
+    default: return 0;
+    }
+    const uint8_t op = c[1], modrm = c[2];
+    const unsigned reg = (modrm >> 3) & 7, mod = modrm >> 6;
+    switch (op) {
+    case 0x00: return reg <= 3 ? K(DESC) : 0;           /* SLDT STR LLDT LTR */
+    case 0x01:
+        if (mod != 3) {
+            if (reg <= 3) return K(DESC);                 /* SGDT SIDT LGDT LIDT */
+            if (reg == 4) return K(SMSW);
+            if (reg == 6) return K(LMSW);
+            if (reg == 7) return K(INVLPG);
+            return 0;
+        }
+        switch (modrm) {
+        case 0xc1: case 0xc2: case 0xc3: case 0xc4: return K(VMX); /* VMCALL..VMXOFF */
+        case 0xc8: return K(MONITOR);
+        case 0xc9: return K(MWAIT);
+        case 0xd1: return K(XSETBV);
+        case 0xf9: return K(RDTSCP);
+        default:
+            if (reg == 4) return K(SMSW);
+            if (reg == 6) return K(LMSW);
+            return 0;
+        }
+    case 0x06: return K(CLTS);
+    case 0x08: return K(INVD);
+    case 0x09: return K(WBINVD);
+    case 0x20: return K(CR_READ);
+    case 0x22: return K(CR_WRITE);
+    case 0x21: case 0x23: return K(DR);
+    case 0x30: return K(WRMSR);
+    case 0x31: return K(RDTSC);
+    case 0x32: return K(RDMSR);
+    case 0x33: return K(RDPMC);
+    case 0x78: case 0x79: return K(VMX);                  /* VMREAD VMWRITE */
+    case 0xa2: return K(CPUID);
+    case 0xc7:
+        if (mod == 3) {
+            if (reg == 6) return K(RDRAND);
+            if (reg == 7) return K(RDSEED);
+            return 0;
+        }
+        return (reg == 6 || reg == 7) ? K(VMX) : 0;      /* VMPTRLD/VMCLEAR/VMXON, VMPTRST */
+    case 0x38:
+        if (prev_is_66 && (c[2] == 0x80 || c[2] == 0x81)) return K(VMX);   /* INVEPT INVVPID */
+        if (prev_is_66 && c[2] == 0x82) return K(INVPCID);
+        return 0;
+    default: return 0;
+    }
+}
+
+/* Scan code[0..len) (len may include look-ahead past the page) for instruction
+ * starts < limit that belong to an armed kind.  An instruction start is only
+ * flagged where the opcode bytes match; each run of legal prefix bytes right
+ * before it is flagged too, because an instruction may start at any of them.
+ * Unicorn's exit check happens only at instruction starts, so a flagged byte
+ * that is not one costs nothing.  Returns the number of offsets written. */
+int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
+                    int mode64, uint32_t kinds, uint32_t *sites, uint32_t max_sites)
+{
+    (void)v;
+    uint32_t n = 0;
+    uint8_t pad[4];
+    for (uint32_t i = 0; i < len && i < limit + 15; i++) {
+        const uint8_t b = code[i];
+        if (b != 0x0f && b != 0xf4 && b != 0x90 && b != 0xf1 && (b & 0xe4) != 0xe4 && (b & 0xfc) != 0x6c)
+            continue;
+        const uint8_t *c = code + i;
+        if (len - i < 4) {
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, code + i, len - i);
+            c = pad;
+        }
+        const int prev_f3 = i > 0 && code[i - 1] == 0xf3;
+        int prev_66 = 0;
+        for (uint32_t j = i; j > 0 && j + 15 > i && is_prefix(code[j - 1], mode64); j--)
+            if (code[j - 1] == 0x66) prev_66 = 1;
+        const uint32_t kind = opcode_kind(c, prev_f3, prev_66);
+        if (!(kind & kinds))
+            continue;
+        if (i < limit && n < max_sites)
+            sites[n++] = i;
+        for (uint32_t j = i; j > 0 && j + 14 > i && is_prefix(code[j - 1], mode64); j--)
+            if (j - 1 < limit && n < max_sites)
+                sites[n++] = j - 1;
+    }
+    return (int)n;
+}
+
+/* ---- the armed-exit set ---------------------------------------------------- */
+static uint32_t hash64(uint64_t x)
+{
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
+    return (uint32_t)x;
+}
+
+static int exitset_has(struct priv *p, uint64_t a)
+{
+    uint32_t m = p->exitset_cap - 1, i = hash64(a) & m;
+    while (p->exitset[i] != ~0ull) {
+        if (p->exitset[i] == a) return 1;
+        i = (i + 1) & m;
+    }
+    return 0;
+}
+
+static void exitset_insert_raw(struct priv *p, uint64_t a)
+{
+    uint32_t m = p->exitset_cap - 1, i = hash64(a) & m;
+    while (p->exitset[i] != ~0ull) {
+        if (p->exitset[i] == a) return;
+        i = (i + 1) & m;
+    }
+    p->exitset[i] = a;
+    p->exitset_used++;
+}
+
+static void exitset_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
+{
+    free(p->exitset);
+    free(p->site_hooks);
+    p->exitset_cap = cap;
+    p->exitset_used = 0;
+    p->exitset = malloc(sizeof(uint64_t) * cap);
+    memset(p->exitset, 0xff, sizeof(uint64_t) * cap);
+    for (uint32_t k = 0; k < v->nexits; k++)
+        exitset_insert_raw(p, v->exits[k]);
+}
+
+static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud);
+
+/* Trap sites are one-address UC_HOOK_CODE hooks, not Unicorn "exits": at the end
+ * of every emu_start Unicorn invalidates the translated block of every exit
+ * address, which costs O(#exits) per run and refills the TLB outside the CPU
+ * loop, where a failing fill would longjmp into a dead frame.  A bounded code
+ * hook is only compiled into the one instruction it covers. */
+static void exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
+{
+    if (exitset_has(p, a))
+        return;
+    if (v->nexits == v->exits_cap) {
+        v->exits_cap = v->exits_cap ? v->exits_cap * 2 : 256;
+        v->exits = realloc(v->exits, sizeof(uint64_t) * v->exits_cap);
+        p->site_hooks = realloc(p->site_hooks, sizeof(uc_hook) * v->exits_cap);
+    }
+    uc_hook h = 0;
+    if (api.hook_add(p->uc, &h, UC_HOOK_CODE, (void *)hook_site, v, a, a) != UC_ERR_OK)
+        return;
+    p->site_hooks[v->nexits] = h;
+    v->exits[v->nexits++] = a;
+    if ((p->exitset_used + 1) * 2 > p->exitset_cap)
+        exitset_rebuild(v, p, p->exitset_cap * 2);
+    else
+        exitset_insert_raw(p, a);
+    v->stat_exits_synced++;
+}
+
+int vmlab_sync_exits(vmlab_vcpu *v, void *uc)
+{
+    (void)v; (void)uc;
+    return 0;
+}
+
+int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr)
+{
+    struct priv *p = v->priv;
+    uint32_t k;
+    for (k = 0; k < v->nexits; k++)
+        if (v->exits[k] == addr)
+            break;
+    if (k == v->nexits)
+        return 0;
+    api.hook_del(uc, p->site_hooks[k]);
+    v->nexits--;
+    v->exits[k] = v->exits[v->nexits];
+    p->site_hooks[k] = p->site_hooks[v->nexits];
+    exitset_rebuild(v, p, p->exitset_cap);
+    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), addr, addr + 1);
+    return 1;
+}
+
+int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
+{
+    struct priv *p = v->priv;
+    if (kinds == v->trap_kinds)
+        return 0;
+    v->trap_kinds = kinds;
+    for (uint32_t k = 0; k < v->nexits; k++)
+        api.hook_del(uc, p->site_hooks[k]);
+    v->nexits = 0;
+    exitset_rebuild(v, p, p->exitset_cap);
+    memset(p->scanned, 0, sizeof p->scanned);
+    /* Every cached translation may now miss or carry a stale exit: start over. */
+    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
+    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+    return 1;
+}
+
+void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
+{
+    const uint64_t pfn = paddr >> 12;
+    if (paddr >= v->ram_size)
+        return;
+    v->page_flags[pfn] &= ~VMLAB_PAGE_CODE;
+    v->page_gen[pfn]++;
+    v->stat_code_writes++;
+}
+
+/* Scan the linear page vpage (mapped to RAM page ppage) for trap sites. */
+static void scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64_t ppage, int mode64)
+{
+    const uint64_t pfn = ppage >> 12;
+    const uint32_t mk = v->trap_kinds ^ (mode64 ? 0x80000000u : 0);
+    struct scanned_entry *se = &p->scanned[hash64(vpage ^ (ppage << 7)) & (SCANNED_SIZE - 1)];
+    v->page_flags[pfn] |= VMLAB_PAGE_CODE;
+    if (!v->trap_kinds)
+        return;
+    if (se->vpage == vpage && se->ppage == ppage && se->gen == v->page_gen[pfn] + 1 && se->mode_kinds == mk)
+        return;
+    v->stat_scans++;
+    uint8_t buf[4096 + 16];
+    uint32_t len = 4096;
+    memcpy(buf, v->ram + ppage, 4096);
+    /* Look ahead into the next linear page for instructions that straddle. */
+    vmlab_walk w;
+    uint64_t save_ad_free = 0;
+    (void)save_ad_free;
+    if (vmlab_walk_do(v, vpage + 4096, 0, VMLAB_WALK_IMPLICIT_SUP, &w) == VMLAB_OK) {
+        memcpy(buf + 4096, v->ram + (w.paddr & ~0xfffull), 16);
+        len += 16;
+    } else {
+        memset(buf + 4096, 0, 16);
+    }
+    uint32_t sites[1024];
+    int n = vmlab_scan_page(v, buf, len, 4096, mode64, v->trap_kinds, sites, 1024);
+    for (int k = 0; k < n; k++)
+        exit_add(v, p, vpage + sites[k]);
+    se->vpage = vpage;
+    se->ppage = ppage;
+    se->gen = v->page_gen[pfn] + 1;
+    se->mode_kinds = mk;
+}
+
+/* ---- hooks ------------------------------------------------------------------- */
+static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tlb_entry *e, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    struct priv *p = v->priv;
+    uint32_t access = type == UC_MEM_WRITE ? VMLAB_ACC_WRITE : type == UC_MEM_FETCH ? VMLAB_ACC_FETCH : 0;
+    uint32_t flags = VMLAB_WALK_SET_AD;
+    vmlab_walk w;
+    v->stat_fills++;
+    if (v->cr0 & (1ull << 31)) {
+        int cpl = current_cpl(v, p);
+        if (cpl == 3)
+            access |= VMLAB_ACC_USER;
+        if (v->cr4 & (1ull << 21)) {   /* SMAP: EFLAGS.AC matters */
+            uint64_t fl = 0;
+            api.reg_read(uc, UC_X86_REG_EFLAGS, &fl);
+            if (fl & (1u << 18))
+                flags |= VMLAB_WALK_AC;
+        }
+    }
+    int r = vmlab_walk_do(v, vaddr, access, flags, &w);
+    if (r == VMLAB_FAULT_PF) {
+        v->stat_fill_faults++;
+        v->stop_kind = VMLAB_STOP_PAGE_FAULT;
+        v->fault_vaddr = vaddr;
+        v->fault_access = access;
+        v->fault_error_code = w.error_code;
+        return false;
+    }
+    if (r == VMLAB_FAULT_BUS) {
+        v->stat_mmio++;
+        v->stop_kind = VMLAB_STOP_MMIO;
+        v->fault_vaddr = vaddr;
+        v->fault_paddr = w.paddr & ~0xfffull;
+        v->fault_access = access;
+        return false;
+    }
+    const uint64_t ppage = w.paddr & ~0xfffull;
+    uint32_t perms = w.perms;
+    uint8_t *pf = &v->page_flags[ppage >> 12];
+    if (access & VMLAB_ACC_FETCH) {
+        int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
+        scan_exec_page(v, p, vaddr & ~0xfffull, ppage, mode64);
+        perms &= ~VMLAB_PROT_W;
+    } else if (*pf & VMLAB_PAGE_CODE) {
+        if (access & VMLAB_ACC_WRITE) {
+            /* First store to a page we scanned for trap sites: forget the scan;
+             * the next fetch from it comes back through here and rescans. */
+            vmlab_code_page_written(v, ppage);
+            perms &= ~VMLAB_PROT_X;
+        } else {
+            perms &= ~VMLAB_PROT_W;
+        }
+    } else if (access & VMLAB_ACC_WRITE) {
+        perms &= ~VMLAB_PROT_X;
+    }
+    e->paddr = ppage;
+    e->perms = (uc_prot)perms;
+    return true;
+}
+
+static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_t size)
+{
+    struct icache_entry *ce = &p->icache[hash64(pc) & (ICACHE_SIZE - 1)];
+    if (ce->pc == pc && (ce->size_mode >> 2) == size)
+        return ce->ninsn;
+    v->stat_icount_misses++;
+    uint32_t hf = read_hflags(v, p);
+    int mode = (hf & HF_CS64_MASK) ? 2 : (hf & HF_CS32_MASK) ? 1 : 0;
+    uint32_t n = 0;
+    uint8_t buf[4096 + 16];
+    uint32_t got = 0;
+    /* Fetch the block's bytes through the soft-MMU (no A/D side effects). */
+    while (got < size && got < sizeof buf) {
+        vmlab_walk w;
+        if (vmlab_walk_do(v, pc + got, 0, VMLAB_WALK_IMPLICIT_SUP, &w) != VMLAB_OK)
+            break;
+        uint32_t chunk = 4096 - (uint32_t)((pc + got) & 0xfff);
+        if (chunk > size - got) chunk = size - got;
+        if (chunk > sizeof buf - got) chunk = sizeof buf - got;
+        memcpy(buf + got, v->ram + w.paddr, chunk);
+        got += chunk;
+    }
+    if (got == size && p->cs_handle[mode]) {
+        void *insn = NULL;
+        size_t cnt = api.cs_disasm(p->cs_handle[mode], buf, size, pc, 0, &insn);
+        if (insn) api.cs_free(insn, cnt);
+        n = (uint32_t)cnt;
+    }
+    if (n == 0)
+        n = size / 3 + 1;   /* undecodable: a deterministic estimate */
+    ce->pc = pc;
+    ce->size_mode = (size << 2) | (uint32_t)mode;
+    ce->ninsn = n;
+    return n;
+}
+
+static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    struct priv *p = v->priv;
+    v->stat_blocks++;
+    v->icount += block_icount(v, p, addr, size);
+    if (v->icount >= v->icount_deadline) {
+        v->stop_kind = VMLAB_STOP_DEADLINE;
+        api.emu_stop(uc);
+    } else if (v->irq_window) {
+        uint64_t fl = 0;
+        api.reg_read(uc, UC_X86_REG_EFLAGS, &fl);
+        if (fl & 0x200) {
+            v->stop_kind = VMLAB_STOP_IRQ_WINDOW;
+            api.emu_stop(uc);
+        }
+    }
+}
+
+static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    (void)size;
+    v->stop_kind = VMLAB_STOP_TRAP;
+    v->fault_vaddr = addr;
+    api.emu_stop(uc);
+}
+
+static void hook_intr(uc_engine *uc, uint32_t intno, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    v->stop_kind = VMLAB_STOP_EXCEPTION;
+    v->intno = intno;
+    api.emu_stop(uc);
+}
+
+static int hook_cpuid(uc_engine *uc, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    uint64_t rax = 0, rcx = 0;
+    api.reg_read(uc, UC_X86_REG_RAX, &rax);
+    api.reg_read(uc, UC_X86_REG_RCX, &rcx);
+    uint32_t leaf = (uint32_t)rax, sub = (uint32_t)rcx;
+    /* SDM CPUID: a basic leaf above the maximum returns the highest basic
+     * leaf's data (Intel behaviour); unknown extended leaves likewise. */
+    if (leaf < 0x80000000u ? leaf > v->cpuid_max_basic : leaf > v->cpuid_max_ext)
+        leaf = v->cpuid_max_basic;
+    uint64_t out[4] = {0, 0, 0, 0};
+    for (uint32_t k = 0; k < v->ncpuid; k++) {
+        const vmlab_cpuid_entry *c = &v->cpuid[k];
+        if (c->leaf == leaf && (!(c->flags & 1) || c->subleaf == sub)) {
+            out[0] = c->eax; out[1] = c->ebx; out[2] = c->ecx; out[3] = c->edx;
+            break;
+        }
+    }
+    api.reg_write(uc, UC_X86_REG_RAX, &out[0]);
+    api.reg_write(uc, UC_X86_REG_RBX, &out[1]);
+    api.reg_write(uc, UC_X86_REG_RCX, &out[2]);
+    api.reg_write(uc, UC_X86_REG_RDX, &out[3]);
+    return 1;
+}
+
+static int hook_rdtsc(uc_engine *uc, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    uint64_t tsc = v->icount + v->tsc_offset;
+    uint64_t lo = (uint32_t)tsc, hi = tsc >> 32;
+    api.reg_write(uc, UC_X86_REG_RAX, &lo);
+    api.reg_write(uc, UC_X86_REG_RDX, &hi);
+    return 1;
+}
+
+static int hook_rdtscp(uc_engine *uc, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    uint64_t aux = v->tsc_aux;
+    hook_rdtsc(uc, ud);
+    api.reg_write(uc, UC_X86_REG_RCX, &aux);
+    return 1;
+}
+
+/* ---- life cycle --------------------------------------------------------------- */
+int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
+{
+    struct priv *p = calloc(1, sizeof *p);
+    if (!p)
+        return -1;
+    v->priv = p;
+    p->uc = uc;
+    v->ram = ram;
+    v->ram_size = ram_size;
+    v->icount_deadline = ~0ull;
+    v->page_flags = calloc(ram_size >> 12, 1);
+    v->page_gen = calloc(ram_size >> 12, sizeof(uint32_t));
+    if (!v->page_flags || !v->page_gen)
+        return -1;
+    if (api.ctx_alloc(uc, &p->ctx) != UC_ERR_OK)
+        return -2;
+    /* capstone: CS_ARCH_X86 = 3, CS_MODE_16 = 1<<1, CS_MODE_32 = 1<<2, CS_MODE_64 = 1<<3 */
+    if (api.cs_open) {
+        api.cs_open(3, 1 << 1, &p->cs_handle[0]);
+        api.cs_open(3, 1 << 2, &p->cs_handle[1]);
+        api.cs_open(3, 1 << 3, &p->cs_handle[2]);
+    }
+    exitset_rebuild(v, p, 1024);
+    return 0;
+}
+
+void vmlab_vcpu_fini(vmlab_vcpu *v)
+{
+    struct priv *p = v->priv;
+    if (!p)
+        return;
+    if (p->ctx) api.ctx_free(p->ctx);
+    free(p->exitset);
+    free(p->site_hooks);
+    free(v->exits);
+    free(v->page_flags);
+    free(v->page_gen);
+    free(p);
+    v->priv = NULL;
+    v->exits = NULL;
+    v->page_flags = NULL;
+    v->page_gen = NULL;
+}
+
+int vmlab_attach(vmlab_vcpu *v, void *uc)
+{
+    uc_hook h;
+    uc_err err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_TLB_FILL, (void *)hook_tlb_fill, v, 1, 0)))
+        return 100 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_BLOCK, (void *)hook_block, v, 1, 0)))
+        return 200 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INTR, (void *)hook_intr, v, 1, 0)))
+        return 300 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_cpuid, v, 1, 0, UC_X86_INS_CPUID)))
+        return 400 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_rdtsc, v, 1, 0, UC_X86_INS_RDTSC)))
+        return 500 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_rdtscp, v, 1, 0, UC_X86_INS_RDTSCP)))
+        return 600 + err;
+    return 0;
+}
+
+/* ---- bulk register transfer --------------------------------------------------- */
+static const int gpr_ids[16] = {
+    UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX,
+    UC_X86_REG_RSP, UC_X86_REG_RBP, UC_X86_REG_RSI, UC_X86_REG_RDI,
+    UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+    UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+};
+
+int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r)
+{
+    struct priv *p = v->priv;
+    int ids[40];
+    void *vals[40];
+    int n = 0;
+    uc_x86_mmr gdtr, idtr;
+    uc_x86_msr efer = {0xC0000080u, 0}, kgs = {0xC0000102u, 0};
+    for (int k = 0; k < 16; k++) { ids[n] = gpr_ids[k]; vals[n++] = &r->gpr[k]; }
+    ids[n] = UC_X86_REG_RIP; vals[n++] = &r->rip;
+    ids[n] = UC_X86_REG_RFLAGS; vals[n++] = &r->rflags;
+    ids[n] = UC_X86_REG_CR0; vals[n++] = &r->cr0;
+    ids[n] = UC_X86_REG_CR2; vals[n++] = &r->cr2;
+    ids[n] = UC_X86_REG_CR3; vals[n++] = &r->cr3;
+    ids[n] = UC_X86_REG_CR4; vals[n++] = &r->cr4;
+    ids[n] = UC_X86_REG_CR8; vals[n++] = &r->cr8;
+    ids[n] = UC_X86_REG_FS_BASE; vals[n++] = &r->fs_base;
+    ids[n] = UC_X86_REG_GS_BASE; vals[n++] = &r->gs_base;
+    ids[n] = UC_X86_REG_GDTR; vals[n++] = &gdtr;
+    ids[n] = UC_X86_REG_IDTR; vals[n++] = &idtr;
+    ids[n] = UC_X86_REG_MSR; vals[n++] = &efer;
+    ids[n] = UC_X86_REG_MSR; vals[n++] = &kgs;
+    ids[n] = UC_X86_REG_DR0; vals[n++] = &r->dr[0];
+    ids[n] = UC_X86_REG_DR1; vals[n++] = &r->dr[1];
+    ids[n] = UC_X86_REG_DR2; vals[n++] = &r->dr[2];
+    ids[n] = UC_X86_REG_DR3; vals[n++] = &r->dr[3];
+    ids[n] = UC_X86_REG_DR6; vals[n++] = &r->dr[6];
+    ids[n] = UC_X86_REG_DR7; vals[n++] = &r->dr[7];
+    memset(&gdtr, 0, sizeof gdtr);
+    memset(&idtr, 0, sizeof idtr);
+    uc_err err = api.reg_read_batch(uc, ids, vals, n);
+    if (err)
+        return err;
+    r->gdtr_base = gdtr.base; r->gdtr_limit = gdtr.limit;
+    r->idtr_base = idtr.base; r->idtr_limit = idtr.limit;
+    r->efer = efer.value;
+    r->kernel_gs_base = kgs.value;
+    /* Segment caches, hflags and the pending exception's error code live only
+     * in QEMU's CPUX86State: read them from one context save. */
+    if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
+        return -1;
+    uint8_t *d = ctx_data(p);
+    for (int s = 0; s < 6; s++) {
+        const uint8_t *src = d + v->ctx_segs + 24 * s;
+        memcpy(&r->seg[s].selector, src, 4);
+        memcpy(&r->seg[s].base, src + 8, 8);
+        memcpy(&r->seg[s].limit, src + 16, 4);
+        memcpy(&r->seg[s].flags, src + 20, 4);
+    }
+    memcpy(&r->ldtr.selector, d + v->ctx_ldt, 4);
+    memcpy(&r->ldtr.base, d + v->ctx_ldt + 8, 8);
+    memcpy(&r->ldtr.limit, d + v->ctx_ldt + 16, 4);
+    memcpy(&r->ldtr.flags, d + v->ctx_ldt + 20, 4);
+    memcpy(&r->tr.selector, d + v->ctx_tr, 4);
+    memcpy(&r->tr.base, d + v->ctx_tr + 8, 8);
+    memcpy(&r->tr.limit, d + v->ctx_tr + 16, 4);
+    memcpy(&r->tr.flags, d + v->ctx_tr + 20, 4);
+    memcpy(&r->hflags, d + v->ctx_hflags, 4);
+    memcpy(&r->error_code, d + v->ctx_error_code, 4);
+    memcpy(&r->exception_is_int, d + v->ctx_is_int, 4);
+    return 0;
+}
+
+/* mask bits: 0-15 gpr[k], 16 rip, 17 rflags, 18 cr2, 19 fs_base, 20 gs_base,
+ * 21 kernel_gs_base, 22 gdtr, 23 idtr, 24 dr0-3/6/7.  CR0/3/4 and EFER go
+ * through Python (they change modes and must be checked). */
+int vmlab_regs_write(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint64_t mask)
+{
+    (void)v;
+    int ids[40];
+    void *vals[40];
+    int n = 0;
+    uc_x86_mmr gdtr = {0, r->gdtr_base, r->gdtr_limit, 0}, idtr = {0, r->idtr_base, r->idtr_limit, 0};
+    uc_x86_msr kgs = {0xC0000102u, r->kernel_gs_base};
+    for (int k = 0; k < 16; k++)
+        if (mask & (1ull << k)) { ids[n] = gpr_ids[k]; vals[n++] = (void *)&r->gpr[k]; }
+    if (mask & (1ull << 17)) { ids[n] = UC_X86_REG_RFLAGS; vals[n++] = (void *)&r->rflags; }
+    if (mask & (1ull << 18)) { ids[n] = UC_X86_REG_CR2; vals[n++] = (void *)&r->cr2; }
+    if (mask & (1ull << 19)) { ids[n] = UC_X86_REG_FS_BASE; vals[n++] = (void *)&r->fs_base; }
+    if (mask & (1ull << 20)) { ids[n] = UC_X86_REG_GS_BASE; vals[n++] = (void *)&r->gs_base; }
+    if (mask & (1ull << 21)) { ids[n] = UC_X86_REG_MSR; vals[n++] = &kgs; }
+    if (mask & (1ull << 22)) { ids[n] = UC_X86_REG_GDTR; vals[n++] = &gdtr; }
+    if (mask & (1ull << 23)) { ids[n] = UC_X86_REG_IDTR; vals[n++] = &idtr; }
+    if (mask & (1ull << 24)) {
+        static const int dr_ids[6] = {UC_X86_REG_DR0, UC_X86_REG_DR1, UC_X86_REG_DR2,
+                                      UC_X86_REG_DR3, UC_X86_REG_DR6, UC_X86_REG_DR7};
+        static const int dr_idx[6] = {0, 1, 2, 3, 6, 7};
+        for (int k = 0; k < 6; k++) { ids[n] = dr_ids[k]; vals[n++] = (void *)&r->dr[dr_idx[k]]; }
+    }
+    /* RIP last: Unicorn treats a RIP write as "restart here". */
+    if (mask & (1ull << 16)) { ids[n] = UC_X86_REG_RIP; vals[n++] = (void *)&r->rip; }
+    if (!n)
+        return 0;
+    return api.reg_write_batch(uc, ids, vals, n);
+}
+
+/* Load segment caches (and hflags bits) the API cannot write: CS/SS with a new
+ * CPL for event delivery, or the whole set for a loader's entry state.  Also
+ * clears QEMU's "exception in flight" (old_exception = -1), which Unicorn
+ * leaves stale after handing an exception to UC_HOOK_INTR and which would turn
+ * the next fault into a bogus #DF. */
+int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t seg_mask,
+                       uint32_t hflags_mask, uint32_t hflags_val, int clear_exception)
+{
+    struct priv *p = v->priv;
+    if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
+        return -1;
+    uint8_t *d = ctx_data(p);
+    for (int s = 0; s < 6; s++) {
+        if (!(seg_mask & (1u << s)))
+            continue;
+        uint8_t *dst = d + v->ctx_segs + 24 * s;
+        memcpy(dst, &r->seg[s].selector, 4);
+        memcpy(dst + 8, &r->seg[s].base, 8);
+        memcpy(dst + 16, &r->seg[s].limit, 4);
+        memcpy(dst + 20, &r->seg[s].flags, 4);
+    }
+    if (seg_mask & (1u << 6)) {
+        uint8_t *dst = d + v->ctx_ldt;
+        memcpy(dst, &r->ldtr.selector, 4); memcpy(dst + 8, &r->ldtr.base, 8);
+        memcpy(dst + 16, &r->ldtr.limit, 4); memcpy(dst + 20, &r->ldtr.flags, 4);
+    }
+    if (seg_mask & (1u << 7)) {
+        uint8_t *dst = d + v->ctx_tr;
+        memcpy(dst, &r->tr.selector, 4); memcpy(dst + 8, &r->tr.base, 8);
+        memcpy(dst + 16, &r->tr.limit, 4); memcpy(dst + 20, &r->tr.flags, 4);
+    }
+    if (hflags_mask) {
+        uint32_t hf;
+        memcpy(&hf, d + v->ctx_hflags, 4);
+        hf = (hf & ~hflags_mask) | (hflags_val & hflags_mask);
+        memcpy(d + v->ctx_hflags, &hf, 4);
+    }
+    if (clear_exception) {
+        int32_t none = -1;
+        memcpy(d + v->ctx_old_exception, &none, 4);
+    }
+    return api.ctx_restore(uc, p->ctx) == UC_ERR_OK ? 0 : -1;
+}
+
+/* Drop every cached translation in Unicorn's soft TLB (CR3/CR0/CR4/EFER
+ * changes, INVLPG): the next access of each page comes back through the fill. */
+void vmlab_tlb_flush(void *uc)
+{
+    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+}

@@ -1,0 +1,186 @@
+/* vmlab native fast path: shared declarations.
+ *
+ * This header is read twice: by the C compiler, and by native/build.py, which
+ * strips every line starting with '#' and hands the rest to cffi's cdef().  So
+ * keep it to plain struct/function declarations and integer constants in enums.
+ *
+ * Nothing here links against libunicorn: Python hands over the Unicorn entry
+ * points as raw pointers (vmlab_set_api) taken from the library the binding
+ * already loaded (see ../shared/platform-notes.md, "Building the native module").
+ */
+#ifndef VMLAB_H
+#define VMLAB_H
+#include <stdint.h>
+
+/* Access kinds, encoded like the #PF error code (SDM Vol. 3A, 4.7) so that a
+ * fault's error code is P | RSVD | access. */
+enum {
+    VMLAB_ACC_READ = 0,
+    VMLAB_ACC_WRITE = 2,
+    VMLAB_ACC_USER = 4,
+    VMLAB_ACC_FETCH = 16,
+};
+
+/* Walk flags. */
+enum {
+    VMLAB_WALK_SET_AD = 1,        /* update accessed/dirty bits (a real access) */
+    VMLAB_WALK_IMPLICIT_SUP = 2,  /* implicit supervisor access (GDT/IDT/TSS reads) */
+    VMLAB_WALK_AC = 4,            /* EFLAGS.AC is set (SMAP override, explicit accesses) */
+};
+
+/* Result of a walk: what stopped it. */
+enum {
+    VMLAB_OK = 0,
+    VMLAB_FAULT_PF = 1,        /* guest #PF: see error_code */
+    VMLAB_FAULT_BUS = 2,       /* final physical page is not RAM (MMIO / unassigned) */
+};
+
+/* Protection bits, identical to Unicorn's uc_prot. */
+enum { VMLAB_PROT_R = 1, VMLAB_PROT_W = 2, VMLAB_PROT_X = 4 };
+
+/* Why the C side stopped Unicorn (vmlab_vcpu.stop_kind). */
+enum {
+    VMLAB_STOP_NONE = 0,
+    VMLAB_STOP_DEADLINE = 1,   /* icount reached icount_deadline */
+    VMLAB_STOP_IRQ_WINDOW = 2, /* irq_window armed and EFLAGS.IF became 1 */
+    VMLAB_STOP_EXCEPTION = 3,  /* UC_HOOK_INTR: exception or INT n, see intno */
+    VMLAB_STOP_PAGE_FAULT = 4, /* TLB fill failed: guest #PF (fault_* fields) */
+    VMLAB_STOP_MMIO = 5,       /* TLB fill hit a non-RAM physical page (fault_* fields) */
+    VMLAB_STOP_REQUEST = 6,    /* vmlab_request_stop() */
+    VMLAB_STOP_TRAP = 7,       /* before an armed trap site (fault_vaddr = its linear address) */
+};
+
+/* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */
+enum {
+    VMLAB_TRAP_RDMSR = 0, VMLAB_TRAP_WRMSR = 1, VMLAB_TRAP_CR_READ = 2,
+    VMLAB_TRAP_CR_WRITE = 3, VMLAB_TRAP_CLTS = 4, VMLAB_TRAP_LMSW = 5,
+    VMLAB_TRAP_INVLPG = 6, VMLAB_TRAP_HLT = 7, VMLAB_TRAP_IO = 8,
+    VMLAB_TRAP_CPUID = 9, VMLAB_TRAP_RDTSC = 10, VMLAB_TRAP_RDTSCP = 11,
+    VMLAB_TRAP_RDPMC = 12, VMLAB_TRAP_WBINVD = 13, VMLAB_TRAP_INVD = 14,
+    VMLAB_TRAP_XSETBV = 15, VMLAB_TRAP_MWAIT = 16, VMLAB_TRAP_MONITOR = 17,
+    VMLAB_TRAP_PAUSE = 18, VMLAB_TRAP_DR = 19, VMLAB_TRAP_DESC = 20,
+    VMLAB_TRAP_RDRAND = 21, VMLAB_TRAP_RDSEED = 22, VMLAB_TRAP_VMX = 23,
+    VMLAB_TRAP_INVPCID = 24, VMLAB_TRAP_SMSW = 25, VMLAB_TRAP_INT1 = 26,
+    VMLAB_TRAP_COUNT = 27,
+};
+
+typedef struct vmlab_walk {
+    uint64_t vaddr;
+    uint64_t paddr;          /* physical address of vaddr (offset included) */
+    uint64_t page_size;      /* 4 KiB, 2 MiB, 4 MiB or 1 GiB */
+    uint32_t access;         /* VMLAB_ACC_* asked for */
+    uint32_t perms;          /* VMLAB_PROT_* the translation grants this access's privilege */
+    uint32_t fault;          /* VMLAB_OK / VMLAB_FAULT_* */
+    uint32_t error_code;     /* #PF error code when fault == VMLAB_FAULT_PF */
+    uint32_t levels;         /* guest paging-structure entries read */
+    uint32_t dirty;          /* final entry has D=1 (or paging off) */
+    uint64_t entry_addr[5];  /* physical address of each entry read, top level first */
+    uint64_t entry_val[5];   /* its value as read (before A/D updates) */
+} vmlab_walk;
+
+typedef struct vmlab_cpuid_entry {
+    uint32_t leaf, subleaf, flags, pad;   /* flags bit 0: subleaf is significant */
+    uint32_t eax, ebx, ecx, edx;
+} vmlab_cpuid_entry;
+
+typedef struct vmlab_seg {
+    uint32_t selector, pad;
+    uint64_t base;
+    uint32_t limit, flags;   /* QEMU SegmentCache.flags: descriptor bits 8..23 in place */
+} vmlab_seg;
+
+/* The register file moved in one call per exit (rule: guest state moves in bulk). */
+typedef struct vmlab_regs {
+    uint64_t gpr[16];        /* rax rcx rdx rbx rsp rbp rsi rdi r8..r15 (x86 encoding order) */
+    uint64_t rip, rflags;
+    uint64_t cr0, cr2, cr3, cr4, cr8;
+    uint64_t efer;
+    uint64_t fs_base, gs_base, kernel_gs_base;
+    uint64_t gdtr_base, idtr_base;
+    uint32_t gdtr_limit, idtr_limit;
+    uint64_t dr[8];          /* dr0..dr3, (dr4, dr5 unused), dr6, dr7 */
+    vmlab_seg seg[6];        /* es cs ss ds fs gs: full caches (from CPU state) */
+    vmlab_seg ldtr, tr;
+    uint32_t hflags;         /* QEMU hflags (CPL in bits 0-1, CS32 1<<4, CS64 1<<15, LMA 1<<14) */
+    int32_t error_code;      /* error code of the last exception raised inside Unicorn */
+    int32_t exception_is_int;/* 1: software INT n / INT3 / INTO (RIP is after it) */
+    int32_t pad;
+} vmlab_regs;
+
+typedef struct vmlab_vcpu {
+    /* ---- virtual time ---- */
+    uint64_t icount;           /* guest instructions counted at block entry */
+    uint64_t icount_deadline;  /* block hook stops once icount >= this */
+    uint64_t tsc_offset;       /* RDTSC = icount + tsc_offset */
+    uint32_t tsc_aux;
+    uint32_t irq_window;       /* 1: stop at the next block boundary with IF=1 */
+
+    /* ---- why we stopped (filled by C, cleared by Python) ---- */
+    uint32_t stop_kind;
+    uint32_t intno;
+    uint64_t fault_vaddr;      /* page-aligned linear address of the failed fill */
+    uint64_t fault_paddr;      /* physical page for MMIO stops */
+    uint32_t fault_access;     /* VMLAB_ACC_* */
+    uint32_t fault_error_code; /* #PF error code */
+
+    /* ---- paging context (kept current by Python on every change) ---- */
+    uint8_t *ram;
+    uint64_t ram_size;
+    uint64_t cr0, cr3, cr4, efer;
+    uint32_t maxphyaddr;       /* physical-address width advertised by CPUID */
+    uint32_t pdpe1gb;          /* 1 GiB pages allowed (CPUID.80000001H:EDX[26]) */
+
+    /* ---- per RAM page state for trap-site coherence ---- */
+    uint8_t *page_flags;       /* ram_size/4096 bytes, VMLAB_PAGE_* */
+    uint32_t *page_gen;        /* bumped when a code page is written */
+
+    /* ---- trap sites ---- */
+    uint32_t trap_kinds;       /* bitmask of 1 << VMLAB_TRAP_* */
+    uint32_t exits_dirty;
+    uint64_t *exits;           /* linear addresses armed in Unicorn */
+    uint32_t nexits, exits_cap;
+
+    /* ---- CPUID model ---- */
+    vmlab_cpuid_entry cpuid[96];
+    uint32_t ncpuid;
+    uint32_t cpuid_max_basic, cpuid_max_ext;
+    uint32_t pad0;
+
+    /* ---- offsets inside a saved Unicorn context (found by the Python self-test) ---- */
+    int32_t ctx_env;           /* start of CPUX86State (regs[0]) */
+    int32_t ctx_hflags, ctx_segs, ctx_ldt, ctx_tr, ctx_error_code, ctx_is_int, ctx_old_exception;
+
+    /* ---- statistics ---- */
+    uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
+    uint64_t stat_scans, stat_code_writes, stat_exits_synced;
+
+    /* private C state */
+    void *priv;
+} vmlab_vcpu;
+
+enum { VMLAB_PAGE_CODE = 1 };
+
+/* --- API --- */
+int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_write, void *reg_read_batch,
+                  void *reg_write_batch, void *emu_stop, void *ctl, void *context_alloc,
+                  void *context_save, void *context_restore, void *context_free,
+                  void *cs_open, void *cs_disasm, void *cs_free);
+int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size);
+void vmlab_vcpu_fini(vmlab_vcpu *v);
+int vmlab_attach(vmlab_vcpu *v, void *uc);
+
+int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags, vmlab_walk *w);
+
+int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r);
+int vmlab_regs_write(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint64_t mask);
+int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t seg_mask,
+                       uint32_t hflags_mask, uint32_t hflags_val, int clear_exception);
+
+int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds);
+int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr);
+int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
+                    int mode64, uint32_t kinds, uint32_t *sites, uint32_t max_sites);
+int vmlab_sync_exits(vmlab_vcpu *v, void *uc);
+void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
+void vmlab_tlb_flush(void *uc);
+#endif
