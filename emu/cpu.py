@@ -412,12 +412,12 @@ class Vcpu:
                            {s: (0, 0, 0xFFFF, data) for s in (0, 2, 3, 4, 5)})
         self.set_rip(ip)
 
-    def enter_protected32(self, entry: int) -> None:
+    def enter_protected32(self, entry: int, cs: int = 0x08, ds: int = 0x10) -> None:
         """Flat 32-bit protected mode, paging off (Multiboot §3.2 machine state)."""
         self.write_cr(0, x86.CR0_PE | x86.CR0_ET)
         g = x86.DESC_G | x86.DESC_B | x86.DESC_P | x86.DESC_S | x86.DESC_A
-        self.load_segments({x86.R_CS: (0x08, 0, 0xFFFFFFFF, g | x86.DESC_CS | x86.DESC_R)} |
-                           {s: (0x10, 0, 0xFFFFFFFF, g | x86.DESC_W) for s in (0, 2, 3, 4, 5)})
+        self.load_segments({x86.R_CS: (cs, 0, 0xFFFFFFFF, g | x86.DESC_CS | x86.DESC_R)} |
+                           {s: (ds, 0, 0xFFFFFFFF, g | x86.DESC_W) for s in (0, 2, 3, 4, 5)})
         self.set_rflags(2)
         self.set_rip(entry)
 

@@ -19,8 +19,8 @@ from elftools.elf.elffile import ELFFile
 from emu.loaders.errors import LoaderFormatError
 from emu.loaders.layout import GuestLayout, fmt_range
 
-__all__ = ["ElfImage", "ElfSegment", "check_ident", "parse_elf", "is_elf", "elf_class", "physical_entry",
-           "place_segments"]
+__all__ = ["ElfImage", "ElfSegment", "check_ident", "parse_elf", "is_elf", "elf_class",
+           "physical_entry", "place_segments"]
 
 ELF_MAGIC = b"\x7fELF"
 EI_NIDENT = 16
@@ -74,6 +74,11 @@ def elf_class(data: bytes) -> int | None:
     return {ELFCLASS32: 32, ELFCLASS64: 64}.get(data[EI_CLASS])
 
 
+def _one_line(exc: Exception) -> str:
+    """A third-party exception message squeezed onto one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def check_ident(data: bytes) -> None:
     """Check e_ident and that the whole ELF header is present (either class)."""
     if not is_elf(data):
@@ -120,7 +125,7 @@ def parse_elf(data: bytes, *, elfclass: int, machine: str, machine_desc: str) ->
         phoff, phnum, phentsize = int(hdr["e_phoff"]), int(hdr["e_phnum"]), int(hdr["e_phentsize"])
         phdr_struct = elf.structs.Elf_Phdr
     except Exception as exc:  # noqa: BLE001 - see comment above
-        raise LoaderFormatError(f"ELF header is malformed ({exc})") from exc
+        raise LoaderFormatError(f"ELF header is malformed ({_one_line(exc)})") from exc
 
     if e_machine != machine:
         raise LoaderFormatError(
@@ -154,7 +159,8 @@ def parse_elf(data: bytes, *, elfclass: int, machine: str, machine_desc: str) ->
                 filesz=int(ph["p_filesz"]), memsz=int(ph["p_memsz"]),
                 flags=int(ph["p_flags"]))
         except Exception as exc:  # noqa: BLE001 - pyelftools on hostile input
-            raise LoaderFormatError(f"ELF program header {i} is malformed ({exc})") from exc
+            raise LoaderFormatError(
+                f"ELF program header {i} is malformed ({_one_line(exc)})") from exc
         if seg.type != "PT_LOAD":
             continue
         if seg.filesz > seg.memsz:

@@ -112,7 +112,8 @@ def encode_string(text: str | bytes, what: str) -> bytes:
 def kernel_command_line(name: str, cmdline: str) -> bytes:
     """``"<name> <cmdline>"`` NUL-terminated, as QEMU builds it."""
     if not isinstance(cmdline, str):
-        raise LoaderConfigError(f"kernel command line must be a string, not {type(cmdline).__name__}")
+        raise LoaderConfigError(
+            f"kernel command line must be a string, not {type(cmdline).__name__}")
     return encode_string(f"{name} {cmdline}", "kernel command line")
 
 

@@ -215,11 +215,12 @@ def load_multiboot(data: bytes, *, ram_size: int, cmdline: str = "", modules=(),
     """
     if is_elf(data):
         check_ident(data)
-    if is_elf(data) and elf_class(data) == 64 and not _has_aout_header(data):
+    hdr, reason = find_header(data)
+    if is_elf(data) and elf_class(data) == 64 and not (hdr and hdr.aout_kludge):
+        # QEMU refuses these too: "Cannot load x86-64 image, give a 32bit one."
         raise LoaderFormatError(
             "ELF64 file cannot be loaded as a Multiboot v1 kernel without the a.out kludge "
             "(flags bit 16); give a 32-bit kernel or use the elf64 format")
-    hdr, reason = find_header(data)
     if hdr is None:
         raise LoaderFormatError(reason)
     warnings: list[str] = []
@@ -254,7 +255,3 @@ def load_multiboot(data: bytes, *, ram_size: int, cmdline: str = "", modules=(),
               "gdt": cpu.gdt, "stack_top": cpu.stack_top, **boot_info,
               "warnings": warnings})
 
-
-def _has_aout_header(data: bytes) -> bool:
-    hdr, _ = find_header(data)
-    return hdr is not None and hdr.aout_kludge
