@@ -37,6 +37,10 @@ IO_LIMIT = 0x10000
 MMIO_LIMIT = 1 << 64
 """Upper bound of the MMIO bus (physical addresses are at most 64 bits wide)."""
 
+UNCLAIMED_TRACK_LIMIT = 4096
+"""Distinct unclaimed addresses a bus remembers; a guest probing the whole
+MMIO space must not grow the VMM's memory without bound."""
+
 
 @runtime_checkable
 class BusDevice(Protocol):
@@ -101,7 +105,10 @@ class Bus:
         self._bases: list[int] = []
         self._entries: list[tuple[BusRange, BusDevice]] = []
         self.unclaimed: collections.Counter[int] = collections.Counter()
-        """Addresses of accesses nobody claimed, with their counts."""
+        """Addresses of accesses nobody claimed, with their counts (at most
+        :data:`UNCLAIMED_TRACK_LIMIT` distinct addresses)."""
+        self.unclaimed_untracked = 0
+        """Unclaimed accesses to addresses beyond the tracking limit."""
 
     def __repr__(self) -> str:
         return f"Bus({self.name!r}, limit={self.limit:#x}, ranges={len(self._entries)})"
@@ -174,7 +181,7 @@ class Bus:
             rng, dev = hit
             return dev.read(addr - rng.base, size) & _mask(size)
         if hit is None and not self._any_claimed(addr, size):
-            self.unclaimed[addr] += 1
+            self._note_unclaimed(addr)
             return _mask(size)
         return read_bytewise(self._read_byte, addr, size)
 
@@ -188,7 +195,7 @@ class Bus:
             dev.write(addr - rng.base, size, value)
             return
         if hit is None and not self._any_claimed(addr, size):
-            self.unclaimed[addr] += 1
+            self._note_unclaimed(addr)
             return
         write_bytewise(self._write_byte, addr, size, value)
 
@@ -201,6 +208,12 @@ class Bus:
         if size <= 0:
             raise BusError(f"access size must be positive, got {size}")
 
+    def _note_unclaimed(self, addr: int) -> None:
+        if addr in self.unclaimed or len(self.unclaimed) < UNCLAIMED_TRACK_LIMIT:
+            self.unclaimed[addr] += 1
+        else:
+            self.unclaimed_untracked += 1
+
     def _any_claimed(self, addr: int, size: int) -> bool:
         # Is there a range starting inside (addr, addr + size)?
         i = bisect.bisect_right(self._bases, addr)
@@ -209,7 +222,7 @@ class Bus:
     def _read_byte(self, addr: int) -> int:
         hit = self.find(addr) if addr < self.limit else None
         if hit is None:
-            self.unclaimed[addr] += 1
+            self._note_unclaimed(addr)
             return 0xFF
         rng, dev = hit
         return dev.read(addr - rng.base, 1) & 0xFF
@@ -217,7 +230,7 @@ class Bus:
     def _write_byte(self, addr: int, value: int) -> None:
         hit = self.find(addr) if addr < self.limit else None
         if hit is None:
-            self.unclaimed[addr] += 1
+            self._note_unclaimed(addr)
             return
         rng, dev = hit
         dev.write(addr - rng.base, 1, value)

@@ -286,10 +286,10 @@ class ElcrPorts:
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Write ELCR1/ELCR2."""
-        def one(o: int, v: int) -> None:
+        def _one(o: int, v: int) -> None:
             if 0 <= o < 2:
                 self._chips[o].write_elcr(v)
-        write_bytewise(one, offset, size, value)
+        write_bytewise(_one, offset, size, value)
 
 
 class Pic8259Pair:

@@ -149,7 +149,12 @@ class Uart16550:
         return FIFO_SIZE if self.fifo_enabled else 1
 
     def rx_room(self) -> int:
-        """How many bytes :meth:`feed` can take now without an overrun."""
+        """How many bytes :meth:`feed` can take now without an overrun.
+
+        0 in loopback mode, where the serial input is disconnected.
+        """
+        if self.mcr & MCR_LOOP:
+            return 0
         return self.rx_capacity - len(self.rx_fifo)
 
     def feed(self, data: bytes) -> int:
@@ -157,8 +162,11 @@ class Uart16550:
 
         Bytes beyond the receiver's capacity are lost and set LSR.OE, like a
         character arriving in a full FIFO (in FIFO mode the new character is
-        dropped; in 16450 mode it overwrites RBR).
+        dropped; in 16450 mode it overwrites RBR). In loopback mode SIN is
+        disconnected (PC16550D MCR bit 4) and everything is dropped silently.
         """
+        if self.mcr & MCR_LOOP:
+            return 0
         kept = 0
         for byte in data:
             kept += self._receive(byte)

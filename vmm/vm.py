@@ -8,6 +8,7 @@ and interrupts to emu/events.  Virtual time is the guest's instruction count
 """
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class Vm:
         self.vcpu.set_traps(MACHINE_TRAPS)
 
         self._stop: RunResult | None = None
+        self._input: collections.deque[bytes] = collections.deque()
         self.image = None
         self.exit_count = 0
         self.event_count = 0
@@ -151,6 +153,14 @@ class Vm:
     def _on_msr_write(self, msr: int, value: int) -> None:
         if msr == IA32_APIC_BASE:
             self.lapic.write_base_msr(value)
+
+    def post_input(self, data: bytes) -> None:
+        """Queue host input for the UART (thread-safe; fed at the next exit)."""
+        self._input.append(bytes(data))
+
+    def _feed_input(self) -> None:
+        while self._input:
+            self.uart.feed(self._input.popleft())
 
     def stop(self, message: str = "stopped") -> None:
         self._stop = RunResult("stopped", None, message)
@@ -212,6 +222,8 @@ class Vm:
         idle_since: int | None = None
         cpu.refresh()
         while self._stop is None:
+            if self._input:
+                self._feed_input()
             self.timers.run_expired(self.now_ns())
             if self._try_inject():
                 idle_since = None

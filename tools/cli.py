@@ -1,0 +1,231 @@
+"""vmlab command line: ``vmlab run KERNEL``, ``vmlab bench NAME…``.
+
+Every error a user can cause ends in one line on stderr and a documented exit
+status (never a traceback).  Statuses vmlab itself chooses are even, so they never
+collide with a guest's isa-debug-exit status, which is always odd
+((value << 1) | 1, QEMU's convention):
+
+====  ==============================================================
+ 0    the guest halted for good (HLT with nothing left to wake it)
+ odd  the guest wrote to the isa-debug-exit port (port 0xf4)
+ 2    bad command line (unknown option, bad -m size, unknown -d item)
+ 4    the kernel file (or a module) is missing or unreadable
+ 6    the kernel is malformed, truncated or of an unsupported format
+ 8    the kernel does not fit the machine (segment outside RAM, …)
+ 10   the guest triple-faulted (the machine shut down)
+ 12   the instruction limit (--max-insns) was reached
+ 14   vmlab cannot continue (a feature it does not model, internal error)
+ 124  the --timeout expired (like timeout(1))
+====  ==============================================================
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_HALTED, EXIT_USAGE, EXIT_FILE, EXIT_FORMAT, EXIT_CONFIG = 0, 2, 4, 6, 8
+EXIT_TRIPLE_FAULT, EXIT_LIMIT, EXIT_ERROR, EXIT_TIMEOUT = 10, 12, 14, 124
+
+
+class CliError(Exception):
+    """A user error: message and exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_size(text: str) -> int:
+    """QEMU-style -m: a number is MiB; suffixes K, M, G (binary)."""
+    t = text.strip().upper().removesuffix("B")
+    mult = 1 << 20
+    if t and t[-1] in "KMG":
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]]
+        t = t[:-1]
+    try:
+        val = float(t)
+    except ValueError:
+        raise CliError(f"bad memory size {text!r} (use e.g. 64M or 1G)", EXIT_USAGE) from None
+    size = int(val * mult)
+    if size <= 0:
+        raise CliError(f"bad memory size {text!r}", EXIT_USAGE)
+    return size
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, status 2
+        sys.stderr.write(f"vmlab: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vmlab", description="Run, step and test x86 guest code (see README.md).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="boot a kernel", description="Boot a kernel image and run it.")
+    r.add_argument("kernel", help="kernel image, or a guest source (.asm) that is assembled first")
+    r.add_argument("--format", default="auto", choices=["auto", "bootsector", "flat", "multiboot", "elf64"])
+    r.add_argument("-m", "--memory", default="64M", help="guest RAM (number = MiB; K/M/G suffix), default 64M")
+    r.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
+    r.add_argument("--append", default="", help="kernel command line (Multiboot, fw_cfg)")
+    r.add_argument("--initrd", default="", help='Multiboot modules: "file arg,file2 arg2" (like QEMU)')
+    r.add_argument("--flat-addr", type=_int, default=0x7C00, help="load address of a flat binary (0x7c00)")
+    r.add_argument("--flat-mode", default="real", choices=["real", "protected32", "long64"])
+    r.add_argument("--max-insns", type=_int, default=None, help="stop after about N guest instructions")
+    r.add_argument("--timeout", type=float, default=None, help="stop after SECONDS of wall time")
+    r.add_argument("--wall-clock", action="store_true", help="virtual time follows the host clock "
+                   "(default: deterministic, 1 instruction = 1 ns)")
+    r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
+    r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
+
+    b = sub.add_parser("bench", help="benchmarks", description="Run benchmarks (see README.md).")
+    b.add_argument("names", nargs="*", help="benchmarks to run (default: all); 'list' lists them")
+    b.add_argument("--json", action="store_true", help="print one JSON object {name: {metric: value}}")
+    return p
+
+
+def _serial_sink(spec: str):
+    if spec == "stdio":
+        def sink(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return sink, None
+    if spec == "none":
+        return None, None
+    if spec.startswith("file:") and len(spec) > 5:
+        try:
+            f = open(spec[5:], "wb")
+        except OSError as exc:
+            raise CliError(f"cannot open serial output {spec[5:]!r}: {exc.strerror}", EXIT_FILE) from None
+
+        def fsink(data: bytes) -> None:
+            f.write(data)
+            f.flush()
+        return fsink, f
+    raise CliError(f"bad --serial {spec!r} (use stdio, file:PATH or none)", EXIT_USAGE)
+
+
+def _modules(spec: str):
+    from emu.loaders import read_image
+    mods = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        path, _, arg = item.partition(" ")
+        data = read_image(path, what="module")
+        mods.append((data, (path + " " + arg).strip()))
+    return mods
+
+
+def cmd_run(args) -> int:
+    from emu.errors import EmuError, LoaderError
+    from emu.loaders import load, read_image
+    from emu.loaders.errors import LoaderConfigError, LoaderFileError
+    from vmm.log import ITEMS, DebugLog, LogError
+
+    if args.log_items.strip() == "help":
+        for name, text in ITEMS.items():
+            print(f"{name:<8} {text}")
+        return 0
+    ram = parse_size(args.memory)
+    log_stream = None
+    if args.log_file:
+        try:
+            log_stream = open(args.log_file, "w")
+        except OSError as exc:
+            raise CliError(f"cannot open log file {args.log_file!r}: {exc.strerror}", EXIT_FILE) from None
+    try:
+        log = DebugLog.parse(args.log_items, log_stream)
+    except LogError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    sink, sink_file = _serial_sink(args.serial)
+    kernel = args.kernel
+    try:
+        if kernel.endswith(".asm"):
+            from tools.asm import AsmError, build
+            if not os.path.isfile(kernel):
+                raise CliError(f"guest source {kernel!r} not found", EXIT_FILE)
+            try:
+                kernel = str(build(kernel))
+            except AsmError as exc:
+                raise CliError(f"cannot assemble {args.kernel}: {exc}", EXIT_FORMAT) from None
+        data = read_image(kernel)
+        image = load(data, fmt=args.format, ram_size=ram, cmdline=args.append, modules=_modules(args.initrd),
+                     flat_addr=args.flat_addr, flat_mode=args.flat_mode)
+        if image.format in ("multiboot",) and isinstance(kernel, str):
+            pass
+    except LoaderFileError as exc:
+        raise CliError(str(exc), EXIT_FILE) from None
+    except LoaderConfigError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    except LoaderError as exc:
+        raise CliError(str(exc), EXIT_FORMAT) from None
+
+    from vmm.vm import Vm
+    try:
+        vm = Vm(ram, serial=sink, log=log, cmdline=args.append, wall_clock=args.wall_clock)
+        vm.load(image)
+        _attach_stdin(vm, args.serial)
+        result = vm.run(max_insns=args.max_insns, timeout=args.timeout)
+    except EmuError as exc:
+        raise CliError(str(exc), EXIT_CONFIG if "RAM size" in str(exc) else EXIT_ERROR) from None
+    finally:
+        if sink_file:
+            sink_file.close()
+    if result.reason == "debug-exit":
+        return result.status & 0xFF
+    if result.reason == "halted":
+        return EXIT_HALTED
+    msg = {"shutdown": EXIT_TRIPLE_FAULT, "limit": EXIT_LIMIT, "timeout": EXIT_TIMEOUT}
+    status = msg.get(result.reason, EXIT_ERROR)
+    sys.stderr.write(f"vmlab: {result.message}\n")
+    return status
+
+
+def _attach_stdin(vm, serial: str) -> None:
+    """Feed host stdin to the UART when it is an interactive terminal."""
+    if serial != "stdio" or not sys.stdin.isatty():
+        return
+    import threading
+
+    def reader():
+        while True:
+            try:
+                data = os.read(0, 256)
+            except OSError:
+                return
+            if not data:
+                return
+            vm.post_input(data)
+    threading.Thread(target=reader, daemon=True).start()
+
+
+def cmd_bench(args) -> int:
+    from tools import bench
+    return bench.main(args.names, as_json=args.json)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "bench":
+            return cmd_bench(args)
+    except CliError as exc:
+        sys.stderr.write(f"vmlab: error: {exc}\n")
+        return exc.status
+    except KeyboardInterrupt:
+        sys.stderr.write("vmlab: interrupted\n")
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
