@@ -449,8 +449,9 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
 
 static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_t size)
 {
-    struct icache_entry *ce = &p->icache[hash64(pc) & (ICACHE_SIZE - 1)];
-    if (ce->pc == pc && (ce->size_mode >> 2) == size)
+    /* Hot path (every block): one direct-mapped probe, no multiply. */
+    struct icache_entry *ce = &p->icache[(pc ^ (pc >> 13)) & (ICACHE_SIZE - 1)];
+    if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size, 1))
         return ce->ninsn;
     v->stat_icount_misses++;
     uint32_t hf = read_hflags(v, p);
@@ -487,7 +488,6 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmlab_vcpu *v = ud;
     struct priv *p = v->priv;
-    v->stat_blocks++;
     v->icount += block_icount(v, p, addr, size);
     if (v->icount >= v->icount_deadline) {
         v->stop_kind = VMLAB_STOP_DEADLINE;
@@ -495,7 +495,9 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     } else if (v->irq_window) {
         uint64_t fl = 0;
         api.reg_read(uc, UC_X86_REG_EFLAGS, &fl);
-        if (fl & 0x200) {
+        /* IF=1 and not in an STI / MOV SS interrupt shadow (QEMU keeps it in
+         * hflags; the block right after STI holds one instruction). */
+        if ((fl & 0x200) && !(read_hflags(v, p) & (1u << 3))) {
             v->stop_kind = VMLAB_STOP_IRQ_WINDOW;
             api.emu_stop(uc);
         }

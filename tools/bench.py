@@ -1,0 +1,113 @@
+"""``vmlab bench``: vmlab against raw Unicorn (and QEMU when installed), measured in
+the same run and reported as ratios, because these machines are shared and noisy.
+
+Benchmarks (``vmlab bench list``):
+  mips  a compute guest (load/add/xor/dec/jnz loop) on raw Unicorn and on
+        vmlab's machine (soft-MMU, block accounting, machine traps armed):
+        raw_unicorn_mips, vmlab_mips, ratio
+  boot  whole-process wall time of ``vmlab run guests/hello.asm``: hello_wall_s
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from keystone import KS_ARCH_X86, KS_MODE_64, Ks
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CODE_ADDR, DATA_ADDR = 0x100000, 0x200000
+
+# A load and ALU work per iteration, like the platform notes' measurement.  (Stores
+# are slow in Unicorn itself: every store takes QEMU's not-dirty slow path.)
+_COMPUTE = """
+    mov rcx, {n}
+    mov rbx, 0x200000
+loop:
+    mov rax, [rbx]
+    add rdx, rax
+    xor rdx, rcx
+    dec rcx
+    jnz loop
+"""
+INSNS_PER_ITER = 5
+
+
+def compute_code(n: int, tail: str) -> bytes:
+    ks = Ks(KS_ARCH_X86, KS_MODE_64)
+    return bytes(ks.asm(_COMPUTE.format(n=n) + tail, CODE_ADDR)[0])
+
+
+def bench_mips(n: int = 20_000_000) -> dict:
+    """Same loop, same process: raw Unicorn vs vmlab's Vm."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+    insns = n * INSNS_PER_ITER
+    # raw Unicorn: a UC_MODE_64 engine runs 64-bit code flat, no hooks.
+    code = compute_code(n, "nop")
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 16 << 20)
+    uc.mem_write(CODE_ADDR, code)
+    t = time.perf_counter()
+    uc.emu_start(CODE_ADDR, CODE_ADDR + len(code))
+    raw_s = time.perf_counter() - t
+
+    from emu.loaders import load
+    from vmm.vm import Vm
+    code = compute_code(n, "mov al, 0\n out 0xf4, al")
+    vm = Vm(16 << 20, serial=None)
+    vm.load(load(code, fmt="flat", ram_size=16 << 20, flat_addr=CODE_ADDR, flat_mode="long64"))
+    t = time.perf_counter()
+    res = vm.run()
+    vm_s = time.perf_counter() - t
+    if res.reason != "debug-exit":
+        raise RuntimeError(f"mips guest did not finish: {res}")
+    raw, vml = insns / raw_s / 1e6, insns / vm_s / 1e6
+    return {"raw_unicorn_mips": round(raw, 1), "vmlab_mips": round(vml, 1), "ratio": round(vml / raw, 3)}
+
+
+def _vmlab_cmd() -> list[str]:
+    exe = pathlib.Path(sys.executable).with_name("vmlab")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tools"]
+
+
+def bench_boot(runs: int = 5) -> dict:
+    """Wall time of the whole ``vmlab run guests/hello.asm`` process (best of runs)."""
+    hello = ROOT / "guests" / "hello.asm"
+    cmd = _vmlab_cmd() + ["run", str(hello), "--serial", "none"]
+    subprocess.run(cmd, cwd=ROOT, capture_output=True)        # warm the build cache
+    best = None
+    for _ in range(runs):
+        t = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True)
+        dt = time.perf_counter() - t
+        if p.returncode != 1:
+            raise RuntimeError(f"hello guest failed (status {p.returncode}): {p.stderr.decode()[-300:]}")
+        best = dt if best is None else min(best, dt)
+    return {"hello_wall_s": round(best, 3)}
+
+
+BENCHES = {"mips": bench_mips, "boot": bench_boot}
+
+
+def main(names, as_json: bool = False) -> int:
+    names = list(names) or list(BENCHES)
+    if names == ["list"]:
+        print(__doc__.split("Benchmarks (``vmlab bench list``):\n", 1)[1].rstrip())
+        return 0
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        sys.stderr.write(f"vmlab: error: unknown benchmark(s): {', '.join(unknown)} "
+                         f"(known: {', '.join(BENCHES)})\n")
+        return 2
+    out = {}
+    for n in names:
+        out[n] = BENCHES[n]()
+        if not as_json:
+            print(f"{n}: " + ", ".join(f"{k}={v}" for k, v in out[n].items()), flush=True)
+    if as_json:
+        print(json.dumps(out))
+    return 0
