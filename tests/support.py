@@ -1,0 +1,59 @@
+"""Test support: a VM wrapper, inline assembly, descriptor builders."""
+from __future__ import annotations
+
+import struct
+
+from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
+
+
+def asm(text: str, base: int, bits: int = 32) -> bytes:
+    ks = Ks(KS_ARCH_X86, {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}[bits])
+    enc, _ = ks.asm(text, base)
+    return bytes(enc)
+
+
+def seg_desc(base: int, limit: int, access: int, flags: int) -> int:
+    """A GDT descriptor quadword (SDM Vol. 3A 3.4.5): access byte, flags nibble (G D/B L AVL)."""
+    return ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40) | (((limit >> 16) & 0xF) << 48)
+            | (flags << 52) | (((base >> 24) & 0xFF) << 56))
+
+
+def gate32(offset: int, selector: int, kind: int = 0xE, dpl: int = 0, present: bool = True) -> bytes:
+    hi = (offset & 0xFFFF0000) | ((0x80 if present else 0) | (dpl << 5) | kind) << 8
+    return struct.pack("<II", (selector << 16) | (offset & 0xFFFF), hi)
+
+
+def gate64(offset: int, selector: int, kind: int = 0xE, dpl: int = 0, ist: int = 0, present: bool = True) -> bytes:
+    return gate32(offset & 0xFFFFFFFF, selector, kind, dpl, present)[:4] + struct.pack(
+        "<I", (offset & 0xFFFF0000) | (((0x80 if present else 0) | (dpl << 5) | kind) << 8) | ist
+    ) + struct.pack("<II", offset >> 32, 0)
+
+
+class Machine:
+    """A Vm plus helpers for inline-assembly tests."""
+
+    def __init__(self, ram=16 << 20):
+        from vmm.vm import Vm
+        self.vm = Vm(ram, serial=None)
+        self.mem = self.vm.mem
+        self.cpu = self.vm.vcpu
+
+    def boot(self, code: bytes, addr: int, mode: str):
+        from emu.loaders import load
+        self.vm.load(load(code, fmt="flat", ram_size=self.mem.size, flat_addr=addr, flat_mode=mode))
+
+    def run(self, **kw):
+        kw.setdefault("max_insns", 5_000_000)
+        return self.vm.run(**kw)
+
+    def u32(self, addr):
+        return self.mem.read_u32(addr)
+
+    def u64(self, addr):
+        return self.mem.read_u64(addr)
+
+    @property
+    def serial(self) -> bytes:
+        return bytes(self.vm.serial_output)
+
+
