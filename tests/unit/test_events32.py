@@ -5,8 +5,8 @@ import struct
 from support import asm, gate32, seg_desc
 
 CODE = 0x100000
-GDT, IDT, TSS = 0x6000, 0x7000, 0x8000
-SAVE = 0x3000          # handlers store ESP here, then exit
+GDT, IDT, TSS = 0x30000, 0x20000, 0x31000
+SAVE = 0x32000         # handlers store ESP here, then exit
 K_STACK, U_STACK = 0x90000, 0x80000
 
 # Selectors: 0x08 ring-0 code, 0x10 ring-0 data, 0x1b ring-3 code, 0x23 ring-3 data, 0x28 TSS
@@ -55,7 +55,7 @@ def setup(machine, body: str, gates=None):
 
 
 def frame(machine, n):
-    esp = machine.u32(0x3000)
+    esp = machine.u32(SAVE)
     return [machine.u32(esp + 4 * i) for i in range(n)]
 
 
@@ -107,7 +107,7 @@ ring3:
     assert res.reason == "debug-exit", res
     eip, cs, eflags, esp, ss = frame(machine, 5)
     assert cs == 0x1b and ss == 0x23 and esp == U_STACK
-    assert machine.u32(0x3000) == K_STACK - 20         # 5 dwords pushed on the ring-0 stack
+    assert machine.u32(SAVE) == K_STACK - 20         # 5 dwords pushed on the ring-0 stack
     assert machine.cpu.cpl == 0
 
 

@@ -1,0 +1,696 @@
+"""Assemble vmlab's test guests with Keystone.
+
+A guest is one source file in Intel syntax (LLVM MC dialect, as Keystone speaks
+it) with NASM-style ``;`` comments, ``%include "file"`` and a header comment that
+names its output format::
+
+    ; vmlab-format: multiboot-aout      (required when built with build())
+    ; vmlab-org: 0x100000               (load/link address; default per format)
+    ; vmlab-entry: _start               (ELF entry label; default _start, else org)
+    ; vmlab-cmdline: words...           (kernel command line to boot it with)
+    ; vmlab-module: data/file args...   (a multiboot module, repeatable)
+
+Formats: ``bootsector`` (16-bit at 0x7c00, padded to 510 bytes + 0x55 0xAA),
+``multiboot-aout`` (flat image whose Multiboot v1 header sets flags bit 16),
+``multiboot-elf`` (ELF32, one PT_LOAD at the org), ``elf64`` (ELF64, one PT_LOAD,
+entered in long mode by vmlab's loader; QEMU cannot boot it).
+
+Mixed 16/32/64-bit code lives in ONE source: Keystone honours ``.code16``,
+``.code32`` and ``.code64`` (measured with keystone-engine 0.9.2), and labels are
+visible across them.  Where Keystone mis-encodes, this module rewrites the line
+before Keystone sees it (see ``_rewrite``) or refuses it with a clear error:
+
+* ``ljmp SEL:OFF`` in 32-bit code gets a 0x66 prefix (ptr16:16, offset truncated
+  to 16 bits) -> emitted as ``EA imm32 imm16``; in 16-bit code as
+  ``66 EA imm32 imm16`` (``.word label`` is a Keystone "invalid fixup", and a
+  32-bit offset is right whatever the target segment is).
+* ``lgdt/lidt/sgdt/sidt`` in 32-bit code get a 0x66 prefix (24-bit base) ->
+  emitted as ``0F 01 /n`` with a disp32 or a plain base register.
+* Directives are whitelisted: ``.text`` segfaults Keystone, ``.fill`` with a
+  label-relative count hangs it, ``.section``/``.include``/``.incbin``/``.end``
+  silently emit nothing, ``.balign N, fill`` silently does not align.
+
+Other traps that guest authors must know (not rewritten):
+* In 16-bit code Keystone encodes near ``call``/``ret``/relaxed ``jmp``/``jcc``
+  with a 0x66 prefix (32-bit return addresses).  Consistent, so it works below
+  64 KiB, but costs bytes.
+* Alignment padding is made of 32-bit multi-byte NOPs: never fall through a
+  ``.balign`` in ``.code16`` code.
+* ``push label`` in 32-bit code is an "invalid fixup": ``mov eax, label; push eax``.
+* Numeric local labels (``1:``/``1b``) and ``\\@`` in macros are not supported:
+  use unique names.
+* ``mov eax, label`` is an immediate (the address); ``mov eax, [label]`` a load.
+* Keystone accepts some malformed operands silently (``[ebx+`` -> ``[ebx]``):
+  tests check the encodings that matter with Capstone.
+
+Errors (Keystone failure, missing include, bad header, image too big...) raise
+:class:`AsmError` carrying the file and line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+import keystone
+
+#: Bump whenever a change of this module can change the bytes it produces: the
+#: version is part of every build's cache key, so a stale build never runs.
+ASM_VERSION = "1"
+
+REPO = Path(__file__).resolve().parent.parent
+GUESTS_DIR = REPO / "guests"
+INCLUDE_DIR = GUESTS_DIR / "include"
+BUILD_DIR = GUESTS_DIR / "build"
+
+_KS_MODES = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """An output format: the CPU mode the source starts in, default org, file suffix."""
+
+    name: str
+    mode: int
+    org: int
+    suffix: str
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        Format("bootsector", 16, 0x7C00, ".img"),
+        Format("multiboot-aout", 32, 0x100000, ".bin"),
+        Format("multiboot-elf", 32, 0x100000, ".elf"),
+        Format("elf64", 64, 0x100000, ".elf"),
+    )
+}
+
+MULTIBOOT_MAGIC = 0x1BADB002
+MULTIBOOT_SEARCH = 8192  # Multiboot v1 §3.1.1: header within the first 8192 bytes
+MB_FLAG_AOUT_KLUDGE = 1 << 16
+ELF_DATA_OFFSET = 0x1000  # file offset of the PT_LOAD segment (page aligned)
+BOOTSECTOR_CODE_MAX = 510
+
+
+class AsmError(Exception):
+    """A guest could not be assembled or packaged.
+
+    ``file`` and ``line`` (1-based) say where, when known; ``str()`` starts with
+    ``file:line:`` so the message is useful on its own.
+    """
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None):
+        self.message = message
+        self.file = file
+        self.line = line
+        where = ""
+        if file is not None:
+            where = f"{file}:{line}: " if line is not None else f"{file}: "
+        super().__init__(where + message)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuestHeader:
+    """What a guest's header comment declares."""
+
+    format: str | None
+    org: int | None
+    entry: str | None
+    cmdline: str | None
+    modules: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    """One preprocessed line and where it came from."""
+
+    text: str
+    file: str
+    lineno: int
+
+
+@dataclasses.dataclass
+class Preprocessed:
+    """Result of :func:`preprocess`: lines ready for Keystone plus what was learnt."""
+
+    lines: list[Line]
+    labels: list[str]
+    sources: list[tuple[str, str]]  # (path, text) of every file read, in order
+
+    @property
+    def text(self) -> str:
+        return "\n".join(line.text for line in self.lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# Header
+# --------------------------------------------------------------------------
+
+_HEADER_RE = re.compile(r"^\s*;\s*vmlab-([a-z0-9-]+)\s*:\s*(.*?)\s*$")
+_HEADER_KEYS = {"format", "org", "entry", "cmdline", "module"}
+
+
+def parse_header(text: str, file: str = "<inline>") -> GuestHeader:
+    """Read the ``; vmlab-KEY: value`` lines of the leading comment block."""
+    fields: dict[str, str] = {}
+    modules: list[str] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if stripped and not stripped.startswith(";"):
+            break
+        m = _HEADER_RE.match(raw)
+        if not m:
+            continue
+        key, value = m.group(1), m.group(2)
+        if key not in _HEADER_KEYS:
+            raise AsmError(f"unknown header key 'vmlab-{key}'", file, lineno)
+        if key == "module":
+            modules.append(value)
+        elif key in fields:
+            raise AsmError(f"header key 'vmlab-{key}' given twice", file, lineno)
+        else:
+            fields[key] = value
+        if key == "format" and value not in FORMATS:
+            raise AsmError(f"unknown format {value!r} (one of {', '.join(FORMATS)})", file, lineno)
+        if key == "org":
+            try:
+                int(value, 0)
+            except ValueError:
+                raise AsmError(f"bad org {value!r}", file, lineno) from None
+    return GuestHeader(
+        format=fields.get("format"),
+        org=int(fields["org"], 0) if "org" in fields else None,
+        entry=fields.get("entry"),
+        cmdline=fields.get("cmdline"),
+        modules=tuple(modules),
+    )
+
+
+def read_header(path: str | os.PathLike) -> GuestHeader:
+    """Header of the guest source at ``path``."""
+    path = Path(path)
+    return parse_header(_read(path, None, None), str(path))
+
+
+# --------------------------------------------------------------------------
+# Preprocessor
+# --------------------------------------------------------------------------
+
+_INCLUDE_RE = re.compile(r'^\s*%include\s+"([^"]+)"\s*$')
+_CODE_RE = re.compile(r"^\.code(16|32|64)$", re.I)
+_LABEL_RE = re.compile(r"^([A-Za-z_$][\w$.]*)\s*:(?!:)\s*")
+_ASSIGN_RE = re.compile(r"^([A-Za-z_$][\w$.]*)\s*=(?!=)")
+_IDENT_RE = re.compile(r"(?<![\w$.])([A-Za-z_$][\w$.]*)")
+_LJMP_RE = re.compile(r"^ljmp\s+(?P<sel>[^\[\]:,]+?)\s*[:,]\s*(?P<off>[^\[\]:,]+?)$", re.I)
+_DESC_TABLE_RE = re.compile(
+    r"^(?P<op>lgdt|lidt|sgdt|sidt)\s+(?:(?:fword|tbyte|qword|dword|word)\s+ptr\s+)?"
+    r"(?:ds\s*:\s*)?\[(?P<expr>[^\]]+)\]$",
+    re.I,
+)
+_REG_RE = re.compile(
+    r"\b(?:[re]?[abcd]x|[abcd][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l|r(?:[89]|1[0-5])[dwb]?|rip|eip)\b",
+    re.I,
+)
+_DESC_TABLE_REG = {"sgdt": 0, "sidt": 1, "lgdt": 2, "lidt": 3}
+_MODRM_BASE = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esi": 6, "edi": 7}
+
+# Directives Keystone 0.9.2 was seen to handle correctly (see module docstring).
+_DIRECTIVES = {
+    ".code16", ".code32", ".code64",
+    ".byte", ".word", ".short", ".long", ".int", ".quad",
+    ".ascii", ".asciz", ".string",
+    ".zero", ".fill", ".skip", ".space", ".org",
+    ".balign", ".align", ".p2align",
+    ".equ", ".set", ".macro", ".endm", ".rept", ".endr",
+}
+_COUNT_DIRECTIVES = {".zero", ".fill", ".skip", ".space"}
+_ALIGN_DIRECTIVES = {".balign", ".align", ".p2align"}
+_BLOCK_OPEN = {".macro", ".rept"}
+_BLOCK_CLOSE = {".endm", ".endr"}
+
+
+def _strip_comment(line: str) -> str:
+    """Drop a ``;`` comment, respecting "strings" and 'c' character literals."""
+    quote = None
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c == ";":
+            return line[:i].rstrip()
+        i += 1
+    return line.rstrip()
+
+
+def _read(path: Path, file: str | None, lineno: int | None) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise AsmError(f"cannot read {path}: {exc.strerror}", file, lineno) from exc
+
+
+def _resolve_include(name: str, including: Path | None, dirs: list[Path]) -> Path | None:
+    candidates = []
+    if including is not None:
+        candidates.append(including.parent / name)
+    candidates.extend(d / name for d in dirs)
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    return None
+
+
+class _Preprocessor:
+    def __init__(self, mode: int, include_dirs: list[Path]):
+        self.mode = mode
+        self.include_dirs = include_dirs
+        self.lines: list[Line] = []
+        self.labels: list[str] = []
+        self.constants: set[str] = set()
+        self.sources: list[tuple[str, str]] = []
+        self.depth = 0  # .macro/.rept nesting
+
+    def run(self, text: str, file: str, path: Path | None, stack: tuple[str, ...] = ()) -> None:
+        if len(stack) > 16:
+            raise AsmError("%include nested too deeply: " + " -> ".join(stack), file)
+        self.sources.append((file, text))
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            inc = _INCLUDE_RE.match(raw)
+            if inc:
+                target = _resolve_include(inc.group(1), path, self.include_dirs)
+                if target is None:
+                    raise AsmError(f'include file "{inc.group(1)}" not found', file, lineno)
+                key = str(target.resolve())
+                if key in stack:
+                    raise AsmError(f'recursive %include of "{inc.group(1)}"', file, lineno)
+                saved_mode = self.mode
+                self.run(_read(target, file, lineno), str(target), target, stack + (key,))
+                if self.mode != saved_mode:
+                    # An included file cannot change the mode of its includer.
+                    self.mode = saved_mode
+                    self.lines.append(Line(f".code{saved_mode}", file, lineno))
+                continue
+            if raw.lstrip().startswith("%"):
+                raise AsmError(f"unknown preprocessor directive: {raw.strip()}", file, lineno)
+            self._statement(_strip_comment(raw).strip(), file, lineno)
+
+    def _statement(self, stmt: str, file: str, lineno: int) -> None:
+        # Peel leading labels ("a: b: insn").
+        while True:
+            m = _LABEL_RE.match(stmt)
+            if not m:
+                break
+            if self.depth == 0:
+                self.labels.append(m.group(1))
+            self.lines.append(Line(m.group(1) + ":", file, lineno))
+            stmt = stmt[m.end():]
+        if not stmt:
+            return
+        m = _ASSIGN_RE.match(stmt)
+        if m:
+            self.constants.add(m.group(1))
+            self.lines.append(Line(stmt, file, lineno))
+            return
+        word = stmt.split(None, 1)[0].lower()
+        if word.startswith("."):
+            self._directive(word, stmt, file, lineno)
+            return
+        for text in self._rewrite(stmt, file, lineno):
+            self.lines.append(Line(text, file, lineno))
+
+    def _directive(self, word: str, stmt: str, file: str, lineno: int) -> None:
+        if word not in _DIRECTIVES:
+            raise AsmError(
+                f"directive {word} is not supported (Keystone 0.9.2 crashes on or "
+                f"silently drops several directives; see tools/asm.py)", file, lineno)
+        args = stmt[len(word):].strip()
+        m = _CODE_RE.match(stmt)
+        if m:
+            if self.depth:
+                raise AsmError(f"{word} inside .macro/.rept is not supported", file, lineno)
+            self.mode = int(m.group(1))
+        elif word in _BLOCK_OPEN:
+            self.depth += 1
+        elif word in _BLOCK_CLOSE:
+            if self.depth == 0:
+                raise AsmError(f"{word} without an open block", file, lineno)
+            self.depth -= 1
+        elif word in (".equ", ".set"):
+            self.constants.add(args.split(",", 1)[0].strip())
+        elif word in _ALIGN_DIRECTIVES and "," in args:
+            raise AsmError(
+                f"{word} with a fill value is not supported (Keystone 0.9.2 then does "
+                f"not align at all); use '{word} N'", file, lineno)
+        elif word in _COUNT_DIRECTIVES:
+            count = args.split(",", 1)[0]
+            bad = [n for n in _IDENT_RE.findall(count) if n not in self.constants]
+            if re.search(r"(?<![\w$])\.(?![\w$])", count) or bad:
+                raise AsmError(
+                    f"{word} count must be a constant (Keystone 0.9.2 hangs or emits "
+                    f"nothing for a label-relative count); use .org LABEL + N", file, lineno)
+        self.lines.append(Line(stmt, file, lineno))
+
+    def _rewrite(self, stmt: str, file: str, lineno: int) -> list[str]:
+        m = _LJMP_RE.match(stmt)
+        if m:
+            sel, off = m.group("sel").strip(), m.group("off").strip()
+            if self.mode == 64:
+                raise AsmError("no direct far jump in 64-bit mode (use retfq or iretq)", file, lineno)
+            prefix = ".byte 0x66, 0xea" if self.mode == 16 else ".byte 0xea"
+            return [prefix, f".long {off}", f".word {sel}"]
+        m = _DESC_TABLE_RE.match(stmt)
+        if m and self.mode == 32:
+            reg = _DESC_TABLE_REG[m.group("op").lower()]
+            expr = m.group("expr").strip()
+            if expr.lower() in _MODRM_BASE:
+                return [f".byte 0x0f, 0x01, {(reg << 3) | _MODRM_BASE[expr.lower()]:#04x}"]
+            if _REG_RE.search(expr):
+                raise AsmError(
+                    f"{m.group('op')} in 32-bit code takes [label] or [eax|ebx|ecx|edx|esi|edi] "
+                    f"here (Keystone would add a 0x66 prefix)", file, lineno)
+            return [f".byte 0x0f, 0x01, {(reg << 3) | 0b101:#04x}", f".long {expr}"]
+        return [stmt]
+
+
+def preprocess(text: str, mode: int, file: str = "<inline>", *,
+               path: Path | None = None, include_dirs: list[Path] | None = None) -> Preprocessed:
+    """Expand includes, strip comments and rewrite what Keystone gets wrong.
+
+    ``mode`` (16, 32 or 64) is the mode the text starts in; the output starts with
+    the matching ``.codeNN``.
+    """
+    if mode not in _KS_MODES:
+        raise AsmError(f"mode must be 16, 32 or 64, not {mode!r}", file)
+    dirs = list(include_dirs) if include_dirs is not None else [INCLUDE_DIR]
+    pp = _Preprocessor(mode, dirs)
+    pp.lines.append(Line(f".code{mode}", file, 0))
+    pp.run(text, file, path)
+    if pp.depth:
+        raise AsmError("unterminated .macro/.rept block at end of file", file)
+    return Preprocessed(pp.lines, pp.labels, pp.sources)
+
+
+# --------------------------------------------------------------------------
+# Keystone
+# --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what LLVM prints on fd 2 (some directive errors only go there)."""
+    buf: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield buf
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buf.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _ks_run(text: str, mode: int, base: int, resolver=None) -> tuple[bytes | None, str | None]:
+    """Assemble; return (bytes, None) or (None, error message)."""
+    ks = keystone.Ks(keystone.KS_ARCH_X86, _KS_MODES[mode])
+    if resolver is not None:
+        ks.sym_resolver = resolver
+    with _captured_stderr() as err:
+        try:
+            encoding, _ = ks.asm(text, base)
+            failure = None
+        except keystone.KsError as exc:
+            encoding, failure = None, str(exc)
+    diag = err[0].strip()
+    if diag:
+        return None, diag.splitlines()[0].removeprefix("error: ")
+    if failure is not None:
+        return None, failure
+    return bytes(encoding or b""), None
+
+
+def _permissive(name, value):
+    value[0] = 0
+    return True
+
+
+def _locate(pre: Preprocessed, mode: int, base: int, message: str, missing: list[str]) -> AsmError:
+    lines = pre.lines
+    if missing:
+        name = missing[0].decode() if isinstance(missing[0], bytes) else missing[0]
+        pattern = re.compile(rf"(?<![\w$.]){re.escape(name)}(?![\w$])")
+        for ln in lines:
+            if pattern.search(ln.text) and not ln.text.startswith(name + ":"):
+                return AsmError(f"undefined symbol '{name}'", ln.file, ln.lineno)
+        return AsmError(f"undefined symbol '{name}'", lines[-1].file)
+    # Smallest failing prefix, cut only outside .macro/.rept blocks; undefined
+    # symbols (defined further down) resolve to 0 meanwhile.
+    cuts, depth = [], 0
+    for i, ln in enumerate(lines):
+        word = ln.text.split(None, 1)[0].lower() if ln.text else ""
+        depth += word in _BLOCK_OPEN
+        depth -= word in _BLOCK_CLOSE
+        if depth == 0:
+            cuts.append(i + 1)
+
+    def fails(k: int) -> bool:
+        text = "\n".join(x.text for x in lines[:k]) + "\n"
+        return _ks_run(text, mode, base, _permissive)[1] is not None
+
+    lo, hi = 0, len(cuts) - 1
+    if not fails(cuts[hi]):
+        return AsmError(message, lines[-1].file)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fails(cuts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    bad = lines[cuts[lo] - 1]
+    hint = ""
+    if "FIXUP_INVALID" in message and bad.text.lower().startswith("push"):
+        hint = " (Keystone cannot push a label in 32-bit code: mov eax, label; push eax)"
+    return AsmError(f"{message}: {bad.text}{hint}", bad.file, bad.lineno)
+
+
+def _assemble_pre(pre: Preprocessed, mode: int, base: int) -> bytes:
+    missing: list = []
+
+    def record(name, value):
+        missing.append(name)
+        return False
+
+    code, message = _ks_run(pre.text, mode, base, record)
+    if message is not None:
+        raise _locate(pre, mode, base, message, missing)
+    return code
+
+
+def assemble(text: str, mode: int = 32, base: int = 0, *, file: str = "<inline>",
+             include_dirs: list[Path] | None = None) -> bytes:
+    """Assemble ``text`` starting in ``mode`` (16/32/64) at address ``base``.
+
+    Same dialect as guest sources (``;`` comments, ``%include`` searched in
+    ``include_dirs``, default ``guests/include``).  Raises :class:`AsmError`.
+    """
+    pre = preprocess(text, mode, file, include_dirs=include_dirs)
+    return _assemble_pre(pre, mode, base)
+
+
+def label_addresses(pre: Preprocessed, mode: int, base: int) -> dict[str, int]:
+    """Address of every top-level label of a preprocessed source.
+
+    Keystone has no symbol table API: append one ``.quad label`` per label after
+    the code (earlier addresses do not move) and read them back.
+    """
+    if not pre.labels:
+        return {}
+    code = _assemble_pre(pre, mode, base)
+    extra = [Line(".balign 8", "<labels>", 0)] + [
+        Line(f".quad {name}", "<labels>", 0) for name in pre.labels]
+    full = _assemble_pre(Preprocessed(pre.lines + extra, [], []), mode, base)
+    start = len(full) - 8 * len(pre.labels)
+    if full[: len(code)] != code or start < len(code):
+        raise AsmError("label table did not line up with the code (Keystone changed output)")
+    values = struct.unpack_from(f"<{len(pre.labels)}Q", full, start)
+    return dict(zip(pre.labels, values))
+
+
+# --------------------------------------------------------------------------
+# Packaging
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MultibootHeader:
+    """A Multiboot v1 header found in an image (Multiboot spec §3.1)."""
+
+    offset: int
+    flags: int
+    header_addr: int = 0
+    load_addr: int = 0
+    load_end_addr: int = 0
+    bss_end_addr: int = 0
+    entry_addr: int = 0
+
+
+def find_multiboot_header(data: bytes, limit: int = MULTIBOOT_SEARCH) -> MultibootHeader | None:
+    """First valid Multiboot v1 header (magic, checksum) in ``data[:limit]``."""
+    for off in range(0, min(len(data), limit) - 11, 4):
+        magic, flags, checksum = struct.unpack_from("<III", data, off)
+        if magic == MULTIBOOT_MAGIC and (magic + flags + checksum) & 0xFFFFFFFF == 0:
+            if flags & MB_FLAG_AOUT_KLUDGE and off + 32 <= len(data):
+                return MultibootHeader(off, flags, *struct.unpack_from("<5I", data, off + 12))
+            return MultibootHeader(off, flags)
+    return None
+
+
+def _check_multiboot(image: bytes, fmt: str, org: int, file: str, limit: int) -> None:
+    hdr = find_multiboot_header(image, limit)
+    if hdr is None:
+        raise AsmError(f"no valid Multiboot header in the first {limit} bytes of the image", file)
+    aout = bool(hdr.flags & MB_FLAG_AOUT_KLUDGE)
+    if fmt == "multiboot-elf" and aout:
+        raise AsmError("multiboot-elf guest sets flags bit 16 (a.out kludge)", file)
+    if fmt == "multiboot-aout":
+        if not aout:
+            raise AsmError("multiboot-aout guest must set flags bit 16 (a.out kludge)", file)
+        end = org + len(image)
+        problems = []
+        if hdr.load_addr != org:
+            problems.append(f"load_addr {hdr.load_addr:#x} != org {org:#x}")
+        if hdr.header_addr - hdr.load_addr != hdr.offset:
+            problems.append("header_addr does not match the header's place in the image")
+        if hdr.load_end_addr and not org < hdr.load_end_addr <= end:
+            problems.append(f"load_end_addr {hdr.load_end_addr:#x} outside the image")
+        if hdr.bss_end_addr and hdr.bss_end_addr < max(hdr.load_end_addr, org):
+            problems.append("bss_end_addr below load_end_addr")
+        if not org <= hdr.entry_addr < end:
+            problems.append(f"entry_addr {hdr.entry_addr:#x} outside the image")
+        if problems:
+            raise AsmError("bad Multiboot a.out kludge header: " + "; ".join(problems), file)
+
+
+def elf_image(code: bytes, org: int, entry: int, bits: int) -> bytes:
+    """A minimal executable ELF: header, one RWX PT_LOAD of ``code`` at ``org``.
+
+    The segment sits at file offset 0x1000 (so offset and address agree modulo the
+    page size); there are no section headers.
+    """
+    if bits == 32:
+        ehdr = struct.pack(
+            "<4sBBBBB7sHHIIIIIHHHHHH", b"\x7fELF", 1, 1, 1, 0, 0, b"\0" * 7,
+            2, 3, 1, entry, 52, 0, 0, 52, 32, 1, 0, 0, 0)
+        phdr = struct.pack("<IIIIIIII", 1, ELF_DATA_OFFSET, org, org, len(code), len(code), 7, 0x1000)
+    else:
+        ehdr = struct.pack(
+            "<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, b"\0" * 7,
+            2, 62, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+        phdr = struct.pack("<IIQQQQQQ", 1, 7, ELF_DATA_OFFSET, org, org, len(code), len(code), 0x1000)
+    head = ehdr + phdr
+    return head + b"\0" * (ELF_DATA_OFFSET - len(head)) + code
+
+
+@dataclasses.dataclass(frozen=True)
+class Guest:
+    """Everything :func:`compile_guest` learnt about one guest."""
+
+    source: Path
+    header: GuestHeader
+    org: int
+    entry: int
+    code: bytes  # the raw assembled bytes, loaded at org
+    image: bytes  # the file to boot (bootsector/flat/ELF)
+    labels: dict[str, int]
+    digest: str
+
+
+def _digest(pre: Preprocessed, fmt: str, org: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"vmlab-asm {ASM_VERSION} keystone {keystone.__version__} {fmt} {org:#x}\n".encode())
+    for name, text in pre.sources:
+        h.update(f"\0{Path(name).name}\0{len(text)}\0".encode())
+        h.update(text.encode())
+    return h.hexdigest()[:16]
+
+
+def compile_guest(path: str | os.PathLike, include_dirs: list[Path] | None = None) -> Guest:
+    """Assemble and package the guest at ``path`` (no caching, nothing written)."""
+    path = Path(path)
+    file = str(path)
+    text = _read(path, None, None)
+    header = parse_header(text, file)
+    if header.format is None:
+        raise AsmError("missing '; vmlab-format: ...' header line", file, 1)
+    fmt = FORMATS[header.format]
+    org = header.org if header.org is not None else fmt.org
+    pre = preprocess(text, fmt.mode, file, path=path, include_dirs=include_dirs)
+    code = _assemble_pre(pre, fmt.mode, org)
+    labels = label_addresses(pre, fmt.mode, org)
+    entry_label = header.entry or "_start"
+    if entry_label in labels:
+        entry = labels[entry_label]
+    elif header.entry:
+        raise AsmError(f"entry label '{header.entry}' is not defined", file)
+    else:
+        entry = org
+
+    if fmt.name == "bootsector":
+        if len(code) > BOOTSECTOR_CODE_MAX:
+            raise AsmError(f"boot sector code is {len(code)} bytes, {BOOTSECTOR_CODE_MAX} max", file)
+        image = code + b"\0" * (BOOTSECTOR_CODE_MAX - len(code)) + b"\x55\xaa"
+    elif fmt.name == "multiboot-aout":
+        _check_multiboot(code, fmt.name, org, file, MULTIBOOT_SEARCH)
+        image = code
+    elif fmt.name == "multiboot-elf":
+        _check_multiboot(code, fmt.name, org, file, MULTIBOOT_SEARCH - ELF_DATA_OFFSET)
+        image = elf_image(code, org, entry, 32)
+    else:
+        image = elf_image(code, org, entry, 64)
+    return Guest(path, header, org, entry, code, image, labels, _digest(pre, fmt.name, org))
+
+
+def build(path: str | os.PathLike, build_dir: str | os.PathLike | None = None) -> Path:
+    """Build the guest at ``path``; return the bootable file.
+
+    The file lives in ``guests/build/`` (or ``build_dir``) under
+    ``<stem>-<hash><suffix>``, the hash covering the source, every included file,
+    the format/org and :data:`ASM_VERSION`; an existing file with that name is
+    reused as is.
+    """
+    path = Path(path)
+    text = _read(path, None, None)
+    header = parse_header(text, str(path))
+    if header.format is None:
+        raise AsmError("missing '; vmlab-format: ...' header line", str(path), 1)
+    fmt = FORMATS[header.format]
+    org = header.org if header.org is not None else fmt.org
+    pre = preprocess(text, fmt.mode, str(path), path=path)
+    out_dir = Path(build_dir) if build_dir is not None else BUILD_DIR
+    out = out_dir / f"{path.stem}-{_digest(pre, fmt.name, org)}{fmt.suffix}"
+    if out.is_file():
+        return out
+    guest = compile_guest(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.stem}-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(guest.image)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return out
