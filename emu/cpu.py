@@ -580,7 +580,11 @@ class Vcpu:
         return ex
 
     def skip(self, insn_len: int) -> None:
-        """Advance RIP past an emulated instruction (and clear RF)."""
+        """Advance RIP past an emulated instruction.  Completing it also ends an
+        STI / MOV SS interrupt shadow (SDM Vol. 3A 6.8.3), which QEMU keeps in
+        hflags and only clears when it executes the next instruction itself."""
         r = self.regs
+        if r.hflags & x86.HF_INHIBIT_IRQ:
+            self.load_segments({}, hflags_extra=(x86.HF_INHIBIT_IRQ, 0))
         mask = 0xFFFFFFFFFFFFFFFF if r.hflags & x86.HF_CS64 else 0xFFFFFFFF if r.hflags & x86.HF_CS32 else 0xFFFF
         self.set_rip((r.rip + insn_len) & mask)

@@ -40,6 +40,11 @@ Other traps that guest authors must know (not rewritten):
 * Numeric local labels (``1:``/``1b``) and ``\\@`` in macros are not supported:
   use unique names.
 * ``mov eax, label`` is an immediate (the address); ``mov eax, [label]`` a load.
+* In 64-bit code a memory operand that is a bare number is mis-encoded
+  (``mov rcx, [0x1000]`` becomes ``[rip + 0x1000]``; ``[0xfee000b0]`` a
+  sign-extended disp32): refused here.  Use a register base
+  (``mov eax, 0xfee000b0`` / ``mov dword ptr [rax], 0``) or a label (labels are
+  encoded as absolute disp32, right below 2 GiB).
 * Keystone accepts some malformed operands silently (``[ebx+`` -> ``[ebx]``):
   tests check the encodings that matter with Capstone.
 
@@ -218,6 +223,8 @@ _REG_RE = re.compile(
     r"\b(?:[re]?[abcd]x|[abcd][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l|r(?:[89]|1[0-5])[dwb]?|rip|eip)\b",
     re.I,
 )
+_NUMERIC_MEM_RE = re.compile(
+    r"(?:\b[cdefgs]s\s*:\s*)?\[\s*[-+]?\s*(?:0x[0-9a-f]+|\d+)\s*\]", re.I)
 _DESC_TABLE_REG = {"sgdt": 0, "sidt": 1, "lgdt": 2, "lidt": 3}
 _MODRM_BASE = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esi": 6, "edi": 7}
 
@@ -364,6 +371,11 @@ class _Preprocessor:
         self.lines.append(Line(stmt, file, lineno))
 
     def _rewrite(self, stmt: str, file: str, lineno: int) -> list[str]:
+        if (self.mode == 64 and _NUMERIC_MEM_RE.search(stmt)
+                and not stmt.lower().startswith("movabs")):
+            raise AsmError(
+                "a bare-number memory operand is mis-encoded by Keystone in 64-bit code; "
+                "use a register base or a label", file, lineno)
         m = _LJMP_RE.match(stmt)
         if m:
             sel, off = m.group("sel").strip(), m.group("off").strip()
@@ -480,6 +492,18 @@ def _locate(pre: Preprocessed, mode: int, base: int, message: str, missing: list
         else:
             lo = mid + 1
     bad = lines[cuts[lo] - 1]
+    if bad.text.endswith(":"):
+        # A fixup error shows up when the label gets defined: blame the first
+        # line using it whose removal makes the error go away.
+        name = bad.text[:-1]
+        pattern = re.compile(rf"(?<![\w$.]){re.escape(name)}(?![\w$])")
+        for i in range(cuts[lo] - 1):
+            if pattern.search(lines[i].text):
+                trial = lines[:i] + lines[i + 1:cuts[lo]]
+                text = "\n".join(x.text for x in trial) + "\n"
+                if _ks_run(text, mode, base, _permissive)[1] is None:
+                    bad = lines[i]
+                    break
     hint = ""
     if "FIXUP_INVALID" in message and bad.text.lower().startswith("push"):
         hint = " (Keystone cannot push a label in 32-bit code: mov eax, label; push eax)"

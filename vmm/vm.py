@@ -19,7 +19,7 @@ from devices.clock import Clock, TimerQueue
 from devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from devices.fw_cfg import FwCfg
 from devices.irq import line_to
-from devices.lapic import LocalApic
+from devices.lapic import APIC_LVT_LINT0, APIC_LVT_LINT1, DM_EXTINT, DM_NMI, LVT_DELIVERY_MODE_SHIFT, LocalApic
 from devices.pic8259 import Pic8259Pair
 from devices.pit8254 import Pit8254
 from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
@@ -92,6 +92,12 @@ class Vm:
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
         self.lapic = LocalApic(self.clock, self.timers)
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
+        # What PC firmware leaves behind (SeaBIOS does this before any boot
+        # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
+        # mode, LINT0 = ExtINT (the 8259 reaches the CPU), LINT1 = NMI
+        # (MP spec 1.4, 3.6.2.2; SDM Vol. 3A 11.5.1).
+        self.lapic.lvt[APIC_LVT_LINT0] = DM_EXTINT << LVT_DELIVERY_MODE_SHIFT
+        self.lapic.lvt[APIC_LVT_LINT1] = DM_NMI << LVT_DELIVERY_MODE_SHIFT
         self.msrs.on_write.append(self._on_msr_write)
         self.vcpu.set_traps(MACHINE_TRAPS)
 
