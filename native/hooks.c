@@ -69,7 +69,7 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 #define SCANNED_SIZE 4096  /* direct-mapped (linear page, phys page) scan cache */
 #define EXITSET_BITS 14
 
-struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; };
+struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t pad; };
 struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
 
 struct priv {
@@ -81,6 +81,8 @@ struct priv {
     uint64_t *exitset;          /* open-addressing hash set of armed linear addresses */
     uint32_t exitset_cap, exitset_used;
     uc_hook *site_hooks;        /* parallel to v->exits */
+    uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
+    uint32_t tbhash_cap;
 };
 
 #define HF_CPL_MASK 3u
@@ -233,6 +235,15 @@ int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t l
 }
 
 /* ---- the armed-exit set ---------------------------------------------------- */
+static void push_u32(uint32_t **arr, uint32_t *n, uint32_t *cap, uint32_t val)
+{
+    if (*n == *cap) {
+        *cap = *cap ? *cap * 2 : 256;
+        *arr = realloc(*arr, sizeof(uint32_t) * *cap);
+    }
+    (*arr)[(*n)++] = val;
+}
+
 static uint32_t hash64(uint64_t x)
 {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdull; x ^= x >> 33;
@@ -263,7 +274,6 @@ static void exitset_insert_raw(struct priv *p, uint64_t a)
 static void exitset_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
 {
     free(p->exitset);
-    free(p->site_hooks);
     p->exitset_cap = cap;
     p->exitset_used = 0;
     p->exitset = malloc(sizeof(uint64_t) * cap);
@@ -349,6 +359,22 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
     v->page_flags[pfn] &= ~VMLAB_PAGE_CODE;
     v->page_gen[pfn]++;
     v->stat_code_writes++;
+    /* Blocks whose bytes lie on this page are stale (QEMU drops its TBs on the
+     * same store); forget their cached instruction counts too. */
+    struct priv *p = v->priv;
+    const uint64_t page = pfn << 12;
+    for (uint32_t i = 0; i < v->ntbs; i++) {
+        vmlab_tb *t = &v->tbs[i];
+        if (t->valid && t->paddr < page + 4096 && t->paddr + t->size > page) {
+            t->valid = 0;
+            t->invalidations++;
+            v->stat_tb_invalidations++;
+            push_u32(&v->tb_inval, &v->ntb_inval, &v->tb_inval_cap, i);
+        }
+    }
+    for (uint32_t k = 0; k < ICACHE_SIZE; k++)
+        if (p->icache[k].ppage == page)
+            p->icache[k].pc = ~0ull;
 }
 
 /* Scan the linear page vpage (mapped to RAM page ppage) for trap sites. */
@@ -447,23 +473,90 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
     return true;
 }
 
+#define HF_DECODE_MASK 0xC0F3u   /* CPL, CS32, SS32, ADDSEG, PE, LMA, CS64 */
+
+static uint32_t tb_hash(uint64_t pc, uint64_t paddr, uint32_t hf, uint32_t size)
+{
+    return hash64(pc ^ (paddr << 17) ^ ((uint64_t)hf << 40) ^ ((uint64_t)size << 52));
+}
+
+static void tbhash_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
+{
+    free(p->tbhash);
+    p->tbhash_cap = cap;
+    p->tbhash = calloc(cap, sizeof(uint32_t));
+    for (uint32_t i = 0; i < v->ntbs; i++) {
+        const vmlab_tb *t = &v->tbs[i];
+        uint32_t k = tb_hash(t->pc, t->paddr, t->hflags, t->size) & (cap - 1);
+        while (p->tbhash[k]) k = (k + 1) & (cap - 1);
+        p->tbhash[k] = i + 1;
+    }
+}
+
+/* Find or add the registry entry of a block seen for the first time (or again
+ * after an invalidation); logs discoveries for -d in_asm. */
+static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr,
+                            uint32_t hf, uint32_t size, uint32_t ninsn)
+{
+    hf &= HF_DECODE_MASK;
+    uint32_t k = tb_hash(pc, paddr, hf, size) & (p->tbhash_cap - 1);
+    while (p->tbhash[k]) {
+        vmlab_tb *t = &v->tbs[p->tbhash[k] - 1];
+        if (t->pc == pc && t->paddr == paddr && t->hflags == hf && t->size == size) {
+            if (!t->valid) {
+                t->valid = 1;
+                t->ninsn = ninsn;
+                t->translations++;
+                v->stat_tb_translations++;
+                push_u32(&v->tb_new, &v->ntb_new, &v->tb_new_cap, p->tbhash[k] - 1);
+            }
+            return p->tbhash[k] - 1;
+        }
+        k = (k + 1) & (p->tbhash_cap - 1);
+    }
+    if (v->ntbs == v->tbs_cap) {
+        v->tbs_cap = v->tbs_cap ? v->tbs_cap * 2 : 1024;
+        v->tbs = realloc(v->tbs, sizeof(vmlab_tb) * v->tbs_cap);
+    }
+    uint32_t idx = v->ntbs++;
+    vmlab_tb *t = &v->tbs[idx];
+    memset(t, 0, sizeof *t);
+    t->pc = pc; t->paddr = paddr; t->hflags = hf; t->size = size; t->ninsn = ninsn;
+    t->valid = 1; t->translations = 1;
+    v->stat_tb_translations++;
+    p->tbhash[k] = idx + 1;
+    if (v->ntbs * 2 > p->tbhash_cap)
+        tbhash_rebuild(v, p, p->tbhash_cap * 2);
+    push_u32(&v->tb_new, &v->ntb_new, &v->tb_new_cap, idx);
+    return idx;
+}
+
 static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_t size)
 {
     /* Hot path (every block): one direct-mapped probe, no multiply. */
     struct icache_entry *ce = &p->icache[(pc ^ (pc >> 13)) & (ICACHE_SIZE - 1)];
-    if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size, 1))
+    if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size, 1)) {
+        if (__builtin_expect(v->count_exec | v->log_exec, 0)) {
+            v->tbs[ce->tb].exec_count++;
+            if (v->log_exec)
+                push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
+        }
         return ce->ninsn;
+    }
     v->stat_icount_misses++;
     uint32_t hf = read_hflags(v, p);
     int mode = (hf & HF_CS64_MASK) ? 2 : (hf & HF_CS32_MASK) ? 1 : 0;
     uint32_t n = 0;
     uint8_t buf[4096 + 16];
     uint32_t got = 0;
+    uint64_t paddr = ~0ull;
     /* Fetch the block's bytes through the soft-MMU (no A/D side effects). */
     while (got < size && got < sizeof buf) {
         vmlab_walk w;
         if (vmlab_walk_do(v, pc + got, 0, VMLAB_WALK_IMPLICIT_SUP, &w) != VMLAB_OK)
             break;
+        if (got == 0)
+            paddr = w.paddr;
         uint32_t chunk = 4096 - (uint32_t)((pc + got) & 0xfff);
         if (chunk > size - got) chunk = size - got;
         if (chunk > sizeof buf - got) chunk = sizeof buf - got;
@@ -481,6 +574,13 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     ce->pc = pc;
     ce->size_mode = (size << 2) | (uint32_t)mode;
     ce->ninsn = n;
+    ce->ppage = paddr & ~0xfffull;
+    ce->tb = tb_register(v, p, pc, paddr, hf, size, n);
+    if (v->count_exec | v->log_exec) {
+        v->tbs[ce->tb].exec_count++;
+        if (v->log_exec)
+            push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
+    }
     return n;
 }
 
@@ -489,7 +589,10 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     vmlab_vcpu *v = ud;
     struct priv *p = v->priv;
     v->icount += block_icount(v, p, addr, size);
-    if (v->icount >= v->icount_deadline) {
+    if (__builtin_expect(v->nexec_log >= 65536 || v->ntb_new >= 65536, 0)) {
+        v->stop_kind = VMLAB_STOP_LOG_FULL;
+        api.emu_stop(uc);
+    } else if (v->icount >= v->icount_deadline) {
         v->stop_kind = VMLAB_STOP_DEADLINE;
         api.emu_stop(uc);
     } else if (v->irq_window) {
@@ -590,6 +693,9 @@ int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
         api.cs_open(3, 1 << 3, &p->cs_handle[2]);
     }
     exitset_rebuild(v, p, 1024);
+    for (uint32_t k = 0; k < ICACHE_SIZE; k++)
+        p->icache[k].pc = ~0ull;
+    tbhash_rebuild(v, p, 2048);
     return 0;
 }
 
@@ -601,6 +707,9 @@ void vmlab_vcpu_fini(vmlab_vcpu *v)
     if (p->ctx) api.ctx_free(p->ctx);
     free(p->exitset);
     free(p->site_hooks);
+    free(p->tbhash);
+    free(v->tbs); free(v->tb_new); free(v->tb_inval); free(v->exec_log);
+    v->tbs = NULL; v->tb_new = v->tb_inval = v->exec_log = NULL;
     free(v->exits);
     free(v->page_flags);
     free(v->page_gen);

@@ -48,6 +48,7 @@ enum {
     VMLAB_STOP_MMIO = 5,       /* TLB fill hit a non-RAM physical page (fault_* fields) */
     VMLAB_STOP_REQUEST = 6,    /* vmlab_request_stop() */
     VMLAB_STOP_TRAP = 7,       /* before an armed trap site (fault_vaddr = its linear address) */
+    VMLAB_STOP_LOG_FULL = 8,   /* a registry log needs draining */
 };
 
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */
@@ -107,6 +108,20 @@ typedef struct vmlab_regs {
     int32_t pad;
 } vmlab_regs;
 
+/* One translated block as vmlab's registry sees it (QEMU keys TBs the same way:
+ * physical address, pc, and the flags that change decoding). */
+typedef struct vmlab_tb {
+    uint64_t pc;            /* linear address of the first instruction */
+    uint64_t paddr;         /* guest-physical address of the first byte */
+    uint64_t exec_count;    /* executions, counted only while count_exec is set */
+    uint32_t size;          /* bytes */
+    uint32_t ninsn;         /* instructions */
+    uint32_t hflags;        /* decoding-relevant QEMU hflags (CPL, CS32, CS64, PE, LMA...) */
+    uint32_t valid;         /* 0 once a store to its page invalidated it */
+    uint32_t translations;  /* times it was (re)discovered */
+    uint32_t invalidations;
+} vmlab_tb;
+
 typedef struct vmlab_vcpu {
     /* ---- virtual time ---- */
     uint64_t icount;           /* guest instructions counted at block entry */
@@ -153,6 +168,19 @@ typedef struct vmlab_vcpu {
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
     uint64_t stat_scans, stat_code_writes, stat_exits_synced;
+
+    /* ---- block registry (Python reads these arrays, drains the logs) ---- */
+    vmlab_tb *tbs;
+    uint32_t ntbs, tbs_cap;
+    uint32_t *tb_new;          /* indices of blocks discovered since the last drain */
+    uint32_t ntb_new, tb_new_cap;
+    uint32_t *tb_inval;        /* indices of blocks invalidated since the last drain */
+    uint32_t ntb_inval, tb_inval_cap;
+    uint32_t *exec_log;        /* -d exec: block indices in execution order */
+    uint32_t nexec_log, exec_log_cap;
+    uint32_t count_exec;       /* 1: count executions per block (slower) */
+    uint32_t log_exec;         /* 1: append every executed block to exec_log */
+    uint64_t stat_tb_translations, stat_tb_invalidations;
 
     /* private C state */
     void *priv;

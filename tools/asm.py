@@ -66,8 +66,9 @@ from pathlib import Path
 import keystone
 
 #: Bump whenever a change of this module can change the bytes it produces: the
-#: version is part of every build's cache key, so a stale build never runs.
-ASM_VERSION = "1"
+#: version is part of every build's cache key, so a stale build never runs.  (The
+#: key also covers this file's own text, in case a bump is forgotten.)
+ASM_VERSION = "2"
 
 REPO = Path(__file__).resolve().parent.parent
 GUESTS_DIR = REPO / "guests"
@@ -435,11 +436,14 @@ def _captured_stderr():
             buf.append(tmp.read().decode("utf-8", "replace"))
 
 
-def _ks_run(text: str, mode: int, base: int, resolver=None) -> tuple[bytes | None, str | None]:
-    """Assemble; return (bytes, None) or (None, error message)."""
+def _ks_run(text: str, mode: int, base: int) -> tuple[bytes | None, str | None]:
+    """Assemble; return (bytes, None) or (None, error message).
+
+    No Keystone option is ever set: in keystone-engine 0.9.2 any ks_option call
+    (even installing a symbol resolver) switches immediate operands to radix 16,
+    so ``mov al, 13`` would assemble as ``mov al, 0x13``.
+    """
     ks = keystone.Ks(keystone.KS_ARCH_X86, _KS_MODES[mode])
-    if resolver is not None:
-        ks.sym_resolver = resolver
     with _captured_stderr() as err:
         try:
             encoding, _ = ks.asm(text, base)
@@ -454,22 +458,28 @@ def _ks_run(text: str, mode: int, base: int, resolver=None) -> tuple[bytes | Non
     return bytes(encoding or b""), None
 
 
-def _permissive(name, value):
-    value[0] = 0
-    return True
+def _defines(text: str) -> str | None:
+    """Name a preprocessed line defines (label, NAME = x, .equ/.set), if any."""
+    if text.endswith(":") and _LABEL_RE.match(text):
+        return text[:-1]
+    m = _ASSIGN_RE.match(text)
+    if m:
+        return m.group(1)
+    m = re.match(r"^\.(?:equ|set)\s+([A-Za-z_$][\w$.]*)\s*,", text, re.I)
+    return m.group(1) if m else None
 
 
-def _locate(pre: Preprocessed, mode: int, base: int, message: str, missing: list[str]) -> AsmError:
+def _locate(pre: Preprocessed, mode: int, base: int, message: str) -> AsmError:
+    """Find the line behind a Keystone error (Keystone reports no line numbers).
+
+    Bisect for the shortest failing prefix, cut only outside .macro/.rept
+    blocks; each prefix is followed by ``NAME = 0`` for every symbol the whole
+    source defines further down, so forward references do not fail but a truly
+    undefined symbol does.
+    """
     lines = pre.lines
-    if missing:
-        name = missing[0].decode() if isinstance(missing[0], bytes) else missing[0]
-        pattern = re.compile(rf"(?<![\w$.]){re.escape(name)}(?![\w$])")
-        for ln in lines:
-            if pattern.search(ln.text) and not ln.text.startswith(name + ":"):
-                return AsmError(f"undefined symbol '{name}'", ln.file, ln.lineno)
-        return AsmError(f"undefined symbol '{name}'", lines[-1].file)
-    # Smallest failing prefix, cut only outside .macro/.rept blocks; undefined
-    # symbols (defined further down) resolve to 0 meanwhile.
+    defined_at = [_defines(ln.text) for ln in lines]
+    known = {name for name in defined_at if name}
     cuts, depth = [], 0
     for i, ln in enumerate(lines):
         word = ln.text.split(None, 1)[0].lower() if ln.text else ""
@@ -478,32 +488,37 @@ def _locate(pre: Preprocessed, mode: int, base: int, message: str, missing: list
         if depth == 0:
             cuts.append(i + 1)
 
-    def fails(k: int) -> bool:
-        text = "\n".join(x.text for x in lines[:k]) + "\n"
-        return _ks_run(text, mode, base, _permissive)[1] is not None
+    def fails(chosen: list[Line]) -> bool:
+        have = {name for name in map(_defines, (x.text for x in chosen)) if name}
+        pad = [f"{name} = 0" for name in sorted(known - have)]
+        text = "\n".join([x.text for x in chosen] + pad) + "\n"
+        return _ks_run(text, mode, base)[1] is not None
 
     lo, hi = 0, len(cuts) - 1
-    if not fails(cuts[hi]):
+    if not fails(lines[: cuts[hi]]):
         return AsmError(message, lines[-1].file)
     while lo < hi:
         mid = (lo + hi) // 2
-        if fails(cuts[mid]):
+        if fails(lines[: cuts[mid]]):
             hi = mid
         else:
             lo = mid + 1
-    bad = lines[cuts[lo] - 1]
-    if bad.text.endswith(":"):
+    k = cuts[lo]
+    bad = lines[k - 1]
+    if defined_at[k - 1]:
         # A fixup error shows up when the label gets defined: blame the first
         # line using it whose removal makes the error go away.
-        name = bad.text[:-1]
-        pattern = re.compile(rf"(?<![\w$.]){re.escape(name)}(?![\w$])")
-        for i in range(cuts[lo] - 1):
-            if pattern.search(lines[i].text):
-                trial = lines[:i] + lines[i + 1:cuts[lo]]
-                text = "\n".join(x.text for x in trial) + "\n"
-                if _ks_run(text, mode, base, _permissive)[1] is None:
-                    bad = lines[i]
-                    break
+        pattern = re.compile(rf"(?<![\w$.]){re.escape(defined_at[k - 1])}(?![\w$])")
+        for i in range(k - 1):
+            if pattern.search(lines[i].text) and not fails(lines[:i] + lines[i + 1:k]):
+                bad = lines[i]
+                break
+    if "SYMBOL_MISSING" in message:
+        unknown = [n for n in _IDENT_RE.findall(bad.text.split(None, 1)[-1])
+                   if n not in known and not _REG_RE.fullmatch(n)
+                   and n.lower() not in ("ptr", "byte", "word", "dword", "qword", "fword", "tbyte", "offset")]
+        if unknown:
+            return AsmError(f"undefined symbol '{unknown[0]}': {bad.text}", bad.file, bad.lineno)
     hint = ""
     if "FIXUP_INVALID" in message and bad.text.lower().startswith("push"):
         hint = " (Keystone cannot push a label in 32-bit code: mov eax, label; push eax)"
@@ -511,15 +526,9 @@ def _locate(pre: Preprocessed, mode: int, base: int, message: str, missing: list
 
 
 def _assemble_pre(pre: Preprocessed, mode: int, base: int) -> bytes:
-    missing: list = []
-
-    def record(name, value):
-        missing.append(name)
-        return False
-
-    code, message = _ks_run(pre.text, mode, base, record)
+    code, message = _ks_run(pre.text, mode, base)
     if message is not None:
-        raise _locate(pre, mode, base, message, missing)
+        raise _locate(pre, mode, base, message)
     return code
 
 
@@ -641,9 +650,13 @@ class Guest:
     digest: str
 
 
+_TOOL_DIGEST = hashlib.sha256(Path(__file__).read_bytes()).digest()
+
+
 def _digest(pre: Preprocessed, fmt: str, org: int) -> str:
     h = hashlib.sha256()
     h.update(f"vmlab-asm {ASM_VERSION} keystone {keystone.__version__} {fmt} {org:#x}\n".encode())
+    h.update(_TOOL_DIGEST)
     for name, text in pre.sources:
         h.update(f"\0{Path(name).name}\0{len(text)}\0".encode())
         h.update(text.encode())

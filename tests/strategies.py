@@ -1,0 +1,327 @@
+"""Hypothesis strategies: random but meaningful guest paging setups.
+
+A :class:`PagingSetup` is a RAM image holding one page-table tree, the control
+registers that select a paging mode (SDM Vol. 3A Table 4-1), and one access
+(linear address, kind, privilege, walk flags) whose address lands on the tree.
+The strategies know the *shape* of each mode (index widths, entry size, where a
+leaf may sit) but not its rules: reserved bits, rights and A/D are left to the
+walkers under test, so a strategy bug cannot hide a walker bug.
+
+Bias: entries are mostly valid (present, writable, user, accessed, dirty) and
+every draw shrinks toward that, so a failing example shrinks to the smallest
+tree that still fails.  The rest is spread so that every outcome shows up in a
+few thousand examples: not present, reserved bits (address bits at and above
+MAXPHYADDR, PS where it is reserved, large-page low bits, XD without NXE, PAE
+PDPTE and bits 62:52), U/S, R/W with CR0.WP, XD with EFER.NXE, SMEP, SMAP with
+EFLAGS.AC and implicit supervisor accesses, frames outside RAM, and clean or
+unaccessed entries for the A/D side effects.  Next to each path entry a decoy
+entry is written at a neighbouring index, so a walker that computes an index
+wrong reads something different instead of a harmless zero.
+"""
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from emu import softmmu as sm
+
+MODE_NONE = "none"
+MODE_32 = "32-bit"
+MODE_32_PSE = "32-bit+pse"
+MODE_PAE = "pae"
+MODE_4LEVEL = "4-level"
+MODE_5LEVEL = "5-level"
+MODES = (MODE_NONE, MODE_32, MODE_32_PSE, MODE_PAE, MODE_4LEVEL, MODE_5LEVEL)
+
+#: Linear-address layout per mode: (index shift, index width) top level first.
+LAYOUT = {
+    MODE_32: ((22, 10), (12, 10)),
+    MODE_32_PSE: ((22, 10), (12, 10)),
+    MODE_PAE: ((30, 2), (21, 9), (12, 9)),
+    MODE_4LEVEL: ((39, 9), (30, 9), (21, 9), (12, 9)),
+    MODE_5LEVEL: ((48, 9), (39, 9), (30, 9), (21, 9), (12, 9)),
+}
+#: Which depths (0 = top) may hold a leaf, and the page size there.
+LEAVES = {
+    MODE_32: {1: sm.PAGE_4K},
+    MODE_32_PSE: {1: sm.PAGE_4K, 0: sm.PAGE_4M},
+    MODE_PAE: {2: sm.PAGE_4K, 1: sm.PAGE_2M},
+    MODE_4LEVEL: {3: sm.PAGE_4K, 2: sm.PAGE_2M, 1: sm.PAGE_1G},
+    MODE_5LEVEL: {4: sm.PAGE_4K, 3: sm.PAGE_2M, 2: sm.PAGE_1G},
+}
+
+MAX_DEPTH = 5
+CR0_PE = 1
+CR0_ET = 1 << 4
+_PAGE = 4096
+_MAX_RAM = 1 << 21
+#: RAM that is not page tables: pseudo-random bytes, so a value read from a
+#: wrong place is garbage (half of the "entries" present) and data read through
+#: a translation identifies the physical address it came from.
+PATTERN = random.Random(0x5EED).randbytes(_MAX_RAM)
+
+
+def entry_size(mode: str) -> int:
+    return 4 if mode in (MODE_32, MODE_32_PSE) else 8
+
+
+def control_regs(mode: str, *, wp=False, pse=False, smep=False, smap=False, nxe=False) -> dict:
+    """CR0/CR4/EFER for a mode (CR3 not included)."""
+    cr0 = CR0_PE | CR0_ET | (sm.CR0_WP if wp else 0)
+    if mode != MODE_NONE:
+        cr0 |= sm.CR0_PG
+    cr4 = (sm.CR4_PSE if pse or mode == MODE_32_PSE else 0) | (sm.CR4_SMEP if smep else 0) | \
+        (sm.CR4_SMAP if smap else 0)
+    if mode == MODE_32:
+        cr4 &= ~sm.CR4_PSE
+    if mode in (MODE_PAE, MODE_4LEVEL, MODE_5LEVEL):
+        cr4 |= sm.CR4_PAE
+    if mode == MODE_5LEVEL:
+        cr4 |= sm.CR4_LA57
+    efer = sm.EFER_NXE if nxe else 0
+    if mode in (MODE_4LEVEL, MODE_5LEVEL):
+        efer |= sm.EFER_LME | sm.EFER_LMA
+    return {"cr0": cr0, "cr4": cr4, "efer": efer}
+
+
+def put(ram: bytearray, addr: int, value: int, size: int) -> None:
+    """Store a little-endian entry (size 4 or 8)."""
+    struct.pack_into("<I" if size == 4 else "<Q", ram, addr, value & ((1 << (8 * size)) - 1))
+
+
+def canonical(mode: str, vaddr: int) -> int:
+    """Sign-extend a 48-bit (4-level) or 57-bit (5-level) linear address."""
+    top = {MODE_4LEVEL: 47, MODE_5LEVEL: 56}.get(mode)
+    if top is None:
+        return vaddr & 0xFFFFFFFF
+    vaddr &= (1 << (top + 1)) - 1
+    return vaddr | (((1 << 64) - (1 << (top + 1))) if vaddr >> top & 1 else 0)
+
+
+def map_path(ram: bytearray, mode: str, cr3: int, vaddr: int, entries: list[int]) -> list[int]:
+    """Write ``entries`` (top level first, values verbatim) on the path of vaddr.
+
+    Each entry's table is the one the previous entry points at (PDPT from
+    CR3[31:5] in PAE mode).  Returns the entry addresses.  For hand-built trees
+    in example tests.
+    """
+    size = entry_size(mode)
+    if size == 4:
+        table = cr3 & 0xFFFFF000
+    elif mode == MODE_PAE:
+        table = cr3 & 0xFFFFFFE0
+    else:
+        table = cr3 & 0x000FFFFFFFFFF000
+    addrs = []
+    for (shift, width), e in zip(LAYOUT[mode], entries):
+        ea = table + ((vaddr >> shift) & ((1 << width) - 1)) * size
+        put(ram, ea, e, size)
+        addrs.append(ea)
+        table = e & (0xFFFFF000 if size == 4 else 0x000FFFFFFFFFF000)
+    return addrs
+
+
+@dataclass
+class PagingSetup:
+    """One generated case: RAM with a tree, registers, and one access."""
+
+    mode: str
+    ram: bytearray
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+    maxphyaddr: int
+    pdpe1gb: bool
+    vaddr: int
+    access: int
+    flags: int
+    target: int        # physical address the tree means vaddr to reach
+    page_size: int     # page size the tree means to use (0: paging off)
+    entries: tuple     # (address, value) of every entry written, path first
+
+    @property
+    def regs(self) -> dict:
+        return {"cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4, "efer": self.efer,
+                "maxphyaddr": self.maxphyaddr, "pdpe1gb": self.pdpe1gb}
+
+    def __repr__(self) -> str:  # RAM is too big to print; the tree is what matters
+        ents = ", ".join(f"{a:#x}:{v:#x}" for a, v in self.entries)
+        return (f"PagingSetup({self.mode}, vaddr={self.vaddr:#x}, access={self.access:#x}, "
+                f"flags={self.flags}, cr0={self.cr0:#x}, cr3={self.cr3:#x}, cr4={self.cr4:#x}, "
+                f"efer={self.efer:#x}, maxphyaddr={self.maxphyaddr}, pdpe1gb={self.pdpe1gb}, "
+                f"target={self.target:#x}, page_size={self.page_size:#x}, entries=[{ents}])")
+
+
+def _candidate_bits(mode: str, m: int) -> list[int]:
+    """Bits worth setting on purpose: reserved in some entry of some mode, or
+    ignored where a walker might wrongly check them."""
+    if entry_size(mode) == 4:
+        return [7, 8, 9, 11, 12, 13, 16, 17, 19, 20, 21]
+    near_m = [b for b in (m - 1, m, m + 1) if b <= 63]
+    return sorted({1, 2, 5, 6, 7, 8, 11, 12, 13, 20, 21, 29, 30, 39, 40, 51, 52, 58, 59, 62, 63,
+                   *near_m})
+
+
+def _flag_bits(word: int, *, size: int, leaf: bool, pdpte_pae: bool) -> int:
+    """Entry flags from one random word, biased: word 0 is a valid entry."""
+    if pdpte_pae:   # Table 4-8: only P, PWT, PCD and ignored bits 11:9 exist
+        bits = sm.PTE_P if (word & 31) < 30 else 0
+        return bits | (word >> 22 & 3) << 3 | (word >> 25 & 7) << 9
+    bits = 0
+    bits |= sm.PTE_P if (word & 31) < 30 else 0
+    bits |= sm.PTE_RW if (word >> 5 & 31) < 25 else 0
+    bits |= sm.PTE_US if (word >> 10 & 31) < 25 else 0
+    if size == 8 and (word >> 15 & 31) >= 27:
+        bits |= sm.PTE_XD
+    bits |= sm.PTE_A if not word >> 20 & 1 else 0
+    bits |= sm.PTE_D if not word >> 21 & 1 else 0
+    bits |= (word >> 22 & 3) << 3           # PWT, PCD
+    bits |= (word >> 24 & 1) << 8           # G (ignored by the walk)
+    bits |= (word >> 25 & 7) << 9           # bits 11:9 ignored
+    return bits
+
+
+def _field(word: int, lo: int, width: int) -> int:
+    return (word >> lo) & ((1 << width) - 1)
+
+
+@st.composite
+def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int = 1,
+                  maxphyaddrs=(36, 39, 40, 40, 40, 40, 46, 52), pdpe1gb=None,
+                  avoid_top_index: int | None = None, user=None, kinds=("read", "write", "fetch"),
+                  implicit: bool = True, target_frames: tuple[int, int] | None = None,
+                  outside_ram: bool = True):
+    """Draw a :class:`PagingSetup`.
+
+    ``modes``: modes to pick from.  ``ram_frames`` 4 KiB frames of RAM; tables
+    and in-RAM targets use frames ``first_frame..ram_frames-1`` (or
+    ``target_frames`` (lo, hi) for targets), so lower frames can hold a test
+    harness.  ``avoid_top_index``: a top-level index the tree must not use.
+    ``user``: None draws CPL 0 or 3, else fixed.  ``implicit``: may draw
+    implicit supervisor accesses.  ``outside_ram``: may aim at frames past RAM.
+
+    Speed: a draw costs tens of microseconds, so the many small choices come
+    from one blob of random bytes (hypothesis draws bytes uniformly, unlike
+    integers, which it biases toward small values), laid out so that all-zero
+    bytes are the plain valid case: that is where a failure shrinks to.
+    """
+    mode = draw(st.sampled_from(modes))
+    m = draw(st.sampled_from(maxphyaddrs))
+    kind = draw(st.sampled_from(kinds))
+    ram_size = ram_frames * _PAGE
+    ram = bytearray(PATTERN[:ram_size])
+    tlo, thi = target_frames or (first_frame, ram_frames)
+
+    blob = draw(st.binary(min_size=8 * (2 + MAX_DEPTH), max_size=8 * (2 + MAX_DEPTH)))
+    g, fw, *words = (int.from_bytes(blob[i:i + 8], "little") for i in range(0, len(blob), 8))
+
+    # ---- registers and the access (g == 0: CPL 0, SET_AD, explicit, AC=0)
+    wp, smep, smap, nxe, pse_any = (bool(g >> i & 1) for i in range(5))
+    regs = control_regs(mode, wp=wp, pse=pse_any, smep=smep, smap=smap, nxe=nxe)
+    is_user = bool(g >> 5 & 1) if user is None else user
+    access = {"read": sm.ACC_READ, "write": sm.ACC_WRITE, "fetch": sm.ACC_FETCH}[kind] | \
+        (sm.ACC_USER if is_user else 0)
+    fl = _field(g, 6, 6)
+    flags = (0 if fl >= 54 else sm.WALK_SET_AD) | (sm.WALK_AC if fl & 3 == 3 else 0)
+    if implicit and fl % 10 == 9:
+        flags |= sm.WALK_IMPLICIT_SUP
+    big = pdpe1gb if pdpe1gb is not None else _field(g, 12, 2) != 3
+    alias = _field(g, 14, 5)
+    in_ram = not outside_ram or _field(g, 19, 4) < 14
+    cr3_low = _field(g, 23, 12)
+
+    if mode == MODE_NONE:
+        if in_ram:
+            target = draw(st.integers(tlo * _PAGE, thi * _PAGE - 1))
+        else:
+            target = draw(st.integers(ram_size, 0xFFFFFFFF))
+        return PagingSetup(mode, ram, regs["cr0"], _field(g, 35, 20) << 12, regs["cr4"],
+                           regs["efer"], m, big, target, access, flags, target, 0, ())
+
+    size = entry_size(mode)
+    layout = LAYOUT[mode]
+    leaf_depth = draw(st.sampled_from(sorted(LEAVES[mode], reverse=True)))   # 4 KiB first
+    page_size = LEAVES[mode][leaf_depth]
+    pa_limit = 1 << (32 if page_size == sm.PAGE_4K and size == 4 else min(m + 1, 52))
+    if in_ram:
+        target = draw(st.integers(tlo * _PAGE, thi * _PAGE - 1))
+    else:
+        target = draw(st.integers(ram_size, pa_limit - 1))
+
+    # ---- tables: distinct frames (sometimes two levels share one)
+    nlev = leaf_depth + 1
+    span = ram_frames - first_frame
+    frames: list[int] = []
+    for i in range(nlev):
+        f = first_frame + (_field(fw, 12 * i, 12) + i) % span
+        while f in frames:
+            f = first_frame + (f - first_frame + 1) % span
+        frames.append(f)
+    if alias >= 30 and nlev > 1:
+        frames[alias % nlev] = frames[(alias + 1) % nlev]
+    for f in frames:
+        ram[f * _PAGE:(f + 1) * _PAGE] = bytes(_PAGE)
+    if mode == MODE_PAE:   # the PDPT is 32-byte aligned anywhere in its frame
+        cr3 = frames[0] * _PAGE + (cr3_low & ~31)
+    else:
+        cr3 = frames[0] * _PAGE + cr3_low
+    top = cr3 & (0xFFFFFFE0 if mode == MODE_PAE else ~0xFFF)
+
+    # ---- one word per level: flags (0-31), index (32-41), injected bit
+    # (42-49), decoy (50-63)
+    cands = _candidate_bits(mode, m)
+    words = words[:nlev]
+    vaddr = target & (page_size - 1)
+    indices = []
+    for depth, word in enumerate(words):
+        shift, width = layout[depth]
+        idx = _field(word, 32, width)
+        if depth == 0 and idx == avoid_top_index:
+            idx = (idx + 1) % (1 << width)
+        indices.append(idx)
+        vaddr |= idx << shift
+    vaddr = canonical(mode, vaddr)
+
+    # ---- entries, decoys first so that a path entry is never overwritten
+    path, decoys = [], []
+    table = top
+    for depth, word in enumerate(words):
+        shift, width = layout[depth]
+        leaf = depth == leaf_depth
+        e = _flag_bits(word & 0xFFFFFFFF, size=size, leaf=leaf,
+                       pdpte_pae=mode == MODE_PAE and depth == 0)
+        if leaf:
+            base = target & ~(page_size - 1)
+            if page_size == sm.PAGE_4M:      # PSE-36: PA bits 39:32 in PDE bits 20:13
+                e |= (base & 0xFFC00000) | ((base >> 32) & 0xFF) << 13 | sm.PTE_PS
+                e |= (word >> 29 & 1) << 12                          # PAT
+            elif page_size == sm.PAGE_4K:
+                e |= base | (word >> 28 & 1) << 7                    # PAT
+            else:
+                e |= base | sm.PTE_PS | (word >> 29 & 1) << 12       # PAT
+        else:
+            e |= frames[depth + 1] * _PAGE
+            if mode == MODE_32 and word >> 28 & 1:
+                e |= sm.PTE_PS      # ignored without CR4.PSE (SDM 4.3)
+        inj = _field(word, 42, 8)
+        if inj >= 230:              # ~10 % of entries get one chosen bit set
+            e |= 1 << cands[(inj - 230) % len(cands)]
+        ea = table + indices[depth] * size
+        path.append((ea, e))
+        # decoy: a present entry at index ^ (1 << k), pointing somewhere else
+        dv = _field(word, 50, 14)
+        didx = indices[depth] ^ (1 << (dv % width))
+        if dv >> 4 & 3 and not (depth == 0 and didx == avoid_top_index):
+            dframe = first_frame + (dv >> 6) % span
+            decoys.append((table + didx * size,
+                           dframe * _PAGE | (e & 0xFFF & ~sm.PTE_PS) | sm.PTE_P))
+        if not leaf:        # the intended table, even if an injected bit moves e's
+            table = frames[depth + 1] * _PAGE
+    for ea, e in decoys + path:
+        put(ram, ea, e, size)
+    return PagingSetup(mode, ram, regs["cr0"], cr3, regs["cr4"], regs["efer"], m, big, vaddr,
+                       access, flags, target, page_size, tuple(path + decoys))
