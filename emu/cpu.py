@@ -144,6 +144,8 @@ class Vcpu:
         uc.ctl_exits_enabled(True)
         self.regs = ffi.new("vmlab_regs *")
         self._dirty = 0
+        #: keep the block registry's discovery/invalidation logs for a TbCache reader
+        self.keep_block_logs = False
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
         if cpuid is not None:
@@ -232,6 +234,7 @@ class Vcpu:
         if uc.reg_read(X.UC_X86_REG_CR0) & 1 or uc.reg_read(X.UC_X86_REG_MSR, x86.MSR_EFER) & x86.EFER_LMA:
             raise NativeError("reset stub did not reach real mode")
         uc.ctl_flush_tb()
+        lib.vmlab_tb_reset(v)
         # Architectural reset values.
         for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RSI,
                   X.UC_X86_REG_RDI, X.UC_X86_REG_RBP, X.UC_X86_REG_RSP, X.UC_X86_REG_R8,
@@ -521,7 +524,9 @@ class Vcpu:
         r = self.refresh()
         kind = v.stop_kind
         v.stop_kind = 0
-        if kind == 1:
+        if not self.keep_block_logs:
+            v.ntb_new = v.ntb_inval = 0
+        if kind == 1 or kind == 8:          # deadline, or a registry log to drain
             return DeadlineExit(rip=r.rip)
         if kind == 2:
             return IrqWindowExit(rip=r.rip)

@@ -893,3 +893,14 @@ void vmlab_tlb_flush(void *uc)
 {
     api.ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
 }
+
+/* Forget every registered block (after the reset stub, which is not the guest's). */
+void vmlab_tb_reset(vmlab_vcpu *v)
+{
+    struct priv *p = v->priv;
+    v->ntbs = v->ntb_new = v->ntb_inval = v->nexec_log = 0;
+    v->stat_tb_translations = v->stat_tb_invalidations = 0;
+    tbhash_rebuild(v, p, p->tbhash_cap);
+    for (uint32_t k = 0; k < ICACHE_SIZE; k++)
+        p->icache[k].pc = ~0ull;
+}

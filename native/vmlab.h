@@ -211,4 +211,5 @@ int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t l
 int vmlab_sync_exits(vmlab_vcpu *v, void *uc);
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
+void vmlab_tb_reset(vmlab_vcpu *v);
 #endif

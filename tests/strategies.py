@@ -169,10 +169,10 @@ def _candidate_bits(mode: str, m: int) -> list[int]:
 def _flag_bits(word: int, *, size: int, leaf: bool, pdpte_pae: bool) -> int:
     """Entry flags from one random word, biased: word 0 is a valid entry."""
     if pdpte_pae:   # Table 4-8: only P, PWT, PCD and ignored bits 11:9 exist
-        bits = sm.PTE_P if (word & 31) < 30 else 0
+        bits = sm.PTE_P if (word & 31) < 31 else 0
         return bits | (word >> 22 & 3) << 3 | (word >> 25 & 7) << 9
     bits = 0
-    bits |= sm.PTE_P if (word & 31) < 30 else 0
+    bits |= sm.PTE_P if (word & 31) < 31 else 0
     bits |= sm.PTE_RW if (word >> 5 & 31) < 25 else 0
     bits |= sm.PTE_US if (word >> 10 & 31) < 25 else 0
     if size == 8 and (word >> 15 & 31) >= 27:
@@ -209,15 +209,15 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
     integers, which it biases toward small values), laid out so that all-zero
     bytes are the plain valid case: that is where a failure shrinks to.
     """
-    mode = draw(st.sampled_from(modes))
-    m = draw(st.sampled_from(maxphyaddrs))
-    kind = draw(st.sampled_from(kinds))
+    blob = draw(st.binary(min_size=8 * (3 + MAX_DEPTH), max_size=8 * (3 + MAX_DEPTH)))
+    c, g, fw, *words = (int.from_bytes(blob[i:i + 8], "little") for i in range(0, len(blob), 8))
+    # word c: the structural choices, each list ordered simplest first
+    mode = modes[_field(c, 0, 8) % len(modes)]
+    m = maxphyaddrs[_field(c, 8, 8) % len(maxphyaddrs)]
+    kind = kinds[_field(c, 16, 8) % len(kinds)]
     ram_size = ram_frames * _PAGE
     ram = bytearray(PATTERN[:ram_size])
     tlo, thi = target_frames or (first_frame, ram_frames)
-
-    blob = draw(st.binary(min_size=8 * (2 + MAX_DEPTH), max_size=8 * (2 + MAX_DEPTH)))
-    g, fw, *words = (int.from_bytes(blob[i:i + 8], "little") for i in range(0, len(blob), 8))
 
     # ---- registers and the access (g == 0: CPL 0, SET_AD, explicit, AC=0)
     wp, smep, smap, nxe, pse_any = (bool(g >> i & 1) for i in range(5))
@@ -231,26 +231,29 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
         flags |= sm.WALK_IMPLICIT_SUP
     big = pdpe1gb if pdpe1gb is not None else _field(g, 12, 2) != 3
     alias = _field(g, 14, 5)
-    in_ram = not outside_ram or _field(g, 19, 4) < 14
+    in_ram = not outside_ram or _field(g, 19, 4) < 14      # 1 in 8 aims past RAM
     cr3_low = _field(g, 23, 12)
 
-    if mode == MODE_NONE:
+    def pick_target(limit: int) -> int:
+        t = _field(c, 32, 32) | _field(g, 35, 29) << 32
         if in_ram:
-            target = draw(st.integers(tlo * _PAGE, thi * _PAGE - 1))
-        else:
-            target = draw(st.integers(ram_size, 0xFFFFFFFF))
-        return PagingSetup(mode, ram, regs["cr0"], _field(g, 35, 20) << 12, regs["cr4"],
+            return tlo * _PAGE + t % ((thi - tlo) * _PAGE)
+        if t & 1:                       # just past the end of RAM
+            return ram_size + (t >> 1) % (16 * _PAGE)
+        return ram_size + t % (limit - ram_size)
+
+    if mode == MODE_NONE:
+        target = pick_target(1 << 32)
+        return PagingSetup(mode, ram, regs["cr0"], _field(fw, 0, 20) << 12, regs["cr4"],
                            regs["efer"], m, big, target, access, flags, target, 0, ())
 
     size = entry_size(mode)
     layout = LAYOUT[mode]
-    leaf_depth = draw(st.sampled_from(sorted(LEAVES[mode], reverse=True)))   # 4 KiB first
+    leaf_depths = sorted(LEAVES[mode], reverse=True)                   # 4 KiB first
+    leaf_depth = leaf_depths[_field(c, 24, 8) % len(leaf_depths)]
     page_size = LEAVES[mode][leaf_depth]
     pa_limit = 1 << (32 if page_size == sm.PAGE_4K and size == 4 else min(m + 1, 52))
-    if in_ram:
-        target = draw(st.integers(tlo * _PAGE, thi * _PAGE - 1))
-    else:
-        target = draw(st.integers(ram_size, pa_limit - 1))
+    target = pick_target(pa_limit)
 
     # ---- tables: distinct frames (sometimes two levels share one)
     nlev = leaf_depth + 1
@@ -308,8 +311,8 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
             if mode == MODE_32 and word >> 28 & 1:
                 e |= sm.PTE_PS      # ignored without CR4.PSE (SDM 4.3)
         inj = _field(word, 42, 8)
-        if inj >= 230:              # ~10 % of entries get one chosen bit set
-            e |= 1 << cands[(inj - 230) % len(cands)]
+        if inj >= 242:              # ~5 % of entries get one chosen bit set
+            e |= 1 << cands[(inj - 242) % len(cands)]
         ea = table + indices[depth] * size
         path.append((ea, e))
         # decoy: a present entry at index ^ (1 << k), pointing somewhere else

@@ -1,6 +1,6 @@
 """QEMU-style debug logging (``-d item,item -D file``).
 
-Items (see ``vmlab run -d help``): exits, int, cpu, unimp, mmio, io.  Logging is
+Items (see ``vmlab run -d help``): exits, int, cpu, unimp, io, mmio, in_asm, exec, tb.  Logging is
 off by default and costs nothing then: callers test ``log.enabled(item)``
 before formatting anything.
 """
@@ -16,6 +16,9 @@ ITEMS = {
     "unimp": "accesses to ports and MMIO no device claims",
     "io": "every port I/O access with its value",
     "mmio": "every MMIO access with its value",
+    "in_asm": "each new translation block's disassembly, once (like QEMU -d in_asm)",
+    "exec": "each translation block executed (slow: logs every block)",
+    "tb": "translation-block invalidations by stores to code (self-modifying code)",
 }
 
 

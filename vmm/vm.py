@@ -31,6 +31,7 @@ from emu.events import Event, TripleFault, deliver
 from emu.exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
 from emu.memory import GuestMemory
+from emu.tbcache import TbCache
 from emu.msr import IA32_APIC_BASE, MsrModel
 
 from .log import DebugLog
@@ -100,6 +101,11 @@ class Vm:
         self.lapic.lvt[APIC_LVT_LINT1] = DM_NMI << LVT_DELIVERY_MODE_SHIFT
         self.msrs.on_write.append(self._on_msr_write)
         self.vcpu.set_traps(MACHINE_TRAPS)
+        self.tbs = TbCache(self.vcpu)
+        self._log_blocks = any(self.log.enabled(i) for i in ("in_asm", "exec", "tb"))
+        self.vcpu.keep_block_logs = self._log_blocks
+        if self.log.enabled("exec"):
+            self.tbs.set_exec_logging(True)
 
         self._stop: RunResult | None = None
         self._input: collections.deque[bytes] = collections.deque()
@@ -251,6 +257,8 @@ class Vm:
                 deadline = min(deadline, limit)
             ex = cpu.run(deadline)
             self.exit_count += 1
+            if self._log_blocks:
+                self._flush_block_logs()
             if self.log.enabled("exits"):
                 self.log("exits", f"{v.icount}: {type(ex).__name__} {_describe(ex)}")
             if self.log.enabled("cpu"):
@@ -262,6 +270,25 @@ class Vm:
             self._dispatch(ex)
         self._stop.icount = v.icount
         return self._stop
+
+    def _flush_block_logs(self) -> None:
+        """-d in_asm / exec / tb: print what the native registry logged."""
+        tbs, log = self.tbs, self.log
+        if log.enabled("in_asm"):
+            for b in tbs.drain_new():
+                log("in_asm", tbs.format_block(b))
+        else:
+            self.vcpu.native.ntb_new = 0
+        if log.enabled("tb"):
+            for b in tbs.drain_invalidated():
+                log("tb", f"invalidate tb pc={b.pc:#x} phys={b.paddr:#x} size={b.size} "
+                          f"(invalidations={b.invalidations})")
+        else:
+            self.vcpu.native.ntb_inval = 0
+        if log.enabled("exec"):
+            for idx in tbs.drain_exec():
+                b = tbs.block(idx)
+                log("exec", f"Trace: [{b.pc:016x}/{b.paddr:x}/{b.hflags:08x}] {b.mode}")
 
     def _halt(self, ex: HltExit, idle_since: int | None) -> int | None:
         """HLT: wait for the next interrupt in virtual time (skip the idle period)."""

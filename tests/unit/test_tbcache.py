@@ -1,0 +1,82 @@
+"""The block registry: discovery once per block, exec counts on request,
+invalidation by stores to code, mode-keyed entries, -d in_asm/exec/tb logs."""
+import io
+
+from support import Machine, asm
+from vmm.log import DebugLog
+
+
+def _boot64(m, body):
+    m.boot(asm(body + "\n mov al, 0\n out 0xf4, al", 0x100000, 64), 0x100000, "long64")
+
+
+def test_loop_block_registered_once_and_counted_when_asked(machine):
+    machine.vm.tbs.set_exec_counting(True)
+    _boot64(machine, "mov ecx, 1000\n l: add rax, rcx\n dec ecx\n jnz l")
+    assert machine.run().reason == "debug-exit"
+    loop = [b for b in machine.vm.tbs.blocks() if b.exec_count >= 999]
+    assert len(loop) == 1
+    b = loop[0]
+    assert b.ninsn == 3 and b.translations == 1 and b.bits == 64 and b.cpl == 0
+    assert [m for _, m, _ in machine.vm.tbs.disassemble(b)] == ["add", "dec", "jne"]
+
+
+def test_store_to_code_invalidates_its_blocks(machine):
+    # Run a block, patch it, run it again: the registry sees one invalidation and
+    # a second translation of the same key.
+    _boot64(machine, """
+        mov rbx, target
+        call target
+        mov byte ptr [rbx + 1], 0x07     # mov al, 5 -> mov al, 7
+        call target
+        mov r8, rax
+        jmp done
+    target:
+        mov al, 5
+        ret
+    done:
+    """)
+    machine.vm.vcpu.keep_block_logs = True
+    assert machine.run().reason == "debug-exit"
+    assert machine.cpu.regs.gpr[8] & 0xFF == 7
+    st = machine.vm.tbs.stats()
+    assert st["invalidations"] >= 1
+    inval = machine.vm.tbs.drain_invalidated()
+    assert any(machine.mem.read(b.paddr, 1) == b"\xb0" for b in inval)
+
+
+def test_same_bytes_in_16_32_64_bit_mode_are_three_blocks():
+    from support import Machine
+    # 0x48 0x40 ...: in 64-bit mode a REX prefix; in 16/32-bit mode DEC/INC.
+    code = bytes.fromhex("b8 00 00 00 00 48 40 90".replace(" ", ""))
+    seen = set()
+    for mode, addr in (("real", 0x7c00), ("protected32", 0x100000), ("long64", 0x100000)):
+        m = Machine()
+        m.boot(code + b"\xe6\xf4", addr, mode)
+        m.run(max_insns=100)
+        blocks = [b for b in m.vm.tbs.blocks() if b.paddr == addr]
+        assert blocks, mode
+        seen |= {(b.bits, b.ninsn) for b in blocks}
+    assert {bits for bits, _ in seen} == {16, 32, 64}
+    assert len({n for _, n in seen}) >= 2       # decoded differently
+
+
+def test_in_asm_and_tb_logs_print_blocks_and_invalidations():
+    out = io.StringIO()
+    from vmm.vm import Vm
+    from emu.loaders import load
+    vm = Vm(16 << 20, serial=None, log=DebugLog.parse("in_asm,tb", out))
+    code = asm("""
+        mov rbx, patch
+        mov byte ptr [rbx], 0x90
+    patch:
+        hlt
+        mov al, 0
+        out 0xf4, al
+    """, 0x100000, 64)
+    vm.load(load(code, fmt="flat", ram_size=16 << 20, flat_addr=0x100000, flat_mode="long64"))
+    assert vm.run(max_insns=1000).reason == "debug-exit"
+    text = out.getvalue()
+    assert "IN: [long cpl=0 phys=0x100000]" in text
+    assert "0x0000000000100000:  movabs rbx, 0x100011" in text or "mov rbx" in text
+    assert "invalidate tb" in text
