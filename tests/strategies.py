@@ -175,7 +175,7 @@ def _flag_bits(word: int, *, size: int, leaf: bool, pdpte_pae: bool) -> int:
     bits |= sm.PTE_P if (word & 31) < 31 else 0
     bits |= sm.PTE_RW if (word >> 5 & 31) < 25 else 0
     bits |= sm.PTE_US if (word >> 10 & 31) < 25 else 0
-    if size == 8 and (word >> 15 & 31) >= 27:
+    if size == 8 and (word >> 15 & 31) >= 29:
         bits |= sm.PTE_XD
     bits |= sm.PTE_A if not word >> 20 & 1 else 0
     bits |= sm.PTE_D if not word >> 21 & 1 else 0

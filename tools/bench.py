@@ -6,6 +6,8 @@ Benchmarks (``vmlab bench list``):
         vmlab's machine (soft-MMU, block accounting, machine traps armed):
         raw_unicorn_mips, vmlab_mips, ratio; ratio_long_blocks for the
         same work unrolled into 19-instruction blocks
+  tb    the mips loop with every trap kind armed and per-block execution
+        counting on: raw_unicorn_mips, vmlab_mips, ratio
   boot  whole-process wall time of ``vmlab run guests/hello.asm``: hello_wall_s
 """
 from __future__ import annotations
@@ -65,7 +67,17 @@ def bench_mips(n: int = 20_000_000) -> dict:
             "ratio_long_blocks": long_[2]}
 
 
-def _mips_pair(body: str, n: int, per_iter: int):
+def bench_tb(n: int = 20_000_000) -> dict:
+    """The mips loop with the block registry counting executions and every trap
+    kind armed: what the TB cache's bookkeeping costs."""
+    from emu.cpu import TRAP_KINDS
+    raw, vml, ratio = _mips_pair(_COMPUTE, n, INSNS_PER_ITER,
+                                 setup=lambda vm: (vm.vcpu.set_traps(TRAP_KINDS),
+                                                   vm.tbs.set_exec_counting(True)))
+    return {"raw_unicorn_mips": raw, "vmlab_mips": vml, "ratio": ratio}
+
+
+def _mips_pair(body: str, n: int, per_iter: int, setup=None):
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
     insns = n * per_iter
@@ -83,6 +95,8 @@ def _mips_pair(body: str, n: int, per_iter: int):
     code = compute_code(n, "mov al, 0\n out 0xf4, al", body)
     vm = Vm(16 << 20, serial=None)
     vm.load(load(code, fmt="flat", ram_size=16 << 20, flat_addr=CODE_ADDR, flat_mode="long64"))
+    if setup is not None:
+        setup(vm)
     t = time.perf_counter()
     res = vm.run()
     vm_s = time.perf_counter() - t
@@ -113,7 +127,7 @@ def bench_boot(runs: int = 5) -> dict:
     return {"hello_wall_s": round(best, 3)}
 
 
-BENCHES = {"mips": bench_mips, "boot": bench_boot}
+BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb}
 
 
 def main(names, as_json: bool = False) -> int:

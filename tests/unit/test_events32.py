@@ -170,3 +170,40 @@ def test_page_fault_sets_cr2_and_error_code(machine):
     assert ec == 0                      # not present, read, supervisor
     assert machine.cpu.regs.cr2 == 0x401234
     assert machine.mem.read(eip, 2) == b"\x8b\x03"
+
+
+def test_ud2_raises_ud_with_eip_at_the_instruction(machine):
+    setup(machine, "nop\n ud2\n hlt", {6: {}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    eip, cs, _ = frame(machine, 3)
+    assert machine.mem.read(eip, 2) == b"\x0f\x0b"
+
+
+def test_int3_is_a_trap_with_eip_after_it(machine):
+    setup(machine, "int3\n hlt", {3: {}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    eip, cs, _ = frame(machine, 3)
+    assert machine.mem.read(eip - 1, 1) == b"\xcc"
+
+
+def test_into_with_overflow_raises_of_after_the_instruction(machine):
+    setup(machine, "mov al, 0x7f\n add al, 1\n into\n hlt", {4: {}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    eip, cs, _ = frame(machine, 3)
+    assert machine.mem.read(eip - 1, 1) == b"\xce"
+
+
+def test_trap_gate_keeps_if_set(machine):
+    setup(machine, "sti\n int 0x30\n hlt", {0x30: {"kind": 0xF}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    assert machine.cpu.regs.rflags & 0x200
+
+
+def test_task_gate_is_reported_unsupported(machine):
+    setup(machine, "int 0x30\n hlt", {0x30: {"kind": 0x5}})
+    res = machine.run()
+    assert res.reason == "error" and "task gate" in res.message
