@@ -146,6 +146,7 @@ class Vcpu:
         self._dirty = 0
         #: keep the block registry's discovery/invalidation logs for a TbCache reader
         self.keep_block_logs = False
+        self._site_cache: dict = {}
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
         if cpuid is not None:
@@ -516,11 +517,7 @@ class Vcpu:
         self.flush()
         v.stop_kind = 0
         v.icount_deadline = deadline
-        err = 0
-        try:
-            uc.emu_start(self.regs.rip, 0)
-        except UcError as exc:
-            err = exc.errno
+        err = lib.vmlab_emu_start(self._uch, self.regs.rip)
         r = self.refresh()
         kind = v.stop_kind
         v.stop_kind = 0
@@ -545,7 +542,7 @@ class Vcpu:
             return InternalErrorExit(rip=r.rip, message=f"Unicorn: {UcError(err)}")
         lin = self.linear_rip()
         if kind == 7:
-            return self._trap_exit(v.fault_vaddr)
+            return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         # HLT leaves RIP after the F4 byte.
         try:
             prev = self.read_linear(lin - 1, 1, implicit=True)
@@ -574,9 +571,16 @@ class Vcpu:
             return ExceptionExit(rip=self.regs.rip + 1, vector=x86.DB, software=False, insn_len=1)
         return ExceptionExit(rip=self.regs.rip, vector=x86.UD)
 
-    def _trap_exit(self, lin: int) -> Exit:
-        from .decode import trap_exit
-        ex = trap_exit(self, lin)
+    def _trap_exit(self, lin: int, paddr: int, gen: int) -> Exit:
+        from .decode import decode_site, site_exit
+        key = (lin, paddr, gen, self.regs.hflags & 0xC0F3)
+        info = self._site_cache.get(key)
+        if info is None:
+            info = decode_site(self, lin)
+            if len(self._site_cache) > 4096:
+                self._site_cache.clear()
+            self._site_cache[key] = info
+        ex = site_exit(self, info) if info is not None else None
         if ex is None:
             # Not an armed instruction after all (a straddling guess, or code that
             # changed under a stale site): drop the site and run on.

@@ -181,9 +181,9 @@ _TRAP_BY_MNEMONIC = {
 }
 
 
-def _io_exit(vcpu, lin: int, code: bytes):
-    """Decode IN/OUT/INS/OUTS by hand (SDM Vol. 2 "IN", "OUT", "INS", "OUTS")."""
-    r = vcpu.regs
+def _decode_io(vcpu, code: bytes):
+    """Decode IN/OUT/INS/OUTS by hand (SDM Vol. 2 "IN", "OUT", "INS", "OUTS");
+    returns the mode-dependent facts as a tuple (cached per site)."""
     mode = vcpu.mode_bits
     opsize = 2 if mode == 16 else 4
     asize = mode // 8 if mode != 16 else 2
@@ -195,9 +195,7 @@ def _io_exit(vcpu, lin: int, code: bytes):
         if b == 0x66:
             opsize = 4 if mode == 16 else 2
         elif b == 0x67:
-            asize = 4 if asize != 4 else (2 if mode != 64 else 8)
-            if mode == 64:
-                asize = 4
+            asize = {16: 4, 32: 2, 64: 4}[mode]
         elif b in (0xF2, 0xF3):
             rep = True
         elif b in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65):
@@ -210,18 +208,24 @@ def _io_exit(vcpu, lin: int, code: bytes):
     op = code[i]
     size = 1 if op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else opsize
     imm = op in (0xE4, 0xE5, 0xE6, 0xE7)
-    port = code[i + 1] if imm else r.gpr[2] & 0xFFFF
+    port = code[i + 1] if imm else None
     length = i + (2 if imm else 1)
     is_write = op in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
     string = op in (0x6C, 0x6D, 0x6E, 0x6F)
-    ex = IoExit(rip=r.rip, insn_len=length, port=port, size=size, is_write=is_write, string=string,
-                rep=rep and string, imm=imm, addr_size=asize)
+    return ("io", length, size, is_write, string, rep and string, imm, port, asize, seg, mode)
+
+
+def _io_exit(vcpu, info) -> IoExit:
+    _, length, size, is_write, string, rep, imm, port, asize, seg, mode = info
+    r = vcpu.regs
+    ex = IoExit(rip=r.rip, insn_len=length, port=port if imm else r.gpr[2] & 0xFFFF, size=size,
+                is_write=is_write, string=string, rep=rep, imm=imm, addr_size=asize)
     if not string:
         if is_write:
             ex.values = [r.gpr[0] & ((1 << (8 * size)) - 1)]
         return ex
     amask = (1 << (8 * asize)) - 1
-    count = (r.gpr[1] & amask) if ex.rep else 1
+    count = (r.gpr[1] & amask) if rep else 1
     ex.count = min(count, 4096)          # bounded per exit; REP resumes for the rest
     if is_write:
         ex.seg_base = 0 if (mode == 64 and seg not in (x86.R_FS, x86.R_GS)) else r.seg[seg].base
@@ -230,11 +234,11 @@ def _io_exit(vcpu, lin: int, code: bytes):
     return ex
 
 
-def trap_exit(vcpu, lin: int):
-    """The exit value for an armed trap site at linear address ``lin``, or None
-    if the instruction there is not of an armed kind."""
+def decode_site(vcpu, lin: int):
+    """Decode the instruction at an armed site (the expensive part, cached by
+    the vCPU per (linear, physical, page generation, mode)).  None: not an
+    instruction of any trap kind."""
     from .cpu import GuestFault
-    kinds = vcpu.trap_kinds
     try:
         code = vcpu.read_linear(lin, 15, implicit=True)
     except GuestFault:
@@ -245,13 +249,26 @@ def trap_exit(vcpu, lin: int):
         j += 1
     op = code[j] if j < len(code) else 0
     if op in (0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F):
-        return _io_exit(vcpu, lin, code) if "io" in kinds else None
+        return _decode_io(vcpu, code)
     if op == 0xF4:
-        return HltExit(rip=vcpu.regs.rip, insn_len=j + 1) if "hlt" in kinds else None
+        return ("hlt", j + 1)
     insn = vcpu.fetch_insn(lin)
     if insn is None:
         return None
+    return ("insn", insn)
+
+
+def site_exit(vcpu, info):
+    """The exit value for a decoded site with the current registers, or None if
+    its kind is not armed now."""
+    kinds = vcpu.trap_kinds
     r = vcpu.regs
+    tag = info[0]
+    if tag == "io":
+        return _io_exit(vcpu, info) if "io" in kinds else None
+    if tag == "hlt":
+        return HltExit(rip=r.rip, insn_len=info[1]) if "hlt" in kinds else None
+    insn = info[1]
     mn = insn.mnemonic
     if mn == "rdmsr" and "rdmsr" in kinds:
         return MsrExit(rip=r.rip, insn_len=insn.size, msr=r.gpr[1] & 0xFFFFFFFF)
@@ -286,3 +303,9 @@ def trap_exit(vcpu, lin: int):
     if kind == "invlpg":
         operand = mem_operand_address(vcpu, insn, insn.operands[0])
     return TrapExit(rip=r.rip, insn_len=insn.size, kind=kind, insn=insn, operand=operand)
+
+
+def trap_exit(vcpu, lin: int):
+    """Decode and build the exit for the armed site at ``lin`` (uncached)."""
+    info = decode_site(vcpu, lin)
+    return site_exit(vcpu, info) if info is not None else None

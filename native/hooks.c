@@ -25,7 +25,10 @@ typedef int (*fn_cs_open)(int, int, size_t *);
 typedef size_t (*fn_cs_disasm)(size_t, const uint8_t *, size_t, uint64_t, size_t, void **);
 typedef void (*fn_cs_free)(void *, size_t);
 
+typedef uc_err (*fn_emu_start)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t);
+
 static struct {
+    fn_emu_start emu_start;
     fn_hook_add hook_add;
     fn_hook_del hook_del;
     fn_reg_read reg_read;
@@ -610,9 +613,18 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmlab_vcpu *v = ud;
+    vmlab_walk w;
     (void)size;
     v->stop_kind = VMLAB_STOP_TRAP;
     v->fault_vaddr = addr;
+    /* Where the site's bytes are, and their page's write generation: Python
+     * caches the decoded instruction under (linear, physical, generation). */
+    if (vmlab_walk_do(v, addr, 0, VMLAB_WALK_IMPLICIT_SUP, &w) == VMLAB_OK) {
+        v->fault_paddr = w.paddr;
+        v->fault_error_code = v->page_gen[w.paddr >> 12];
+    } else {
+        v->fault_paddr = ~0ull;
+    }
     api.emu_stop(uc);
 }
 
@@ -903,4 +915,15 @@ void vmlab_tb_reset(vmlab_vcpu *v)
     tbhash_rebuild(v, p, p->tbhash_cap);
     for (uint32_t k = 0; k < ICACHE_SIZE; k++)
         p->icache[k].pc = ~0ull;
+}
+
+void vmlab_set_emu_start(void *emu_start)
+{
+    api.emu_start = (fn_emu_start)emu_start;
+}
+
+/* uc_emu_start without the Python binding's ctypes overhead; returns uc_err. */
+int vmlab_emu_start(void *uc, uint64_t begin)
+{
+    return api.emu_start(uc, begin, 0, 0, 0);
 }

@@ -212,4 +212,6 @@ int vmlab_sync_exits(vmlab_vcpu *v, void *uc);
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
+void vmlab_set_emu_start(void *emu_start);
+int vmlab_emu_start(void *uc, uint64_t begin);
 #endif
