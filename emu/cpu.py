@@ -523,7 +523,7 @@ class Vcpu:
         v.stop_kind = 0
         if not self.keep_block_logs:
             v.ntb_new = v.ntb_inval = 0
-        if kind == 1 or kind == 8:          # deadline, or a registry log to drain
+        if kind in (1, 6, 8):               # deadline, rescan restart, registry log to drain
             return DeadlineExit(rip=r.rip)
         if kind == 2:
             return IrqWindowExit(rip=r.rip)

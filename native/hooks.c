@@ -71,6 +71,7 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 #define ICACHE_SIZE 8192   /* direct-mapped block -> instruction-count cache */
 #define SCANNED_SIZE 4096  /* direct-mapped (linear page, phys page) scan cache */
 #define EXITSET_BITS 14
+#define RESCAN_MAX 16
 
 struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t pad; };
 struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
@@ -84,6 +85,8 @@ struct priv {
     uint64_t *exitset;          /* open-addressing hash set of armed linear addresses */
     uint32_t exitset_cap, exitset_used;
     uc_hook *site_hooks;        /* parallel to v->exits */
+    struct { uint64_t vpage, ppage; } rescan[RESCAN_MAX];   /* code pages written */
+    uint32_t nrescan, rescan_overflow;
     uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
     uint32_t tbhash_cap;
 };
@@ -292,10 +295,10 @@ static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud);
  * address, which costs O(#exits) per run and refills the TLB outside the CPU
  * loop, where a failing fill would longjmp into a dead frame.  A bounded code
  * hook is only compiled into the one instruction it covers. */
-static void exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
+static int exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
 {
     if (exitset_has(p, a))
-        return;
+        return 0;
     if (v->nexits == v->exits_cap) {
         v->exits_cap = v->exits_cap ? v->exits_cap * 2 : 256;
         v->exits = realloc(v->exits, sizeof(uint64_t) * v->exits_cap);
@@ -303,7 +306,7 @@ static void exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
     }
     uc_hook h = 0;
     if (api.hook_add(p->uc, &h, UC_HOOK_CODE, (void *)hook_site, v, a, a) != UC_ERR_OK)
-        return;
+        return 0;
     p->site_hooks[v->nexits] = h;
     v->exits[v->nexits++] = a;
     if ((p->exitset_used + 1) * 2 > p->exitset_cap)
@@ -311,6 +314,7 @@ static void exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
     else
         exitset_insert_raw(p, a);
     v->stat_exits_synced++;
+    return 1;
 }
 
 int vmlab_sync_exits(vmlab_vcpu *v, void *uc)
@@ -381,16 +385,19 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
 }
 
 /* Scan the linear page vpage (mapped to RAM page ppage) for trap sites. */
-static void scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64_t ppage, int mode64)
+/* Returns the number of sites added; their addresses go to added[] (up to max). */
+static int scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64_t ppage, int mode64,
+                          uint64_t *added, int max)
 {
     const uint64_t pfn = ppage >> 12;
     const uint32_t mk = v->trap_kinds ^ (mode64 ? 0x80000000u : 0);
     struct scanned_entry *se = &p->scanned[hash64(vpage ^ (ppage << 7)) & (SCANNED_SIZE - 1)];
+    int nadded = 0;
     v->page_flags[pfn] |= VMLAB_PAGE_CODE;
     if (!v->trap_kinds)
-        return;
+        return 0;
     if (se->vpage == vpage && se->ppage == ppage && se->gen == v->page_gen[pfn] + 1 && se->mode_kinds == mk)
-        return;
+        return 0;
     v->stat_scans++;
     uint8_t buf[4096 + 16];
     uint32_t len = 4096;
@@ -408,11 +415,13 @@ static void scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64
     uint32_t sites[1024];
     int n = vmlab_scan_page(v, buf, len, 4096, mode64, v->trap_kinds, sites, 1024);
     for (int k = 0; k < n; k++)
-        exit_add(v, p, vpage + sites[k]);
+        if (exit_add(v, p, vpage + sites[k]) && nadded < max)
+            added[nadded++] = vpage + sites[k];
     se->vpage = vpage;
     se->ppage = ppage;
     se->gen = v->page_gen[pfn] + 1;
     se->mode_kinds = mk;
+    return nadded;
 }
 
 /* ---- hooks ------------------------------------------------------------------- */
@@ -457,19 +466,27 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
     uint8_t *pf = &v->page_flags[ppage >> 12];
     if (access & VMLAB_ACC_FETCH) {
         int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
-        scan_exec_page(v, p, vaddr & ~0xfffull, ppage, mode64);
+        scan_exec_page(v, p, vaddr & ~0xfffull, ppage, mode64, NULL, 0);
         perms &= ~VMLAB_PROT_W;
     } else if (*pf & VMLAB_PAGE_CODE) {
         if (access & VMLAB_ACC_WRITE) {
-            /* First store to a page we scanned for trap sites: forget the scan;
-             * the next fetch from it comes back through here and rescans. */
+            /* First store to a page we scanned for trap sites.  The store has
+             * not happened yet: queue the page for a rescan at the next block
+             * boundary (hook_block).  The entry keeps X: with Unicorn 2.1.4 an
+             * exec-only entry followed by a write-only one for the same page
+             * loses QEMU's own self-modifying-code invalidation (a stale TB
+             * runs; seen with a store to a function after pushes to its page). */
             vmlab_code_page_written(v, ppage);
-            perms &= ~VMLAB_PROT_X;
+            if (p->nrescan < RESCAN_MAX) {
+                p->rescan[p->nrescan].vpage = vaddr & ~0xfffull;
+                p->rescan[p->nrescan].ppage = ppage;
+                p->nrescan++;
+            } else {
+                p->rescan_overflow = 1;
+            }
         } else {
             perms &= ~VMLAB_PROT_W;
         }
-    } else if (access & VMLAB_ACC_WRITE) {
-        perms &= ~VMLAB_PROT_X;
     }
     e->paddr = ppage;
     e->perms = (uc_prot)perms;
@@ -587,18 +604,61 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     return n;
 }
 
+/* Rescan code pages written since the last block boundary (the stores are done
+ * now).  New sites get their code hook; translated blocks that contain one are
+ * dropped so they are retranslated with it.  Returns 1 if the block about to
+ * run holds a new site: the caller stops before it runs (Unicorn checks for a
+ * stop request right after the block hook). */
+static int rescan_written(vmlab_vcpu *v, struct priv *p, uint64_t addr, uint32_t size)
+{
+    int stop = 0;
+    uint64_t added[64];
+    int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
+    for (uint32_t i = 0; i < p->nrescan; i++) {
+        int n = scan_exec_page(v, p, p->rescan[i].vpage, p->rescan[i].ppage, mode64, added, 64);
+        for (int k = 0; k < n; k++) {
+            api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), added[k], added[k] + 1);
+            if (added[k] >= addr && added[k] < addr + size)
+                stop = 1;
+        }
+    }
+    p->nrescan = 0;
+    if (p->rescan_overflow) {
+        /* Too many pages written in one block: rescan everything lazily. */
+        p->rescan_overflow = 0;
+        memset(p->scanned, 0, sizeof p->scanned);
+        api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
+        stop = 1;
+    }
+    /* The written pages were handed out with W: take it back so the next store
+     * to them comes through the fill again. */
+    api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+    return stop;
+}
+
 static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmlab_vcpu *v = ud;
     struct priv *p = v->priv;
-    v->icount += block_icount(v, p, addr, size);
+    if (__builtin_expect(p->nrescan | p->rescan_overflow, 0) && rescan_written(v, p, addr, size)) {
+        v->stop_kind = VMLAB_STOP_REQUEST;
+        api.emu_stop(uc);
+        return;
+    }
+    /* A stop requested here takes effect before the block runs (Unicorn checks
+     * right after the block hook), so the block is only counted when it runs:
+     * the deadline is checked before adding it (a block may overshoot it). */
     if (__builtin_expect(v->nexec_log >= 65536 || v->ntb_new >= 65536, 0)) {
         v->stop_kind = VMLAB_STOP_LOG_FULL;
         api.emu_stop(uc);
-    } else if (v->icount >= v->icount_deadline) {
+        return;
+    }
+    if (v->icount >= v->icount_deadline) {
         v->stop_kind = VMLAB_STOP_DEADLINE;
         api.emu_stop(uc);
-    } else if (v->irq_window) {
+        return;
+    }
+    if (v->irq_window) {
         uint64_t fl = 0;
         api.reg_read(uc, UC_X86_REG_EFLAGS, &fl);
         /* IF=1 and not in an STI / MOV SS interrupt shadow (QEMU keeps it in
@@ -606,8 +666,10 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         if ((fl & 0x200) && !(read_hflags(v, p) & (1u << 3))) {
             v->stop_kind = VMLAB_STOP_IRQ_WINDOW;
             api.emu_stop(uc);
+            return;
         }
     }
+    v->icount += block_icount(v, p, addr, size);
 }
 
 static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)

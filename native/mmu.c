@@ -90,6 +90,9 @@ int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags
     const uint64_t rsvd_hi = ~phys_mask & 0x000fffffffffffffull; /* bits maxphy..51 */
     const int nxe = (v->efer & EFER_NXE) != 0;
     const uint64_t nx_rsvd = nxe ? 0 : PTE_NX;
+    /* PAE paging reserves bits 62:M of PDPTEs, PDEs and PTEs (SDM Vol. 3A
+     * Tables 4-8..4-11, "62:M Reserved"); 4/5-level paging ignores 62:52. */
+    const uint64_t pae_hi = (v->efer & EFER_LMA) ? 0 : 0x7ff0000000000000ull;
     const uint32_t acc_bits = (is_write ? 2u : 0u) | (user ? 4u : 0u);
 
     if (v->cr4 & CR4_PAE) {
@@ -109,7 +112,7 @@ int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags
             w->entry_val[w->levels++] = e;
             if (!(e & PTE_P))
                 return fault(w, acc_bits | (is_fetch && reports_id ? 16u : 0u));
-            if (e & (rsvd_hi | 0x1e6ull | PTE_NX))
+            if (e & (rsvd_hi | pae_hi | 0x1e6ull | PTE_NX))
                 return fault(w, PF_P | PF_RSVD | acc_bits | (is_fetch && reports_id ? 16u : 0u));
             table = e & addr_mask;
             level = 2;
@@ -118,7 +121,7 @@ int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags
             const unsigned shift = 12 + 9 * (level - 1);
             const uint64_t pa = table + ((vaddr >> shift) & 511) * 8;
             const uint64_t e = phys_read(v, pa, 8);
-            uint64_t rsvd = rsvd_hi | nx_rsvd;
+            uint64_t rsvd = rsvd_hi | pae_hi | nx_rsvd;
             w->entry_addr[w->levels] = pa;
             w->entry_val[w->levels++] = e;
             if (!(e & PTE_P))
