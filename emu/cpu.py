@@ -147,6 +147,7 @@ class Vcpu:
         #: keep the block registry's discovery/invalidation logs for a TbCache reader
         self.keep_block_logs = False
         self._site_cache: dict = {}
+        self._scratch_mapped = False
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
         if cpuid is not None:
@@ -587,6 +588,41 @@ class Vcpu:
             lib.vmlab_exit_remove(self._v, self._uch, lin)
             return self.run(self._v.icount_deadline)
         return ex
+
+    #: guest-physical address of the hidden scratch page used to replay MMIO
+    #: instructions (outside guest RAM, so the guest's own walks never reach it)
+    SCRATCH_PA = (1 << 39) - 0x1000
+
+    def replay_mmio(self, ex, value: int | None) -> int | None:
+        """Run the instruction of a ``replay`` MmioExit once, natively, with its
+        memory operand's page redirected to a scratch page that holds ``value``
+        (what the device returned).  Returns the operand's new value if the
+        instruction wrote it.  This completes any instruction (ALU, TEST, XCHG…)
+        without an x86 emulator of our own."""
+        if not self._scratch_mapped:
+            self.uc.mem_map(self.SCRATCH_PA, 0x1000)
+            self._scratch_mapped = True
+        off = ex.gla & 0xFFF
+        self.uc.mem_write(self.SCRATCH_PA + off, (value or 0).to_bytes(ex.size, "little"))
+        v = self._v
+        self.flush()
+        v.redirect_vpage, v.redirect_ppage, v.redirect_on = ex.gla & ~0xFFF, self.SCRATCH_PA, 1
+        lib.vmlab_tlb_flush(self._uch)
+        lin = self.linear_rip()
+        self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
+        try:
+            err = lib.vmlab_emu_step(self._uch, self.regs.rip)
+        finally:
+            v.redirect_on = 0
+            lib.vmlab_tlb_flush(self._uch)
+            self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
+            v.stop_kind = 0
+        self.refresh()
+        if err:
+            raise NativeError(f"replaying the MMIO instruction at {lin:#x} failed ({err})")
+        if ex.is_write:
+            return int.from_bytes(self.uc.mem_read(self.SCRATCH_PA + off, ex.size), "little")
+        return None
 
     def skip(self, insn_len: int) -> None:
         """Advance RIP past an emulated instruction.  Completing it also ends an

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from capstone import CS_AC_READ, CS_AC_WRITE
 from capstone import x86_const as C
 
 from . import x86
@@ -153,12 +154,22 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     if insn is None:
         return InternalErrorExit(rip=r.rip, message="undecodable instruction accessing MMIO")
     mem = [op for op in insn.operands if op.type == C.X86_OP_MEM]
-    if len(mem) != 1 or insn.mnemonic not in ("mov", "movzx", "movsx", "movsxd", "movabs"):
+    if len(mem) != 1:
         return InternalErrorExit(
             rip=r.rip, message=f"unsupported instruction on MMIO at {ppage:#x}: {insn.mnemonic} {insn.op_str}")
     op = mem[0]
     gla = mem_operand_address(vcpu, insn, op)
     gpa = ppage | (gla & 0xFFF)
+    if (gla & 0xFFF) + op.size > 4096:
+        return InternalErrorExit(rip=r.rip, message=f"MMIO access straddles a page at {gpa:#x}")
+    if insn.mnemonic not in ("mov", "movzx", "movsx", "movsxd", "movabs"):
+        # Any other instruction (ALU, TEST, XCHG...): the device value is read if
+        # the instruction reads the operand, then the instruction is replayed.
+        acc = op.access
+        return MmioExit(rip=r.rip, insn_len=insn.size, gpa=gpa, gla=gla, size=op.size,
+                        is_write=bool(acc & CS_AC_WRITE) if acc else bool(access & 2),
+                        needs_read=bool(acc & CS_AC_READ) if acc else not (access & 2),
+                        insn=insn, replay=True)
     is_write = bool(access & 2)
     value = 0
     if is_write:

@@ -47,6 +47,10 @@ class MmioExit(Exit):
     is_write: bool = False
     value: int = 0
     insn: Any = None           # decoded instruction (capstone) used to complete it
+    #: not a plain MOV: the instruction reads (needs_read) and/or writes the
+    #: operand and is completed by replaying it (Vcpu.replay_mmio)
+    replay: bool = False
+    needs_read: bool = False
 
 
 @dataclass(slots=True)

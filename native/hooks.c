@@ -444,6 +444,14 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
                 flags |= VMLAB_WALK_AC;
         }
     }
+    if (__builtin_expect(v->redirect_on, 0) && (vaddr & ~0xfffull) == v->redirect_vpage
+        && !(access & VMLAB_ACC_FETCH)) {
+        /* Replaying one instruction whose operand is MMIO: its page is a
+         * scratch page that holds the device's value (emu/cpu.py replay_mmio). */
+        e->paddr = v->redirect_ppage;
+        e->perms = (uc_prot)(VMLAB_PROT_R | VMLAB_PROT_W);
+        return true;
+    }
     int r = vmlab_walk_do(v, vaddr, access, flags, &w);
     if (r == VMLAB_FAULT_PF) {
         v->stat_fill_faults++;
@@ -988,4 +996,10 @@ void vmlab_set_emu_start(void *emu_start)
 int vmlab_emu_start(void *uc, uint64_t begin)
 {
     return api.emu_start(uc, begin, 0, 0, 0);
+}
+
+/* Execute exactly one instruction (Unicorn's count=1 path). */
+int vmlab_emu_step(void *uc, uint64_t begin)
+{
+    return api.emu_start(uc, begin, 0, 0, 1);
 }

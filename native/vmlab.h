@@ -182,6 +182,10 @@ typedef struct vmlab_vcpu {
     uint32_t log_exec;         /* 1: append every executed block to exec_log */
     uint64_t stat_tb_translations, stat_tb_invalidations;
 
+    /* ---- MMIO instruction replay: one linear page redirected to a scratch page ---- */
+    uint64_t redirect_vpage, redirect_ppage;
+    uint32_t redirect_on, pad1;
+
     /* private C state */
     void *priv;
 } vmlab_vcpu;
@@ -214,4 +218,5 @@ void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
 void vmlab_set_emu_start(void *emu_start);
 int vmlab_emu_start(void *uc, uint64_t begin);
+int vmlab_emu_step(void *uc, uint64_t begin);
 #endif

@@ -375,6 +375,15 @@ class Vm:
 
     def _mmio(self, ex: MmioExit) -> None:
         self._unclaimed(self.mmio, ex.gpa, "mmio")
+        if ex.replay:
+            old = self.mmio.read(ex.gpa, ex.size) if ex.needs_read else 0
+            new = self.vcpu.replay_mmio(ex, old)
+            if new is not None:
+                self.mmio.write(ex.gpa, ex.size, new)
+            if self.log.enabled("mmio"):
+                self.log("mmio", f"replay {ex.insn.mnemonic} gpa={ex.gpa:#x} size={ex.size} "
+                                 f"read={old:#x} write={new if new is None else hex(new)}")
+            return
         if ex.is_write:
             self.mmio.write(ex.gpa, ex.size, ex.value)
             val = ex.value

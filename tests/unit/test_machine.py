@@ -228,3 +228,21 @@ def test_self_modifying_code_rescans_for_new_sensitive_instruction(machine):
     """)
     assert res.reason == "debug-exit", res
     assert res.status == (0x2A << 1) | 1
+
+
+def test_alu_instructions_on_lapic_mmio_are_replayed(machine):
+    res = _run64(machine, """
+        mov rbx, 0xfee00000
+        mov dword ptr [rbx + 0x80], 0x10          # TPR = 0x10
+        or dword ptr [rbx + 0x80], 0x20           # read-modify-write on MMIO
+        mov eax, 0x0f
+        or eax, dword ptr [rbx + 0x80]            # MMIO source operand
+        mov r8, rax
+        test dword ptr [rbx + 0x80], 0x20         # flags from an MMIO read
+        setnz r9b
+    """)
+    assert res.reason == "debug-exit", res
+    g = machine.cpu.regs.gpr
+    assert g[8] == 0x3F
+    assert g[9] & 0xFF == 1
+    assert machine.vm.lapic.tpr == 0x30
