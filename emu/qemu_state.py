@@ -60,3 +60,60 @@ def find_layout(uc: Uc) -> ContextLayout:
         uc.reg_write(reg, val)
     uc.reg_write(UC_X86_REG_ES, 0)
     return lay
+
+
+def _rw_regions(exclude: tuple[int, int] | None):
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if not parts[1].startswith("rw") or hi - lo > (256 << 20):
+                continue
+            if len(parts) > 5 and parts[5].startswith("/") and not parts[5].startswith("/dev/zero"):
+                continue          # file-backed data: not where malloc puts a CPU
+            if exclude and lo < exclude[1] and exclude[0] < hi:
+                continue
+            yield lo, hi
+
+
+def find_env_address(uc: Uc, layout: ContextLayout, exclude: tuple[int, int] | None = None) -> int:
+    """Host address of the live CPUX86State (its regs[0]), found by writing two
+    different register markers and keeping the one location that follows both.
+    Lets native code read hflags (mode, CPL) with one load instead of a context
+    save.  Raises NativeError if it is not exactly one place."""
+    regs = (UC_X86_REG_RAX, UC_X86_REG_RCX, UC_X86_REG_RDX, UC_X86_REG_RBX)
+    saved = [uc.reg_read(r) for r in regs]
+    m1 = (0x5A17E0C0FFEE0001, 0x5A17E0C0FFEE0002, 0x5A17E0C0FFEE0003, 0x5A17E0C0FFEE0004)
+    m2 = tuple(x ^ 0x00FF00FF00FF00FF for x in m1)
+    try:
+        for r, val in zip(regs, m1):
+            uc.reg_write(r, val)
+        pat1, pat2 = struct.pack("<4Q", *m1), struct.pack("<4Q", *m2)
+        hits = []
+        with open("/proc/self/mem", "rb", 0) as mem:
+            for lo, hi in _rw_regions(exclude):
+                try:
+                    mem.seek(lo)
+                    data = mem.read(hi - lo)
+                except OSError:
+                    continue
+                i = data.find(pat1)
+                while i >= 0:
+                    hits.append(lo + i)
+                    i = data.find(pat1, i + 1)
+            for r, val in zip(regs, m2):
+                uc.reg_write(r, val)
+            live = []
+            for addr in hits:
+                try:
+                    mem.seek(addr)
+                    if mem.read(32) == pat2:
+                        live.append(addr)
+                except OSError:
+                    pass
+    finally:
+        for r, val in zip(regs, saved):
+            uc.reg_write(r, val)
+    if len(live) != 1:
+        raise NativeError(f"cannot locate Unicorn's CPU state ({len(live)} candidates)")
+    return live[0]

@@ -73,7 +73,7 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 #define EXITSET_BITS 14
 #define RESCAN_MAX 16
 
-struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t pad; };
+struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t hf; };
 struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
 
 struct priv {
@@ -101,6 +101,8 @@ static inline uint8_t *ctx_data(struct priv *p) { return (uint8_t *)p->ctx; }
 static uint32_t read_hflags(vmlab_vcpu *v, struct priv *p)
 {
     uint32_t hf = 0;
+    if (__builtin_expect(v->env != NULL, 1))
+        return *(volatile uint32_t *)(v->env + v->env_hflags);
     if (api.ctx_save(p->uc, p->ctx) != UC_ERR_OK || v->ctx_hflags <= 0)
         return 0;
     memcpy(&hf, ctx_data(p) + v->ctx_hflags, 4);
@@ -109,8 +111,9 @@ static uint32_t read_hflags(vmlab_vcpu *v, struct priv *p)
 
 static int current_cpl(vmlab_vcpu *v, struct priv *p)
 {
-    /* CPL is CS.RPL in protected mode; real mode is 0 and virtual-8086 is 3.
-     * The selector read is cheap; the rare V86 case reads EFLAGS.VM. */
+    /* CPL is QEMU's hflags[1:0] (0 in real mode, 3 in virtual-8086 mode). */
+    if (__builtin_expect(v->env != NULL, 1))
+        return (int)(*(volatile uint32_t *)(v->env + v->env_hflags) & 3);
     uint64_t cs = 0, fl = 0;
     if (!(v->cr0 & 1))
         return 0;
@@ -563,7 +566,8 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
 {
     /* Hot path (every block): one direct-mapped probe, no multiply. */
     struct icache_entry *ce = &p->icache[(pc ^ (pc >> 13)) & (ICACHE_SIZE - 1)];
-    if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size, 1)) {
+    const uint32_t hfm = read_hflags(v, p) & HF_DECODE_MASK;
+    if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
         if (__builtin_expect(v->count_exec | v->log_exec, 0)) {
             v->tbs[ce->tb].exec_count++;
             if (v->log_exec)
@@ -603,6 +607,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     ce->size_mode = (size << 2) | (uint32_t)mode;
     ce->ninsn = n;
     ce->ppage = paddr & ~0xfffull;
+    ce->hf = hfm;
     ce->tb = tb_register(v, p, pc, paddr, hf, size, n);
     if (v->count_exec | v->log_exec) {
         v->tbs[ce->tb].exec_count++;

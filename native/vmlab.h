@@ -161,6 +161,11 @@ typedef struct vmlab_vcpu {
     uint32_t cpuid_max_basic, cpuid_max_ext;
     uint32_t pad0;
 
+    /* ---- the live CPUX86State (found once by emu/qemu_state.py): hflags in one load ---- */
+    uint8_t *env;              /* address of regs[0] */
+    int32_t env_hflags;        /* offset of hflags from env */
+    int32_t pad2;
+
     /* ---- offsets inside a saved Unicorn context (found by the Python self-test) ---- */
     int32_t ctx_env;           /* start of CPUX86State (regs[0]) */
     int32_t ctx_hflags, ctx_segs, ctx_ldt, ctx_tr, ctx_error_code, ctx_is_int, ctx_old_exception;

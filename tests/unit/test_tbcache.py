@@ -80,3 +80,29 @@ def test_in_asm_and_tb_logs_print_blocks_and_invalidations():
     assert "IN: [long cpl=0 phys=0x100000]" in text
     assert "0x0000000000100000:  movabs rbx, 0x100011" in text or "mov rbx" in text
     assert "invalidate tb" in text
+
+
+def test_modes_guest_registers_one_block_per_mode_for_the_same_bytes():
+    """guests/modes.asm runs one byte string as 16-, 32- and 64-bit code: the
+    registry holds three blocks at that physical address, decoded three ways."""
+    import pathlib
+    from emu.loaders import load
+    from tools.asm import build
+    from vmm.vm import Vm
+    root = pathlib.Path(__file__).resolve().parents[2]
+    image = build(root / "guests" / "modes.asm")
+    data = image.read_bytes()
+    pattern = bytes.fromhex("31c048b80100404 0c3".replace(" ", ""))
+    vm = Vm(64 << 20, serial=None)
+    img = load(str(image), ram_size=64 << 20)
+    vm.load(img)
+    res = vm.run(max_insns=10_000_000)
+    assert res.reason == "debug-exit" and res.status == 1, (res, vm.serial_output)
+    load_addr = img.writes[0][0]
+    paddr = load_addr + data.index(pattern)
+    blocks = [b for b in vm.tbs.blocks() if b.paddr == paddr]
+    assert {b.bits for b in blocks} == {16, 32, 64}
+    decoded = {b.bits: [m for _, m, _ in vm.tbs.disassemble(b)] for b in blocks}
+    assert decoded[16][:5] == ["xor", "dec", "mov", "inc", "inc"]
+    assert decoded[32][:3] == ["xor", "dec", "mov"]
+    assert decoded[64][:2] == ["xor", "movabs"]
