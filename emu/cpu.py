@@ -540,6 +540,9 @@ class Vcpu:
             return self._page_fault_exit(v.fault_vaddr, v.fault_access, v.fault_error_code)
         if kind == 5:
             return self._mmio_exit(v.fault_vaddr, v.fault_paddr, v.fault_access)
+        if kind == 9:
+            from .decode import noncanonical_vector
+            return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
         if err == ucc.UC_ERR_INSN_INVALID:
             return self._invalid_opcode_exit()
         if err not in (0,):

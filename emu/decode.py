@@ -145,6 +145,20 @@ def fault_address(vcpu, vpage: int, access: int) -> int:
     return vpage
 
 
+def noncanonical_vector(vcpu) -> int:
+    """#SS for a non-canonical stack reference (RSP/RBP-based or an implicit
+    push/pop), #GP for everything else (SDM Vol. 3A 6.15, #SS and #GP)."""
+    insn = vcpu.fetch_insn()
+    if insn is None:
+        return x86.GP
+    if insn.mnemonic.startswith(("push", "pop", "call", "ret", "enter", "leave")):
+        return x86.SS
+    for op in insn.operands:
+        if op.type == C.X86_OP_MEM and (op.mem.base in _STACK_BASES or op.mem.segment == C.X86_REG_SS):
+            return x86.SS
+    return x86.GP
+
+
 def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     """Decode a load/store that hit a non-RAM physical page into an MmioExit."""
     r = vcpu.regs

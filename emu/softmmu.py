@@ -273,7 +273,7 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
     ``flags``: WALK_SET_AD makes this a real access (A/D flags are written to
     ``mem``), WALK_IMPLICIT_SUP an implicit supervisor-mode access (ACC_USER is
     then ignored), WALK_AC says EFLAGS.AC=1.  ``maxphyaddr`` is CPUID's
-    physical-address width (0 means 40, like the C); ``pdpe1gb`` says whether
+    physical-address width, 32..52 (0 means 40, like the C); ``pdpe1gb`` says whether
     1 GiB pages exist (CPUID.80000001H:EDX[26]).
     """
     mem = as_phys(mem)

@@ -455,6 +455,19 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         e->perms = (uc_prot)(VMLAB_PROT_R | VMLAB_PROT_W);
         return true;
     }
+    if ((v->efer & (1ull << 10)) && (v->cr0 & (1ull << 31))) {
+        /* IA-32e: a non-canonical linear address is #GP(0) (#SS(0) for stack
+         * references) before any paging check (SDM Vol. 3A 3.3.7.1); Unicorn
+         * does not check it for data accesses. */
+        const unsigned bits = (v->cr4 & (1ull << 12)) ? 57 : 48;
+        const uint64_t top = vaddr >> (bits - 1);
+        if (top != 0 && top != (~0ull >> (bits - 1))) {
+            v->stop_kind = VMLAB_STOP_NONCANONICAL;
+            v->fault_vaddr = vaddr;
+            v->fault_access = access;
+            return false;
+        }
+    }
     int r = vmlab_walk_do(v, vaddr, access, flags, &w);
     if (r == VMLAB_FAULT_PF) {
         v->stat_fill_faults++;
@@ -498,6 +511,10 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         } else {
             perms &= ~VMLAB_PROT_W;
         }
+    } else if (access & VMLAB_ACC_WRITE) {
+        /* A data page written before it was ever fetched from: without X, so
+         * that code the guest puts there is scanned on its first fetch. */
+        perms &= ~VMLAB_PROT_X;
     }
     e->paddr = ppage;
     e->perms = (uc_prot)perms;

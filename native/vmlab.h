@@ -49,6 +49,7 @@ enum {
     VMLAB_STOP_REQUEST = 6,    /* vmlab_request_stop() */
     VMLAB_STOP_TRAP = 7,       /* before an armed trap site (fault_vaddr = its linear address) */
     VMLAB_STOP_LOG_FULL = 8,   /* a registry log needs draining */
+    VMLAB_STOP_NONCANONICAL = 9, /* long-mode access to a non-canonical address (#GP/#SS) */
 };
 
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */

@@ -148,6 +148,9 @@ class PagingSetup:
         return {"cr0": self.cr0, "cr3": self.cr3, "cr4": self.cr4, "efer": self.efer,
                 "maxphyaddr": self.maxphyaddr, "pdpe1gb": self.pdpe1gb}
 
+    def _repr_pretty_(self, p, cycle) -> None:    # hypothesis' printer: no 256 KiB RAM dump
+        p.text(repr(self))
+
     def __repr__(self) -> str:  # RAM is too big to print; the tree is what matters
         ents = ", ".join(f"{a:#x}:{v:#x}" for a, v in self.entries)
         return (f"PagingSetup({self.mode}, vaddr={self.vaddr:#x}, access={self.access:#x}, "
@@ -166,7 +169,7 @@ def _candidate_bits(mode: str, m: int) -> list[int]:
                    *near_m})
 
 
-def _flag_bits(word: int, *, size: int, leaf: bool, pdpte_pae: bool) -> int:
+def _flag_bits(word: int, *, size: int, pdpte_pae: bool) -> int:
     """Entry flags from one random word, biased: word 0 is a valid entry."""
     if pdpte_pae:   # Table 4-8: only P, PWT, PCD and ignored bits 11:9 exist
         bits = sm.PTE_P if (word & 31) < 31 else 0
@@ -209,7 +212,8 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
     integers, which it biases toward small values), laid out so that all-zero
     bytes are the plain valid case: that is where a failure shrinks to.
     """
-    blob = draw(st.binary(min_size=8 * (3 + MAX_DEPTH), max_size=8 * (3 + MAX_DEPTH)))
+    size_blob = 8 * (3 + 2 * MAX_DEPTH)
+    blob = draw(st.binary(min_size=size_blob, max_size=size_blob))
     c, g, fw, *words = (int.from_bytes(blob[i:i + 8], "little") for i in range(0, len(blob), 8))
     # word c: the structural choices, each list ordered simplest first
     mode = modes[_field(c, 0, 8) % len(modes)]
@@ -274,9 +278,10 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
         cr3 = frames[0] * _PAGE + cr3_low
     top = cr3 & (0xFFFFFFE0 if mode == MODE_PAE else ~0xFFF)
 
-    # ---- one word per level: flags (0-31), index (32-41), injected bit
-    # (42-49), decoy (50-63)
+    # ---- two words per level: flags (0-31) and index (32-41); injected bit
+    # (0-11) and decoy (12-25)
     cands = _candidate_bits(mode, m)
+    extras = words[MAX_DEPTH:MAX_DEPTH + nlev]
     words = words[:nlev]
     vaddr = target & (page_size - 1)
     indices = []
@@ -295,7 +300,7 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
     for depth, word in enumerate(words):
         shift, width = layout[depth]
         leaf = depth == leaf_depth
-        e = _flag_bits(word & 0xFFFFFFFF, size=size, leaf=leaf,
+        e = _flag_bits(word & 0xFFFFFFFF, size=size,
                        pdpte_pae=mode == MODE_PAE and depth == 0)
         if leaf:
             base = target & ~(page_size - 1)
@@ -310,13 +315,13 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
             e |= frames[depth + 1] * _PAGE
             if mode == MODE_32 and word >> 28 & 1:
                 e |= sm.PTE_PS      # ignored without CR4.PSE (SDM 4.3)
-        inj = _field(word, 42, 8)
-        if inj >= 242:              # ~5 % of entries get one chosen bit set
-            e |= 1 << cands[(inj - 242) % len(cands)]
+        extra = extras[depth]
+        if _field(extra, 0, 4) == 15:   # 1 entry in 16 gets one chosen bit set
+            e |= 1 << cands[_field(extra, 4, 8) % len(cands)]
         ea = table + indices[depth] * size
         path.append((ea, e))
         # decoy: a present entry at index ^ (1 << k), pointing somewhere else
-        dv = _field(word, 50, 14)
+        dv = _field(extra, 12, 14)
         didx = indices[depth] ^ (1 << (dv % width))
         if dv >> 4 & 3 and not (depth == 0 and didx == avoid_top_index):
             dframe = first_frame + (dv >> 6) % span

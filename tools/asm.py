@@ -9,6 +9,9 @@ names its output format::
     ; vmlab-entry: _start               (ELF entry label; default _start, else org)
     ; vmlab-cmdline: words...           (kernel command line to boot it with)
     ; vmlab-module: data/file args...   (a multiboot module, repeatable)
+    ; vmlab-qemu-append: words...       (extra command line for QEMU runs only)
+    ; vmlab-qemu-known-fail: text       (a FAIL line QEMU is known to cause by
+                                         deviating from hardware; repeatable)
 
 Formats: ``bootsector`` (16-bit at 0x7c00, padded to 510 bytes + 0x55 0xAA),
 ``multiboot-aout`` (flat image whose Multiboot v1 header sets flags bit 16),
@@ -17,36 +20,54 @@ entered in long mode by vmlab's loader; QEMU cannot boot it).
 
 Mixed 16/32/64-bit code lives in ONE source: Keystone honours ``.code16``,
 ``.code32`` and ``.code64`` (measured with keystone-engine 0.9.2), and labels are
-visible across them.  Where Keystone mis-encodes, this module rewrites the line
-before Keystone sees it (see ``_rewrite``) or refuses it with a clear error:
+visible across them, so no chunk scheme is needed.  Where Keystone mis-encodes,
+the preprocessor rewrites the line before Keystone sees it or refuses it with a
+clear error (every rewrite is checked with Capstone in
+tests/guests/test_guests_qemu.py):
 
+* Constants.  Keystone mis-parses symbolic constants in instruction operands
+  (``K = 0x23``): ``mov ecx, -K`` and ``mov eax, 0 + K`` become memory loads,
+  ``[ebx + K*2]`` loses the scale, ``[lab + K]`` the label, ``[ebx - K]`` the
+  sign.  Literal numbers work, so every constant (``K = expr``, ``.equ``,
+  ``.set``) is evaluated here and substituted by its value, and constant
+  operands are folded to one literal.  Keystone's directives and its operands
+  disagree on the precedence of ``<< >> | & ^`` against ``+ - * /``, so such
+  mixes must be parenthesised (an error says so).
+* ``push IMM``: Keystone picks the width from the spelling (``push 0x23`` pushes
+  a dword in 16-bit code, ``push K`` or ``push label`` a word in 32-bit code) ->
+  emitted as ``68 imm16`` (16-bit) or ``68 imm32`` (32/64-bit).
 * ``ljmp SEL:OFF`` in 32-bit code gets a 0x66 prefix (ptr16:16, offset truncated
   to 16 bits) -> emitted as ``EA imm32 imm16``; in 16-bit code as
   ``66 EA imm32 imm16`` (``.word label`` is a Keystone "invalid fixup", and a
   32-bit offset is right whatever the target segment is).
 * ``lgdt/lidt/sgdt/sidt`` in 32-bit code get a 0x66 prefix (24-bit base) ->
   emitted as ``0F 01 /n`` with a disp32 or a plain base register.
+* In 64-bit code a memory operand that is a bare number is mis-encoded
+  (``mov rcx, [0x1000]`` becomes ``[rip + 0x1000]``) while ``[symbol]`` is
+  right -- if the symbol is defined after its use (defined before, Keystone
+  folds it back into the bad encoding).  So a constant address becomes a
+  symbol defined at the end of the source; one at or above 2 GiB cannot be a
+  disp32 and is refused (use a register base, or movabs).
 * Directives are whitelisted: ``.text`` segfaults Keystone, ``.fill`` with a
   label-relative count hangs it, ``.section``/``.include``/``.incbin``/``.end``
   silently emit nothing, ``.balign N, fill`` silently does not align.
+* Keystone is never given an option: in 0.9.2 any ``ks_option`` call (even
+  installing a symbol resolver) switches operands to radix 16 (``mov al, 13``
+  -> ``mov al, 0x13``).  Errors are located by bisection instead.
 
 Other traps that guest authors must know (not rewritten):
 * In 16-bit code Keystone encodes near ``call``/``ret``/relaxed ``jmp``/``jcc``
   with a 0x66 prefix (32-bit return addresses).  Consistent, so it works below
-  64 KiB, but costs bytes.
+  64 KiB, but costs bytes.  It also drops a scaled index in 16-bit code with
+  32-bit addressing (``[ebx*4 + 8]``): avoid that form there.
 * Alignment padding is made of 32-bit multi-byte NOPs: never fall through a
   ``.balign`` in ``.code16`` code.
-* ``push label`` in 32-bit code is an "invalid fixup": ``mov eax, label; push eax``.
 * Numeric local labels (``1:``/``1b``) and ``\\@`` in macros are not supported:
-  use unique names.
+  use unique names.  Macros must be defined before use.
 * ``mov eax, label`` is an immediate (the address); ``mov eax, [label]`` a load.
-* In 64-bit code a memory operand that is a bare number is mis-encoded
-  (``mov rcx, [0x1000]`` becomes ``[rip + 0x1000]``; ``[0xfee000b0]`` a
-  sign-extended disp32): refused here.  Use a register base
-  (``mov eax, 0xfee000b0`` / ``mov dword ptr [rax], 0``) or a label (labels are
-  encoded as absolute disp32, right below 2 GiB).
-* Keystone accepts some malformed operands silently (``[ebx+`` -> ``[ebx]``):
-  tests check the encodings that matter with Capstone.
+  In 64-bit code labels are encoded as absolute disp32 or RIP-relative: right
+  when the code runs at its link address below 2 GiB.
+* Keystone accepts some malformed operands silently (``[ebx+`` -> ``[ebx]``).
 
 Errors (Keystone failure, missing include, bad header, image too big...) raise
 :class:`AsmError` carrying the file and line.
@@ -68,7 +89,7 @@ import keystone
 #: Bump whenever a change of this module can change the bytes it produces: the
 #: version is part of every build's cache key, so a stale build never runs.  (The
 #: key also covers this file's own text, in case a bump is forgotten.)
-ASM_VERSION = "2"
+ASM_VERSION = "3"
 
 REPO = Path(__file__).resolve().parent.parent
 GUESTS_DIR = REPO / "guests"
@@ -131,6 +152,8 @@ class GuestHeader:
     entry: str | None
     cmdline: str | None
     modules: tuple[str, ...]
+    qemu_append: str | None = None
+    qemu_known_fails: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,13 +183,14 @@ class Preprocessed:
 # --------------------------------------------------------------------------
 
 _HEADER_RE = re.compile(r"^\s*;\s*vmlab-([a-z0-9-]+)\s*:\s*(.*?)\s*$")
-_HEADER_KEYS = {"format", "org", "entry", "cmdline", "module"}
+_HEADER_KEYS = {"format", "org", "entry", "cmdline", "module", "qemu-append", "qemu-known-fail"}
+_REPEATABLE = {"module", "qemu-known-fail"}
 
 
 def parse_header(text: str, file: str = "<inline>") -> GuestHeader:
     """Read the ``; vmlab-KEY: value`` lines of the leading comment block."""
     fields: dict[str, str] = {}
-    modules: list[str] = []
+    lists: dict[str, list[str]] = {key: [] for key in _REPEATABLE}
     for lineno, raw in enumerate(text.splitlines(), 1):
         stripped = raw.strip()
         if stripped and not stripped.startswith(";"):
@@ -177,8 +201,8 @@ def parse_header(text: str, file: str = "<inline>") -> GuestHeader:
         key, value = m.group(1), m.group(2)
         if key not in _HEADER_KEYS:
             raise AsmError(f"unknown header key 'vmlab-{key}'", file, lineno)
-        if key == "module":
-            modules.append(value)
+        if key in _REPEATABLE:
+            lists[key].append(value)
         elif key in fields:
             raise AsmError(f"header key 'vmlab-{key}' given twice", file, lineno)
         else:
@@ -195,7 +219,9 @@ def parse_header(text: str, file: str = "<inline>") -> GuestHeader:
         org=int(fields["org"], 0) if "org" in fields else None,
         entry=fields.get("entry"),
         cmdline=fields.get("cmdline"),
-        modules=tuple(modules),
+        modules=tuple(lists["module"]),
+        qemu_append=fields.get("qemu-append"),
+        qemu_known_fails=tuple(lists["qemu-known-fail"]),
     )
 
 
@@ -224,8 +250,7 @@ _REG_RE = re.compile(
     r"\b(?:[re]?[abcd]x|[abcd][lh]|[re]?(?:si|di|bp|sp)|(?:si|di|bp|sp)l|r(?:[89]|1[0-5])[dwb]?|rip|eip)\b",
     re.I,
 )
-_NUMERIC_MEM_RE = re.compile(
-    r"(?:\b[cdefgs]s\s*:\s*)?\[\s*[-+]?\s*(?:0x[0-9a-f]+|\d+)\s*\]", re.I)
+_PUSH_IMM_RE = re.compile(r"^push\s+(?P<op>[^\[\]]+?)\s*$", re.I)
 _DESC_TABLE_REG = {"sgdt": 0, "sidt": 1, "lgdt": 2, "lidt": 3}
 _MODRM_BASE = {"eax": 0, "ecx": 1, "edx": 2, "ebx": 3, "esi": 6, "edi": 7}
 
@@ -281,13 +306,201 @@ def _resolve_include(name: str, including: Path | None, dirs: list[Path]) -> Pat
     return None
 
 
+# --------------------------------------------------------------------------
+# Constant expressions
+#
+# Keystone 0.9.2 mis-parses symbolic constants inside instruction operands
+# (K = 0x23):  "mov ecx, -K" and "mov eax, 0 + K" become memory loads,
+# "[ebx + K*2]" loses the scale, "[lab + K]" loses the label, "[ebx - K]" the
+# sign, "push K" pushes a word.  Literal numbers are handled right, so the
+# preprocessor substitutes every constant by its value and folds constant
+# operands to one literal.  (Its directives and its Intel operands also disagree
+# on operator precedence, so ambiguous mixes must be parenthesised.)
+# --------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<num>0[xX][0-9a-fA-F]+|0[bB][01]+|[0-9][0-9a-fA-F]*[hH](?![\w$])|\d+)"
+    r"|(?P<chr>'(?:\\.|[^'\\])')|(?P<id>[A-Za-z_$][\w$.]*)|(?P<op><<|>>|[-+*/%|&^~()]))")
+_ARITH = {"+", "-", "*", "/", "%"}
+_SINGLE_FAMILIES = ({"<<", ">>"}, {"|"}, {"&"}, {"^"})
+_CHAR_ESCAPES = {"n": 10, "r": 13, "t": 9, "0": 0, "\\": 92, "'": 39, '"': 34}
+
+
+class _NotConstant(Exception):
+    pass
+
+
+class _AmbiguousExpr(Exception):
+    pass
+
+
+def _tokenize(expr: str) -> list[tuple[str, str]] | None:
+    out, pos = [], 0
+    expr = expr.rstrip()
+    while pos < len(expr):
+        m = _TOKEN_RE.match(expr, pos)
+        if not m or m.end() == pos:
+            return None
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def _number(text: str) -> int:
+    low = text.lower()
+    if low.startswith("0x"):
+        return int(low, 16)
+    if low.startswith("0b"):
+        return int(low[2:], 2)
+    if low.endswith("h"):
+        return int(low[:-1], 16)
+    if len(low) > 1 and low.startswith("0"):
+        return int(low, 8)  # GNU as: a leading 0 means octal
+    return int(low)
+
+
+def _char(text: str) -> int:
+    body = text[1:-1]
+    if body.startswith("\\"):
+        return _CHAR_ESCAPES.get(body[1], ord(body[1]))
+    return ord(body)
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if op in ("/", "%"):
+        if b == 0:
+            raise _NotConstant
+        q = abs(a) // abs(b) * (1 if (a >= 0) == (b >= 0) else -1)
+        return q if op == "/" else a - q * b
+    if op == "<<":
+        return a << b
+    if op == ">>":
+        return a >> b
+    return {"|": a | b, "&": a & b, "^": a ^ b}[op]
+
+
+class _Evaluator:
+    """Evaluate a token list; names must be known constants."""
+
+    def __init__(self, tokens, constants):
+        self.tokens, self.constants, self.pos = tokens, constants, 0
+
+    def run(self) -> int:
+        value = self.expr()
+        if self.pos != len(self.tokens):
+            raise _NotConstant
+        return value
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+
+    def primary(self) -> int:
+        kind, text = self.peek()
+        self.pos += 1
+        if kind == "num":
+            return _number(text)
+        if kind == "chr":
+            return _char(text)
+        if kind == "id":
+            if text not in self.constants:
+                raise _NotConstant
+            return self.constants[text]
+        if kind == "op" and text == "(":
+            value = self.expr()
+            if self.peek() != ("op", ")"):
+                raise _NotConstant
+            self.pos += 1
+            return value
+        if kind == "op" and text in ("-", "+", "~"):
+            value = self.primary()
+            return {"-": -value, "+": value, "~": ~value}[text]
+        raise _NotConstant
+
+    def expr(self) -> int:
+        values, ops = [self.primary()], []
+        while True:
+            kind, text = self.peek()
+            if kind != "op" or text in ("(", ")", "~"):
+                break
+            self.pos += 1
+            ops.append(text)
+            values.append(self.primary())
+        used = set(ops)
+        if used and not (used <= _ARITH or any(used <= fam for fam in _SINGLE_FAMILIES)):
+            raise _AmbiguousExpr
+        # * / % before + - (the only precedence both of Keystone's parsers share).
+        i = 0
+        while i < len(ops):
+            if ops[i] in ("*", "/", "%"):
+                values[i:i + 2] = [_apply(ops[i], values[i], values[i + 1])]
+                del ops[i]
+            else:
+                i += 1
+        result = values[0]
+        for op, value in zip(ops, values[1:]):
+            result = _apply(op, result, value)
+        return result
+
+
+def _evaluate(expr: str, constants: dict[str, int]) -> int | None:
+    """Value of ``expr`` if it only involves numbers and known constants."""
+    tokens = _tokenize(expr)
+    if not tokens:
+        return None
+    try:
+        return _Evaluator(tokens, constants).run()
+    except _NotConstant:
+        return None
+
+
+def _literal(value: int) -> str:
+    return f"{value:#x}" if value >= 0 else f"(-{-value:#x})"
+
+
+def _split_operands(text: str) -> list[str]:
+    """Split at commas outside brackets, parentheses and quotes."""
+    parts, depth, quote, start = [], 0, None, 0
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "[(":
+            depth += 1
+        elif c in "])":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+_PREFIXES = {"rep", "repe", "repz", "repne", "repnz", "lock"}
+_SIZE_WORDS = {"byte", "word", "dword", "qword", "fword", "tbyte", "xmmword", "ptr", "offset"}
+
+
 class _Preprocessor:
     def __init__(self, mode: int, include_dirs: list[Path]):
         self.mode = mode
         self.include_dirs = include_dirs
         self.lines: list[Line] = []
         self.labels: list[str] = []
-        self.constants: set[str] = set()
+        self.constants: dict[str, int] = {}
+        self.abs_symbols: set[int] = set()
         self.sources: list[tuple[str, str]] = []
         self.depth = 0  # .macro/.rept nesting
 
@@ -329,15 +542,86 @@ class _Preprocessor:
             return
         m = _ASSIGN_RE.match(stmt)
         if m:
-            self.constants.add(m.group(1))
+            stmt = self._assign(m.group(1), stmt[m.end():], file, lineno)
             self.lines.append(Line(stmt, file, lineno))
             return
         word = stmt.split(None, 1)[0].lower()
         if word.startswith("."):
             self._directive(word, stmt, file, lineno)
             return
-        for text in self._rewrite(stmt, file, lineno):
+        for text in self._rewrite(self._fold_instruction(stmt, file, lineno), file, lineno):
             self.lines.append(Line(text, file, lineno))
+
+    def _eval(self, expr: str, file: str, lineno: int) -> int | None:
+        try:
+            return _evaluate(expr, self.constants)
+        except _AmbiguousExpr:
+            raise AsmError(
+                f"parenthesise {expr.strip()!r}: Keystone's operands and directives give "
+                f"<< >> | & ^ different precedences against + - * /", file, lineno) from None
+
+    def _assign(self, name: str, expr: str, file: str, lineno: int) -> str:
+        value = self._eval(expr, file, lineno)
+        if value is None:
+            self.constants.pop(name, None)
+            return f"{name} = {self._substitute(expr, file, lineno)}"
+        self.constants[name] = value
+        return f"{name} = {_literal(value)}"
+
+    def _substitute(self, text: str, file: str, lineno: int) -> str:
+        """Fold ``text`` to a literal, or replace the constants inside it."""
+        if '"' in text or "\\" in text:
+            return text
+        value = self._eval(text, file, lineno)
+        if value is not None:
+            return _literal(value)
+
+        def repl(m):
+            name = m.group(1)
+            return _literal(self.constants[name]) if name in self.constants else name
+        return _IDENT_RE.sub(repl, text)
+
+    def _fold_operand(self, op: str, movabs: bool, file: str, lineno: int) -> str:
+        """Substitute constants in one instruction operand and fold it."""
+        lead = op.lower().split("[", 1)[0].split()
+        if "[" not in op:
+            if not op or op.lower() in _SIZE_WORDS or _REG_RE.fullmatch(op) or \
+                    re.fullmatch(r"[cdefgs]s", op, re.I) or set(lead) & _SIZE_WORDS:
+                return op
+            return self._substitute(op, file, lineno)
+        m = re.match(r"^(?P<pre>[^\[]*)\[(?P<body>[^\]]*)\](?P<post>.*)$", op)
+        if not m:
+            return op
+        body = m.group("body")
+        value = self._eval(body, file, lineno)
+        if value is None:
+            return f"{m.group('pre')}[{self._substitute(body, file, lineno)}]{m.group('post')}"
+        if self.mode == 64 and not movabs:
+            # Keystone encodes [number] RIP-relative or wrongly in 64-bit code but
+            # [symbol] right, if the symbol is defined after its use (defined
+            # before, Keystone folds it back): preprocess() appends the symbol.
+            if not 0 <= value < 0x80000000:
+                raise AsmError(
+                    f"absolute address {value:#x} does not fit a sign-extended disp32 in "
+                    f"64-bit code: put it in a register (or use movabs with al/ax/eax/rax)",
+                    file, lineno)
+            self.abs_symbols.add(value)
+            return f"{m.group('pre')}[__vmlab_abs_{value:x}]{m.group('post')}"
+        return f"{m.group('pre')}[{_literal(value)}]{m.group('post')}"
+
+    def _fold_instruction(self, stmt: str, file: str, lineno: int) -> str:
+        words = stmt.split(None, 1)
+        head = [words[0]]
+        rest = words[1] if len(words) > 1 else ""
+        while head[-1].lower() in _PREFIXES and rest:
+            nxt = rest.split(None, 1)
+            head.append(nxt[0])
+            rest = nxt[1] if len(nxt) > 1 else ""
+        if not rest or "\\" in rest or head[-1].lower() == "ljmp":  # ljmp: _rewrite folds
+            return stmt
+        movabs = head[-1].lower() == "movabs"
+        operands = [self._fold_operand(op, movabs, file, lineno) for op in _split_operands(rest)]
+        return " ".join(head) + " " + ", ".join(operands)
 
     def _directive(self, word: str, stmt: str, file: str, lineno: int) -> None:
         if word not in _DIRECTIVES:
@@ -352,38 +636,50 @@ class _Preprocessor:
             self.mode = int(m.group(1))
         elif word in _BLOCK_OPEN:
             self.depth += 1
+            if word == ".rept":
+                stmt = f".rept {self._substitute(args, file, lineno)}"
         elif word in _BLOCK_CLOSE:
             if self.depth == 0:
                 raise AsmError(f"{word} without an open block", file, lineno)
             self.depth -= 1
         elif word in (".equ", ".set"):
-            self.constants.add(args.split(",", 1)[0].strip())
-        elif word in _ALIGN_DIRECTIVES and "," in args:
-            raise AsmError(
-                f"{word} with a fill value is not supported (Keystone 0.9.2 then does "
-                f"not align at all); use '{word} N'", file, lineno)
+            name, _, expr = args.partition(",")
+            stmt = self._assign(name.strip(), expr, file, lineno)
+        elif word in _ALIGN_DIRECTIVES:
+            if "," in args:
+                raise AsmError(
+                    f"{word} with a fill value is not supported (Keystone 0.9.2 then does "
+                    f"not align at all); use '{word} N'", file, lineno)
+            stmt = f"{word} {self._substitute(args, file, lineno)}"
         elif word in _COUNT_DIRECTIVES:
-            count = args.split(",", 1)[0]
-            bad = [n for n in _IDENT_RE.findall(count) if n not in self.constants]
-            if re.search(r"(?<![\w$])\.(?![\w$])", count) or bad:
+            parts = _split_operands(args)
+            if self._eval(parts[0], file, lineno) is None:
                 raise AsmError(
                     f"{word} count must be a constant (Keystone 0.9.2 hangs or emits "
                     f"nothing for a label-relative count); use .org LABEL + N", file, lineno)
+            stmt = f"{word} " + ", ".join(self._substitute(p, file, lineno) for p in parts)
+        elif word in (".byte", ".word", ".short", ".long", ".int", ".quad", ".org"):
+            stmt = f"{word} " + ", ".join(
+                self._substitute(p, file, lineno) for p in _split_operands(args))
         self.lines.append(Line(stmt, file, lineno))
 
     def _rewrite(self, stmt: str, file: str, lineno: int) -> list[str]:
-        if (self.mode == 64 and _NUMERIC_MEM_RE.search(stmt)
-                and not stmt.lower().startswith("movabs")):
-            raise AsmError(
-                "a bare-number memory operand is mis-encoded by Keystone in 64-bit code; "
-                "use a register base or a label", file, lineno)
+        """Replace what Keystone mis-encodes by explicit bytes (module docstring)."""
         m = _LJMP_RE.match(stmt)
         if m:
-            sel, off = m.group("sel").strip(), m.group("off").strip()
+            sel = self._substitute(m.group("sel").strip(), file, lineno)
+            off = self._substitute(m.group("off").strip(), file, lineno)
             if self.mode == 64:
                 raise AsmError("no direct far jump in 64-bit mode (use retfq or iretq)", file, lineno)
             prefix = ".byte 0x66, 0xea" if self.mode == 16 else ".byte 0xea"
             return [prefix, f".long {off}", f".word {sel}"]
+        m = _PUSH_IMM_RE.match(stmt)
+        if m and not _REG_RE.fullmatch(m.group("op")) and \
+                not re.fullmatch(r"[cdefgs]s", m.group("op"), re.I):
+            # Keystone picks the push width from the operand's spelling.
+            if self.mode == 16:
+                return [".byte 0x68", f".word {m.group('op')}"]
+            return [".byte 0x68", f".long {m.group('op')}"]
         m = _DESC_TABLE_RE.match(stmt)
         if m and self.mode == 32:
             reg = _DESC_TABLE_REG[m.group("op").lower()]
@@ -413,6 +709,8 @@ def preprocess(text: str, mode: int, file: str = "<inline>", *,
     pp.run(text, file, path)
     if pp.depth:
         raise AsmError("unterminated .macro/.rept block at end of file", file)
+    for value in sorted(pp.abs_symbols):
+        pp.lines.append(Line(f"__vmlab_abs_{value:x} = {value:#x}", file, 0))
     return Preprocessed(pp.lines, pp.labels, pp.sources)
 
 

@@ -153,13 +153,19 @@ def cmd_run(args) -> int:
                 raise CliError(f"guest source {kernel!r} not found", EXIT_FILE)
             try:
                 kernel = str(build(kernel))
+                # A guest source may name its command line and modules in its
+                # header (; vmlab-cmdline:, ; vmlab-module:); options override.
+                from tools.guestbuild import boot_config
+                config = boot_config(args.kernel)
             except AsmError as exc:
                 raise CliError(f"cannot assemble {args.kernel}: {exc}", EXIT_FORMAT) from None
+            if not args.append and config.cmdline:
+                args.append = config.cmdline
+            if not args.initrd and config.modules:
+                args.initrd = ",".join(line for _, line in config.modules)
         data = read_image(kernel)
         image = load(data, fmt=args.format, ram_size=ram, cmdline=args.append, modules=_modules(args.initrd),
                      flat_addr=args.flat_addr, flat_mode=args.flat_mode)
-        if image.format in ("multiboot",) and isinstance(kernel, str):
-            pass
     except LoaderFileError as exc:
         raise CliError(str(exc), EXIT_FILE) from None
     except LoaderConfigError as exc:

@@ -87,9 +87,9 @@ class _Record:
     def encode(self) -> int:
         value = 0
         for name, lo, width, _t in self.LAYOUT:
-            v = int(getattr(self, name))
+            v = self._to_raw(name, getattr(self, name))
             if not 0 <= v < (1 << width):
-                raise ValueError(f"{type(self).__name__}.{name} = {v} does not fit {width} bit(s)")
+                raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} does not fit {width} bit(s)")
             value |= v << lo
         return value
 
@@ -99,18 +99,28 @@ class _Record:
         kwargs = {}
         for name, lo, width, t in cls.LAYOUT:
             raw = (value >> lo) & ((1 << width) - 1)
-            kwargs[name] = bool(raw) if t is bool else t(raw)
+            kwargs[name] = cls._from_raw(name, raw, t)
         return cls(**kwargs)
+
+    # Hooks for fields whose stored value is not the raw bits (IoQualification.size).
+    def _to_raw(self, name: str, value) -> int:
+        return int(value)
+
+    @classmethod
+    def _from_raw(cls, name: str, raw: int, t: type):
+        return bool(raw) if t is bool else t(raw)
 
 
 def _check_layout(cls):
     """Class decorator: the LAYOUT names exactly the dataclass fields, without overlaps."""
     names = [f.name for f in fields(cls)]
-    assert sorted(names) == sorted(n for n, *_ in cls.LAYOUT), cls
+    if sorted(names) != sorted(n for n, *_ in cls.LAYOUT):
+        raise TypeError(f"{cls.__name__}.LAYOUT does not name exactly its fields")
     seen = 0
-    for _, lo, width, _t in cls.LAYOUT:
+    for name, lo, width, _t in cls.LAYOUT:
         bits = ((1 << width) - 1) << lo
-        assert not seen & bits, cls
+        if seen & bits:
+            raise TypeError(f"{cls.__name__}.LAYOUT: {name} overlaps another field")
         seen |= bits
     return cls
 
@@ -211,31 +221,20 @@ class IoQualification(_Record):
     LAYOUT = (("size", 0, 3, int), ("direction_in", 3, 1, bool), ("string", 4, 1, bool), ("rep", 5, 1, bool),
               ("immediate", 6, 1, bool), ("port", 16, 16, int))
 
-    def encode(self) -> int:
-        if self.size not in (1, 2, 4):
-            raise ValueError(f"I/O access size {self.size} is not 1, 2 or 4")
-        return super(IoQualification, _SizeMinusOne(self)).encode()
+    def _to_raw(self, name: str, value) -> int:
+        if name == "size":
+            if value not in (1, 2, 4):
+                raise ValueError(f"I/O access size {value!r} is not 1, 2 or 4")
+            return value - 1
+        return int(value)
 
     @classmethod
-    def decode(cls, value: int) -> "IoQualification":
-        code = value & 0x7
-        if code not in (0, 1, 3):
-            raise ValueError(f"I/O qualification {value:#x}: size encoding {code} is not used")
-        raw = super().decode(value)
-        return cls(**{**raw.__dict__, "size": code + 1})
-
-
-class _SizeMinusOne:
-    """A view of an IoQualification whose ``size`` reads as the encoded size - 1."""
-
-    LAYOUT = IoQualification.LAYOUT
-
-    def __init__(self, q: IoQualification):
-        self._q = q
-
-    def __getattr__(self, name):
-        value = getattr(self._q, name)
-        return value - 1 if name == "size" else value
+    def _from_raw(cls, name: str, raw: int, t: type):
+        if name == "size":
+            if raw not in (0, 1, 3):
+                raise ValueError(f"I/O qualification size encoding {raw} is not used (SDM Table 28-5)")
+            return raw + 1
+        return super()._from_raw(name, raw, t)
 
 
 class ApicAccessType(IntEnum):

@@ -1,6 +1,7 @@
 """Every guest in guests/ runs on vmlab, through the CLI and through the Python
 API; the transcript must hold PASS lines, no FAIL line, DONE, and the guest's
-debug-exit status 1 ((0 << 1) | 1)."""
+debug-exit status 1 ((0 << 1) | 1).  Command lines and modules come from the
+guests' own headers (; vmlab-cmdline:, ; vmlab-module:)."""
 import os
 import pathlib
 import re
@@ -11,19 +12,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 GUESTS = sorted(p.name for p in (ROOT / "guests").glob("*.asm"))
-#: per-guest extra CLI arguments (the multiboot-info guest checks its command line and modules)
-EXTRA = {
-    "multiboot_info.asm": lambda tmp: ["--append", "vmlab-test-cmdline",
-                                       "--initrd", f"{_module(tmp)} module-arg"],
-}
-
-
-def _module(tmp: pathlib.Path) -> str:
-    p = tmp / "module.bin"
-    p.write_bytes(b"vmlab module payload\n" * 10)
-    return str(p)
-
-
 def _check_transcript(text: str) -> None:
     assert "PASS" in text, text
     fails = [l for l in text.splitlines() if l.startswith("FAIL")]
@@ -38,7 +26,6 @@ def test_guest_list_is_not_empty():
 @pytest.mark.parametrize("guest", GUESTS)
 def test_guest_passes_through_cli(guest, tmp_path):
     cmd = [sys.executable, "-m", "tools", "run", str(ROOT / "guests" / guest), "--timeout", "120"]
-    cmd += EXTRA.get(guest, lambda t: [])(tmp_path)
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
     out = p.stdout.decode(errors="replace")
     _check_transcript(out)
@@ -51,12 +38,10 @@ def test_guest_passes_through_python_api(guest, tmp_path):
     from tools.asm import build
     from vmm.vm import Vm
 
-    args = EXTRA.get(guest, lambda t: [])(tmp_path)
-    cmdline, modules = "", ()
-    if args:
-        cmdline = args[1]
-        path, _, arg = args[3].partition(" ")
-        modules = [(pathlib.Path(path).read_bytes(), f"{path} {arg}")]
+    from tools.guestbuild import boot_config
+    config = boot_config(ROOT / "guests" / guest)
+    cmdline = config.cmdline
+    modules = [(pathlib.Path(path).read_bytes(), line) for path, line in config.modules]
     ram = 64 << 20
     vm = Vm(ram, serial=None, cmdline=cmdline)
     image_path = build(ROOT / "guests" / guest)

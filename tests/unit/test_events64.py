@@ -134,3 +134,17 @@ ring3:
     assert ec == 0x5
     assert cs == 0x1b
     assert machine.cpu.regs.cr2 == rip
+
+
+def test_non_canonical_data_access_is_gp_and_stack_access_is_ss(machine):
+    setup(machine, "mov rbx, 0x8000000000000000\n mov rax, [rbx]\n hlt", {13: {}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    _, (ec, rip, *_) = frame(machine, 2)
+    assert ec == 0 and machine.mem.read(rip, 3) == b"\x48\x8b\x03"
+
+
+def test_non_canonical_rbp_access_is_ss(machine):
+    setup(machine, "mov rbp, 0x8000000000000000\n mov rax, [rbp]\n hlt", {12: {}})
+    res = machine.run()
+    assert res.reason == "debug-exit", res
