@@ -78,6 +78,8 @@ class EntryOk:
 
     ok: ClassVar[bool] = True
     reason: str = "all VM-entry checks passed"
+    field: str = ""
+    section: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,13 +138,12 @@ def _canonical(addr: int, bits: int) -> bool:
 
 
 def _bit_names(cls, bits: int) -> str:
+    defined = {int(m): m.name for m in cls.__members__.values()}
     names = []
     for n in range(32):
         if bits >> n & 1:
-            try:
-                names.append(f"{cls(1 << n).name} (bit {n})")
-            except ValueError:
-                names.append(f"reserved bit {n}")
+            name = defined.get(1 << n)
+            names.append(f"{name} (bit {n})" if name else f"reserved bit {n}")
     return ", ".join(names)
 
 

@@ -1,0 +1,244 @@
+"""VM exits decided by VMCS controls, with SDM-exact exit information
+(SDM Vol. 3C ch. 26 and 28), through the vmx_guest harness."""
+import struct
+
+import pytest
+
+from support import gate64
+from vmm import vmcs as F
+from vmm.controls import InterruptionInfo, InterruptionType, PinBasedControls, PrimaryProcBasedControls as P
+from vmm.exit_reasons import ExitReason
+from vmm.harness import vmx_guest
+from vmm.qualification import CrAccessQualification, CrAccessType, Gpr, IoQualification
+from vmm.vmx import VmEntryFailed
+
+
+def run(g, n=100_000):
+    return g.run(max_insns=n)
+
+
+def test_cpuid_exits_unconditionally_with_instruction_length():
+    g = vmx_guest("mov eax, 1\n cpuid\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.CPUID
+    assert ex.instruction_length == 2
+    assert ex.vmcs.read(F.GUEST_RIP) == 0x100005          # at the CPUID
+    assert ex.vmcs.read(F.VM_EXIT_REASON) == 10
+    assert ex.regs.rax == 1
+
+
+def test_handler_changes_registers_and_skips():
+    g = vmx_guest("mov eax, 0x40000000\n cpuid\n mov r8, rbx\n hlt")
+
+    @g.handler(ExitReason.CPUID)
+    def cpuid(ex):
+        ex.regs.rbx = 0x766D6C61       # "vmla"
+        ex.skip()
+
+    ex = run(g)
+    assert ex.reason == ExitReason.HLT
+    assert g.regs.r8 == 0x766D6C61
+
+
+def test_unconditional_io_exiting_qualification_is_sdm_table_28_5():
+    g = vmx_guest("mov dx, 0x3f8\n mov al, 0x41\n out dx, al\n in al, 0x80\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.IO_INSTRUCTION
+    # size-1 = 0, OUT (bit 3 = 0), DX operand (bit 6 = 0), port 0x3f8 in bits 31:16
+    assert ex.qualification == 0x03F80000
+    assert ex.decoded == IoQualification(size=1, direction_in=False, port=0x3F8)
+    ex.emulate()
+    ex = run(g)
+    assert ex.qualification == IoQualification(size=1, direction_in=True, port=0x80, immediate=True).encode()
+    assert ex.qualification == 0x00800048
+    assert g.vm.serial_output == b"A"
+
+
+def test_io_bitmap_lets_some_ports_through_to_the_devices():
+    bitmap_a = 0x20000
+    g = vmx_guest("mov dx, 0x3f8\n mov al, 0x42\n out dx, al\n out 0x80, al\n hlt",
+                  proc=(P.USE_IO_BITMAPS, P.UNCONDITIONAL_IO_EXITING),
+                  fields={"IO_BITMAP_A": bitmap_a, "IO_BITMAP_B": bitmap_a + 0x1000})
+    g.vm.mem.write(bitmap_a + 0x80 // 8, bytes([1 << (0x80 % 8)]))
+    ex = run(g)
+    assert ex.reason == ExitReason.IO_INSTRUCTION and ex.decoded.port == 0x80
+    assert g.vm.serial_output == b"B"          # 0x3f8 went straight to the UART
+
+
+def test_msr_bitmap_read_exit_and_write_pass_through():
+    bitmap = 0x20000
+    g = vmx_guest("mov ecx, 0xc0000082\n mov eax, 0x1000\n xor edx, edx\n wrmsr\n rdmsr\n hlt",
+                  proc=(P.USE_MSR_BITMAPS, 0), fields={"MSR_BITMAP": bitmap})
+    g.vm.mem.write(bitmap + 0x400 + 0x82 // 8, bytes([1 << (0x82 % 8)]))   # read-high: LSTAR
+    ex = run(g)
+    assert ex.reason == ExitReason.RDMSR
+    assert g.vm.msrs.read(0xC0000082) == 0x1000                            # the WRMSR did not exit
+
+
+def test_mov_to_cr0_owned_bit_exits_with_cr_access_qualification():
+    g = vmx_guest("mov rbx, cr0\n and rbx, 0xfffffffffffeffff\n mov cr0, rbx\n hlt",
+                  fields={"CR0_GUEST_HOST_MASK": 1 << 16 | 1 << 5})
+    g.vmcs["CR0_READ_SHADOW"] = g.vmcs["GUEST_CR0"]
+    ex = run(g)
+    assert ex.reason == ExitReason.CR_ACCESS
+    q = CrAccessQualification.decode(ex.qualification)
+    assert q == CrAccessQualification(cr=0, access_type=CrAccessType.MOV_TO_CR, gpr=Gpr.RBX)
+    assert ex.qualification == 0x300
+
+
+def test_mov_from_cr0_reads_the_shadow_for_owned_bits():
+    g = vmx_guest("mov rax, cr0\n hlt", fields={"CR0_GUEST_HOST_MASK": 1 << 18})
+    g.vmcs["CR0_READ_SHADOW"] = g.vmcs["GUEST_CR0"] | 1 << 18
+    ex = run(g)
+    assert ex.reason == ExitReason.HLT
+    assert g.regs.rax & (1 << 18)
+    assert not g.cpu.regs.cr0 & (1 << 18)
+
+
+def test_cr3_load_exiting_spares_cr3_target_values():
+    g = vmx_guest("mov rax, cr3\n mov cr3, rax\n mov rbx, 0x2000\n mov cr3, rbx\n hlt",
+                  proc=(P.CR3_LOAD_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.CR_ACCESS and ex.decoded.cr == 3
+    ex.skip()
+    g.vmcs["CR3_TARGET_COUNT"] = 1
+    g.vmcs["CR3_TARGET_VALUE0"] = 0x2000
+    g.vmcs["GUEST_RIP"] = 0x100000
+    ex = run(g)
+    assert ex.reason == ExitReason.HLT
+
+
+def test_invlpg_exiting_qualification_is_the_linear_address():
+    g = vmx_guest("mov rbx, 0x123000\n invlpg [rbx + 0x45]\n hlt", proc=(P.INVLPG_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.INVLPG and ex.qualification == 0x123045
+    assert ex.instruction_length == 4
+
+
+def test_hlt_exiting_off_halts_in_the_guest():
+    g = vmx_guest("mov ecx, 10\n l: dec ecx\n jnz l\n rdtsc\n hlt", proc=(P.RDTSC_EXITING, P.HLT_EXITING))
+    ex = run(g)
+    assert ex.reason == ExitReason.RDTSC and ex.instruction_length == 2
+
+
+def test_exception_bitmap_ud_exit_has_interruption_information():
+    g = vmx_guest("nop\n ud2\n hlt", exception_bitmap=1 << 6)
+    ex = run(g)
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
+    assert (info.vector, info.type, info.valid, info.deliver_error_code) == (6, InterruptionType.HARDWARE_EXCEPTION,
+                                                                              True, False)
+    assert ex.vmcs.read(F.GUEST_RIP) == 0x100001
+
+
+def test_int3_exit_is_a_software_exception_with_length_one():
+    g = vmx_guest("int3\n hlt", exception_bitmap=1 << 3)
+    ex = run(g)
+    info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
+    assert info.type == InterruptionType.SOFTWARE_EXCEPTION and info.vector == 3
+    assert ex.instruction_length == 1 and ex.vmcs.read(F.GUEST_RIP) == 0x100000
+
+
+def test_page_fault_exit_follows_error_code_mask_and_match():
+    code = "mov rax, [0x40000010]\n hlt"       # beyond the 1 GiB identity map: not present
+    g = vmx_guest(code, exception_bitmap=1 << 14,
+                  fields={"PAGE_FAULT_ERROR_CODE_MASK": 1, "PAGE_FAULT_ERROR_CODE_MATCH": 0})
+    ex = run(g)
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    assert ex.qualification == 0x40000010                       # CR2 in the qualification
+    assert ex.vmcs.read(F.VM_EXIT_INTR_ERROR_CODE) == 0
+    # With match = 1 (P=1 faults only), the not-present fault no longer exits.
+    g2 = vmx_guest(code, exception_bitmap=1 << 14,
+                   fields={"PAGE_FAULT_ERROR_CODE_MASK": 1, "PAGE_FAULT_ERROR_CODE_MATCH": 1})
+    ex = run(g2)
+    assert ex.reason == ExitReason.TRIPLE_FAULT                 # delivered to an empty IDT
+
+
+def test_vmcall_exits():
+    g = vmx_guest("vmcall\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.VMCALL and ex.instruction_length == 3
+
+
+def test_event_injection_reaches_the_guest_idt_handler():
+    # An injected external interrupt needs RFLAGS.IF = 1 (SDM 27.3.1.5).
+    g = vmx_guest("hlt\n hlt", fields={"GUEST_RFLAGS": 0x202})
+    handler = 0x180000
+    g.vm.mem.write(handler, bytes.fromhex("49c7c0efbeadde") + b"\x48\xcf")   # mov r8, 0xdeadbeef; iretq
+    g.vm.mem.write(0x7000 + 16 * 0x30, gate64(handler, 0x08))
+    g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.external_interrupt(0x30).encode()
+    ex = run(g)
+    assert ex.reason == ExitReason.HLT
+    assert g.regs.r8 == 0xDEADBEEF
+
+
+def test_interrupt_window_exiting_exits_when_if_becomes_one():
+    g = vmx_guest("cli\n nop\n sti\n nop\n hlt", proc=(P.INTERRUPT_WINDOW_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.INTERRUPT_WINDOW
+    assert ex.vmcs.read(F.GUEST_RFLAGS) & 0x200
+
+
+def test_triple_fault_exits():
+    g = vmx_guest("xor ecx, ecx\n div ecx\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.TRIPLE_FAULT
+
+
+def test_bad_guest_rflags_fails_entry_with_reason_33():
+    g = vmx_guest("hlt", fields={"GUEST_RFLAGS": 0})
+    ex = run(g)
+    assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_GUEST_STATE
+    assert ex.vmcs.read(F.VM_EXIT_REASON) == (1 << 31) | 33
+
+
+def test_reserved_control_bit_is_vmfail_valid():
+    g = vmx_guest("hlt")
+    g.vmcs["CR3_TARGET_COUNT"] = 5
+    with pytest.raises(VmEntryFailed):
+        run(g)
+
+
+def test_default_handlers_run_an_ordinary_guest():
+    g = vmx_guest("mov dx, 0x3f8\n mov al, 0x4f\n out dx, al\n mov al, 0x4b\n out dx, al\n"
+                  "mov eax, 0\n cpuid\n mov ecx, 0x1b\n rdmsr\n vmcall")
+    g.use_default_handlers()
+    ex = run(g)
+    assert ex.reason == ExitReason.VMCALL
+    assert g.vm.serial_output == b"OK"
+    assert g.regs.rax == 0xFEE00900
+
+
+def test_external_interrupt_exiting_acknowledges_the_pit_interrupt():
+    code = """
+        mov al, 0x11
+        out 0x20, al
+        mov al, 0x20
+        out 0x21, al
+        mov al, 4
+        out 0x21, al
+        mov al, 1
+        out 0x21, al
+        mov al, 0xfe
+        out 0x21, al
+        mov al, 0x34
+        out 0x43, al
+        mov al, 0xa9
+        out 0x40, al
+        mov al, 4
+        out 0x40, al
+        l: jmp l
+    """
+    g = vmx_guest(code)
+    g.use_default_handlers(ExitReason.IO_INSTRUCTION)
+    ex = run(g, 5_000_000)
+    assert ex.reason == ExitReason.EXTERNAL_INTERRUPT
+    info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
+    assert info.vector == 0x20 and info.type == InterruptionType.EXTERNAL_INTERRUPT
+
+
+def test_injecting_an_external_interrupt_with_if_clear_fails_entry():
+    g = vmx_guest("hlt")
+    g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.external_interrupt(0x30).encode()
+    ex = run(g)
+    assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_GUEST_STATE

@@ -1,0 +1,77 @@
+"""Test harness: a guest under a VMCS in a few lines, for pytest or plain Python.
+
+    from vmm.harness import vmx_guest
+    g = vmx_guest('''
+        mov eax, 1
+        cpuid
+        hlt
+    ''', mode="long64")
+    ex = g.run()
+    assert ex.reason == ExitReason.CPUID and ex.instruction_length == 2
+
+``vmx_guest`` builds a Vm, writes the guest code at GUEST_RIP (0x100000), builds
+what the baseline VMCS's guest state points at (identity page tables at CR3
+0x2000 for long64, a GDT at 0x6000, a busy TSS at 0x5000, an empty IDT at
+0x7000) and returns a VmxGuest whose VMCS is ``entry_checks.baseline_vmcs(mode)``
+with the control changes given by keyword.  Installed as a pytest plugin
+(entry point ``pytest11``), it also provides the fixture ``vmx_guest``.
+"""
+from __future__ import annotations
+
+import struct
+
+from .entry_checks import baseline_vmcs
+from .vm import Vm
+from .vmx import VmxGuest
+from . import vmcs as F
+
+GUEST_CODE = 0x100000
+_BITS = {"long64": 64, "protected32": 32, "real-unrestricted": 16}
+
+
+def _assemble(text: str, base: int, bits: int) -> bytes:
+    from tools.asm import assemble
+    return assemble(text, bits, base)
+
+
+def vmx_guest(code: str | bytes, mode: str = "long64", *, ram: int = 32 << 20, caps=None,
+              pin: tuple[int, int] = (0, 0), proc: tuple[int, int] = (0, 0), proc2: tuple[int, int] = (0, 0),
+              exception_bitmap: int | None = None, fields: dict | None = None, serial=None) -> VmxGuest:
+    """A VmxGuest running ``code`` (assembly text or bytes) in ``mode``.
+    ``pin``/``proc``/``proc2`` are (set, clear) bit masks applied to the
+    baseline controls; ``fields`` writes any VMCS field by name or encoding."""
+    vm = Vm(ram, serial=serial)
+    vmx = VmxGuest(vm, caps)
+    vmcs = baseline_vmcs(mode, vmx.caps)
+    vmx.vmcs = vmcs
+    for enc, (on, off) in ((F.PIN_BASED_VM_EXEC_CONTROL, pin), (F.CPU_BASED_VM_EXEC_CONTROL, proc),
+                           (F.SECONDARY_VM_EXEC_CONTROL, proc2)):
+        vmcs.write(enc, (vmcs.read(enc) | int(on)) & ~int(off))
+    if exception_bitmap is not None:
+        vmcs.write(F.EXCEPTION_BITMAP, exception_bitmap)
+    for name, value in (fields or {}).items():
+        vmcs[name] = value
+    mem = vm.mem
+    if mode == "long64":
+        mem.write(0x2000, struct.pack("<Q", 0x3000 | 7))
+        mem.write(0x3000, struct.pack("<Q", 0x4000 | 7))
+        mem.write(0x4000, b"".join(struct.pack("<Q", (i << 21) | 0x87) for i in range(512)))
+    gdt = [0, 0x00AF9B000000FFFF if mode == "long64" else 0x00CF9B000000FFFF, 0x00CF93000000FFFF,
+           0x00008B0050000067]
+    mem.write(0x6000, b"".join(struct.pack("<Q", d) for d in gdt))
+    if isinstance(code, str):
+        base = vmcs.read(F.GUEST_CS_BASE) + vmcs.read(F.GUEST_RIP)
+        code = _assemble(code, base, _BITS[mode])
+    mem.write(vmcs.read(F.GUEST_CS_BASE) + vmcs.read(F.GUEST_RIP), code)
+    return vmx
+
+
+try:  # the pytest plugin part (optional: only when pytest is installed)
+    import pytest
+
+    @pytest.fixture
+    def vmx_guest_factory():
+        """Fixture: the vmx_guest factory (call it with code and controls)."""
+        return vmx_guest
+except ImportError:  # pragma: no cover
+    pass

@@ -1,0 +1,628 @@
+"""VMX non-root operation: the guest runs under a VMCS and exits to Python handlers.
+
+``VmxGuest`` wraps a :class:`vmm.vm.Vm`.  VM entry checks the VMCS (SDM Vol. 3C
+ch. 27), loads the guest-state area into the vCPU, injects the event in the
+VM-entry interruption-information field, and runs.  Each exit value of the
+machine is then decided by the VMCS controls (SDM Vol. 3C ch. 26, "VMX
+Non-Root Operation"): either it is a VM exit — the guest state is saved into
+the VMCS, the exit-information fields are filled with the SDM's reason,
+qualification, instruction length and interruption information, and the handler
+registered for that reason runs — or the machine handles it as on bare metal
+(a port write the I/O bitmap lets through goes to the device bus).
+
+    vmx = VmxGuest(vm)
+    vmx.vmcs.write(CPU_BASED_VM_EXEC_CONTROL, ...)
+    @vmx.handler(ExitReason.CPUID)
+    def on_cpuid(exit):
+        exit.regs.rax = 0x1234
+        exit.skip()                       # resume after the instruction
+    ex = vmx.run()                        # next exit without a handler (or STOP)
+
+GPRs other than RSP and RIP are not in the VMCS (SDM 25.4): they stay in the
+vCPU, and handlers read and write them through ``exit.regs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from emu import sensitive, x86
+from emu.cpu import GuestFault
+from emu.events import Event, TripleFault, deliver
+from emu.exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+                       IrqWindowExit, MmioExit, MsrExit, TrapExit)
+
+from . import vmcs as F
+from .capabilities import VmxCapabilities
+from .controls import (InterruptionInfo, InterruptionType, PinBasedControls, PrimaryProcBasedControls,
+                       SecondaryProcBasedControls)
+from .entry_checks import EntryOk, check_vm_entry
+from .errors import VmmError
+from .exit_reasons import ExitReason
+from .qualification import CrAccessQualification, CrAccessType, Gpr, IoQualification
+
+RESUME, STOP = "resume", "stop"
+
+_SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
+
+
+def ar_to_flags(ar: int) -> int:
+    """VMX access rights (SDM Vol. 3C Table 25-2) -> QEMU SegmentCache.flags."""
+    if ar & (1 << 16):                     # unusable
+        return 0
+    return ((ar & 0xFF) << 8) | ((ar & 0xF000) << 8)
+
+
+def flags_to_ar(flags: int, selector: int, is_cs_or_tr: bool = False) -> int:
+    ar = ((flags >> 8) & 0xFF) | ((flags >> 8) & 0xF000)
+    if not (flags & x86.DESC_P) or (selector & ~3) == 0 and not is_cs_or_tr and not ar:
+        ar |= 1 << 16
+    return ar
+
+
+class VmEntryFailed(VmmError):
+    """VMLAUNCH/VMRESUME failed with VMfailValid (error number in ``error``)."""
+
+    def __init__(self, result):
+        super().__init__(f"VM entry failed: {result}")
+        self.result = result
+
+
+class GuestRegs:
+    """Attribute access to the guest GPRs (rax…r15, rip, rflags) backed by the vCPU's
+    bulk register file: no Unicorn call per register."""
+
+    __slots__ = ("_cpu",)
+    _GPR = {n: i for i, n in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+                                         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}
+
+    def __init__(self, cpu):
+        object.__setattr__(self, "_cpu", cpu)
+
+    def __getattr__(self, name):
+        i = GuestRegs._GPR.get(name)
+        if i is not None:
+            return self._cpu.regs.gpr[i]
+        if name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
+            return getattr(self._cpu.regs, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name in GuestRegs._GPR or name in ("rip", "rflags"):
+            self._cpu.set_reg(name, value)
+        else:
+            raise AttributeError(f"{name} is not writable through exit.regs (write the VMCS guest-state field)")
+
+
+@dataclass
+class VmExit:
+    """One VM exit as a handler sees it.  ``reason`` (ExitReason) and
+    ``qualification`` (the raw exit qualification; ``decoded`` the dataclass of
+    vmm.qualification where one exists) mirror what is now in the VMCS."""
+    reason: ExitReason
+    qualification: int
+    vmcs: F.Vmcs
+    guest: "VmxGuest"
+    decoded: object = None
+    instruction_length: int = 0
+    entry_failure: bool = False
+    machine_exit: Exit | None = None
+    action: str = RESUME
+    _skipped: bool = field(default=False, repr=False)
+
+    @property
+    def regs(self) -> GuestRegs:
+        return self.guest.regs
+
+    def skip(self) -> None:
+        """Advance GUEST_RIP past the exiting instruction (VM-exit instruction length)."""
+        if not self._skipped:
+            self.vmcs.write(F.GUEST_RIP, self.vmcs.read(F.GUEST_RIP) + self.instruction_length)
+            self._skipped = True
+
+    def inject(self, info: InterruptionInfo, error_code: int | None = None, instruction_length: int = 0) -> None:
+        """Queue an event for the next VM entry (VM-entry interruption information)."""
+        self.vmcs.write(F.VM_ENTRY_INTR_INFO, info.encode())
+        if error_code is not None:
+            self.vmcs.write(F.VM_ENTRY_EXCEPTION_ERROR_CODE, error_code)
+        if instruction_length:
+            self.vmcs.write(F.VM_ENTRY_INSTRUCTION_LEN, instruction_length)
+
+    def emulate(self) -> None:
+        """Do what the machine does for this exit without VMX (CPUID from the CPU
+        model, port I/O to the bus, MSR to the MSR model, HLT…) and skip it."""
+        self.guest.emulate(self)
+
+    def stop(self) -> None:
+        self.action = STOP
+
+
+class VmxGuest:
+    """A guest in VMX non-root operation over a Vm (see module docstring)."""
+
+    def __init__(self, vm, caps: VmxCapabilities | None = None, vmcs: F.Vmcs | None = None):
+        self.vm = vm
+        self.cpu = vm.vcpu
+        self.caps = caps or VmxCapabilities()
+        self.vmcs = vmcs or self.caps.new_vmcs()
+        self.regs = GuestRegs(self.cpu)
+        self.handlers: dict[int, Callable] = {}
+        self.trace: list[VmExit] = []
+        self.record = False
+        self._saved: dict[int, int] | None = None
+        self._pending_exits: list[VmExit] = []
+
+    # ------------------------------------------------------------------ handler API
+    def handler(self, reason):
+        """Decorator registering a handler for an exit reason."""
+        def deco(fn):
+            self.handlers[int(reason)] = fn
+            return fn
+        return deco
+
+    def use_default_handlers(self, *reasons) -> None:
+        """Handle these reasons (default: CPUID, I/O, RDMSR, WRMSR, HLT, CR access,
+        INVLPG) by emulation, so an ordinary guest runs."""
+        for r in reasons or (ExitReason.CPUID, ExitReason.IO_INSTRUCTION, ExitReason.RDMSR, ExitReason.WRMSR,
+                             ExitReason.HLT, ExitReason.CR_ACCESS, ExitReason.INVLPG, ExitReason.RDTSC):
+            self.handlers[int(r)] = VmExit.emulate
+
+    # ------------------------------------------------------------------ controls
+    def _ctl(self, enc) -> int:
+        return self.vmcs.read(enc)
+
+    def _primary(self) -> PrimaryProcBasedControls:
+        return PrimaryProcBasedControls(self._ctl(F.CPU_BASED_VM_EXEC_CONTROL))
+
+    def _secondary(self) -> SecondaryProcBasedControls:
+        p = self._primary()
+        if not p & PrimaryProcBasedControls.ACTIVATE_SECONDARY_CONTROLS:
+            return SecondaryProcBasedControls(0)
+        return SecondaryProcBasedControls(self._ctl(F.SECONDARY_VM_EXEC_CONTROL))
+
+    def _arm_traps(self) -> None:
+        """Trap sites follow the controls: only what may exit is armed."""
+        from emu.cpu import MACHINE_TRAPS
+        p, s = self._primary(), self._secondary()
+        kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "cr_read", "smsw"}
+        if p & PrimaryProcBasedControls.RDTSC_EXITING:
+            kinds |= {"rdtsc", "rdtscp"}
+        if p & PrimaryProcBasedControls.MOV_DR_EXITING:
+            kinds.add("dr")
+        if p & PrimaryProcBasedControls.RDPMC_EXITING:
+            kinds.add("rdpmc")
+        if p & PrimaryProcBasedControls.MWAIT_EXITING:
+            kinds.add("mwait")
+        if p & PrimaryProcBasedControls.MONITOR_EXITING:
+            kinds.add("monitor")
+        if p & PrimaryProcBasedControls.PAUSE_EXITING:
+            kinds.add("pause")
+        if s & SecondaryProcBasedControls.WBINVD_EXITING:
+            kinds.add("wbinvd")
+        if s & SecondaryProcBasedControls.DESCRIPTOR_TABLE_EXITING:
+            kinds.add("desc")
+        if s & SecondaryProcBasedControls.RDRAND_EXITING:
+            kinds.add("rdrand")
+        if s & SecondaryProcBasedControls.RDSEED_EXITING:
+            kinds.add("rdseed")
+        if frozenset(kinds) != self.cpu.trap_kinds:
+            self.cpu.set_traps(kinds)
+
+    # ------------------------------------------------------------------ state transfer
+    def _load_guest_state(self) -> None:
+        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 28.3.2)."""
+        v, cpu = self.vmcs, self.cpu
+        cpu.refresh()
+        # Order as a CPU entering a mode would: paging off, EFER, CR4, CR3, CR0.
+        if cpu.regs.cr0 & x86.CR0_PG:
+            cpu.write_cr(0, cpu.regs.cr0 & ~x86.CR0_PG)
+        cpu.write_efer(v.read(F.GUEST_IA32_EFER) & ~x86.EFER_LMA)
+        cpu.write_cr(4, v.read(F.GUEST_CR4))
+        cpu.write_cr(3, v.read(F.GUEST_CR3))
+        cpu.write_cr(0, v.read(F.GUEST_CR0))
+        segs = {}
+        for i, idx in enumerate(_SEG_ORDER):
+            segs[idx] = (v.read(F.GUEST_ES_SELECTOR + 2 * i), v.read(F.GUEST_ES_BASE + 2 * i),
+                         v.read(F.GUEST_ES_LIMIT + 2 * i), ar_to_flags(v.read(F.GUEST_ES_ACCESS_RIGHTS + 2 * i)))
+        segs[6] = (v.read(F.GUEST_LDTR_SELECTOR), v.read(F.GUEST_LDTR_BASE), v.read(F.GUEST_LDTR_LIMIT),
+                   ar_to_flags(v.read(F.GUEST_LDTR_ACCESS_RIGHTS)))
+        segs[7] = (v.read(F.GUEST_TR_SELECTOR), v.read(F.GUEST_TR_BASE), v.read(F.GUEST_TR_LIMIT),
+                   ar_to_flags(v.read(F.GUEST_TR_ACCESS_RIGHTS)))
+        cpu.set_descriptor_tables(gdtr=(v.read(F.GUEST_GDTR_BASE), v.read(F.GUEST_GDTR_LIMIT)),
+                                  idtr=(v.read(F.GUEST_IDTR_BASE), v.read(F.GUEST_IDTR_LIMIT)))
+        cpu.set_rflags(v.read(F.GUEST_RFLAGS))
+        cpu.set_reg("rsp", v.read(F.GUEST_RSP))
+        cpu.set_rip(v.read(F.GUEST_RIP))
+        cpu.load_segments(segs, clear_exception=True)
+        cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & PrimaryProcBasedControls.USE_TSC_OFFSETTING else 0
+        self._saved = self._guest_fields()
+
+    def _guest_fields(self) -> dict[int, int]:
+        return {enc: self.vmcs.read(enc) for enc in _GUEST_STATE_FIELDS}
+
+    def _save_guest_state(self) -> None:
+        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3)."""
+        v, r = self.vmcs, self.cpu.regs
+        v.write(F.GUEST_RIP, r.rip)
+        v.write(F.GUEST_RSP, r.gpr[4])
+        v.write(F.GUEST_RFLAGS, r.rflags)
+        v.write(F.GUEST_CR0, r.cr0)
+        v.write(F.GUEST_CR3, r.cr3)
+        v.write(F.GUEST_CR4, r.cr4)
+        v.write(F.GUEST_IA32_EFER, r.efer)
+        for i, idx in enumerate(_SEG_ORDER):
+            s = r.seg[idx]
+            v.write(F.GUEST_ES_SELECTOR + 2 * i, s.selector)
+            v.write(F.GUEST_ES_BASE + 2 * i, s.base)
+            v.write(F.GUEST_ES_LIMIT + 2 * i, s.limit)
+            v.write(F.GUEST_ES_ACCESS_RIGHTS + 2 * i, flags_to_ar(s.flags, s.selector, idx == x86.R_CS))
+        for sel, base, lim, ar, s in ((F.GUEST_LDTR_SELECTOR, F.GUEST_LDTR_BASE, F.GUEST_LDTR_LIMIT,
+                                       F.GUEST_LDTR_ACCESS_RIGHTS, r.ldtr),
+                                      (F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT,
+                                       F.GUEST_TR_ACCESS_RIGHTS, r.tr)):
+            v.write(sel, s.selector)
+            v.write(base, s.base)
+            v.write(lim, s.limit)
+            v.write(ar, flags_to_ar(s.flags, s.selector, sel == F.GUEST_TR_SELECTOR))
+        v.write(F.GUEST_GDTR_BASE, r.gdtr_base)
+        v.write(F.GUEST_GDTR_LIMIT, r.gdtr_limit)
+        v.write(F.GUEST_IDTR_BASE, r.idtr_base)
+        v.write(F.GUEST_IDTR_LIMIT, r.idtr_limit)
+        self._saved = self._guest_fields()
+
+    # ------------------------------------------------------------------ VM entry
+    def launch(self) -> None:
+        """VMLAUNCH semantics: checks (VMfailValid raises VmEntryFailed), then load."""
+        self._enter()
+
+    def _enter(self) -> VmExit | None:
+        result = check_vm_entry(self.vmcs, self.caps)
+        if not isinstance(result, EntryOk):
+            if hasattr(result, "exit_reason"):
+                # Failed entry due to guest state: a VM exit with bit 31 (SDM 27.8).
+                from .entry_checks import fill_entry_failure
+                fill_entry_failure(self.vmcs, result)
+                return VmExit(ExitReason(result.exit_reason & 0xFFFF), self.vmcs.read(F.EXIT_QUALIFICATION),
+                              self.vmcs, self, entry_failure=True)
+            raise VmEntryFailed(result)
+        if self._saved is None or self._saved != self._guest_fields():
+            self._load_guest_state()
+        self._arm_traps()
+        self._inject_from_entry_field()
+        return None
+
+    def _inject_from_entry_field(self) -> None:
+        raw = self.vmcs.read(F.VM_ENTRY_INTR_INFO)
+        if not raw & (1 << 31):
+            return
+        info = InterruptionInfo.decode(raw)
+        self.vmcs.write(F.VM_ENTRY_INTR_INFO, raw & ~(1 << 31))
+        ec = self.vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info.deliver_error_code else None
+        cpu = self.cpu
+        t = info.type
+        if t in (InterruptionType.SOFTWARE_INTERRUPT, InterruptionType.SOFTWARE_EXCEPTION,
+                 InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION):
+            # RIP of a software event points after the instruction (SDM 27.6.1.1).
+            cpu.skip(self.vmcs.read(F.VM_ENTRY_INSTRUCTION_LEN))
+        ev = Event(info.vector, ec, software=t in (InterruptionType.SOFTWARE_INTERRUPT,
+                                                   InterruptionType.SOFTWARE_EXCEPTION),
+                   external=t == InterruptionType.EXTERNAL_INTERRUPT,
+                   icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
+        try:
+            deliver(cpu, ev)
+        except TripleFault:
+            self._pending_exits.append(self._make_exit(ExitReason.TRIPLE_FAULT, 0, None))
+
+    # ------------------------------------------------------------------ run
+    def run(self, max_insns: int | None = None) -> VmExit:
+        """Enter the guest and run until a VM exit has no handler, a handler
+        stops, or the instruction limit is reached (returned as None reason)."""
+        vm, cpu = self.vm, self.cpu
+        failed = self._enter()
+        if failed is not None:
+            return failed
+        limit = cpu.native.icount + max_insns if max_insns is not None else None
+        while True:
+            if self._pending_exits:
+                ex = self._pending_exits.pop(0)
+            else:
+                vm.timers.run_expired(vm.now_ns())
+                ex = self._external_interrupt_exit()
+                if ex is None:
+                    deadline = cpu.native.icount + 50_000_000
+                    nxt = vm.timers.next_deadline()
+                    if nxt is not None:
+                        deadline = min(deadline, max(nxt, cpu.native.icount + 1))
+                    if limit is not None:
+                        if cpu.native.icount >= limit:
+                            raise TimeoutError(f"no VM exit within {max_insns} instructions")
+                        deadline = min(deadline, limit)
+                    mex = cpu.run(deadline)
+                    ex = self._decide(mex)
+                if ex is None:
+                    if vm._stop is not None:
+                        stop, vm._stop = vm._stop, None
+                        raise VmmError(f"machine stopped in non-root operation: {stop.message}")
+                    continue
+            if self.record:
+                self.trace.append(ex)
+            fn = self.handlers.get(int(ex.reason))
+            if fn is None:
+                return ex
+            fn(ex)
+            if ex.action == STOP:
+                return ex
+            failed = self._enter()
+            if failed is not None:
+                return failed
+
+    def resume(self, max_insns: int | None = None) -> VmExit:
+        """VMRESUME after handling a returned exit: same as run()."""
+        return self.run(max_insns)
+
+    # ------------------------------------------------------------------ exit decisions
+    def _make_exit(self, reason, qual, mex: Exit | None, *, length: int = 0, decoded=None,
+                   interruption: InterruptionInfo | None = None, error_code: int | None = None,
+                   gla: int | None = None) -> VmExit:
+        self._save_guest_state()
+        self.vmcs.set_exit_info(int(reason), qual, instruction_length=length,
+                                interruption_info=interruption.encode() if interruption else 0,
+                                interruption_error_code=error_code, guest_linear_address=gla)
+        return VmExit(ExitReason(reason), qual, self.vmcs, self, decoded=decoded, instruction_length=length,
+                      machine_exit=mex)
+
+    def _external_interrupt_exit(self) -> VmExit | None:
+        vm = self.vm
+        pin = PinBasedControls(self._ctl(F.PIN_BASED_VM_EXEC_CONTROL))
+        p = self._primary()
+        src = vm._pending_interrupt()
+        r = self.cpu.regs
+        if_open = bool(r.rflags & x86.RFLAGS_IF) and not (r.hflags & x86.HF_INHIBIT_IRQ)
+        if p & PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING:
+            if if_open:
+                return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
+            self.cpu.native.irq_window = 1
+        if src is None:
+            if not p & PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING:
+                self.cpu.native.irq_window = 0
+            return None
+        if pin & PinBasedControls.EXTERNAL_INTERRUPT_EXITING:
+            # An external interrupt exits regardless of RFLAGS.IF (SDM 26.2).
+            info = None
+            if self._ctl(F.VM_EXIT_CONTROLS) & (1 << 15):          # acknowledge interrupt on exit
+                vector = vm.lapic.pending_vector() if src == "lapic" else None
+                if src == "lapic":
+                    vm.lapic.acknowledge(vector)
+                else:
+                    vector = vm.pic.acknowledge()
+                info = InterruptionInfo.external_interrupt(vector)
+            return self._make_exit(ExitReason.EXTERNAL_INTERRUPT, 0, None, interruption=info)
+        vm._try_inject()
+        return None
+
+    def _decide(self, mex: Exit) -> VmExit | None:
+        """Is this machine exit a VM exit under the current controls?  If not,
+        handle it like bare metal and return None."""
+        p = self._primary()
+        vm, cpu = self.vm, self.cpu
+        try:
+            if isinstance(mex, IoExit):
+                if self._io_exits(mex.port, mex.size):
+                    q = IoQualification(size=mex.size, direction_in=not mex.is_write, port=mex.port,
+                                        string=mex.string, rep=mex.rep, immediate=mex.imm)
+                    return self._make_exit(ExitReason.IO_INSTRUCTION, q.encode(), mex, length=mex.insn_len,
+                                           decoded=q)
+                vm._dispatch(mex)
+                return None
+            if isinstance(mex, MsrExit):
+                if self._msr_exits(mex.msr, mex.is_write):
+                    reason = ExitReason.WRMSR if mex.is_write else ExitReason.RDMSR
+                    return self._make_exit(reason, 0, mex, length=mex.insn_len)
+                vm._dispatch(mex)
+                return None
+            if isinstance(mex, HltExit):
+                if p & PrimaryProcBasedControls.HLT_EXITING and mex.insn_len:
+                    return self._make_exit(ExitReason.HLT, 0, mex, length=mex.insn_len)
+                vm._halt(mex, None)
+                return None
+            if isinstance(mex, CrExit):
+                return self._cr_access(mex)
+            if isinstance(mex, TrapExit):
+                return self._trap(mex)
+            if isinstance(mex, ExceptionExit):
+                return self._exception(mex)
+            if isinstance(mex, (DeadlineExit, IrqWindowExit, MmioExit, InternalErrorExit)):
+                vm._dispatch(mex)
+                return None
+        except GuestFault as f:
+            return self._exception(ExceptionExit(rip=cpu.regs.rip, vector=f.vector, error_code=f.error_code,
+                                                 cr2=f.cr2))
+        vm._dispatch(mex)
+        return None
+
+    def _io_exits(self, port: int, size: int) -> bool:
+        p = self._primary()
+        if p & PrimaryProcBasedControls.USE_IO_BITMAPS:
+            # Bitmap A covers ports 0-7FFF, B 8000-FFFF; any byte of the access set exits (SDM 26.1.3).
+            for q in range(port, port + size):
+                q &= 0xFFFF
+                base = self._ctl(F.IO_BITMAP_A) if q < 0x8000 else self._ctl(F.IO_BITMAP_B)
+                bit = q & 0x7FFF
+                if self.vm.mem.contains(base + bit // 8) and self.vm.mem.read(base + bit // 8, 1)[0] >> (bit & 7) & 1:
+                    return True
+            return False
+        return bool(p & PrimaryProcBasedControls.UNCONDITIONAL_IO_EXITING)
+
+    def _msr_exits(self, msr: int, is_write: bool) -> bool:
+        if not self._primary() & PrimaryProcBasedControls.USE_MSR_BITMAPS:
+            return True
+        base = self._ctl(F.MSR_BITMAP)      # SDM 25.6.9: read-low, read-high, write-low, write-high
+        if msr <= 0x1FFF:
+            off, bit = 0, msr
+        elif 0xC0000000 <= msr <= 0xC0001FFF:
+            off, bit = 0x400, msr - 0xC0000000
+        else:
+            return True
+        off += 0x800 if is_write else 0
+        addr = base + off + bit // 8
+        return not self.vm.mem.contains(addr) or bool(self.vm.mem.read(addr, 1)[0] >> (bit & 7) & 1)
+
+    def _cr_access(self, mex: CrExit) -> VmExit | None:
+        p = self._primary()
+        v = self.vmcs
+        cpu = self.cpu
+        gpr = Gpr(mex.gpr)
+        if mex.access_type == 0:
+            exits = False
+            if mex.cr in (0, 4):
+                mask = v.read(F.CR0_GUEST_HOST_MASK if mex.cr == 0 else F.CR4_GUEST_HOST_MASK)
+                shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
+                exits = bool((mex.value ^ shadow) & mask)
+            elif mex.cr == 3:
+                if p & PrimaryProcBasedControls.CR3_LOAD_EXITING:
+                    targets = [v.read(F.CR3_TARGET_VALUE0 + 2 * i) for i in range(min(v.read(F.CR3_TARGET_COUNT), 4))]
+                    exits = mex.value not in targets
+            elif mex.cr == 8:
+                exits = bool(p & PrimaryProcBasedControls.CR8_LOAD_EXITING)
+            if exits:
+                q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_TO_CR, gpr=gpr)
+                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
+            sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
+            return None
+        if mex.access_type == 1:
+            if (mex.cr == 3 and p & PrimaryProcBasedControls.CR3_STORE_EXITING) or \
+                    (mex.cr == 8 and p & PrimaryProcBasedControls.CR8_STORE_EXITING):
+                q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_FROM_CR, gpr=gpr)
+                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
+            if mex.cr in (0, 4):
+                # MOV from CR0/CR4 returns the read shadow for owned bits (SDM 26.3).
+                mask = v.read(F.CR0_GUEST_HOST_MASK if mex.cr == 0 else F.CR4_GUEST_HOST_MASK)
+                shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
+                real = cpu.regs.cr0 if mex.cr == 0 else cpu.regs.cr4
+                cpu.set_gpr(mex.gpr, (real & ~mask) | (shadow & mask), 8 if cpu.mode_bits == 64 else 4)
+                cpu.skip(mex.insn_len)
+                return None
+            sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
+            return None
+        if mex.access_type == 2:      # CLTS exits if TS is owned and set in the shadow
+            if v.read(F.CR0_GUEST_HOST_MASK) & v.read(F.CR0_READ_SHADOW) & x86.CR0_TS:
+                q = CrAccessQualification(cr=0, access_type=CrAccessType.CLTS)
+                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
+        elif mex.access_type == 3:
+            mask, shadow = v.read(F.CR0_GUEST_HOST_MASK), v.read(F.CR0_READ_SHADOW)
+            if (mex.value ^ shadow) & mask & 0xF:
+                q = CrAccessQualification(cr=0, access_type=CrAccessType.LMSW, lmsw_memory=mex.lmsw_mem,
+                                          lmsw_source=mex.value & 0xFFFF)
+                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
+        sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
+        return None
+
+    _TRAP_REASONS = {"cpuid": ExitReason.CPUID, "invd": ExitReason.INVD, "rdtsc": ExitReason.RDTSC,
+                     "rdtscp": ExitReason.RDTSCP, "rdpmc": ExitReason.RDPMC, "wbinvd": ExitReason.WBINVD,
+                     "mwait": ExitReason.MWAIT, "monitor": ExitReason.MONITOR, "pause": ExitReason.PAUSE,
+                     "rdrand": ExitReason.RDRAND, "rdseed": ExitReason.RDSEED, "xsetbv": ExitReason.XSETBV}
+    _VMX_REASONS = {"vmcall": ExitReason.VMCALL, "vmlaunch": ExitReason.VMLAUNCH, "vmresume": ExitReason.VMRESUME,
+                    "vmxoff": ExitReason.VMXOFF, "vmread": ExitReason.VMREAD, "vmwrite": ExitReason.VMWRITE,
+                    "vmptrld": ExitReason.VMPTRLD, "vmptrst": ExitReason.VMPTRST, "vmclear": ExitReason.VMCLEAR,
+                    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID}
+
+    def _trap(self, mex: TrapExit) -> VmExit | None:
+        p = self._primary()
+        cpu = self.cpu
+        if mex.kind == "invlpg":
+            if p & PrimaryProcBasedControls.INVLPG_EXITING:
+                return self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len)
+            sensitive.emulate_invlpg(cpu, mex.insn_len)
+            return None
+        if mex.kind == "vmx":
+            return self._make_exit(self._VMX_REASONS[mex.insn.mnemonic], 0, mex, length=mex.insn_len)
+        if mex.kind == "smsw":
+            mask, shadow = self.vmcs.read(F.CR0_GUEST_HOST_MASK), self.vmcs.read(F.CR0_READ_SHADOW)
+            val = (cpu.regs.cr0 & ~mask) | (shadow & mask)
+            op = mex.insn.operands[0]
+            from capstone import x86_const as C
+            from emu.decode import mem_operand_address, set_reg_value
+            if op.type == C.X86_OP_MEM:
+                cpu.write_linear_int(mem_operand_address(cpu, mex.insn, op), 2, val)
+            else:
+                set_reg_value(cpu, op.reg, val)
+            cpu.skip(mex.insn_len)
+            return None
+        reason = self._TRAP_REASONS.get(mex.kind)
+        if reason is not None:
+            return self._make_exit(reason, 0, mex, length=mex.insn_len)
+        self.vm._dispatch(mex)
+        return None
+
+    def _exception(self, mex: ExceptionExit) -> VmExit | None:
+        """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""
+        v = self.vmcs
+        vec = mex.vector
+        bitmap = v.read(F.EXCEPTION_BITMAP)
+        exits = bool(bitmap >> vec & 1) if vec < 32 else False
+        if vec == x86.PF:
+            match = (mex.error_code or 0) & v.read(F.PAGE_FAULT_ERROR_CODE_MASK) == v.read(F.PAGE_FAULT_ERROR_CODE_MATCH)
+            exits = exits if match else not exits
+        if mex.software and vec not in (x86.BP, x86.OF):
+            exits = False                  # INT n is not an exception (software interrupt)
+        if not exits:
+            self.vm._deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
+            if self.vm._stop is not None and self.vm._stop.reason == "shutdown":
+                self.vm._stop = None
+                return self._make_exit(ExitReason.TRIPLE_FAULT, 0, mex)
+            return None
+        if mex.software:
+            info = InterruptionInfo.software_exception(vec)
+            length = 1 if vec in (x86.BP, x86.OF) else 2
+            self.cpu.set_rip(self.cpu.regs.rip - length)   # RIP of the INT3/INTO instruction itself
+            self.cpu.flush()
+        else:
+            info = InterruptionInfo.hardware_exception(vec, deliver_error_code=mex.error_code is not None)
+            length = 0
+        qual = mex.cr2 if vec == x86.PF and mex.cr2 is not None else 0
+        return self._make_exit(ExitReason.EXCEPTION_NMI, qual, mex, length=length, interruption=info,
+                               error_code=mex.error_code)
+
+    # ------------------------------------------------------------------ default emulation
+    def emulate(self, ex: VmExit) -> None:
+        """Bare-metal semantics for an exit (used by use_default_handlers)."""
+        cpu, vm = self.cpu, self.vm
+        mex = ex.machine_exit
+        self._load_guest_state_if_changed()
+        try:
+            if ex.reason == ExitReason.CPUID:
+                leaf, sub = cpu.regs.gpr[0] & 0xFFFFFFFF, cpu.regs.gpr[1] & 0xFFFFFFFF
+                a, b, c, d = vm.cpuid.lookup(leaf, sub)
+                for i, val in ((0, a), (3, b), (1, c), (2, d)):
+                    cpu.set_gpr(i, val, 4)
+                cpu.skip(ex.instruction_length)
+            elif ex.reason == ExitReason.HLT:
+                vm._halt(HltExit(rip=cpu.regs.rip, insn_len=ex.instruction_length), None)
+            elif ex.reason == ExitReason.RDTSC:
+                tsc = cpu.icount + cpu.native.tsc_offset
+                cpu.set_gpr(0, tsc & 0xFFFFFFFF, 4)
+                cpu.set_gpr(2, tsc >> 32 & 0xFFFFFFFF, 4)
+                cpu.skip(ex.instruction_length)
+            elif mex is not None and not isinstance(mex, (TrapExit, ExceptionExit)):
+                vm._dispatch(mex)
+            elif isinstance(mex, TrapExit):
+                vm._dispatch(mex)
+            else:
+                raise VmmError(f"no default emulation for {ex.reason.name}")
+        except GuestFault as f:
+            vm._deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+        self._save_guest_state()
+
+    def _load_guest_state_if_changed(self) -> None:
+        if self._saved != self._guest_fields():
+            self._load_guest_state()
+
+
+#: guest-state fields compared to decide whether VM entry must reload the vCPU
+_GUEST_STATE_FIELDS = tuple(
+    [F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4, F.GUEST_IA32_EFER,
+     F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT, F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
+     F.GUEST_LDTR_SELECTOR, F.GUEST_LDTR_BASE, F.GUEST_LDTR_LIMIT, F.GUEST_LDTR_ACCESS_RIGHTS,
+     F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT, F.GUEST_TR_ACCESS_RIGHTS]
+    + [F.GUEST_ES_SELECTOR + 2 * i for i in range(6)] + [F.GUEST_ES_BASE + 2 * i for i in range(6)]
+    + [F.GUEST_ES_LIMIT + 2 * i for i in range(6)] + [F.GUEST_ES_ACCESS_RIGHTS + 2 * i for i in range(6)])
