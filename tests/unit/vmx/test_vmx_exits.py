@@ -169,7 +169,7 @@ def test_event_injection_reaches_the_guest_idt_handler():
     g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.external_interrupt(0x30).encode()
     ex = run(g)
     assert ex.reason == ExitReason.HLT
-    assert g.regs.r8 == 0xDEADBEEF
+    assert g.regs.r8 == 0xFFFFFFFFDEADBEEF          # mov r8, imm32 sign-extends
 
 
 def test_interrupt_window_exiting_exits_when_if_becomes_one():
