@@ -8,3 +8,10 @@ from support import Machine
 def machine():
     m = Machine()
     yield m
+
+
+@pytest.fixture
+def vmx():
+    """The vmx_guest factory of vmm.harness (guest code + VMCS controls -> VmxGuest)."""
+    from vmm.harness import vmx_guest
+    return vmx_guest

@@ -10,6 +10,8 @@ Benchmarks (``vmlab bench list``):
         counting on: raw_unicorn_mips, vmlab_mips, ratio
   smc   the smc guest's patch-and-run loop: vmlab_s, and with QEMU installed
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
+  exit  one VM exit handled by a Python handler: cpuid_python_us, io_python_us;
+        a CPUID answered by the native CPU model (no exit): cpuid_native_ns
   boot  whole-process wall time of ``vmlab run guests/hello.asm``: hello_wall_s
 """
 from __future__ import annotations
@@ -178,7 +180,47 @@ def bench_smc(n: int = 20_000) -> dict:
     return out
 
 
-BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc}
+def bench_exit(n: int = 20_000) -> dict:
+    """Cost of one VM exit handled in Python (CPUID and OUT loops under a VMCS,
+    handler = skip / emulate), and of a CPUID answered by the native policy path
+    (the CPU model in C, no exit), same process."""
+    from vmm.exit_reasons import ExitReason
+    from vmm.harness import vmx_guest
+
+    def per_exit(code: str, reason, handler) -> float:
+        g = vmx_guest(code.format(n=n))
+        g.handler(reason)(handler)
+        t = time.perf_counter()
+        ex = g.run()
+        dt = time.perf_counter() - t
+        if ex.reason != ExitReason.VMCALL:
+            raise RuntimeError(f"exit bench ended with {ex.reason!r}")
+        return dt / n
+
+    cpuid = per_exit("mov ecx, {n}\n l: mov eax, 1\n push rcx\n cpuid\n pop rcx\n dec ecx\n jnz l\n vmcall",
+                     ExitReason.CPUID, lambda ex: ex.skip())
+    io = per_exit("mov ecx, {n}\n l: out 0x80, al\n dec ecx\n jnz l\n vmcall",
+                  ExitReason.IO_INSTRUCTION, lambda ex: ex.skip())
+
+    from emu.loaders import load
+    from vmm.vm import Vm
+    big = 2_000_000
+
+    def native(body: str) -> float:
+        code = compute_code(big, "mov al, 0\n out 0xf4, al", "mov rcx, {n}\n loop:\n" + body + "\n dec rcx\n jnz loop\n")
+        vm = Vm(16 << 20, serial=None)
+        vm.load(load(code, fmt="flat", ram_size=16 << 20, flat_addr=CODE_ADDR, flat_mode="long64"))
+        t = time.perf_counter()
+        vm.run()
+        return time.perf_counter() - t
+
+    with_cpuid = native("mov r8, rcx\n mov eax, 1\n cpuid\n mov rcx, r8")
+    without = native("mov r8, rcx\n mov eax, 1\n nop\n mov rcx, r8")
+    return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
+            "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1)}
+
+
+BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit}
 
 
 def main(names, as_json: bool = False) -> int:

@@ -150,6 +150,8 @@ class VmxGuest:
         self.trace: list[VmExit] = []
         self.record = False
         self._saved: dict[int, int] | None = None
+        self._checked: dict[int, int] | None = None
+        self._armed_for = None
         self._pending_exits: list[VmExit] = []
 
     # ------------------------------------------------------------------ handler API
@@ -238,36 +240,34 @@ class VmxGuest:
         self._saved = self._guest_fields()
 
     def _guest_fields(self) -> dict[int, int]:
-        return {enc: self.vmcs.read(enc) for enc in _GUEST_STATE_FIELDS}
+        vals = self.vmcs._values
+        return {enc: vals.get(enc, 0) for enc in _GUEST_STATE_FIELDS}
 
     def _save_guest_state(self) -> None:
-        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3)."""
-        v, r = self.vmcs, self.cpu.regs
-        v.write(F.GUEST_RIP, r.rip)
-        v.write(F.GUEST_RSP, r.gpr[4])
-        v.write(F.GUEST_RFLAGS, r.rflags)
-        v.write(F.GUEST_CR0, r.cr0)
-        v.write(F.GUEST_CR3, r.cr3)
-        v.write(F.GUEST_CR4, r.cr4)
-        v.write(F.GUEST_IA32_EFER, r.efer)
+        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3).  Values are in
+        range by construction, so they go straight into the VMCS store."""
+        r = self.cpu.regs
+        d = {F.GUEST_RIP: r.rip, F.GUEST_RSP: r.gpr[4], F.GUEST_RFLAGS: r.rflags, F.GUEST_CR0: r.cr0,
+             F.GUEST_CR3: r.cr3, F.GUEST_CR4: r.cr4, F.GUEST_IA32_EFER: r.efer,
+             F.GUEST_GDTR_BASE: r.gdtr_base, F.GUEST_GDTR_LIMIT: r.gdtr_limit,
+             F.GUEST_IDTR_BASE: r.idtr_base, F.GUEST_IDTR_LIMIT: r.idtr_limit}
         for i, idx in enumerate(_SEG_ORDER):
-            s = r.seg[idx]
-            v.write(F.GUEST_ES_SELECTOR + 2 * i, s.selector)
-            v.write(F.GUEST_ES_BASE + 2 * i, s.base)
-            v.write(F.GUEST_ES_LIMIT + 2 * i, s.limit)
-            v.write(F.GUEST_ES_ACCESS_RIGHTS + 2 * i, flags_to_ar(s.flags, s.selector, idx == x86.R_CS))
-        for sel, base, lim, ar, s in ((F.GUEST_LDTR_SELECTOR, F.GUEST_LDTR_BASE, F.GUEST_LDTR_LIMIT,
-                                       F.GUEST_LDTR_ACCESS_RIGHTS, r.ldtr),
-                                      (F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT,
-                                       F.GUEST_TR_ACCESS_RIGHTS, r.tr)):
-            v.write(sel, s.selector)
-            v.write(base, s.base)
-            v.write(lim, s.limit)
-            v.write(ar, flags_to_ar(s.flags, s.selector, sel == F.GUEST_TR_SELECTOR))
-        v.write(F.GUEST_GDTR_BASE, r.gdtr_base)
-        v.write(F.GUEST_GDTR_LIMIT, r.gdtr_limit)
-        v.write(F.GUEST_IDTR_BASE, r.idtr_base)
-        v.write(F.GUEST_IDTR_LIMIT, r.idtr_limit)
+            sg = r.seg[idx]
+            d[F.GUEST_ES_SELECTOR + 2 * i] = sg.selector
+            d[F.GUEST_ES_BASE + 2 * i] = sg.base
+            d[F.GUEST_ES_LIMIT + 2 * i] = sg.limit
+            d[F.GUEST_ES_ACCESS_RIGHTS + 2 * i] = flags_to_ar(sg.flags, sg.selector, idx == x86.R_CS)
+        for sel, base, lim, ar, sg, cs_tr in ((F.GUEST_LDTR_SELECTOR, F.GUEST_LDTR_BASE, F.GUEST_LDTR_LIMIT,
+                                               F.GUEST_LDTR_ACCESS_RIGHTS, r.ldtr, False),
+                                              (F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT,
+                                               F.GUEST_TR_ACCESS_RIGHTS, r.tr, True)):
+            d[sel], d[base], d[lim], d[ar] = sg.selector, sg.base, sg.limit, flags_to_ar(sg.flags, sg.selector, cs_tr)
+        d = {int(k): v for k, v in d.items()}
+        self.vmcs._values.update(d)
+        if self._checked is not None:
+            # State the CPU itself produced passed the checks: only what a
+            # handler writes afterwards needs them again.
+            self._checked.update(d)
         self._saved = self._guest_fields()
 
     # ------------------------------------------------------------------ VM entry
@@ -275,8 +275,26 @@ class VmxGuest:
         """VMLAUNCH semantics: checks (VMfailValid raises VmEntryFailed), then load."""
         self._enter()
 
+    def _needs_checks(self) -> bool:
+        """Rerun the ch. 27 checks unless only GUEST_RIP/GUEST_RSP or exit
+        information changed since the last entry that passed them."""
+        vals, old = self.vmcs._values, self._checked
+        if old is None:
+            return True
+        if vals == old:
+            return False
+        for k in vals.keys() | old.keys():
+            if vals.get(k) != old.get(k) and k not in _CHEAP_FIELDS:
+                return True
+        return False
+
     def _enter(self) -> VmExit | None:
-        result = check_vm_entry(self.vmcs, self.caps)
+        if not self._needs_checks():
+            result = EntryOk()
+        else:
+            result = check_vm_entry(self.vmcs, self.caps)
+            if isinstance(result, EntryOk):
+                self._checked = dict(self.vmcs._values)
         if not isinstance(result, EntryOk):
             if hasattr(result, "exit_reason"):
                 # Failed entry due to guest state: a VM exit with bit 31 (SDM 27.8).
@@ -285,9 +303,11 @@ class VmxGuest:
                 return VmExit(ExitReason(result.exit_reason & 0xFFFF), self.vmcs.read(F.EXIT_QUALIFICATION),
                               self.vmcs, self, entry_failure=True)
             raise VmEntryFailed(result)
-        if self._saved is None or self._saved != self._guest_fields():
-            self._load_guest_state()
-        self._arm_traps()
+        self._load_guest_state_if_changed()
+        ctl = (self._ctl(F.CPU_BASED_VM_EXEC_CONTROL), self._ctl(F.SECONDARY_VM_EXEC_CONTROL))
+        if ctl != self._armed_for:
+            self._arm_traps()
+            self._armed_for = ctl
         self._inject_from_entry_field()
         return None
 
@@ -297,6 +317,8 @@ class VmxGuest:
             return
         info = InterruptionInfo.decode(raw)
         self.vmcs.write(F.VM_ENTRY_INTR_INFO, raw & ~(1 << 31))
+        if self._checked is not None:
+            self._checked[int(F.VM_ENTRY_INTR_INFO)] = raw & ~(1 << 31)
         ec = self.vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info.deliver_error_code else None
         cpu = self.cpu
         t = info.type
@@ -614,8 +636,16 @@ class VmxGuest:
         self._save_guest_state()
 
     def _load_guest_state_if_changed(self) -> None:
-        if self._saved != self._guest_fields():
-            self._load_guest_state()
+        now = self._guest_fields()
+        if self._saved == now:
+            return
+        if self._saved is not None and all(now[k] == self._saved[k] for k in now
+                                           if k not in (F.GUEST_RIP, F.GUEST_RSP)):
+            self.cpu.set_rip(now[F.GUEST_RIP])       # the common case: a handler skipped
+            self.cpu.set_reg("rsp", now[F.GUEST_RSP])
+            self._saved = now
+            return
+        self._load_guest_state()
 
 
 #: guest-state fields compared to decide whether VM entry must reload the vCPU
@@ -626,3 +656,7 @@ _GUEST_STATE_FIELDS = tuple(
      F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT, F.GUEST_TR_ACCESS_RIGHTS]
     + [F.GUEST_ES_SELECTOR + 2 * i for i in range(6)] + [F.GUEST_ES_BASE + 2 * i for i in range(6)]
     + [F.GUEST_ES_LIMIT + 2 * i for i in range(6)] + [F.GUEST_ES_ACCESS_RIGHTS + 2 * i for i in range(6)])
+
+#: fields whose change alone does not need the VM-entry checks rerun
+_CHEAP_FIELDS = frozenset(int(f.encoding) for f in F.FIELDS if f.read_only) | {int(F.GUEST_RIP), int(F.GUEST_RSP)}
+_GUEST_STATE_FIELDS = tuple(int(e) for e in _GUEST_STATE_FIELDS)
