@@ -33,6 +33,21 @@ enum {
     VMLAB_OK = 0,
     VMLAB_FAULT_PF = 1,        /* guest #PF: see error_code */
     VMLAB_FAULT_BUS = 2,       /* final physical page is not RAM (MMIO / unassigned) */
+    VMLAB_FAULT_EPT_VIOLATION = 3, /* EPT violation (SDM Vol. 3C 29.3.3.2): gpa, ept_qualification */
+    VMLAB_FAULT_EPT_MISCONFIG = 4, /* EPT misconfiguration (29.3.3.1): gpa */
+};
+
+/* EPT violation exit qualification bits (SDM Vol. 3C Table 28-7). */
+enum {
+    VMLAB_EPTQ_READ = 1,            /* bit 0: data read */
+    VMLAB_EPTQ_WRITE = 2,           /* bit 1: data write */
+    VMLAB_EPTQ_FETCH = 4,           /* bit 2: instruction fetch */
+    VMLAB_EPTQ_READABLE = 8,        /* bit 3: AND of bit 0 (R) of the EPT entries used */
+    VMLAB_EPTQ_WRITABLE = 16,       /* bit 4: AND of bit 1 (W) */
+    VMLAB_EPTQ_EXECUTABLE = 32,     /* bit 5: AND of bit 2 (X) */
+    VMLAB_EPTQ_GLA_VALID = 128,     /* bit 7: the guest-linear-address field is valid */
+    VMLAB_EPTQ_TRANSLATED = 256,    /* bit 8 (if bit 7): access to the final page, not to a
+                                       guest paging-structure entry */
 };
 
 /* Protection bits, identical to Unicorn's uc_prot. */
@@ -50,6 +65,8 @@ enum {
     VMLAB_STOP_TRAP = 7,       /* before an armed trap site (fault_vaddr = its linear address) */
     VMLAB_STOP_LOG_FULL = 8,   /* a registry log needs draining */
     VMLAB_STOP_NONCANONICAL = 9, /* long-mode access to a non-canonical address (#GP/#SS) */
+    VMLAB_STOP_EPT_VIOLATION = 10, /* TLB fill: EPT violation (fault_ept_* fields) */
+    VMLAB_STOP_EPT_MISCONFIG = 11, /* TLB fill: EPT misconfiguration (fault_ept_gpa) */
 };
 
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */
@@ -76,8 +93,19 @@ typedef struct vmlab_walk {
     uint32_t error_code;     /* #PF error code when fault == VMLAB_FAULT_PF */
     uint32_t levels;         /* guest paging-structure entries read */
     uint32_t dirty;          /* final entry has D=1 (or paging off) */
-    uint64_t entry_addr[5];  /* physical address of each entry read, top level first */
+    uint64_t entry_addr[5];  /* (guest-)physical address of each entry read, top level first */
     uint64_t entry_val[5];   /* its value as read (before A/D updates) */
+    /* ---- EPT (vmlab_vcpu.ept_enabled): paddr above is then host-physical ---- */
+    uint64_t gpa;            /* EPT fault: the guest-physical address that faulted; else the
+                                guest-physical address of vaddr once the guest leaf was accepted */
+    uint64_t gla;            /* EPT fault of a linear walk: vaddr (Table 28-7 bit 7), else 0 */
+    uint64_t ept_qualification; /* EPT violation: exit qualification (VMLAB_EPTQ_*); else 0 */
+    uint64_t ept_page_size;  /* page size of the recorded EPT translation (0: no leaf reached) */
+    uint32_t ept_levels;     /* EPT entries recorded: of the translation that faulted, or of
+                                the final page's translation on success (0 on a guest #PF) */
+    uint32_t pad;
+    uint64_t ept_entry_addr[4];  /* host-physical address of each EPT entry, PML4E first */
+    uint64_t ept_entry_val[4];   /* its value as read (before EPT A/D updates) */
 } vmlab_walk;
 
 typedef struct vmlab_cpuid_entry {
@@ -145,6 +173,13 @@ typedef struct vmlab_vcpu {
     uint64_t cr0, cr3, cr4, efer;
     uint32_t maxphyaddr;       /* physical-address width advertised by CPUID */
     uint32_t pdpe1gb;          /* 1 GiB pages allowed (CPUID.80000001H:EDX[26]) */
+    /* EPT (SDM Vol. 3C 29.3): when ept_enabled, every guest-physical address the walk
+     * touches goes through the 4-level EPT rooted at eptp (bit 6: EPT A/D flags). */
+    uint64_t eptp;
+    uint32_t ept_enabled;
+    uint32_t pad3;
+    uint64_t fault_ept_gpa;            /* VMLAB_STOP_EPT_*: guest-physical address that faulted */
+    uint64_t fault_ept_qualification;  /* VMLAB_STOP_EPT_VIOLATION: exit qualification */
 
     /* ---- per RAM page state for trap-site coherence ---- */
     uint8_t *page_flags;       /* ram_size/4096 bytes, VMLAB_PAGE_* */
@@ -208,6 +243,8 @@ void vmlab_vcpu_fini(vmlab_vcpu *v);
 int vmlab_attach(vmlab_vcpu *v, void *uc);
 
 int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags, vmlab_walk *w);
+int vmlab_ept_translate(vmlab_vcpu *v, uint64_t gpa, uint32_t access, vmlab_walk *w);
+uint64_t vmlab_walk_bench(vmlab_vcpu *v, const uint64_t *vaddrs, int n, uint32_t access);
 
 int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r);
 int vmlab_regs_write(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint64_t mask);

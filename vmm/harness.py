@@ -44,6 +44,7 @@ def vmx_guest(code: str | bytes, mode: str = "long64", *, ram: int = 32 << 20, c
     vmx = VmxGuest(vm, caps)
     vmcs = baseline_vmcs(mode, vmx.caps)
     vmx.vmcs = vmcs
+    vmcs = vmx.vmcs                 # the tracked copy
     for enc, (on, off) in ((F.PIN_BASED_VM_EXEC_CONTROL, pin), (F.CPU_BASED_VM_EXEC_CONTROL, proc),
                            (F.SECONDARY_VM_EXEC_CONTROL, proc2)):
         vmcs.write(enc, (vmcs.read(enc) | int(on)) & ~int(off))

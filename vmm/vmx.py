@@ -60,6 +60,37 @@ def flags_to_ar(flags: int, selector: int, is_cs_or_tr: bool = False) -> int:
     return ar
 
 
+class TrackedVmcs(F.Vmcs):
+    """A Vmcs that remembers which fields were written since the last VM entry,
+    so VM entry reruns the checks and reloads guest state only when needed."""
+
+    __slots__ = ("dirty",)
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        object.__setattr__(self, "dirty", set())
+
+    def __setattr__(self, name, value):
+        if name == "dirty":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _store(self, field, value, high=False):
+        self.dirty.add(field.encoding)
+        super()._store(field, value, high)
+
+    @classmethod
+    def wrap(cls, vmcs: F.Vmcs) -> "TrackedVmcs":
+        if isinstance(vmcs, cls):
+            return vmcs
+        t = cls(vmwrite_any_field=vmcs.vmwrite_any_field, revision_id=vmcs.revision_id)
+        t._values = dict(vmcs._values)
+        t.launch_state = vmcs.launch_state
+        t.dirty = set(t._values)
+        return t
+
+
 class VmEntryFailed(VmmError):
     """VMLAUNCH/VMRESUME failed with VMfailValid (error number in ``error``)."""
 
@@ -144,15 +175,25 @@ class VmxGuest:
         self.vm = vm
         self.cpu = vm.vcpu
         self.caps = caps or VmxCapabilities()
-        self.vmcs = vmcs or self.caps.new_vmcs()
+        self._vmcs = TrackedVmcs.wrap(vmcs or self.caps.new_vmcs())
         self.regs = GuestRegs(self.cpu)
         self.handlers: dict[int, Callable] = {}
         self.trace: list[VmExit] = []
         self.record = False
-        self._saved: dict[int, int] | None = None
-        self._checked: dict[int, int] | None = None
+        self._saved: bool | None = None       # guest state in the vCPU matches the VMCS
+        self._checked: bool | None = None     # the VMCS passed the entry checks
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
+
+    @property
+    def vmcs(self) -> TrackedVmcs:
+        """The current VMCS (writes through it are tracked; assign a Vmcs to replace it)."""
+        return self._vmcs
+
+    @vmcs.setter
+    def vmcs(self, value: F.Vmcs) -> None:
+        self._vmcs = TrackedVmcs.wrap(value)
+        self._saved = self._checked = None
 
     # ------------------------------------------------------------------ handler API
     def handler(self, reason):
@@ -237,7 +278,7 @@ class VmxGuest:
         cpu.set_rip(v.read(F.GUEST_RIP))
         cpu.load_segments(segs, clear_exception=True)
         cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & PrimaryProcBasedControls.USE_TSC_OFFSETTING else 0
-        self._saved = self._guest_fields()
+        self._saved = True
 
     def _guest_fields(self) -> dict[int, int]:
         vals = self.vmcs._values
@@ -262,13 +303,8 @@ class VmxGuest:
                                               (F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT,
                                                F.GUEST_TR_ACCESS_RIGHTS, r.tr, True)):
             d[sel], d[base], d[lim], d[ar] = sg.selector, sg.base, sg.limit, flags_to_ar(sg.flags, sg.selector, cs_tr)
-        d = {int(k): v for k, v in d.items()}
-        self.vmcs._values.update(d)
-        if self._checked is not None:
-            # State the CPU itself produced passed the checks: only what a
-            # handler writes afterwards needs them again.
-            self._checked.update(d)
-        self._saved = self._guest_fields()
+        self.vmcs._values.update({int(k): v for k, v in d.items()})
+        self._saved = True
 
     # ------------------------------------------------------------------ VM entry
     def launch(self) -> None:
@@ -277,24 +313,16 @@ class VmxGuest:
 
     def _needs_checks(self) -> bool:
         """Rerun the ch. 27 checks unless only GUEST_RIP/GUEST_RSP or exit
-        information changed since the last entry that passed them."""
-        vals, old = self.vmcs._values, self._checked
-        if old is None:
-            return True
-        if vals == old:
-            return False
-        for k in vals.keys() | old.keys():
-            if vals.get(k) != old.get(k) and k not in _CHEAP_FIELDS:
-                return True
-        return False
-
+        information were written since the last entry that passed them (state
+        the CPU produced itself is valid by construction)."""
+        return self._checked is None or bool(self.vmcs.dirty - _CHEAP_FIELDS)
     def _enter(self) -> VmExit | None:
         if not self._needs_checks():
             result = EntryOk()
         else:
             result = check_vm_entry(self.vmcs, self.caps)
             if isinstance(result, EntryOk):
-                self._checked = dict(self.vmcs._values)
+                self._checked = True
         if not isinstance(result, EntryOk):
             if hasattr(result, "exit_reason"):
                 # Failed entry due to guest state: a VM exit with bit 31 (SDM 27.8).
@@ -308,6 +336,7 @@ class VmxGuest:
         if ctl != self._armed_for:
             self._arm_traps()
             self._armed_for = ctl
+        self.vmcs.dirty.clear()
         self._inject_from_entry_field()
         return None
 
@@ -316,9 +345,7 @@ class VmxGuest:
         if not raw & (1 << 31):
             return
         info = InterruptionInfo.decode(raw)
-        self.vmcs.write(F.VM_ENTRY_INTR_INFO, raw & ~(1 << 31))
-        if self._checked is not None:
-            self._checked[int(F.VM_ENTRY_INTR_INFO)] = raw & ~(1 << 31)
+        self.vmcs._values[int(F.VM_ENTRY_INTR_INFO)] = raw & ~(1 << 31)
         ec = self.vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info.deliver_error_code else None
         cpu = self.cpu
         t = info.type
@@ -636,16 +663,14 @@ class VmxGuest:
         self._save_guest_state()
 
     def _load_guest_state_if_changed(self) -> None:
-        now = self._guest_fields()
-        if self._saved == now:
-            return
-        if self._saved is not None and all(now[k] == self._saved[k] for k in now
-                                           if k not in (F.GUEST_RIP, F.GUEST_RSP)):
-            self.cpu.set_rip(now[F.GUEST_RIP])       # the common case: a handler skipped
-            self.cpu.set_reg("rsp", now[F.GUEST_RSP])
-            self._saved = now
-            return
-        self._load_guest_state()
+        written = self.vmcs.dirty & _GUEST_STATE_SET
+        if self._saved is None or written - {int(F.GUEST_RIP), int(F.GUEST_RSP)}:
+            self._load_guest_state()
+        elif written:
+            v = self.vmcs
+            self.cpu.set_rip(v.read(F.GUEST_RIP))   # the common case: a handler skipped
+            self.cpu.set_reg("rsp", v.read(F.GUEST_RSP))
+        self.vmcs.dirty -= _GUEST_STATE_SET
 
 
 #: guest-state fields compared to decide whether VM entry must reload the vCPU
@@ -660,3 +685,4 @@ _GUEST_STATE_FIELDS = tuple(
 #: fields whose change alone does not need the VM-entry checks rerun
 _CHEAP_FIELDS = frozenset(int(f.encoding) for f in F.FIELDS if f.read_only) | {int(F.GUEST_RIP), int(F.GUEST_RSP)}
 _GUEST_STATE_FIELDS = tuple(int(e) for e in _GUEST_STATE_FIELDS)
+_GUEST_STATE_SET = frozenset(_GUEST_STATE_FIELDS)
