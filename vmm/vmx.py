@@ -228,26 +228,12 @@ class VmxGuest:
         from emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "cr_read", "smsw"}
-        if p & PrimaryProcBasedControls.RDTSC_EXITING:
-            kinds |= {"rdtsc", "rdtscp"}
-        if p & PrimaryProcBasedControls.MOV_DR_EXITING:
-            kinds.add("dr")
-        if p & PrimaryProcBasedControls.RDPMC_EXITING:
-            kinds.add("rdpmc")
-        if p & PrimaryProcBasedControls.MWAIT_EXITING:
-            kinds.add("mwait")
-        if p & PrimaryProcBasedControls.MONITOR_EXITING:
-            kinds.add("monitor")
-        if p & PrimaryProcBasedControls.PAUSE_EXITING:
-            kinds.add("pause")
-        if s & SecondaryProcBasedControls.WBINVD_EXITING:
-            kinds.add("wbinvd")
-        if s & SecondaryProcBasedControls.DESCRIPTOR_TABLE_EXITING:
-            kinds.add("desc")
-        if s & SecondaryProcBasedControls.RDRAND_EXITING:
-            kinds.add("rdrand")
-        if s & SecondaryProcBasedControls.RDSEED_EXITING:
-            kinds.add("rdseed")
+        for ctl, names in _TRAPS_BY_PRIMARY:
+            if p & ctl:
+                kinds |= names
+        for ctl, names in _TRAPS_BY_SECONDARY:
+            if s & ctl:
+                kinds |= names
         if frozenset(kinds) != self.cpu.trap_kinds:
             self.cpu.set_traps(kinds)
 
@@ -686,3 +672,19 @@ _GUEST_STATE_FIELDS = tuple(
 _CHEAP_FIELDS = frozenset(int(f.encoding) for f in F.FIELDS if f.read_only) | {int(F.GUEST_RIP), int(F.GUEST_RSP)}
 _GUEST_STATE_FIELDS = tuple(int(e) for e in _GUEST_STATE_FIELDS)
 _GUEST_STATE_SET = frozenset(_GUEST_STATE_FIELDS)
+
+#: trap kinds armed when a control says their instruction exits (SDM Vol. 3C 26.1.3)
+_TRAPS_BY_PRIMARY = (
+    (PrimaryProcBasedControls.RDTSC_EXITING, {"rdtsc", "rdtscp"}),
+    (PrimaryProcBasedControls.MOV_DR_EXITING, {"dr"}),
+    (PrimaryProcBasedControls.RDPMC_EXITING, {"rdpmc"}),
+    (PrimaryProcBasedControls.MWAIT_EXITING, {"mwait"}),
+    (PrimaryProcBasedControls.MONITOR_EXITING, {"monitor"}),
+    (PrimaryProcBasedControls.PAUSE_EXITING, {"pause"}),
+)
+_TRAPS_BY_SECONDARY = (
+    (SecondaryProcBasedControls.WBINVD_EXITING, {"wbinvd"}),
+    (SecondaryProcBasedControls.DESCRIPTOR_TABLE_EXITING, {"desc"}),
+    (SecondaryProcBasedControls.RDRAND_EXITING, {"rdrand"}),
+    (SecondaryProcBasedControls.RDSEED_EXITING, {"rdseed"}),
+)
