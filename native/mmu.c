@@ -487,7 +487,7 @@ int vmlab_ept_translate(vmlab_vcpu *v, uint64_t gpa, uint32_t access, vmlab_walk
         w->paddr = x.hpa;
         w->page_size = x.page_size;
         w->dirty = x.dirty;
-        w->perms = x.perms & (x.dirty ? 7u : (uint32_t)~VMLAB_PROT_W & 7u);
+        w->perms = x.dirty ? x.perms : (x.perms & ~(uint32_t)VMLAB_PROT_W);
     }
     if ((w->paddr & ~0xfffull) >= v->ram_size) {
         w->fault = VMLAB_FAULT_BUS;

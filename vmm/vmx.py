@@ -39,7 +39,7 @@ from .controls import (InterruptionInfo, InterruptionType, PinBasedControls, Pri
 from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
-from .qualification import CrAccessQualification, CrAccessType, Gpr, IoQualification
+from .qualification import CrAccessQualification, CrAccessType, DrAccessQualification, Gpr, IoQualification
 
 RESUME, STOP = "resume", "stop"
 
@@ -569,6 +569,15 @@ class VmxGuest:
                 return self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len)
             sensitive.emulate_invlpg(cpu, mex.insn_len)
             return None
+        if mex.kind == "dr":
+            from capstone import x86_const as C
+            from emu.decode import _reg_table
+            ops = mex.insn.operands
+            from_dr = mex.insn.reg_name(ops[1].reg).startswith("dr")
+            dr_op, gpr_op = (ops[1], ops[0]) if from_dr else (ops[0], ops[1])
+            q = DrAccessQualification(dr=int(mex.insn.reg_name(dr_op.reg)[2:]), mov_from_dr=from_dr,
+                                      gpr=Gpr(_reg_table()[gpr_op.reg][0]))
+            return self._make_exit(ExitReason.DR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
         if mex.kind == "vmx":
             return self._make_exit(self._VMX_REASONS[mex.insn.mnemonic], 0, mex, length=mex.insn_len)
         if mex.kind == "smsw":

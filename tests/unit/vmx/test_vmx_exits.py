@@ -242,3 +242,22 @@ def test_injecting_an_external_interrupt_with_if_clear_fails_entry():
     g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.external_interrupt(0x30).encode()
     ex = run(g)
     assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_GUEST_STATE
+
+
+def test_mov_dr_exiting_qualification_is_sdm_table_28_4():
+    from vmm.qualification import DrAccessQualification
+    g = vmx_guest("mov rdx, 0x400\n mov dr7, rdx\n hlt", proc=(P.MOV_DR_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.DR_ACCESS
+    assert ex.decoded == DrAccessQualification(dr=7, mov_from_dr=False, gpr=Gpr.RDX)
+    assert ex.qualification == 0x207
+
+
+def test_rdrand_exiting_and_wbinvd_exiting():
+    from vmm.controls import SecondaryProcBasedControls as S
+    g = vmx_guest("wbinvd\n rdrand eax\n hlt", proc2=(S.WBINVD_EXITING | S.RDRAND_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.WBINVD and ex.instruction_length == 2
+    ex.skip()
+    ex = run(g)
+    assert ex.reason == ExitReason.RDRAND and ex.instruction_length == 3
