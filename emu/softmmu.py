@@ -11,7 +11,13 @@ Written from the SDM, not from the C, so that the two check each other
 * 4.6.1: access rights (U/S, R/W, CR0.WP, XD with EFER.NXE, SMEP, SMAP with
   EFLAGS.AC and implicit supervisor-mode accesses);
 * 4.7: #PF error code (P, W/R, U/S, RSVD, I/D);
-* 4.8: accessed and dirty flags.
+* 4.8: accessed and dirty flags;
+* SDM Vol. 3C 29.3 (EPT): with ``eptp`` given, the walk is two-dimensional --
+  every guest-physical address it touches (each guest paging-structure entry,
+  PAE PDPTEs included, and the final page) goes through the 4-level EPT first
+  (25.6.11 EPTP, 29.3.2 Tables 29-1..29-6, misconfigurations 29.3.3.1,
+  violations 29.3.3.2, EPT A/D flags 29.3.5, exit qualification Table 28-7).
+  See :func:`walk` for the order of the steps.
 
 The API and its result are those of ``vmlab_walk_do`` / ``vmlab_walk``
 (native/vmlab.h): same constants, same fields, same side effects on RAM.
@@ -65,6 +71,8 @@ PROT_X = 4
 OK = 0
 FAULT_PF = 1   #: guest #PF, see error_code
 FAULT_BUS = 2  #: the final physical frame is not RAM
+FAULT_EPT_VIOLATION = 3  #: EPT violation (SDM Vol. 3C 29.3.3.2): gpa, ept_qualification
+FAULT_EPT_MISCONFIG = 4  #: EPT misconfiguration (SDM Vol. 3C 29.3.3.1): gpa
 
 #: #PF error-code bits, SDM Vol. 3A 4.7 (Figure 4-12).
 PFEC_P = 1 << 0
@@ -104,7 +112,33 @@ MODE_PAE = "pae"
 MODE_4LEVEL = "4-level"
 MODE_5LEVEL = "5-level"
 
+#: EPT paging-structure entry bits (SDM Vol. 3C Tables 29-1..29-6).
+EPT_R = 1 << 0
+EPT_W = 1 << 1
+EPT_X = 1 << 2
+EPT_MEMTYPE_SHIFT = 3      #: bits 5:3 of a leaf: EPT memory type
+EPT_IGNORE_PAT = 1 << 6
+EPT_LARGE = 1 << 7         #: PDPTE: 1 GiB page, PDE: 2 MiB page
+EPT_A = 1 << 8
+EPT_D = 1 << 9
+#: EPT memory types (SDM Vol. 3C 29.3.7); 2, 3 and 7 are reserved.
+EPT_MT_UC, EPT_MT_WC, EPT_MT_WT, EPT_MT_WP, EPT_MT_WB = 0, 1, 4, 5, 6
+#: EPTP fields (SDM Vol. 3C 25.6.11, Table 25-9).
+EPTP_WALK_LENGTH_SHIFT = 3  #: bits 5:3: page-walk length - 1 (vmlab: 4-level only)
+EPTP_AD = 1 << 6            #: accessed and dirty flags for EPT
+
+#: EPT-violation exit qualification bits (SDM Vol. 3C Table 28-7).
+EPTQ_READ = 1 << 0
+EPTQ_WRITE = 1 << 1
+EPTQ_FETCH = 1 << 2
+EPTQ_READABLE = 1 << 3
+EPTQ_WRITABLE = 1 << 4
+EPTQ_EXECUTABLE = 1 << 5
+EPTQ_GLA_VALID = 1 << 7
+EPTQ_TRANSLATED = 1 << 8    #: if bit 7: the access was to the final page, not a paging entry
+
 MAX_LEVELS = 5
+EPT_LEVELS = 4
 PAGE_4K = 1 << 12
 PAGE_2M = 1 << 21
 PAGE_4M = 1 << 22
@@ -172,12 +206,22 @@ def _set_entry_bits(mem: PhysMem, gpa: int, size: int, bits: int) -> None:
 class WalkResult:
     """Outcome of one walk; the fields of ``vmlab_walk`` (native/vmlab.h).
 
-    ``paddr``/``page_size`` are filled once a leaf entry was accepted (so also on
-    an access-rights #PF and on FAULT_BUS); ``perms`` is what the translation
-    grants this access's privilege, without W while the leaf is clean (the first
-    store must come back to set D, SDM 4.8), and 0 on a #PF.  ``entry_addr`` and
-    ``entry_val`` always have 5 slots; the first ``levels`` are the entries read,
-    top level first, values as read before A/D updates.
+    ``gpa``/``page_size`` are filled once a leaf entry was accepted (so also on
+    an access-rights #PF and on FAULT_BUS); ``paddr`` is then the same address
+    without EPT, and with EPT its host-physical translation once the final EPT
+    translation succeeded.  ``perms`` is what the translation grants this
+    access's privilege (ANDed with the EPT's R/W/X), without W while the leaf is
+    clean (the first store must come back to set D, SDM 4.8; also EPT D when
+    EPTP enables EPT A/D), and 0 on a fault.  ``entry_addr`` and ``entry_val``
+    always have 5 slots; the first ``levels`` are the entries read, top level
+    first, at their guest-physical addresses, values as read before A/D updates.
+
+    EPT faults: ``gpa`` is the guest-physical address that faulted,
+    ``ept_qualification`` the exit qualification of a violation (0 for a
+    misconfiguration, which has none), ``gla`` the linear address when bit 7 is
+    valid (0 otherwise).  ``ept_levels``/``ept_entry_addr``/``ept_entry_val``
+    (4 slots, host-physical) and ``ept_page_size`` record the EPT translation
+    that faulted, or on success the final page's; nothing on a guest #PF.
     """
 
     vaddr: int
@@ -191,6 +235,13 @@ class WalkResult:
     dirty: int = 0
     entry_addr: list[int] = field(default_factory=lambda: [0] * MAX_LEVELS)
     entry_val: list[int] = field(default_factory=lambda: [0] * MAX_LEVELS)
+    gpa: int = 0
+    gla: int = 0
+    ept_qualification: int = 0
+    ept_page_size: int = 0
+    ept_levels: int = 0
+    ept_entry_addr: list[int] = field(default_factory=lambda: [0] * EPT_LEVELS)
+    ept_entry_val: list[int] = field(default_factory=lambda: [0] * EPT_LEVELS)
     #: paging mode the walk ran in (not part of vmlab_walk; not compared)
     mode: str = field(default="", compare=False)
 
@@ -204,6 +255,9 @@ class WalkResult:
         return cls(vaddr=w.vaddr, access=w.access, paddr=w.paddr, page_size=w.page_size,
                    perms=w.perms, fault=w.fault, error_code=w.error_code, levels=w.levels,
                    dirty=w.dirty, entry_addr=list(w.entry_addr), entry_val=list(w.entry_val),
+                   gpa=w.gpa, gla=w.gla, ept_qualification=w.ept_qualification,
+                   ept_page_size=w.ept_page_size, ept_levels=w.ept_levels,
+                   ept_entry_addr=list(w.ept_entry_addr), ept_entry_val=list(w.ept_entry_val),
                    mode=mode)
 
     def describe(self) -> str:
@@ -215,11 +269,26 @@ class WalkResult:
         for i in range(self.levels):
             name = names[i] if i < len(names) else f"L{i}"
             lines.append(f"  {name:<6} @{self.entry_addr[i]:#014x} = {self.entry_val[i]:#018x}")
+        for i in range(self.ept_levels):
+            lines.append(f"  EPT {_EPT_LEVEL_NAMES[i]:<6} @{self.ept_entry_addr[i]:#014x} = "
+                         f"{self.ept_entry_val[i]:#018x}")
         if self.fault == FAULT_PF:
             ec = self.error_code
             bits = [n for b, n in ((PFEC_P, "P"), (PFEC_W, "W"), (PFEC_US, "U"),
                                    (PFEC_RSVD, "RSVD"), (PFEC_ID, "I/D")) if ec & b]
             lines.append(f"  #PF error code {ec:#x} ({'|'.join(bits) or 'not present'})")
+        elif self.fault == FAULT_EPT_MISCONFIG:
+            lines.append(f"  EPT misconfiguration at guest-physical {self.gpa:#x}")
+        elif self.fault == FAULT_EPT_VIOLATION:
+            q = self.ept_qualification
+            acc = "|".join(n for b, n in ((EPTQ_READ, "read"), (EPTQ_WRITE, "write"),
+                                          (EPTQ_FETCH, "fetch")) if q & b)
+            rwx = "".join(c if q & b else "-" for b, c in
+                          ((EPTQ_READABLE, "r"), (EPTQ_WRITABLE, "w"), (EPTQ_EXECUTABLE, "x")))
+            what = ("no linear address" if not q & EPTQ_GLA_VALID else
+                    "final page" if q & EPTQ_TRANSLATED else "guest paging-structure entry")
+            lines.append(f"  EPT violation at guest-physical {self.gpa:#x}: {acc} of {what}, "
+                         f"EPT grants {rwx} (qualification {q:#x})")
         else:
             perms = "".join(c if self.perms & b else "-" for b, c in
                             ((PROT_R, "r"), (PROT_W, "w"), (PROT_X, "x")))
@@ -229,6 +298,7 @@ class WalkResult:
         return "\n".join(lines)
 
 
+_EPT_LEVEL_NAMES = ("PML4E", "PDPTE", "PDE", "PTE")
 _LEVEL_NAMES = {
     MODE_32BIT: ("PDE", "PTE"),
     MODE_PAE: ("PDPTE", "PDE", "PTE"),
@@ -267,7 +337,7 @@ _LAYOUT = {
 
 
 def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: int, efer: int,
-         maxphyaddr: int = 40, pdpe1gb: bool = True) -> WalkResult:
+         maxphyaddr: int = 40, pdpe1gb: bool = True, eptp: int | None = None) -> WalkResult:
     """Translate linear address ``vaddr`` for ``access`` (ACC_* bits) like the CPU.
 
     ``flags``: WALK_SET_AD makes this a real access (A/D flags are written to
@@ -275,11 +345,38 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
     then ignored), WALK_AC says EFLAGS.AC=1.  ``maxphyaddr`` is CPUID's
     physical-address width, 32..52 (0 means 40, like the C); ``pdpe1gb`` says whether
     1 GiB pages exist (CPUID.80000001H:EDX[26]).
+
+    ``eptp``: None for no EPT; else the EPT pointer, and ``mem`` is host-physical
+    memory holding both the EPT and (at their translations) the guest's tables.
+    A nested walk goes (SDM Vol. 3C 29.3):
+
+    1. each guest paging-structure entry, top level first: its guest-physical
+       address through the EPT as a data read (29.3.3.2; with EPTP[6] also as a
+       write, 29.3.5), then the entry itself (#PF); setting A in a non-leaf
+       entry is a data write and needs EPT W on that entry's page;
+    2. the guest access rights (#PF);
+    3. the final guest-physical address through the EPT for the access (R, W or X);
+    4. A/D in the guest leaf (EPT W on its page): last, so that an access that
+       exits leaves the leaf as it was, as a #PF does.
+
+    An EPT fault of steps 1 and 4 has qualification bit 8 = 0, of step 3 bit 8 = 1;
+    bit 7 is always 1 (vmlab reads PAE PDPTEs during the walk, see the module
+    docstring, so a PDPTE fault also has a linear address).
     """
     mem = as_phys(mem)
     m = maxphyaddr or 40
     mode = paging_mode(cr0, cr4, efer)
     res = WalkResult(vaddr=vaddr, access=access, mode=mode)
+    gphys = _GuestPhys(mem, res, eptp, m, bool(flags & WALK_SET_AD))
+    try:
+        return _walk(gphys, res, mode, vaddr, access, flags, cr0=cr0, cr3=cr3, cr4=cr4,
+                     efer=efer, m=m, pdpe1gb=pdpe1gb)
+    except _EptFault:
+        return res
+
+
+def _walk(gphys: "_GuestPhys", res: WalkResult, mode: str, vaddr: int, access: int, flags: int,
+          *, cr0: int, cr3: int, cr4: int, efer: int, m: int, pdpe1gb: bool) -> WalkResult:
     implicit = bool(flags & WALK_IMPLICIT_SUP)
     user = bool(access & ACC_USER) and not implicit   # SDM 4.6: implicit => supervisor
     write = bool(access & ACC_WRITE)
@@ -287,12 +384,10 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
     set_ad = bool(flags & WALK_SET_AD)
 
     if mode == MODE_NONE:
-        # Linear = physical; outside IA-32e mode linear addresses are 32 bits.
-        res.paddr = vaddr if efer & EFER_LMA else vaddr & 0xFFFFFFFF
+        # Linear = (guest-)physical; outside IA-32e mode linear addresses are 32 bits.
+        res.gpa = vaddr if efer & EFER_LMA else vaddr & 0xFFFFFFFF
         res.page_size = PAGE_4K
-        res.perms = PROT_R | PROT_W | PROT_X
-        res.dirty = 1
-        return _check_bus(mem, res)
+        return _finish(gphys, res, PROT_R | PROT_W | PROT_X, leaf=None)
 
     nxe = bool(efer & EFER_NXE)
     smep = bool(cr4 & CR4_SMEP)
@@ -323,7 +418,7 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
     for depth, lvl in enumerate(levels):
         level = len(levels) - depth          # 5..1: PML5 .. PT
         ea = table + ((vaddr >> lvl.shift) & ((1 << lvl.index_bits) - 1)) * esize
-        e = _read_entry(mem, ea, esize)
+        e = gphys.read_entry(ea, esize)
         res.entry_addr[depth] = ea
         res.entry_val[depth] = e
         res.levels = depth + 1
@@ -343,12 +438,12 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
         xd |= nxe and bool(e & PTE_XD)
         if page_size:
             res.page_size = page_size
-            res.paddr = _frame(mode, e, page_size, m) | (vaddr & (page_size - 1))
+            res.gpa = _frame(mode, e, page_size, m) | (vaddr & (page_size - 1))
             leaf_addr, leaf_val = ea, e
             break
         # A non-leaf entry used for the translation gets A=1 (4.8).
         if set_ad and not e & PTE_A:
-            _set_entry_bits(mem, ea, esize, PTE_A)
+            gphys.set_entry_bits(ea, esize, PTE_A)
         table = (e & 0xFFFFF000) if mode == MODE_32BIT else (e & _bits(m - 1, 12))
 
     # ---- access rights (SDM 4.6.1)
@@ -367,20 +462,231 @@ def walk(mem, vaddr: int, access: int, flags: int, *, cr0: int, cr3: int, cr4: i
             (PROT_X if executable else 0)
     need = PROT_W if write else PROT_X if fetch else PROT_R
     if not perms & need:
+        if gphys.eptp is None:
+            res.paddr = res.gpa
         return page_fault(PFEC_P)
+    return _finish(gphys, res, perms, leaf=(leaf_addr, leaf_val, esize))
 
-    # ---- accessed / dirty (SDM 4.8): only for an access that is allowed.
-    res.dirty = int(bool(leaf_val & PTE_D))
-    if set_ad:
-        bits = 0 if leaf_val & PTE_A else PTE_A
-        if write and not leaf_val & PTE_D:
-            bits |= PTE_D
-            res.dirty = 1
-        if bits:
-            _set_entry_bits(mem, leaf_addr, esize, bits)
-    if not res.dirty:
+
+def _finish(gphys: "_GuestPhys", res: WalkResult, perms: int, leaf) -> WalkResult:
+    """Steps 3 and 4 of a walk (see :func:`walk`), the TLB contract, the bus check."""
+    write = bool(res.access & ACC_WRITE)
+    res.paddr, ept_perms, dirty = gphys.translate_final(res.gpa)
+    perms &= ept_perms           # EPT_R/W/X are PROT_R/W/X
+    if leaf is not None:
+        # ---- accessed / dirty (SDM 4.8): only for an access that is allowed.
+        leaf_addr, leaf_val, esize = leaf
+        leaf_dirty = bool(leaf_val & PTE_D)
+        if gphys.set_ad:
+            bits = 0 if leaf_val & PTE_A else PTE_A
+            if write and not leaf_val & PTE_D:
+                bits |= PTE_D
+                leaf_dirty = True
+            if bits:
+                gphys.set_entry_bits(leaf_addr, esize, bits)
+        dirty = dirty and leaf_dirty
+    res.dirty = int(dirty)
+    if not dirty:
         perms &= ~PROT_W        # vmlab TLB contract: a clean page is handed out read-only
     res.perms = perms
+    return _check_bus(gphys.mem, res)
+
+
+# ----------------------------------------------------------------- EPT
+class _EptFault(Exception):
+    """Unwinds a nested walk at an EPT fault; the WalkResult is already filled in."""
+
+
+@dataclass
+class EptTranslation:
+    """One guest-physical to host-physical translation (SDM Vol. 3C 29.3.2)."""
+
+    fault: int = OK
+    hpa: int = 0
+    page_size: int = 0     #: 0 until a leaf entry is reached
+    perms: int = 0         #: EPT_R|W|X ANDed over the entries used; 0 if one is not present
+    dirty: bool = True     #: the leaf's D is (now) set, or EPT A/D is off
+    entries: list[tuple[int, int]] = field(default_factory=list)  #: (host-physical addr, value)
+
+
+def eptp_valid(eptp: int, maxphyaddr: int = 40) -> bool:
+    """EPTP as vmlab supports it (SDM Vol. 3C 25.6.11): memory type UC or WB,
+    page-walk length 4, bits 11:7 and 63:MAXPHYADDR zero."""
+    m = maxphyaddr or 40
+    return (eptp & 7 in (EPT_MT_UC, EPT_MT_WB) and (eptp >> EPTP_WALK_LENGTH_SHIFT) & 7 == 3
+            and not eptp & (_bits(11, 7) | _bits(63, m)))
+
+
+def _ept_entry_format(level: int, e: int, m: int) -> tuple[int, int]:
+    """Reserved bits of present EPT entry ``e`` at ``level`` (4: PML4E .. 1: PTE)
+    and the page size it maps (0: it references a table).  SDM Vol. 3C
+    Tables 29-1..29-6; vmlab supports 2 MiB and 1 GiB EPT pages."""
+    hi = _bits(51, m)
+    if level in (3, 2) and e & EPT_LARGE:
+        low = _bits(29, 12) if level == 3 else _bits(20, 12)   # Tables 29-2, 29-4
+        return hi | low, PAGE_1G if level == 3 else PAGE_2M
+    if level == 1:
+        return hi, PAGE_4K                                   # Table 29-6: bit 7 ignored
+    return hi | _bits(7, 3), 0                               # Tables 29-1, 29-3, 29-5
+
+
+def ept_walk(mem, gpa: int, *, eptp: int, maxphyaddr: int = 40, need: int = EPT_R,
+             write: bool = False, set_ad: bool = False) -> EptTranslation:
+    """Translate guest-physical ``gpa`` through the EPT at ``eptp``.
+
+    ``need``: the EPT_R/W/X bits the access requires; ``write``: it is a write
+    (EPT D); ``set_ad``: a real access, so with EPTP[6] the EPT A/D flags are
+    written (A in every entry used, D in the leaf for a write, 29.3.5).
+    Misconfigurations (29.3.3.1) are found on the way down; a missing
+    permission (29.3.3.2) once the whole translation is known.
+    """
+    mem = as_phys(mem)
+    m = maxphyaddr or 40
+    t = EptTranslation()
+    if not eptp_valid(eptp, m):
+        t.fault = FAULT_EPT_MISCONFIG
+        return t
+    ad = bool(eptp & EPTP_AD)
+    addr_mask = _bits(m - 1, 12)
+    table = eptp & addr_mask
+    perms = EPT_R | EPT_W | EPT_X
+    leaf_addr = leaf = 0
+    for level in range(EPT_LEVELS, 0, -1):
+        shift = 12 + 9 * (level - 1)
+        ea = table + ((gpa >> shift) & 511) * 8
+        e = _read_entry(mem, ea, 8)
+        t.entries.append((ea, e))
+        if not e & (EPT_R | EPT_W | EPT_X):
+            t.fault = FAULT_EPT_VIOLATION        # not present: the AND of R/W/X is 0
+            return t
+        # Present but not readable: write-only and write/execute are always
+        # misconfigurations, execute-only is one because vmlab does not
+        # advertise it (IA32_VMX_EPT_VPID_CAP[0] = 0).
+        if not e & EPT_R:
+            t.fault = FAULT_EPT_MISCONFIG
+            return t
+        rsvd, page_size = _ept_entry_format(level, e, m)
+        if e & rsvd or page_size and (e >> EPT_MEMTYPE_SHIFT) & 7 in (2, 3, 7):
+            t.fault = FAULT_EPT_MISCONFIG
+            return t
+        perms &= e & 7
+        if page_size:
+            t.page_size = page_size
+            t.hpa = (e & addr_mask & ~(page_size - 1)) | (gpa & (page_size - 1))
+            leaf_addr, leaf = ea, e
+            break
+        if set_ad and ad and not e & EPT_A:
+            _set_entry_bits(mem, ea, 8, EPT_A)
+        table = e & addr_mask
+    t.perms = perms
+    if need & ~perms:
+        t.fault = FAULT_EPT_VIOLATION
+        return t
+    t.dirty = not ad or bool(leaf & EPT_D)
+    if set_ad and ad:
+        bits = (0 if leaf & EPT_A else EPT_A) | (EPT_D if write and not leaf & EPT_D else 0)
+        t.dirty = t.dirty or write
+        if bits:
+            _set_entry_bits(mem, leaf_addr, 8, bits)
+    return t
+
+
+def _ept_need(access: int) -> tuple[int, int]:
+    """EPT permission an access needs and its Table 28-7 bits 2:0."""
+    if access & ACC_WRITE:
+        return EPT_W, EPTQ_WRITE
+    if access & ACC_FETCH:
+        return EPT_X, EPTQ_FETCH
+    return EPT_R, EPTQ_READ
+
+
+def _record_ept(res: WalkResult, t: EptTranslation) -> None:
+    res.ept_levels = len(t.entries)
+    res.ept_page_size = t.page_size
+    res.ept_entry_addr = [a for a, _ in t.entries] + [0] * (EPT_LEVELS - len(t.entries))
+    res.ept_entry_val = [v for _, v in t.entries] + [0] * (EPT_LEVELS - len(t.entries))
+
+
+def _ept_report(res: WalkResult, t: EptTranslation, gpa: int, qacc: int, where: int) -> None:
+    res.fault = t.fault
+    res.perms = 0
+    res.gpa = gpa
+    res.gla = res.vaddr if where & EPTQ_GLA_VALID else 0
+    # A misconfiguration has no exit qualification (SDM Vol. 3C 28.2.1).
+    res.ept_qualification = (qacc | t.perms << 3 | where) if t.fault == FAULT_EPT_VIOLATION else 0
+    _record_ept(res, t)
+
+
+class _GuestPhys:
+    """Guest-physical memory as one walk sees it: ``mem`` itself without EPT,
+    else through the EPT, raising :class:`_EptFault` once ``res`` holds a fault."""
+
+    def __init__(self, mem: PhysMem, res: WalkResult, eptp: int | None, m: int, set_ad: bool):
+        self.mem, self.res, self.eptp, self.m, self.set_ad = mem, res, eptp, m, set_ad
+        self.ad = eptp is not None and bool(eptp & EPTP_AD)
+        self.entry_xlat: EptTranslation | None = None   # of the entry read last
+
+    def read_entry(self, gpa: int, size: int) -> int:
+        """A guest paging-structure entry (step 1 of :func:`walk`)."""
+        if self.eptp is None:
+            return _read_entry(self.mem, gpa, size)
+        # Data read; with EPT A/D treated as a write, reported as read|write
+        # (SDM Vol. 3C 29.3.5 and the note to Table 28-7).
+        t = ept_walk(self.mem, gpa, eptp=self.eptp, maxphyaddr=self.m,
+                     need=EPT_R | (EPT_W if self.ad else 0), write=self.ad, set_ad=self.set_ad)
+        if t.fault:
+            _ept_report(self.res, t, gpa, EPTQ_READ | (EPTQ_WRITE if self.ad else 0),
+                        EPTQ_GLA_VALID)
+            raise _EptFault
+        self.entry_xlat = t
+        return _read_entry(self.mem, t.hpa, size)
+
+    def set_entry_bits(self, gpa: int, size: int, bits: int) -> None:
+        """A/D update of the entry read last: a data write (SDM Vol. 3C 29.3.3.2)."""
+        if self.eptp is None:
+            _set_entry_bits(self.mem, gpa, size, bits)
+            return
+        t = self.entry_xlat
+        if not t.perms & EPT_W:
+            t.fault = FAULT_EPT_VIOLATION
+            _ept_report(self.res, t, gpa, EPTQ_WRITE, EPTQ_GLA_VALID)
+            raise _EptFault
+        _set_entry_bits(self.mem, t.hpa, size, bits)
+
+    def translate_final(self, gpa: int) -> tuple[int, int, bool]:
+        """Step 3: (host-physical address, EPT_R/W/X, dirty) of the final page."""
+        if self.eptp is None:
+            return gpa, EPT_R | EPT_W | EPT_X, True
+        access = self.res.access
+        need, qacc = _ept_need(access)
+        t = ept_walk(self.mem, gpa, eptp=self.eptp, maxphyaddr=self.m, need=need,
+                     write=bool(access & ACC_WRITE), set_ad=self.set_ad)
+        if t.fault:
+            _ept_report(self.res, t, gpa, qacc, EPTQ_GLA_VALID | EPTQ_TRANSLATED)
+            raise _EptFault
+        _record_ept(self.res, t)
+        return t.hpa, t.perms, t.dirty
+
+
+def ept_translate(mem, gpa: int, access: int, *, eptp: int | None,
+                  maxphyaddr: int = 40) -> WalkResult:
+    """Twin of ``vmlab_ept_translate``: a guest-physical access with no linear
+    address (Table 28-7 bit 7 = 0), through the EPT alone.  A real access: with
+    EPTP[6] it sets EPT A/D flags.  ``eptp=None``: gpa is the physical address."""
+    mem = as_phys(mem)
+    res = WalkResult(vaddr=0, access=access, gpa=gpa)
+    if eptp is None:
+        res.paddr, res.page_size, res.perms, res.dirty = gpa, PAGE_4K, PROT_R | PROT_W | PROT_X, 1
+        return _check_bus(mem, res)
+    need, qacc = _ept_need(access)
+    t = ept_walk(mem, gpa, eptp=eptp, maxphyaddr=maxphyaddr, need=need,
+                 write=bool(access & ACC_WRITE), set_ad=True)
+    if t.fault:
+        _ept_report(res, t, gpa, qacc, 0)
+        return res
+    _record_ept(res, t)
+    res.paddr, res.page_size, res.dirty = t.hpa, t.page_size, int(t.dirty)
+    res.perms = t.perms if t.dirty else t.perms & ~PROT_W
     return _check_bus(mem, res)
 
 
@@ -441,7 +747,8 @@ def _check_bus(mem: PhysMem, res: WalkResult) -> WalkResult:
 
 def translate(mem, vaddr: int, *, cr0: int, cr3: int, cr4: int, efer: int, user: bool = False,
               write: bool = False, fetch: bool = False, implicit: bool = False, ac: bool = False,
-              set_ad: bool = False, maxphyaddr: int = 40, pdpe1gb: bool = True) -> WalkResult:
+              set_ad: bool = False, maxphyaddr: int = 40, pdpe1gb: bool = True,
+              eptp: int | None = None) -> WalkResult:
     """Debugger convenience: the whole walk for one access, no TLB involved.
 
     Leaves ``mem`` untouched unless ``set_ad``; ``print(translate(...).describe())``
@@ -451,12 +758,15 @@ def translate(mem, vaddr: int, *, cr0: int, cr3: int, cr4: int, efer: int, user:
     flags = (WALK_SET_AD if set_ad else 0) | (WALK_IMPLICIT_SUP if implicit else 0) | \
         (WALK_AC if ac else 0)
     return walk(mem, vaddr, access, flags, cr0=cr0, cr3=cr3, cr4=cr4, efer=efer,
-                maxphyaddr=maxphyaddr, pdpe1gb=pdpe1gb)
+                maxphyaddr=maxphyaddr, pdpe1gb=pdpe1gb, eptp=eptp)
 
 
 __all__ = [
     "ACC_READ", "ACC_WRITE", "ACC_USER", "ACC_FETCH", "WALK_SET_AD", "WALK_IMPLICIT_SUP",
     "WALK_AC", "PROT_R", "PROT_W", "PROT_X", "OK", "FAULT_PF", "FAULT_BUS", "PFEC_P", "PFEC_W",
     "PFEC_US", "PFEC_RSVD", "PFEC_ID", "PhysMem", "BufferMem", "WalkResult", "paging_mode",
-    "walk", "translate", "as_phys",
+    "walk", "translate", "as_phys", "FAULT_EPT_VIOLATION", "FAULT_EPT_MISCONFIG", "EPT_R", "EPT_W",
+    "EPT_X", "EPT_LARGE", "EPT_A", "EPT_D", "EPTP_AD", "EPTQ_READ", "EPTQ_WRITE", "EPTQ_FETCH",
+    "EPTQ_READABLE", "EPTQ_WRITABLE", "EPTQ_EXECUTABLE", "EPTQ_GLA_VALID", "EPTQ_TRANSLATED",
+    "EptTranslation", "eptp_valid", "ept_walk", "ept_translate",
 ]

@@ -485,6 +485,16 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         v->fault_access = access;
         return false;
     }
+    if (r == VMLAB_FAULT_EPT_VIOLATION || r == VMLAB_FAULT_EPT_MISCONFIG) {
+        /* Only with v->ept_enabled (a nested guest): the VM exit is Python's. */
+        v->stop_kind = r == VMLAB_FAULT_EPT_VIOLATION ? VMLAB_STOP_EPT_VIOLATION
+                                                      : VMLAB_STOP_EPT_MISCONFIG;
+        v->fault_vaddr = vaddr;
+        v->fault_access = access;
+        v->fault_ept_gpa = w.gpa;
+        v->fault_ept_qualification = w.ept_qualification;
+        return false;
+    }
     const uint64_t ppage = w.paddr & ~0xfffull;
     uint32_t perms = w.perms;
     uint8_t *pf = &v->page_flags[ppage >> 12];

@@ -43,6 +43,19 @@ from .qualification import CrAccessQualification, CrAccessType, DrAccessQualific
 
 RESUME, STOP = "resume", "stop"
 
+
+class _Ints:
+    """An IntFlag's members as plain ints (bit tests on every exit; enum
+    arithmetic costs ~1 µs a time in CPython 3.11)."""
+
+    def __init__(self, flag):
+        for m in flag:
+            setattr(self, m.name, int(m))
+
+
+_PP, _SP, _PIN = _Ints(PrimaryProcBasedControls), _Ints(SecondaryProcBasedControls), _Ints(PinBasedControls)
+_ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
+
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
 
@@ -64,17 +77,38 @@ class TrackedVmcs(F.Vmcs):
     """A Vmcs that remembers which fields were written since the last VM entry,
     so VM entry reruns the checks and reloads guest state only when needed."""
 
-    __slots__ = ("dirty",)
+    __slots__ = ("dirty", "lazy")
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         object.__setattr__(self, "dirty", set())
+        object.__setattr__(self, "lazy", None)   # callable that fills deferred guest fields
 
     def __setattr__(self, name, value):
-        if name == "dirty":
+        if name in ("dirty", "lazy"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    def materialize(self) -> None:
+        """Store guest-state fields a VM exit deferred (segment state)."""
+        fill = self.lazy
+        if fill is not None:
+            object.__setattr__(self, "lazy", None)
+            fill()
+
+    def read(self, encoding: int) -> int:
+        if self.lazy is not None and int(encoding) in _LAZY_FIELDS:
+            self.materialize()
+        return super().read(encoding)
+
+    def snapshot(self, *, nonzero: bool = False):
+        self.materialize()
+        return super().snapshot(nonzero=nonzero)
+
+    def copy(self):
+        self.materialize()
+        return super().copy()
 
     def _store(self, field, value, high=False):
         self.dirty.add(field.encoding)
@@ -212,16 +246,15 @@ class VmxGuest:
 
     # ------------------------------------------------------------------ controls
     def _ctl(self, enc) -> int:
-        return self.vmcs.read(enc)
+        return self.vmcs._values.get(enc, 0)
 
-    def _primary(self) -> PrimaryProcBasedControls:
-        return PrimaryProcBasedControls(self._ctl(F.CPU_BASED_VM_EXEC_CONTROL))
+    def _primary(self) -> int:
+        return self.vmcs._values.get(_ENC_PRIMARY, 0)
 
-    def _secondary(self) -> SecondaryProcBasedControls:
-        p = self._primary()
-        if not p & PrimaryProcBasedControls.ACTIVATE_SECONDARY_CONTROLS:
-            return SecondaryProcBasedControls(0)
-        return SecondaryProcBasedControls(self._ctl(F.SECONDARY_VM_EXEC_CONTROL))
+    def _secondary(self) -> int:
+        if not self._primary() & _PP.ACTIVATE_SECONDARY_CONTROLS:
+            return 0
+        return self.vmcs._values.get(_ENC_SECONDARY, 0)
 
     def _arm_traps(self) -> None:
         """Trap sites follow the controls: only what may exit is armed."""
@@ -241,6 +274,7 @@ class VmxGuest:
     def _load_guest_state(self) -> None:
         """VM entry: guest-state area -> vCPU (SDM Vol. 3C 28.3.2)."""
         v, cpu = self.vmcs, self.cpu
+        v.materialize()
         cpu.refresh()
         # Order as a CPU entering a mode would: paging off, EFER, CR4, CR3, CR0.
         if cpu.regs.cr0 & x86.CR0_PG:
@@ -263,7 +297,7 @@ class VmxGuest:
         cpu.set_reg("rsp", v.read(F.GUEST_RSP))
         cpu.set_rip(v.read(F.GUEST_RIP))
         cpu.load_segments(segs, clear_exception=True)
-        cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & PrimaryProcBasedControls.USE_TSC_OFFSETTING else 0
+        cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & _PP.USE_TSC_OFFSETTING else 0
         self._saved = True
 
     def _guest_fields(self) -> dict[int, int]:
@@ -271,12 +305,20 @@ class VmxGuest:
         return {enc: vals.get(enc, 0) for enc in _GUEST_STATE_FIELDS}
 
     def _save_guest_state(self) -> None:
-        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3).  Values are in
-        range by construction, so they go straight into the VMCS store."""
+        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3).  RIP, RSP,
+        RFLAGS, control registers and EFER are stored now; segment and
+        descriptor-table state when the VMCS is first read (it is only in the
+        vCPU until then).  Values are in range by construction."""
         r = self.cpu.regs
-        d = {F.GUEST_RIP: r.rip, F.GUEST_RSP: r.gpr[4], F.GUEST_RFLAGS: r.rflags, F.GUEST_CR0: r.cr0,
-             F.GUEST_CR3: r.cr3, F.GUEST_CR4: r.cr4, F.GUEST_IA32_EFER: r.efer,
-             F.GUEST_GDTR_BASE: r.gdtr_base, F.GUEST_GDTR_LIMIT: r.gdtr_limit,
+        vals = self.vmcs._values
+        vals[_E_RIP], vals[_E_RSP], vals[_E_RFLAGS] = r.rip, r.gpr[4], r.rflags
+        vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
+        self.vmcs.lazy = self._save_segment_state
+        self._saved = True
+
+    def _save_segment_state(self) -> None:
+        r = self.cpu.regs
+        d = {F.GUEST_GDTR_BASE: r.gdtr_base, F.GUEST_GDTR_LIMIT: r.gdtr_limit,
              F.GUEST_IDTR_BASE: r.idtr_base, F.GUEST_IDTR_LIMIT: r.idtr_limit}
         for i, idx in enumerate(_SEG_ORDER):
             sg = r.seg[idx]
@@ -290,7 +332,6 @@ class VmxGuest:
                                                F.GUEST_TR_ACCESS_RIGHTS, r.tr, True)):
             d[sel], d[base], d[lim], d[ar] = sg.selector, sg.base, sg.limit, flags_to_ar(sg.flags, sg.selector, cs_tr)
         self.vmcs._values.update({int(k): v for k, v in d.items()})
-        self._saved = True
 
     # ------------------------------------------------------------------ VM entry
     def launch(self) -> None:
@@ -413,15 +454,15 @@ class VmxGuest:
         src = vm._pending_interrupt()
         r = self.cpu.regs
         if_open = bool(r.rflags & x86.RFLAGS_IF) and not (r.hflags & x86.HF_INHIBIT_IRQ)
-        if p & PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING:
+        if p & _PP.INTERRUPT_WINDOW_EXITING:
             if if_open:
                 return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
             self.cpu.native.irq_window = 1
         if src is None:
-            if not p & PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING:
+            if not p & _PP.INTERRUPT_WINDOW_EXITING:
                 self.cpu.native.irq_window = 0
             return None
-        if pin & PinBasedControls.EXTERNAL_INTERRUPT_EXITING:
+        if pin & _PIN.EXTERNAL_INTERRUPT_EXITING:
             # An external interrupt exits regardless of RFLAGS.IF (SDM 26.2).
             info = None
             if self._ctl(F.VM_EXIT_CONTROLS) & (1 << 15):          # acknowledge interrupt on exit
@@ -456,7 +497,7 @@ class VmxGuest:
                 vm._dispatch(mex)
                 return None
             if isinstance(mex, HltExit):
-                if p & PrimaryProcBasedControls.HLT_EXITING and mex.insn_len:
+                if p & _PP.HLT_EXITING and mex.insn_len:
                     return self._make_exit(ExitReason.HLT, 0, mex, length=mex.insn_len)
                 vm._halt(mex, None)
                 return None
@@ -477,7 +518,7 @@ class VmxGuest:
 
     def _io_exits(self, port: int, size: int) -> bool:
         p = self._primary()
-        if p & PrimaryProcBasedControls.USE_IO_BITMAPS:
+        if p & _PP.USE_IO_BITMAPS:
             # Bitmap A covers ports 0-7FFF, B 8000-FFFF; any byte of the access set exits (SDM 26.1.3).
             for q in range(port, port + size):
                 q &= 0xFFFF
@@ -486,10 +527,10 @@ class VmxGuest:
                 if self.vm.mem.contains(base + bit // 8) and self.vm.mem.read(base + bit // 8, 1)[0] >> (bit & 7) & 1:
                     return True
             return False
-        return bool(p & PrimaryProcBasedControls.UNCONDITIONAL_IO_EXITING)
+        return bool(p & _PP.UNCONDITIONAL_IO_EXITING)
 
     def _msr_exits(self, msr: int, is_write: bool) -> bool:
-        if not self._primary() & PrimaryProcBasedControls.USE_MSR_BITMAPS:
+        if not self._primary() & _PP.USE_MSR_BITMAPS:
             return True
         base = self._ctl(F.MSR_BITMAP)      # SDM 25.6.9: read-low, read-high, write-low, write-high
         if msr <= 0x1FFF:
@@ -514,19 +555,19 @@ class VmxGuest:
                 shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
                 exits = bool((mex.value ^ shadow) & mask)
             elif mex.cr == 3:
-                if p & PrimaryProcBasedControls.CR3_LOAD_EXITING:
+                if p & _PP.CR3_LOAD_EXITING:
                     targets = [v.read(F.CR3_TARGET_VALUE0 + 2 * i) for i in range(min(v.read(F.CR3_TARGET_COUNT), 4))]
                     exits = mex.value not in targets
             elif mex.cr == 8:
-                exits = bool(p & PrimaryProcBasedControls.CR8_LOAD_EXITING)
+                exits = bool(p & _PP.CR8_LOAD_EXITING)
             if exits:
                 q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_TO_CR, gpr=gpr)
                 return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
             sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
             return None
         if mex.access_type == 1:
-            if (mex.cr == 3 and p & PrimaryProcBasedControls.CR3_STORE_EXITING) or \
-                    (mex.cr == 8 and p & PrimaryProcBasedControls.CR8_STORE_EXITING):
+            if (mex.cr == 3 and p & _PP.CR3_STORE_EXITING) or \
+                    (mex.cr == 8 and p & _PP.CR8_STORE_EXITING):
                 q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_FROM_CR, gpr=gpr)
                 return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
             if mex.cr in (0, 4):
@@ -565,7 +606,7 @@ class VmxGuest:
         p = self._primary()
         cpu = self.cpu
         if mex.kind == "invlpg":
-            if p & PrimaryProcBasedControls.INVLPG_EXITING:
+            if p & _PP.INVLPG_EXITING:
                 return self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len)
             sensitive.emulate_invlpg(cpu, mex.insn_len)
             return None
@@ -666,6 +707,8 @@ class VmxGuest:
             self.cpu.set_rip(v.read(F.GUEST_RIP))   # the common case: a handler skipped
             self.cpu.set_reg("rsp", v.read(F.GUEST_RSP))
         self.vmcs.dirty -= _GUEST_STATE_SET
+        # A VM entry with unchanged segment state keeps the vCPU's copy: the
+        # deferred save is still valid as long as the guest has not run.
 
 
 #: guest-state fields compared to decide whether VM entry must reload the vCPU
@@ -684,16 +727,21 @@ _GUEST_STATE_SET = frozenset(_GUEST_STATE_FIELDS)
 
 #: trap kinds armed when a control says their instruction exits (SDM Vol. 3C 26.1.3)
 _TRAPS_BY_PRIMARY = (
-    (PrimaryProcBasedControls.RDTSC_EXITING, {"rdtsc", "rdtscp"}),
-    (PrimaryProcBasedControls.MOV_DR_EXITING, {"dr"}),
-    (PrimaryProcBasedControls.RDPMC_EXITING, {"rdpmc"}),
-    (PrimaryProcBasedControls.MWAIT_EXITING, {"mwait"}),
-    (PrimaryProcBasedControls.MONITOR_EXITING, {"monitor"}),
-    (PrimaryProcBasedControls.PAUSE_EXITING, {"pause"}),
+    (_PP.RDTSC_EXITING, {"rdtsc", "rdtscp"}),
+    (_PP.MOV_DR_EXITING, {"dr"}),
+    (_PP.RDPMC_EXITING, {"rdpmc"}),
+    (_PP.MWAIT_EXITING, {"mwait"}),
+    (_PP.MONITOR_EXITING, {"monitor"}),
+    (_PP.PAUSE_EXITING, {"pause"}),
 )
 _TRAPS_BY_SECONDARY = (
-    (SecondaryProcBasedControls.WBINVD_EXITING, {"wbinvd"}),
-    (SecondaryProcBasedControls.DESCRIPTOR_TABLE_EXITING, {"desc"}),
-    (SecondaryProcBasedControls.RDRAND_EXITING, {"rdrand"}),
-    (SecondaryProcBasedControls.RDSEED_EXITING, {"rdseed"}),
+    (_SP.WBINVD_EXITING, {"wbinvd"}),
+    (_SP.DESCRIPTOR_TABLE_EXITING, {"desc"}),
+    (_SP.RDRAND_EXITING, {"rdrand"}),
+    (_SP.RDSEED_EXITING, {"rdseed"}),
 )
+_E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
+_E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
+#: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
+_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) - {
+    _E_RIP, _E_RSP, _E_RFLAGS, _E_CR0, _E_CR3, _E_CR4, _E_EFER}

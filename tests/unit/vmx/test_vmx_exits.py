@@ -261,3 +261,14 @@ def test_rdrand_exiting_and_wbinvd_exiting():
     ex.skip()
     ex = run(g)
     assert ex.reason == ExitReason.RDRAND and ex.instruction_length == 3
+
+
+def test_guest_state_area_after_exit_holds_the_guest_segments_and_registers():
+    g = vmx_guest("mov ax, 0x10\n mov ds, ax\n mov rsp, 0x9000\n vmcall")
+    ex = run(g)
+    v = ex.vmcs
+    assert v.read(F.GUEST_CS_SELECTOR) == 0x08 and v.read(F.GUEST_DS_SELECTOR) == 0x10
+    assert v.read(F.GUEST_CS_ACCESS_RIGHTS) & 0xFF == 0x9B and v.read(F.GUEST_CS_ACCESS_RIGHTS) >> 13 & 1  # L
+    assert v.read(F.GUEST_RSP) == 0x9000
+    assert v.read(F.GUEST_TR_SELECTOR) == 0x18
+    assert v.read(F.GUEST_CR3) == 0x2000
