@@ -514,14 +514,21 @@ class Vcpu:
         return insn
 
     # ------------------------------------------------------------------ running
-    def run(self, deadline: int) -> Exit:
+    def run(self, deadline: int, single_step: bool = False) -> Exit:
         """Run until something needs attention or virtual time reaches
-        ``deadline`` (instructions); returns one exit value."""
+        ``deadline`` (instructions); returns one exit value.  ``single_step``
+        executes at most one instruction (returns DeadlineExit after it)."""
         v, uc = self._v, self.uc
         self.flush()
         v.stop_kind = 0
         v.icount_deadline = deadline
-        err = lib.vmlab_emu_start(self._uch, self.regs.rip)
+        if single_step:
+            start = v.icount
+            err = lib.vmlab_emu_step(self._uch, self.regs.rip)
+            if v.icount == start and not v.stop_kind and not err:
+                v.icount += 1          # a one-instruction step outside a fresh block
+        else:
+            err = lib.vmlab_emu_start(self._uch, self.regs.rip)
         r = self.refresh()
         kind = v.stop_kind
         v.stop_kind = 0
@@ -545,6 +552,8 @@ class Vcpu:
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
         if err == ucc.UC_ERR_INSN_INVALID:
             return self._invalid_opcode_exit()
+        if single_step and kind == 0 and err == 0:
+            return DeadlineExit(rip=r.rip)
         if err not in (0,):
             return InternalErrorExit(rip=r.rip, message=f"Unicorn: {UcError(err)}")
         lin = self.linear_rip()

@@ -333,3 +333,170 @@ def paging_setups(draw, modes=MODES, *, ram_frames: int = 64, first_frame: int =
         put(ram, ea, e, size)
     return PagingSetup(mode, ram, regs["cr0"], cr3, regs["cr4"], regs["efer"], m, big, vaddr,
                        access, flags, target, page_size, tuple(path + decoys))
+
+
+# ============================================================ nested (EPT) setups
+#: Host RAM of a nested setup, in 4 KiB frames.  Guest frames land in
+#: [0, EPT_TABLE_FRAME0) and the EPT's tables in [EPT_TABLE_FRAME0, EPT_HOST_FRAMES).
+EPT_GUEST_FRAMES = 48
+EPT_HOST_FRAMES = 128
+EPT_TABLE_FRAME0 = 96
+#: Guest frames [EPT_GUEST_FRAMES, EPT_MMIO_END) are mapped past host RAM (MMIO).
+EPT_MMIO_END = 64
+EPT_LAYOUTS = ("4k", "2m", "1g")
+_EPT_RWX = sm.EPT_R | sm.EPT_W | sm.EPT_X
+#: Strides coprime with EPT_TABLE_FRAME0 (96): frame g -> (g * k + shift) % 96 is one-to-one.
+_STRIDES = (1, 5, 7, 11, 13, 17, 19, 23, 25, 29, 31, 35, 37, 41, 43, 47)
+
+
+@dataclass
+class NestedSetup:
+    """A guest paging setup (guest-physical) placed in host RAM behind an EPT.
+
+    ``ram`` is host-physical: the EPT's tables and, at their translations, the
+    guest's frames.  ``host_frame`` maps each guest frame with RAM behind it to
+    its host frame (layouts 2m/1g: identity).  ``ept_entries`` lists the EPT
+    entries drawn at random (the other 4 KiB mappings are plain RWX WB).
+    """
+
+    guest: PagingSetup
+    ram: bytearray
+    eptp: int
+    layout: str
+    host_frame: dict
+    ept_entries: tuple     # (host-physical address, value)
+
+    mode = property(lambda self: self.guest.mode)
+    vaddr = property(lambda self: self.guest.vaddr)
+    access = property(lambda self: self.guest.access)
+    flags = property(lambda self: self.guest.flags)
+
+    @property
+    def regs(self) -> dict:
+        return self.guest.regs | {"eptp": self.eptp}
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(repr(self))
+
+    def __repr__(self) -> str:
+        moved = {g: h for g, h in self.host_frame.items() if g != h}
+        ents = ", ".join(f"{a:#x}:{v:#x}" for a, v in self.ept_entries)
+        return (f"NestedSetup(eptp={self.eptp:#x}, layout={self.layout}, host_frame={moved}, "
+                f"ept=[{ents}],\n  guest={self.guest!r})")
+
+
+def _plain_ept_leaf(hpa: int) -> int:
+    return hpa | _EPT_RWX | sm.EPT_MT_WB << sm.EPT_MEMTYPE_SHIFT | sm.EPT_A | sm.EPT_D
+
+
+def _ept_candidate_bits(m: int) -> list[int]:
+    """Bits worth setting on purpose in an EPT entry: reserved somewhere
+    (7:3 of non-leaf entries, large-page address bits, 51:M) or ignored."""
+    return sorted({3, 4, 5, 6, 7, 9, 12, 13, 20, 21, 29, 30, 51, m - 1, m})
+
+
+def _ept_entry(word: int, base: int, *, leaf: bool, m: int) -> int:
+    """An EPT entry from one random word; word 0 is a valid RWX entry with A
+    (and, for a leaf, WB memory type and D)."""
+    sel = _field(word, 0, 6)
+    # ~1 in 10: fewer rights, not present, or the misconfigured 010b/100b/110b
+    e = base | (_EPT_RWX if sel < 58 else (1, 3, 5, 0, 2, 4)[sel - 58])
+    e |= 0 if _field(word, 6, 1) else sm.EPT_A
+    if leaf:
+        e |= 0 if _field(word, 7, 1) else sm.EPT_D
+        mt = _field(word, 8, 6)      # ~1 in 9 not WB, half of those reserved
+        e |= (sm.EPT_MT_WB if mt < 57 else (0, 1, 4, 5, 2, 3, 7)[mt - 57]) << sm.EPT_MEMTYPE_SHIFT
+        e |= _field(word, 14, 1) * sm.EPT_IGNORE_PAT
+    e |= {4: 1 << 52, 5: 1 << 11, 6: 1 << 10, 7: 1 << 63}.get(_field(word, 15, 3), 0)  # ignored
+    if _field(word, 18, 5) == 31:       # 1 entry in 32 gets one chosen bit set
+        cands = _ept_candidate_bits(m)
+        e |= 1 << cands[_field(word, 23, 8) % len(cands)]
+    return e
+
+
+def _eptp_from(word: int, pml4: int, m: int) -> int:
+    """EPTP: WB (UC 1 in 10, else invalid 1 in 64), walk length 4 (else 1 in
+    64), EPT A/D 1 in 4, a reserved bit 1 in 64."""
+    mt = _field(word, 0, 6)
+    memtype = sm.EPT_MT_WB if mt < 57 else sm.EPT_MT_UC if mt < 63 else \
+        (1, 2, 3, 4, 5, 7)[_field(word, 6, 3) % 6]
+    walk_len = 3 if _field(word, 9, 6) < 63 else (0, 1, 2, 4, 5, 6, 7)[_field(word, 15, 3) % 7]
+    eptp = pml4 | memtype | walk_len << sm.EPTP_WALK_LENGTH_SHIFT
+    if _field(word, 18, 2) == 3:
+        eptp |= sm.EPTP_AD
+    if _field(word, 20, 6) == 63:
+        eptp |= 1 << (7, 8, 11, m, 63)[_field(word, 26, 3) % 5]
+    return eptp
+
+
+@st.composite
+def nested_setups(draw, modes=MODES, *, layouts=EPT_LAYOUTS):
+    """Draw a :class:`NestedSetup`: a :func:`paging_setups` guest of
+    EPT_GUEST_FRAMES frames, its frames scattered over host RAM (layout 4k,
+    frames EPT_GUEST_FRAMES..EPT_MMIO_END mapped past host RAM) or
+    identity-mapped by one 2 MiB / 1 GiB EPT page, with the EPT entries of
+    every frame the walk can touch drawn like guest entries: mostly valid,
+    sometimes fewer rights, not present, misconfigured (010b/100b/110b rights,
+    memory types 2/3/7, reserved bits), ignored bits set, or A/D clear for the
+    EPT A/D side effects.  EPTP is now and then invalid.  One layout-4k setup in
+    16 puts the guest's top table on the EPT's page table, so that guest A/D
+    writes and EPT reads meet in one frame (both walkers must agree on order).
+    """
+    guest = draw(paging_setups(modes, ram_frames=EPT_GUEST_FRAMES))
+    blob = draw(st.binary(min_size=8 * 16, max_size=8 * 16))
+    c, pw, *words = (int.from_bytes(blob[i:i + 8], "little") for i in range(0, len(blob), 8))
+    m = guest.maxphyaddr
+    layout = layouts[_field(c, 0, 8) % len(layouts)]
+    host_size = EPT_HOST_FRAMES * _PAGE
+    ram = bytearray(PATTERN[_MAX_RAM - host_size:])     # not the guest's garbage
+
+    # ---- EPT table frames, distinct, in the table area
+    area = EPT_HOST_FRAMES - EPT_TABLE_FRAME0
+    first = _field(c, 8, 8) % area
+    pml4_f, pdpt_f, pd_f, pt_f = (EPT_TABLE_FRAME0 + (first + 7 * i) % area for i in range(4))
+    for f in (pml4_f, pdpt_f, pd_f, pt_f):
+        ram[f * _PAGE:(f + 1) * _PAGE] = bytes(_PAGE)
+
+    # ---- where each guest frame lives
+    if layout == "4k":
+        k, shift = _STRIDES[_field(c, 16, 4)], _field(c, 20, 7) % EPT_TABLE_FRAME0
+        host_frame = {g: (g * k + shift) % EPT_TABLE_FRAME0 for g in range(EPT_GUEST_FRAMES)}
+    else:
+        host_frame = {g: g for g in range(EPT_GUEST_FRAMES)}
+    top_frame = guest.cr3 >> 12
+    alias = layout == "4k" and _field(c, 27, 4) == 15 and guest.mode != MODE_NONE
+    if alias:
+        host_frame[top_frame] = pt_f
+    for g, h in host_frame.items():
+        if not (alias and g == top_frame):
+            ram[h * _PAGE:(h + 1) * _PAGE] = guest.ram[g * _PAGE:(g + 1) * _PAGE]
+
+    # ---- entries: PML4E, PDPTE, PDE drawn; PTEs drawn for the frames a walk touches
+    touched = sorted({a >> 12 for a, _ in guest.entries} | {guest.target >> 12, top_frame})
+    word_of = dict(zip(touched, words[3:]))
+    drawn = [(pml4_f * _PAGE, _ept_entry(words[0], pdpt_f * _PAGE, leaf=False, m=m))]
+    plain = []
+    if layout == "1g":
+        drawn.append((pdpt_f * _PAGE, _ept_entry(words[1], sm.EPT_LARGE, leaf=True, m=m)))
+    else:
+        drawn.append((pdpt_f * _PAGE, _ept_entry(words[1], pd_f * _PAGE, leaf=False, m=m)))
+        if layout == "2m":
+            drawn.append((pd_f * _PAGE, _ept_entry(words[2], sm.EPT_LARGE, leaf=True, m=m)))
+        else:
+            drawn.append((pd_f * _PAGE, _ept_entry(words[2], pt_f * _PAGE, leaf=False, m=m)))
+            for g in range(EPT_MMIO_END):
+                hpa = host_frame[g] * _PAGE if g in host_frame else \
+                    host_size + (g - EPT_GUEST_FRAMES) * _PAGE
+                if g in word_of:
+                    drawn.append((pt_f * _PAGE + 8 * g, _ept_entry(word_of[g], hpa, leaf=True, m=m)))
+                else:
+                    plain.append((pt_f * _PAGE + 8 * g, _plain_ept_leaf(hpa)))
+    for a, e in plain + drawn:
+        put(ram, a, e, 8)
+    if alias:   # the guest's top table over the EPT's page table, guest entries on top
+        src = guest.ram[top_frame * _PAGE:(top_frame + 1) * _PAGE]
+        for off in range(0, _PAGE, 4):
+            if src[off:off + 4] != b"\0\0\0\0":
+                ram[pt_f * _PAGE + off:pt_f * _PAGE + off + 4] = src[off:off + 4]
+    eptp = _eptp_from(pw, pml4_f * _PAGE, m)
+    return NestedSetup(guest, ram, eptp, layout, host_frame, tuple(drawn))

@@ -216,6 +216,7 @@ class VmxGuest:
         self.record = False
         self._saved: bool | None = None       # guest state in the vCPU matches the VMCS
         self._checked: bool | None = None     # the VMCS passed the entry checks
+        self._preempt_deadline: int | None = None
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
 
@@ -315,6 +316,10 @@ class VmxGuest:
         vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
         self.vmcs.lazy = self._save_segment_state
         self._saved = True
+        if self._preempt_deadline is not None and self._ctl(int(F.VM_EXIT_CONTROLS)) & (1 << 22):
+            # "save VMX-preemption timer value" (SDM 28.3.4)
+            rate = self.caps.misc & 0x1F
+            vals[int(F.VMX_PREEMPTION_TIMER_VALUE)] = max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
 
     def _save_segment_state(self) -> None:
         r = self.cpu.regs
@@ -364,6 +369,7 @@ class VmxGuest:
             self._arm_traps()
             self._armed_for = ctl
         self.vmcs.dirty.clear()
+        self._arm_preemption_timer()
         self._inject_from_entry_field()
         return None
 
@@ -403,18 +409,24 @@ class VmxGuest:
                 ex = self._pending_exits.pop(0)
             else:
                 vm.timers.run_expired(vm.now_ns())
-                ex = self._external_interrupt_exit()
+                ex = self._external_interrupt_exit() or self._preemption_timer_exit()
                 if ex is None:
                     deadline = cpu.native.icount + 50_000_000
                     nxt = vm.timers.next_deadline()
                     if nxt is not None:
                         deadline = min(deadline, max(nxt, cpu.native.icount + 1))
+                    if self._preempt_deadline is not None:
+                        deadline = min(deadline, max(self._preempt_deadline, cpu.native.icount + 1))
                     if limit is not None:
                         if cpu.native.icount >= limit:
                             raise TimeoutError(f"no VM exit within {max_insns} instructions")
                         deadline = min(deadline, limit)
-                    mex = cpu.run(deadline)
+                    mtf = bool(self._primary() & _PP.MONITOR_TRAP_FLAG)
+                    mex = cpu.run(deadline, single_step=mtf)
                     ex = self._decide(mex)
+                    if ex is None and mtf and isinstance(mex, DeadlineExit):
+                        # Monitor trap flag: a VM exit after one instruction (SDM 26.5.2).
+                        ex = self._make_exit(ExitReason.MONITOR_TRAP_FLAG, 0, None)
                 if ex is None:
                     if vm._stop is not None:
                         stop, vm._stop = vm._stop, None
@@ -446,6 +458,23 @@ class VmxGuest:
                                 interruption_error_code=error_code, guest_linear_address=gla)
         return VmExit(ExitReason(reason), qual, self.vmcs, self, decoded=decoded, instruction_length=length,
                       machine_exit=mex)
+
+    def _arm_preemption_timer(self) -> None:
+        """VMX-preemption timer (SDM 26.5.1): counts down by 1 every 2^X TSC ticks
+        (X = IA32_VMX_MISC[4:0]); virtual time here is the TSC."""
+        if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.ACTIVATE_PREEMPTION_TIMER:
+            rate = self.caps.misc & 0x1F
+            self._preempt_deadline = self.cpu.native.icount + (self._ctl(int(F.VMX_PREEMPTION_TIMER_VALUE)) << rate)
+        else:
+            self._preempt_deadline = None
+
+    def _preemption_timer_exit(self) -> VmExit | None:
+        d = self._preempt_deadline
+        if d is None or self.cpu.native.icount < d:
+            return None
+        self._preempt_deadline = None
+        self.vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
+        return self._make_exit(ExitReason.PREEMPTION_TIMER, 0, None)
 
     def _external_interrupt_exit(self) -> VmExit | None:
         vm = self.vm

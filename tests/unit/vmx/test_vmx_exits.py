@@ -272,3 +272,23 @@ def test_guest_state_area_after_exit_holds_the_guest_segments_and_registers():
     assert v.read(F.GUEST_RSP) == 0x9000
     assert v.read(F.GUEST_TR_SELECTOR) == 0x18
     assert v.read(F.GUEST_CR3) == 0x2000
+
+
+def test_preemption_timer_exits_after_its_count_in_virtual_time():
+    g = vmx_guest("l: jmp l", pin=(PinBasedControls.ACTIVATE_PREEMPTION_TIMER, 0),
+                  fields={"VMX_PREEMPTION_TIMER_VALUE": 1000})
+    start = g.cpu.icount
+    ex = run(g, 10_000_000)
+    assert ex.reason == ExitReason.PREEMPTION_TIMER
+    rate = g.caps.misc & 0x1F
+    assert 1000 << rate <= g.cpu.icount - start <= (1000 << rate) + 100
+
+
+def test_monitor_trap_flag_exits_after_each_instruction():
+    g = vmx_guest("nop\n nop\n inc rax\n vmcall", proc=(P.MONITOR_TRAP_FLAG, 0))
+    rips = []
+    for _ in range(3):
+        ex = run(g)
+        assert ex.reason == ExitReason.MONITOR_TRAP_FLAG
+        rips.append(ex.vmcs.read(F.GUEST_RIP))
+    assert rips == [0x100001, 0x100002, 0x100005]
