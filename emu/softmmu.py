@@ -540,8 +540,11 @@ def ept_walk(mem, gpa: int, *, eptp: int, maxphyaddr: int = 40, need: int = EPT_
     Misconfigurations (29.3.3.1) are found on the way down; a missing
     permission (29.3.3.2) once the whole translation is known.
     """
-    mem = as_phys(mem)
-    m = maxphyaddr or 40
+    return _ept_walk(as_phys(mem), gpa, eptp, maxphyaddr or 40, need, write, set_ad)
+
+
+def _ept_walk(mem: PhysMem, gpa: int, eptp: int, m: int, need: int, write: bool,
+              set_ad: bool) -> EptTranslation:
     t = EptTranslation()
     if not eptp_valid(eptp, m):
         t.fault = FAULT_EPT_MISCONFIG
@@ -632,8 +635,8 @@ class _GuestPhys:
             return _read_entry(self.mem, gpa, size)
         # Data read; with EPT A/D treated as a write, reported as read|write
         # (SDM Vol. 3C 29.3.5 and the note to Table 28-7).
-        t = ept_walk(self.mem, gpa, eptp=self.eptp, maxphyaddr=self.m,
-                     need=EPT_R | (EPT_W if self.ad else 0), write=self.ad, set_ad=self.set_ad)
+        t = _ept_walk(self.mem, gpa, self.eptp, self.m, EPT_R | (EPT_W if self.ad else 0),
+                      self.ad, self.set_ad)
         if t.fault:
             _ept_report(self.res, t, gpa, EPTQ_READ | (EPTQ_WRITE if self.ad else 0),
                         EPTQ_GLA_VALID)
@@ -659,8 +662,8 @@ class _GuestPhys:
             return gpa, EPT_R | EPT_W | EPT_X, True
         access = self.res.access
         need, qacc = _ept_need(access)
-        t = ept_walk(self.mem, gpa, eptp=self.eptp, maxphyaddr=self.m, need=need,
-                     write=bool(access & ACC_WRITE), set_ad=self.set_ad)
+        t = _ept_walk(self.mem, gpa, self.eptp, self.m, need, bool(access & ACC_WRITE),
+                      self.set_ad)
         if t.fault:
             _ept_report(self.res, t, gpa, qacc, EPTQ_GLA_VALID | EPTQ_TRANSLATED)
             raise _EptFault

@@ -899,10 +899,16 @@ int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r)
     r->efer = efer.value;
     r->kernel_gs_base = kgs.value;
     /* Segment caches, hflags and the pending exception's error code live only
-     * in QEMU's CPUX86State: read them from one context save. */
-    if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
-        return -1;
-    uint8_t *d = ctx_data(p);
+     * in QEMU's CPUX86State: read them in place when its address is known (a
+     * context has the same layout), else from one context save. */
+    uint8_t *d;
+    if (v->env) {
+        d = v->env - v->ctx_env;
+    } else {
+        if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
+            return -1;
+        d = ctx_data(p);
+    }
     for (int s = 0; s < 6; s++) {
         const uint8_t *src = d + v->ctx_segs + 24 * s;
         memcpy(&r->seg[s].selector, src, 4);
@@ -966,9 +972,15 @@ int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t se
                        uint32_t hflags_mask, uint32_t hflags_val, int clear_exception)
 {
     struct priv *p = v->priv;
-    if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
-        return -1;
-    uint8_t *d = ctx_data(p);
+    uint8_t *d;
+    const int live = v->env != NULL;   /* write the live CPU state directly (not running now) */
+    if (live) {
+        d = v->env - v->ctx_env;
+    } else {
+        if (api.ctx_save(uc, p->ctx) != UC_ERR_OK)
+            return -1;
+        d = ctx_data(p);
+    }
     for (int s = 0; s < 6; s++) {
         if (!(seg_mask & (1u << s)))
             continue;
@@ -998,6 +1010,8 @@ int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t se
         int32_t none = -1;
         memcpy(d + v->ctx_old_exception, &none, 4);
     }
+    if (live)
+        return 0;
     return api.ctx_restore(uc, p->ctx) == UC_ERR_OK ? 0 : -1;
 }
 
