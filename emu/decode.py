@@ -254,8 +254,12 @@ def _io_exit(vcpu, info) -> IoExit:
     ex.count = min(count, 4096)          # bounded per exit; REP resumes for the rest
     if is_write:
         ex.seg_base = 0 if (mode == 64 and seg not in (x86.R_FS, x86.R_GS)) else r.seg[seg].base
+        ex.seg = seg
+        ex.gla = (ex.seg_base + (r.gpr[6] & amask)) & 0xFFFFFFFFFFFFFFFF
     else:
         ex.seg_base = 0 if mode == 64 else r.seg[x86.R_ES].base
+        ex.seg = x86.R_ES
+        ex.gla = (ex.seg_base + (r.gpr[7] & amask)) & 0xFFFFFFFFFFFFFFFF
     return ex
 
 

@@ -36,6 +36,8 @@ class IoExit(Exit):
     # decoding details needed to complete the instruction
     addr_size: int = 2
     seg_base: int = 0
+    seg: int = 3               # segment register of OUTS (ES=0 … GS=5; INS always uses ES)
+    gla: int = 0               # linear address of the string element (INS/OUTS)
 
 
 @dataclass(slots=True)

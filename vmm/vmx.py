@@ -39,7 +39,8 @@ from .controls import (InterruptionInfo, InterruptionType, PinBasedControls, Pri
 from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
-from .qualification import CrAccessQualification, CrAccessType, DrAccessQualification, Gpr, IoQualification
+from .qualification import (AddressSize, CrAccessQualification, CrAccessType, DrAccessQualification, Gpr,
+                            InsOutsInfo, IoQualification, SegmentReg)
 
 RESUME, STOP = "resume", "stop"
 
@@ -451,9 +452,9 @@ class VmxGuest:
     # ------------------------------------------------------------------ exit decisions
     def _make_exit(self, reason, qual, mex: Exit | None, *, length: int = 0, decoded=None,
                    interruption: InterruptionInfo | None = None, error_code: int | None = None,
-                   gla: int | None = None) -> VmExit:
+                   gla: int | None = None, instruction_info=None) -> VmExit:
         self._save_guest_state()
-        self.vmcs.set_exit_info(int(reason), qual, instruction_length=length,
+        self.vmcs.set_exit_info(int(reason), qual, instruction_length=length, instruction_info=instruction_info,
                                 interruption_info=interruption.encode() if interruption else 0,
                                 interruption_error_code=error_code, guest_linear_address=gla)
         return VmExit(ExitReason(reason), qual, self.vmcs, self, decoded=decoded, instruction_length=length,
@@ -515,8 +516,14 @@ class VmxGuest:
                 if self._io_exits(mex.port, mex.size):
                     q = IoQualification(size=mex.size, direction_in=not mex.is_write, port=mex.port,
                                         string=mex.string, rep=mex.rep, immediate=mex.imm)
+                    info = gla = None
+                    if mex.string:
+                        # INS/OUTS: instruction information (Table 28-8, IA32_VMX_BASIC[54] is set)
+                        # and the linear address of the element (SDM 28.2.1).
+                        info = InsOutsInfo(AddressSize({2: 0, 4: 1, 8: 2}[mex.addr_size]), SegmentReg(mex.seg))
+                        gla = mex.gla
                     return self._make_exit(ExitReason.IO_INSTRUCTION, q.encode(), mex, length=mex.insn_len,
-                                           decoded=q)
+                                           decoded=q, instruction_info=info, gla=gla)
                 vm._dispatch(mex)
                 return None
             if isinstance(mex, MsrExit):

@@ -292,3 +292,14 @@ def test_monitor_trap_flag_exits_after_each_instruction():
         assert ex.reason == ExitReason.MONITOR_TRAP_FLAG
         rips.append(ex.vmcs.read(F.GUEST_RIP))
     assert rips == [0x100001, 0x100002, 0x100005]
+
+
+def test_rep_outsb_exit_has_ins_outs_instruction_information_and_linear_address():
+    from vmm.qualification import AddressSize, InsOutsInfo, SegmentReg
+    g = vmx_guest("mov rsi, 0x200010\n mov ecx, 4\n mov dx, 0x3f8\n .byte 0x64, 0xf3, 0x6e\n hlt")   # fs rep outsb
+    ex = run(g)
+    assert ex.reason == ExitReason.IO_INSTRUCTION
+    assert ex.decoded == IoQualification(size=1, direction_in=False, port=0x3F8, string=True, rep=True)
+    info = InsOutsInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
+    assert info == InsOutsInfo(AddressSize.BITS64, SegmentReg.FS)
+    assert ex.vmcs.read(F.GUEST_LINEAR_ADDRESS) == 0x200010      # FS base is 0 here
