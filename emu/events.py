@@ -20,6 +20,16 @@ from .errors import UnsupportedError
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
+class DeliveryIntercepted(Exception):
+    """Raised by ``deliver`` when its ``intercept`` callback claims a fault met
+    while delivering ``event`` (a VMM turns it into a VM exit with IDT-vectoring
+    information)."""
+
+    def __init__(self, event, fault):
+        super().__init__(event, fault)
+        self.event, self.fault = event, fault
+
+
 class TripleFault(Exception):
     """A fault while delivering #DF: the processor shuts down (SDM 6.15, #DF)."""
 
@@ -47,10 +57,12 @@ def _cls(vector: int) -> str:
     return "benign"
 
 
-def deliver(vcpu, event: Event, log=None) -> None:
+def deliver(vcpu, event: Event, log=None, intercept=None) -> None:
     """Deliver an event to the guest.  Faults met on the way follow SDM Table
     6-5: contributory-on-contributory or on #PF gives #DF; any of them while
-    delivering #DF raises TripleFault."""
+    delivering #DF raises TripleFault.  ``intercept(event, fault_event)``, if
+    given, may claim a fault met during delivery: DeliveryIntercepted is raised
+    instead of going on."""
     first = event
     for _ in range(3):
         try:
@@ -62,6 +74,8 @@ def deliver(vcpu, event: Event, log=None) -> None:
             new = Event(f.vector, f.error_code, cr2=f.cr2)
             if f.error_code is not None and (event.external or not event.software):
                 new.error_code = f.error_code | 1 if f.vector in (x86.TS, x86.NP, x86.SS, x86.GP) else f.error_code
+            if intercept is not None and intercept(event, new):
+                raise DeliveryIntercepted(event, new) from None
             prev, nxt = _cls(event.vector), _cls(new.vector)
             if prev == "df" and nxt in ("contributory", "pf"):
                 raise TripleFault(f"{x86.EXCEPTION_NAMES.get(new.vector, new.vector)} while delivering #DF "

@@ -28,7 +28,7 @@ from typing import Callable
 
 from emu import sensitive, x86
 from emu.cpu import GuestFault
-from emu.events import Event, TripleFault, deliver
+from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
 from emu.exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, TrapExit)
 
@@ -391,10 +391,9 @@ class VmxGuest:
                                                    InterruptionType.SOFTWARE_EXCEPTION),
                    external=t == InterruptionType.EXTERNAL_INTERRUPT,
                    icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
-        try:
-            deliver(cpu, ev)
-        except TripleFault:
-            self._pending_exits.append(self._make_exit(ExitReason.TRIPLE_FAULT, 0, None))
+        ex = self._deliver(ev)
+        if ex is not None:
+            self._pending_exits.append(ex)
 
     # ------------------------------------------------------------------ run
     def run(self, max_insns: int | None = None) -> VmExit:
@@ -675,6 +674,50 @@ class VmxGuest:
         self.vm._dispatch(mex)
         return None
 
+    def _bitmap_exits(self, vector: int, error_code: int | None) -> bool:
+        v = self._vmcs._values
+        exits = bool(v.get(int(F.EXCEPTION_BITMAP), 0) >> vector & 1) if vector < 32 else False
+        if vector == x86.PF:
+            match = ((error_code or 0) & v.get(int(F.PAGE_FAULT_ERROR_CODE_MASK), 0)) == \
+                v.get(int(F.PAGE_FAULT_ERROR_CODE_MATCH), 0)
+            exits = exits if match else not exits
+        return exits
+
+    def _deliver(self, ev: Event) -> VmExit | None:
+        """Deliver an event in the guest; a fault on the way that the exception
+        bitmap intercepts becomes a VM exit with IDT-vectoring information
+        (SDM 28.2.4)."""
+        try:
+            deliver(self.cpu, ev, intercept=lambda first, f: self._bitmap_exits(f.vector, f.error_code))
+        except DeliveryIntercepted as di:
+            first, f = di.event, di.fault
+            if first.external:
+                vinfo = InterruptionInfo.external_interrupt(first.vector)
+            elif first.icebp:
+                vinfo = InterruptionInfo.privileged_software_exception()
+            elif first.software:
+                vinfo = (InterruptionInfo.software_exception(first.vector) if first.vector in (x86.BP, x86.OF)
+                         else InterruptionInfo.software_interrupt(first.vector))
+            else:
+                vinfo = InterruptionInfo.hardware_exception(first.vector, deliver_error_code=first.error_code is not None)
+            info = InterruptionInfo.hardware_exception(f.vector, deliver_error_code=f.error_code is not None)
+            length = 0
+            if first.software or first.icebp:
+                # Saved RIP is the INT n / INT3 / INTO / INT1 itself, with its length
+                # in the VM-exit instruction-length field (SDM 28.2.4, 28.2.5).
+                length = 2 if first.software and first.vector not in (x86.BP, x86.OF) else 1
+                self.cpu.set_rip(self.cpu.regs.rip - length)
+                self.cpu.flush()
+            ex = self._make_exit(ExitReason.EXCEPTION_NMI, f.cr2 if f.vector == x86.PF and f.cr2 is not None else 0,
+                                 None, interruption=info, error_code=f.error_code, length=length)
+            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = vinfo.encode()
+            if first.error_code is not None:
+                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = first.error_code
+            return ex
+        except TripleFault:
+            return self._make_exit(ExitReason.TRIPLE_FAULT, 0, None)
+        return None
+
     def _exception(self, mex: ExceptionExit) -> VmExit | None:
         """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""
         v = self.vmcs
@@ -687,11 +730,7 @@ class VmxGuest:
         if mex.software and vec not in (x86.BP, x86.OF):
             exits = False                  # INT n is not an exception (software interrupt)
         if not exits:
-            self.vm._deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
-            if self.vm._stop is not None and self.vm._stop.reason == "shutdown":
-                self.vm._stop = None
-                return self._make_exit(ExitReason.TRIPLE_FAULT, 0, mex)
-            return None
+            return self._deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
         if mex.software:
             info = InterruptionInfo.software_exception(vec)
             length = 1 if vec in (x86.BP, x86.OF) else 2

@@ -303,3 +303,18 @@ def test_rep_outsb_exit_has_ins_outs_instruction_information_and_linear_address(
     info = InsOutsInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
     assert info == InsOutsInfo(AddressSize.BITS64, SegmentReg.FS)
     assert ex.vmcs.read(F.GUEST_LINEAR_ADDRESS) == 0x200010      # FS base is 0 here
+
+
+def test_fault_during_event_delivery_exits_with_idt_vectoring_information():
+    # The IDT lies beyond the 1 GiB identity map: reading the gate for INT 0x30
+    # faults (#PF), which the exception bitmap intercepts.
+    g = vmx_guest("int 0x30\n hlt", exception_bitmap=1 << 14,
+                  fields={"GUEST_IDTR_BASE": 0x40000000})
+    ex = run(g)
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
+    assert info.vector == 14
+    assert ex.qualification == 0x40000000 + 0x30 * 16
+    vec = InterruptionInfo.decode(ex.vmcs.read(F.IDT_VECTORING_INFO))
+    assert (vec.valid, vec.type, vec.vector) == (True, InterruptionType.SOFTWARE_INTERRUPT, 0x30)
+    assert ex.instruction_length == 2 and ex.vmcs.read(F.GUEST_RIP) == 0x100000
