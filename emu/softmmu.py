@@ -44,6 +44,14 @@ them on; the CPU model must do them):
 * Canonical-address checks (#GP/#SS, SDM Vol. 3A 3.3.7.1) belong to the
   segmentation stage and are not made here; protection keys (CR4.PKE/PKS,
   4.6.2) and HLAT are not modelled.
+* EPT: 4-level only, with 2 MiB and 1 GiB pages, no execute-only, mode-based
+  execute control, #VE, sub-page permissions or supervisor shadow stacks (what
+  vmm/capabilities.py advertises by default).  Because PDPTEs are read during
+  the walk, an EPT fault on a PAE PDPTE has a guest-linear address (Table 28-7
+  bit 7 = 1, bit 8 = 0) where hardware, loading them at MOV to CR3, has none.
+  An invalid EPTP (VM entry refuses it) is reported as a misconfiguration.
+  A guest paging-structure entry whose EPT translation lands outside RAM reads
+  as 0, like one outside RAM without EPT.
 """
 from __future__ import annotations
 
@@ -180,6 +188,12 @@ class BufferMem:
 
 def as_phys(mem) -> PhysMem:
     """Return mem itself if it speaks :class:`PhysMem`, else wrap it as a buffer."""
+    # isinstance() against a runtime-checkable Protocol costs microseconds: the
+    # common cases first.
+    if type(mem) is BufferMem:
+        return mem
+    if isinstance(mem, (bytearray, memoryview)):
+        return BufferMem(mem)
     if isinstance(mem, PhysMem):
         return mem
     return BufferMem(mem)

@@ -18,9 +18,10 @@
  *      access that exits leaves the guest leaf as it was, like a #PF does.
  * Bus check on the host-physical address as before.
  *
- * The pure-Python twin is emu/softmmu.py; tests/unit/test_softmmu_twin.py makes
- * them agree with hypothesis.  Guest data is hostile: every entry address is
- * bounds-checked against RAM, and the walk is bounded by the paging depth.
+ * The pure-Python twin is emu/softmmu.py; tests/unit/test_softmmu_twin.py and
+ * tests/unit/test_ept.py make them agree with hypothesis.  Guest data is hostile:
+ * every entry address (EPT entries too) is bounds-checked against RAM, and the
+ * walk is bounded by the paging depth times the EPT's four levels.
  */
 #include <string.h>
 #include "vmlab.h"
@@ -205,7 +206,7 @@ static int ept_fault(vmlab_walk *w, int kind, uint64_t gpa, uint32_t qacc, uint3
     return kind;
 }
 
-/* Read a guest paging-structure entry at guest-physical gpa (steps 1 above). */
+/* Read a guest paging-structure entry at guest-physical gpa (step 1 above). */
 static int gpt_read(vmlab_vcpu *v, vmlab_walk *w, uint64_t gpa, unsigned size, int set_ad,
                     ept_xlat *x, uint64_t *e)
 {
@@ -239,7 +240,8 @@ static int gpt_set_bits(vmlab_vcpu *v, vmlab_walk *w, uint64_t gpa, unsigned siz
 
 static uint32_t ept_need(uint32_t access)
 {
-    return (uint32_t)((access & VMLAB_ACC_WRITE) ? EPT_W : (access & VMLAB_ACC_FETCH) ? EPT_X : EPT_R);
+    return (uint32_t)((access & VMLAB_ACC_WRITE) ? EPT_W
+                    : (access & VMLAB_ACC_FETCH) ? EPT_X : EPT_R);
 }
 
 static uint32_t ept_qacc(uint32_t access)
@@ -446,8 +448,11 @@ final:;
                 bits |= PTE_D;
                 leaf_dirty = 1;
             }
-            if (bits && (r = gpt_set_bits(v, w, final_addr, (unsigned)entry_size, bits, &gx)) != VMLAB_OK)
-                return r;
+            if (bits) {
+                r = gpt_set_bits(v, w, final_addr, (unsigned)entry_size, bits, &gx);
+                if (r != VMLAB_OK)
+                    return r;
+            }
         }
         dirty &= leaf_dirty;
     }

@@ -33,7 +33,7 @@ enum {
     VMLAB_OK = 0,
     VMLAB_FAULT_PF = 1,        /* guest #PF: see error_code */
     VMLAB_FAULT_BUS = 2,       /* final physical page is not RAM (MMIO / unassigned) */
-    VMLAB_FAULT_EPT_VIOLATION = 3, /* EPT violation (SDM Vol. 3C 29.3.3.2): gpa, ept_qualification */
+    VMLAB_FAULT_EPT_VIOLATION = 3, /* EPT violation (SDM Vol. 3C 29.3.3.2): gpa, qualification */
     VMLAB_FAULT_EPT_MISCONFIG = 4, /* EPT misconfiguration (29.3.3.1): gpa */
 };
 

@@ -17,6 +17,9 @@ EFLAGS.AC and implicit supervisor accesses, frames outside RAM, and clean or
 unaccessed entries for the A/D side effects.  Next to each path entry a decoy
 entry is written at a neighbouring index, so a walker that computes an index
 wrong reads something different instead of a harmless zero.
+
+:class:`NestedSetup` (``nested_setups``) puts such a guest behind an EPT
+(SDM Vol. 3C 29.3) drawn the same way: see its docstring.
 """
 from __future__ import annotations
 
@@ -488,7 +491,8 @@ def nested_setups(draw, modes=MODES, *, layouts=EPT_LAYOUTS):
                 hpa = host_frame[g] * _PAGE if g in host_frame else \
                     host_size + (g - EPT_GUEST_FRAMES) * _PAGE
                 if g in word_of:
-                    drawn.append((pt_f * _PAGE + 8 * g, _ept_entry(word_of[g], hpa, leaf=True, m=m)))
+                    e = _ept_entry(word_of[g], hpa, leaf=True, m=m)
+                    drawn.append((pt_f * _PAGE + 8 * g, e))
                 else:
                     plain.append((pt_f * _PAGE + 8 * g, _plain_ept_leaf(hpa)))
     for a, e in plain + drawn:

@@ -91,7 +91,8 @@ class Vm:
         self.pio.register(DEBUG_EXIT_PORT, 4, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(ram_size, cmdline)
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
-        self.lapic = LocalApic(self.clock, self.timers)
+        self.nmi_pending = False
+        self.lapic = LocalApic(self.clock, self.timers, nmi=self._on_nmi)
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
         # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
@@ -162,6 +163,9 @@ class Vm:
     def _on_debug_exit(self, status: int) -> None:
         self._stop = RunResult("debug-exit", status, f"guest wrote to the debug-exit port (status {status})")
 
+    def _on_nmi(self) -> None:
+        self.nmi_pending = True
+
     def _on_msr_write(self, msr: int, value: int) -> None:
         if msr == IA32_APIC_BASE:
             self.lapic.write_base_msr(value)
@@ -179,6 +183,8 @@ class Vm:
 
     # ------------------------------------------------------------------ interrupts
     def _pending_interrupt(self) -> str | None:
+        if self.nmi_pending:
+            return "nmi"
         if self.lapic.pending_vector() is not None:
             return "lapic"
         if self.pic.has_interrupt() and self.lapic.accepts_pic_interrupts():
@@ -194,6 +200,12 @@ class Vm:
             v.irq_window = 0
             return False
         r = self.vcpu.regs
+        if src == "nmi":
+            # NMIs ignore RFLAGS.IF (SDM Vol. 3A 6.7.1).  vmlab does not model NMI
+            # blocking until the handler's IRET: one NMI is delivered per event.
+            self.nmi_pending = False
+            self._deliver(Event(x86.NMI, external=True))
+            return True
         if not (r.rflags & x86.RFLAGS_IF) or (r.hflags & x86.HF_INHIBIT_IRQ):
             v.irq_window = 1
             return False

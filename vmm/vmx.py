@@ -389,7 +389,7 @@ class VmxGuest:
             cpu.skip(self.vmcs.read(F.VM_ENTRY_INSTRUCTION_LEN))
         ev = Event(info.vector, ec, software=t in (InterruptionType.SOFTWARE_INTERRUPT,
                                                    InterruptionType.SOFTWARE_EXCEPTION),
-                   external=t == InterruptionType.EXTERNAL_INTERRUPT,
+                   external=t in (InterruptionType.EXTERNAL_INTERRUPT, InterruptionType.NMI),
                    icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
         ex = self._deliver(ev)
         if ex is not None:
@@ -487,10 +487,19 @@ class VmxGuest:
             if if_open:
                 return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
             self.cpu.native.irq_window = 1
+        if p & _PP.NMI_WINDOW_EXITING:
+            # vmlab tracks no virtual-NMI blocking: the window is open at once (SDM 26.7.6).
+            return self._make_exit(ExitReason.NMI_WINDOW, 0, None)
         if src is None:
             if not p & _PP.INTERRUPT_WINDOW_EXITING:
                 self.cpu.native.irq_window = 0
             return None
+        if src == "nmi":
+            if pin & _PIN.NMI_EXITING:
+                vm.nmi_pending = False
+                return self._make_exit(ExitReason.EXCEPTION_NMI, 0, None, interruption=InterruptionInfo.nmi())
+            vm.nmi_pending = False
+            return self._deliver(Event(x86.NMI, external=True))
         if pin & _PIN.EXTERNAL_INTERRUPT_EXITING:
             # An external interrupt exits regardless of RFLAGS.IF (SDM 26.2).
             info = None

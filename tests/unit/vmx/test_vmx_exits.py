@@ -140,12 +140,12 @@ def test_int3_exit_is_a_software_exception_with_length_one():
 
 
 def test_page_fault_exit_follows_error_code_mask_and_match():
-    code = "mov rax, [0x40000010]\n hlt"       # beyond the 1 GiB identity map: not present
+    code = "mov rbx, 0x100000010\n mov rax, [rbx]\n hlt"    # beyond the 4 GiB identity map
     g = vmx_guest(code, exception_bitmap=1 << 14,
                   fields={"PAGE_FAULT_ERROR_CODE_MASK": 1, "PAGE_FAULT_ERROR_CODE_MATCH": 0})
     ex = run(g)
     assert ex.reason == ExitReason.EXCEPTION_NMI
-    assert ex.qualification == 0x40000010                       # CR2 in the qualification
+    assert ex.qualification == 0x100000010                      # CR2 in the qualification
     assert ex.vmcs.read(F.VM_EXIT_INTR_ERROR_CODE) == 0
     # With match = 1 (P=1 faults only), the not-present fault no longer exits.
     g2 = vmx_guest(code, exception_bitmap=1 << 14,
@@ -306,15 +306,30 @@ def test_rep_outsb_exit_has_ins_outs_instruction_information_and_linear_address(
 
 
 def test_fault_during_event_delivery_exits_with_idt_vectoring_information():
-    # The IDT lies beyond the 1 GiB identity map: reading the gate for INT 0x30
+    # The IDT lies beyond the 4 GiB identity map: reading the gate for INT 0x30
     # faults (#PF), which the exception bitmap intercepts.
     g = vmx_guest("int 0x30\n hlt", exception_bitmap=1 << 14,
-                  fields={"GUEST_IDTR_BASE": 0x40000000})
+                  fields={"GUEST_IDTR_BASE": 0x100000000})
     ex = run(g)
     assert ex.reason == ExitReason.EXCEPTION_NMI
     info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
     assert info.vector == 14
-    assert ex.qualification == 0x40000000 + 0x30 * 16
+    assert ex.qualification == 0x100000000 + 0x30 * 16
     vec = InterruptionInfo.decode(ex.vmcs.read(F.IDT_VECTORING_INFO))
     assert (vec.valid, vec.type, vec.vector) == (True, InterruptionType.SOFTWARE_INTERRUPT, 0x30)
     assert ex.instruction_length == 2 and ex.vmcs.read(F.GUEST_RIP) == 0x100000
+
+
+def test_nmi_exiting_turns_a_self_nmi_into_an_exit_with_nmi_type():
+    # ICR: fixed destination = own APIC ID 0, delivery mode NMI (SDM 11.6.1).
+    g = vmx_guest("mov rbx, 0xfee00000\n mov dword ptr [rbx + 0x310], 0\n mov dword ptr [rbx + 0x300], 0x400\n"
+                  "l: jmp l")
+    ex = run(g)
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    info = InterruptionInfo.decode(ex.vmcs.read(F.VM_EXIT_INTR_INFO))
+    assert (info.type, info.vector) == (InterruptionType.NMI, 2)
+
+
+def test_nmi_window_exiting_exits_at_entry():
+    g = vmx_guest("hlt", proc=(P.NMI_WINDOW_EXITING, 0))
+    assert run(g).reason == ExitReason.NMI_WINDOW
