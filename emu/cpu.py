@@ -18,7 +18,7 @@ from unicorn import x86_const as X
 
 from . import x86
 from .errors import ConfigError, NativeError
-from .exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+from .exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                     IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
@@ -43,6 +43,15 @@ TRAP_KINDS = {
 }
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
 MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt"})
+
+
+class EptFault(Exception):
+    """An access made on the guest's behalf (event delivery, string I/O) that the
+    EPT refused; a VMM turns it into an EPT-violation/misconfiguration exit."""
+
+    def __init__(self, gpa: int, gla: int, qualification: int, misconfig: bool):
+        super().__init__(gpa, gla, qualification, misconfig)
+        self.gpa, self.gla, self.qualification, self.misconfig = gpa, gla, qualification, misconfig
 
 
 class GuestFault(Exception):
@@ -409,6 +418,15 @@ class Vcpu:
         self.flush()
         self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
 
+    def set_ept(self, eptp: int | None) -> None:
+        """Turn the second dimension of the walk on (EPT pointer) or off (None);
+        cached translations are dropped (like INVEPT all-context)."""
+        v = self._v
+        on = eptp is not None
+        if on != bool(v.ept_enabled) or (on and eptp != v.eptp):
+            v.eptp, v.ept_enabled = (eptp or 0), 1 if on else 0
+            lib.vmlab_tlb_flush(self._uch)
+
     def flush_tlb(self) -> None:
         lib.vmlab_tlb_flush(self._uch)
 
@@ -464,6 +482,8 @@ class Vcpu:
             w = self.translate(vaddr, access, user=user, set_ad=True, implicit=implicit)
             if w.fault == 1:
                 raise GuestFault(x86.PF, w.error_code, vaddr)
+            if w.fault in (3, 4):
+                raise EptFault(w.gpa, vaddr, w.ept_qualification, w.fault == 4)
             n = min(length, 4096 - (vaddr & 0xFFF))
             if w.fault == 2:
                 out.append((None, n, w.paddr))
@@ -547,6 +567,14 @@ class Vcpu:
             return self._page_fault_exit(v.fault_vaddr, v.fault_access, v.fault_error_code)
         if kind == 5:
             return self._mmio_exit(v.fault_vaddr, v.fault_paddr, v.fault_access)
+        if kind in (10, 11):
+            from .decode import fault_address
+            gla = fault_address(self, v.fault_vaddr, v.fault_access)
+            gpa = v.fault_ept_gpa
+            if kind == 10 and (v.fault_ept_qualification >> 8) & 1:
+                gpa = (gpa & ~0xFFF) | (gla & 0xFFF)    # the fill only knew the page
+            return EptExit(rip=r.rip, gpa=gpa, gla=gla, qualification=v.fault_ept_qualification,
+                           misconfig=kind == 11)
         if kind == 9:
             from .decode import noncanonical_vector
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)

@@ -56,6 +56,18 @@ class MmioExit(Exit):
 
 
 @dataclass(slots=True)
+class EptExit(Exit):
+    """An access the EPT refused (``misconfig`` False: EPT violation with the
+    SDM Table 28-7 ``qualification``) or an EPT misconfiguration.  ``gpa`` is
+    the guest-physical address, ``gla`` the guest-linear one (when the
+    qualification's bit 7 says it is valid)."""
+    gpa: int = 0
+    gla: int = 0
+    qualification: int = 0
+    misconfig: bool = False
+
+
+@dataclass(slots=True)
 class HltExit(Exit):
     """HLT retired; RIP is after it."""
 

@@ -15,21 +15,29 @@
 ;   * INVLPG (4.10.4.1): a PTE is changed to another page; after INVLPG the new
 ;     translation is used (whether the stale one is used before is not checked:
 ;     both are allowed, 4.10.4.3);
+;   * page-crossing read and write of a qword over two 4 KiB pages mapped to
+;     non-adjacent physical pages;
+;   * global pages (4.10.2.4, 4.10.4.1): with CR4.PGE, a G translation is
+;     replaced after INVLPG, and after MOV to CR4 clearing PGE;
 ;   * accessed and dirty flags (4.8): A cleared in the PML4E, PDPTE and PDE and
 ;     A/D in the PTE, INVLPG, a read sets A in all four and leaves D clear, a
 ;     write sets D; same for a 2 MiB page (A/D in the PDE);
 ;   * CR0.WP (4.6.1): a supervisor write to a read-only supervisor page succeeds
 ;     with WP = 0 and faults with WP = 1 (error code 3 = P|W, CR2);
 ;   * U/S, R/W (4.6.1) from ring 3 (IRETQ, TSS.RSP0): a read of a supervisor
-;     page -> #PF error code 5 (P|U); a read of a read-only user page works, a
-;     write to it -> 7 (P|W|U);
+;     page the kernel just read (TLB filled) -> #PF error code 5 (P|U); a read of a read-only user page works, a
+;     write to it -> 7 (P|W|U); rights combine over all levels: a user RW PTE
+;     reached through a supervisor PDE faults on a ring-3 read (5), through a
+;     read-only PDE on a ring-3 write (7);
 ;   * not present (4.7, Figure 4-12): PML4E (supervisor write, error 2), PDPTE
 ;     (user read, 4), PDE (user write, 6), PTE (supervisor read, 0), with CR2;
-;   * reserved bits (4.5.4, 4.7 RSVD): bit MAXPHYADDR (CPUID.80000008H:EAX[7:0])
-;     set in a PTE, and the XD bit with EFER.NXE = 0 -> #PF with RSVD (bit 3);
+;   * reserved bits (4.5.4, Table 4-14..4-20, 4.7 RSVD): bit MAXPHYADDR
+;     (CPUID.80000008H:EAX[7:0]) set in a PTE, the XD bit with EFER.NXE = 0, and
+;     PS in a PML4E -> #PF with RSVD (bit 3), CR2;
 ;   * execute disable (4.6.2, 4.1.3 EFER.NXE): a page runs code (CALL returns)
 ;     until its PTE gets XD; then the fetch faults with error code 0x11 (P|I/D),
-;     CR2 = saved RIP = the target; a data read of the XD page still works.
+;     CR2 = saved RIP = the target; a data read of the XD page still works; XD
+;     in a PDE makes the PTE's page non-executable too (0x11).
 ;
 ; QEMU 7.2 TCG deviations and how the checks cope (see guests/README.md):
 ;   * on a reserved-bit fault QEMU reports RSVD without P (8 instead of 9, 4.7
@@ -100,6 +108,7 @@ S_INV  = 6                      ; repointed page (INVLPG)
 S_RSVD = 7                      ; reserved bit set
 S_NP   = 8                      ; not present
 S_URW  = 9                      ; user RW page (page_urw)
+S_GLB  = 10                     ; global page (CR4.PGE)
 
 MOFF   = 0x128                  ; marker offset in a 4 KiB page
 OFF_2M = 0x1ab0f8               ; marker offset in the 2 MiB page
@@ -334,6 +343,55 @@ page1g_end:
     mov rdx, MARK_IB
     EXPECT_EQ64 "INVLPG: after repointing the PTE and INVLPG the new page is read"
 
+; ---------------------------------------------------------------- page-crossing access
+    ; A qword at VA_PT + 0xffc spans slots 0 and 1, which map physical pages
+    ; that are not adjacent: the halves come from / go to both pages.
+    mov dword ptr [page_m4k + 0xffc], 0x11223344
+    mov dword ptr [page_sup], 0x55667788
+    mov rbx, VA_PT + 0xffc
+    mov rax, qword ptr [rbx]
+    mov rdx, 0x5566778811223344
+    EXPECT_EQ64 "page-crossing qword read joins two non-adjacent physical pages"
+    mov rax, 0x99aabbccddeeff00
+    mov qword ptr [rbx], rax
+    mov eax, dword ptr [page_m4k + 0xffc]
+    mov edx, 0xddeeff00
+    EXPECT_EQ64 "page-crossing qword write: low half in the first page"
+    mov eax, dword ptr [page_sup]
+    mov edx, 0x99aabbcc
+    EXPECT_EQ64 "page-crossing qword write: high half in the second page"
+
+; ---------------------------------------------------------------- global pages
+    ; 4.10.2.4, 4.10.4.1: INVLPG invalidates a global translation; MOV to CR4
+    ; that changes PGE invalidates all of them.  (Whether MOV to CR3 keeps one
+    ; is not checked: dropping it is allowed.)
+    mov rax, cr4
+    bts rax, 7                  ; PGE
+    mov cr4, rax
+    mov rdi, pt_t
+    mov eax, page_ia + 0x103    ; P | RW | G
+    mov qword ptr [rdi + S_GLB * 8], rax
+    mov rbx, VA_PT + (S_GLB * 0x1000) + MOFF
+    mov rax, qword ptr [rbx]
+    mov rdx, MARK_IA
+    EXPECT_EQ64 "CR4.PGE = 1: global page reads its marker"
+    mov eax, page_ib + 0x103
+    mov qword ptr [rdi + S_GLB * 8], rax
+    invlpg [rbx]
+    mov rax, qword ptr [rbx]
+    mov rdx, MARK_IB
+    EXPECT_EQ64 "global page repointed + INVLPG: the new page is read"
+    mov eax, page_ia + 0x103
+    mov qword ptr [rdi + S_GLB * 8], rax
+    mov rax, cr3
+    mov cr3, rax
+    mov rax, cr4
+    btr rax, 7                  ; PGE = 0: flushes global entries too
+    mov cr4, rax
+    mov rax, qword ptr [rbx]
+    mov rdx, MARK_IA
+    EXPECT_EQ64 "global page repointed + CR4.PGE cleared: the new page is read"
+
 ; ---------------------------------------------------------------- A/D flags
     mov rbx, VA_PT + (S_AD * 0x1000) + 0x40
     mov rdi, pml4_a
@@ -425,6 +483,7 @@ wp1_done:
 
 ; ---------------------------------------------------------------- U/S, R/W from ring 3
     mov rbx, VA_PT + (S_SUP * 0x1000) + 0x18
+    mov rax, qword ptr [rbx]    ; supervisor read: the TLB now holds the page
     TRY64 us_sup_done
     mov rax, user_read
     call enter_user64

@@ -12,7 +12,8 @@
 ``vmx_guest`` builds a Vm, writes the guest code at GUEST_RIP (0x100000), builds
 what the baseline VMCS's guest state points at (identity page tables for
 [0, 4 GiB) at CR3 0x2000 for long64, a GDT at 0x6000, a busy TSS at 0x5000, an empty IDT at
-0x7000) and returns a VmxGuest whose VMCS is ``entry_checks.baseline_vmcs(mode)``
+0x7000, an identity EPT for [0, 4 GiB) at the top of RAM, ``vmx.ept_tables``)
+and returns a VmxGuest whose VMCS is ``entry_checks.baseline_vmcs(mode)``
 with the control changes given by keyword.  Installed as a pytest plugin
 (entry point ``pytest11``), it also provides the fixture ``vmx_guest``.
 """
@@ -59,6 +60,14 @@ def vmx_guest(code: str | bytes, mode: str = "long64", *, ram: int = 32 << 20, c
         mem.write(0x2000, struct.pack("<Q", 0x3000 | 7))
         mem.write(0x3000, b"".join(struct.pack("<Q", (0x10000 + 0x1000 * i) | 7) for i in range(4)))
         mem.write(0x10000, b"".join(struct.pack("<Q", (i << 21) | 0x87) for i in range(2048)))
+    # EPT (the baseline enables it): identity map of guest-physical [0, 4 GiB)
+    # with 2 MiB pages, WB, R/W/X; its tables sit at the top of RAM.
+    ept = ram - 0x6000
+    mem.write(ept, struct.pack("<Q", (ept + 0x1000) | 7))
+    mem.write(ept + 0x1000, b"".join(struct.pack("<Q", (ept + 0x2000 + 0x1000 * i) | 7) for i in range(4)))
+    mem.write(ept + 0x2000, b"".join(struct.pack("<Q", (i << 21) | 0xB7) for i in range(2048)))
+    vmcs.write(F.EPT_POINTER, ept | (3 << 3) | 6)          # walk length 4, WB (SDM 25.6.11)
+    vmx.ept_tables = ept
     gdt = [0, 0x00AF9B000000FFFF if mode == "long64" else 0x00CF9B000000FFFF, 0x00CF93000000FFFF,
            0x00008B0050000067]
     mem.write(0x6000, b"".join(struct.pack("<Q", d) for d in gdt))

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from emu import sensitive, x86
-from emu.cpu import GuestFault
+from emu.cpu import EptFault, GuestFault
 from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
-from emu.exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, TrapExit)
 
 from . import vmcs as F
@@ -72,6 +72,20 @@ def flags_to_ar(flags: int, selector: int, is_cs_or_tr: bool = False) -> int:
     if not (flags & x86.DESC_P) or (selector & ~3) == 0 and not is_cs_or_tr and not ar:
         ar |= 1 << 16
     return ar
+
+
+def _event_info(ev: Event) -> InterruptionInfo:
+    """The interruption-information encoding of an event being delivered."""
+    if ev.vector == x86.NMI and ev.external:
+        return InterruptionInfo.nmi()
+    if ev.external:
+        return InterruptionInfo.external_interrupt(ev.vector)
+    if ev.icebp:
+        return InterruptionInfo.privileged_software_exception()
+    if ev.software:
+        return (InterruptionInfo.software_exception(ev.vector) if ev.vector in (x86.BP, x86.OF)
+                else InterruptionInfo.software_interrupt(ev.vector))
+    return InterruptionInfo.hardware_exception(ev.vector, deliver_error_code=ev.error_code is not None)
 
 
 class TrackedVmcs(F.Vmcs):
@@ -369,6 +383,7 @@ class VmxGuest:
         if ctl != self._armed_for:
             self._arm_traps()
             self._armed_for = ctl
+        self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
         self._inject_from_entry_field()
@@ -451,9 +466,10 @@ class VmxGuest:
     # ------------------------------------------------------------------ exit decisions
     def _make_exit(self, reason, qual, mex: Exit | None, *, length: int = 0, decoded=None,
                    interruption: InterruptionInfo | None = None, error_code: int | None = None,
-                   gla: int | None = None, instruction_info=None) -> VmExit:
+                   gla: int | None = None, instruction_info=None, gpa: int | None = None) -> VmExit:
         self._save_guest_state()
         self.vmcs.set_exit_info(int(reason), qual, instruction_length=length, instruction_info=instruction_info,
+                                guest_physical_address=gpa,
                                 interruption_info=interruption.encode() if interruption else 0,
                                 interruption_error_code=error_code, guest_linear_address=gla)
         return VmExit(ExitReason(reason), qual, self.vmcs, self, decoded=decoded, instruction_length=length,
@@ -551,12 +567,16 @@ class VmxGuest:
                 return self._trap(mex)
             if isinstance(mex, ExceptionExit):
                 return self._exception(mex)
+            if isinstance(mex, EptExit):
+                return self._ept_exit(mex.gpa, mex.gla, mex.qualification, mex.misconfig, mex)
             if isinstance(mex, (DeadlineExit, IrqWindowExit, MmioExit, InternalErrorExit)):
                 vm._dispatch(mex)
                 return None
         except GuestFault as f:
             return self._exception(ExceptionExit(rip=cpu.regs.rip, vector=f.vector, error_code=f.error_code,
                                                  cr2=f.cr2))
+        except EptFault as f:
+            return self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, mex)
         vm._dispatch(mex)
         return None
 
@@ -700,15 +720,7 @@ class VmxGuest:
             deliver(self.cpu, ev, intercept=lambda first, f: self._bitmap_exits(f.vector, f.error_code))
         except DeliveryIntercepted as di:
             first, f = di.event, di.fault
-            if first.external:
-                vinfo = InterruptionInfo.external_interrupt(first.vector)
-            elif first.icebp:
-                vinfo = InterruptionInfo.privileged_software_exception()
-            elif first.software:
-                vinfo = (InterruptionInfo.software_exception(first.vector) if first.vector in (x86.BP, x86.OF)
-                         else InterruptionInfo.software_interrupt(first.vector))
-            else:
-                vinfo = InterruptionInfo.hardware_exception(first.vector, deliver_error_code=first.error_code is not None)
+            vinfo = _event_info(first)
             info = InterruptionInfo.hardware_exception(f.vector, deliver_error_code=f.error_code is not None)
             length = 0
             if first.software or first.icebp:
@@ -725,7 +737,25 @@ class VmxGuest:
             return ex
         except TripleFault:
             return self._make_exit(ExitReason.TRIPLE_FAULT, 0, None)
+        except EptFault as f:
+            # An EPT violation while delivering an event: IDT-vectoring information
+            # says which (SDM 28.2.4).
+            ex = self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, None)
+            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = _event_info(ev).encode()
+            if ev.error_code is not None:
+                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = ev.error_code
+            return ex
         return None
+
+    def _ept_exit(self, gpa, gla, qual, misconfig, mex) -> VmExit:
+        """EPT violation (48) with the Table 28-7 qualification, guest-physical and
+        (when bit 7 says so) guest-linear address; or EPT misconfiguration (49)."""
+        if misconfig:
+            return self._make_exit(ExitReason.EPT_MISCONFIG, 0, mex, gpa=gpa)
+        from .qualification import EptViolationQualification
+        q = EptViolationQualification.decode(qual & EptViolationQualification.defined_mask())
+        return self._make_exit(ExitReason.EPT_VIOLATION, qual, mex, gpa=gpa, decoded=q,
+                               gla=gla if qual & (1 << 7) else None)
 
     def _exception(self, mex: ExceptionExit) -> VmExit | None:
         """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""
