@@ -34,6 +34,9 @@
 ;   * reserved bits (4.5.4, Table 4-14..4-20, 4.7 RSVD): bit MAXPHYADDR
 ;     (CPUID.80000008H:EAX[7:0]) set in a PTE, the XD bit with EFER.NXE = 0, and
 ;     PS in a PML4E -> #PF with RSVD (bit 3), CR2;
+;   * instruction fetches (4.6.1, 4.7 I/D): ring 3 fetch from a supervisor page
+;     -> 5 with EFER.NXE = 0 (no I/D), 0x15 with NXE = 1; supervisor fetch from
+;     a not-present page with NXE = 1 -> 0x10;
 ;   * execute disable (4.6.2, 4.1.3 EFER.NXE): a page runs code (CALL returns)
 ;     until its PTE gets XD; then the fetch faults with error code 0x11 (P|I/D),
 ;     CR2 = saved RIP = the target; a data read of the XD page still works; XD
@@ -638,6 +641,23 @@ np1_done:
     mov rdx, rbx
     EXPECT_EQ64 "not-present PTE: CR2"
 
+    ; I/D is reported only with EFER.NXE = 1 (or SMEP, off here): 4.7.
+    mov rbx, VA_PT + (S_SUP * 0x1000)
+    TRY64 fetch_nxe0_done
+    mov rax, rbx
+    call enter_user64           ; IRETQ to ring 3 at a supervisor page
+fetch_nxe0_done:
+    ENDTRY64
+    call reload_data_segs
+    mov edx, 14
+    EXPECT_EQ64 "EFER.NXE = 0: ring 3 fetch from a supervisor page raises #PF"
+    mov rax, qword ptr [caught_err]
+    mov edx, 5
+    EXPECT_EQ64 "EFER.NXE = 0: its error code is 5 (P | U, no I/D)"
+    mov rax, qword ptr [caught_cr2]
+    mov rdx, rbx
+    EXPECT_EQ64 "EFER.NXE = 0: CR2 is the fetch target"
+
 ; ---------------------------------------------------------------- reserved bits
     cmp dword ptr [maxphy], 36
     setae al
@@ -742,6 +762,35 @@ nx_done:
     mov rax, qword ptr [caught_eip]
     mov rdx, rbx
     EXPECT_EQ64 "PTE.XD = 1: saved RIP is the fetch target"
+    push rbx
+
+    mov rbx, VA_PT + (S_SUP * 0x1000)
+    TRY64 fetch_nxe1_done
+    mov rax, rbx
+    call enter_user64
+fetch_nxe1_done:
+    ENDTRY64
+    call reload_data_segs
+    mov edx, 14
+    EXPECT_EQ64 "EFER.NXE = 1: ring 3 fetch from a supervisor page raises #PF"
+    mov rax, qword ptr [caught_err]
+    mov edx, 0x15
+    EXPECT_EQ64 "EFER.NXE = 1: its error code is 0x15 (P | U | I/D)"
+
+    mov rbx, VA_PT + (S_NP * 0x1000)
+    TRY64 fetch_np_done
+    call rbx
+fetch_np_done:
+    ENDTRY64
+    mov edx, 14
+    EXPECT_EQ64 "EFER.NXE = 1: supervisor fetch from a not-present page raises #PF"
+    mov rax, qword ptr [caught_err]
+    mov edx, 0x10
+    EXPECT_EQ64 "EFER.NXE = 1: its error code is 0x10 (I/D, P = 0)"
+    mov rax, qword ptr [caught_cr2]
+    mov rdx, rbx
+    EXPECT_EQ64 "not-present fetch: CR2 is the fetch target"
+    pop rbx
 
     ; XD in a non-leaf entry covers the whole region (4.6.2).
     mov rdi, pt_t

@@ -12,6 +12,10 @@ Benchmarks (``vmlab bench list``):
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
   exit  one VM exit handled by a Python handler: cpuid_python_us, io_python_us;
         a CPUID answered by the native CPU model (no exit): cpuid_native_ns
+  tlb   cold 2D TLB fills (guest x EPT) in C and in Python: c_fill_ns,
+        py_fill_ns, speedup
+  paging a page-hopping guest on vmlab's soft-MMU and on Unicorn's own walker:
+        vmlab_mips, unicorn_walker_mips, ratio
   boot  whole-process wall time of ``vmlab run guests/hello.asm``: hello_wall_s
 """
 from __future__ import annotations
@@ -220,7 +224,65 @@ def bench_exit(n: int = 20_000) -> dict:
             "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1)}
 
 
-BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit}
+def bench_tlb() -> dict:
+    """Cold 2D TLB fills (4-level guest x 4-level EPT) in C and in the Python twin."""
+    from tools.bench_tlb import bench_tlb as run
+    return run()
+
+
+_HOP = """
+    mov rcx, {n}
+    xor rbx, rbx
+loop:
+    mov rax, [rbx + 0x1000000]
+    add rbx, 0x1000
+    and rbx, 0xffffff
+    dec rcx
+    jnz loop
+"""
+
+
+def bench_paging(n: int = 4_000_000) -> dict:
+    """A page-hopping guest (a load from each of 4096 pages in turn, 2 MiB
+    identity paging) on vmlab's soft-MMU (C walker at every TLB miss) and on
+    Unicorn's own walker (UC_TLB_CPU), same process."""
+    import struct
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn.x86_const import UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4
+
+    insns = n * 5
+    code = compute_code(n, "nop", _HOP)
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 64 << 20)
+    uc.mem_write(CODE_ADDR, code)
+    uc.mem_write(0x1000, struct.pack("<Q", 0x2003))
+    uc.mem_write(0x2000, struct.pack("<Q", 0x3003))
+    uc.mem_write(0x3000, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(32)))
+    uc.reg_write(UC_X86_REG_CR3, 0x1000)
+    uc.reg_write(UC_X86_REG_CR4, 0x20)
+    uc.reg_write(UC_X86_REG_CR0, 0x80000011)          # a UC_MODE_64 engine starts with LMA set
+    t = time.perf_counter()
+    uc.emu_start(CODE_ADDR, CODE_ADDR + len(code))
+    raw_s = time.perf_counter() - t
+
+    from emu.loaders import load
+    from vmm.vm import Vm
+    code = compute_code(n, "mov al, 0\n out 0xf4, al", _HOP)
+    vm = Vm(64 << 20, serial=None)
+    vm.load(load(code, fmt="flat", ram_size=64 << 20, flat_addr=CODE_ADDR, flat_mode="long64"))
+    fills0 = vm.vcpu.native.stat_fills
+    t = time.perf_counter()
+    res = vm.run()
+    vm_s = time.perf_counter() - t
+    if res.reason != "debug-exit":
+        raise RuntimeError(f"paging guest did not finish: {res}")
+    raw, vml = insns / raw_s / 1e6, insns / vm_s / 1e6
+    return {"vmlab_mips": round(vml, 1), "unicorn_walker_mips": round(raw, 1), "ratio": round(vml / raw, 3),
+            "vmlab_fills": vm.vcpu.native.stat_fills - fills0}
+
+
+BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
+           "paging": bench_paging}
 
 
 def main(names, as_json: bool = False) -> int:
