@@ -276,7 +276,9 @@ class VmxGuest:
         """Trap sites follow the controls: only what may exit is armed."""
         from emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
-        kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "cr_read", "smsw"}
+        kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
+        if p & _PP.INVLPG_EXITING and s & _SP.ENABLE_INVPCID:
+            kinds.add("invpcid")
         for ctl, names in _TRAPS_BY_PRIMARY:
             if p & ctl:
                 kinds |= names
@@ -697,6 +699,13 @@ class VmxGuest:
                 set_reg_value(cpu, op.reg, val)
             cpu.skip(mex.insn_len)
             return None
+        if mex.kind == "desc":
+            # Descriptor-table exiting (SDM 26.1.3): 46 for LGDT/LIDT/SGDT/SIDT, 47 for LLDT/LTR/SLDT/STR.
+            reason = (ExitReason.GDTR_IDTR_ACCESS if mex.insn.mnemonic in ("lgdt", "lidt", "sgdt", "sidt")
+                      else ExitReason.LDTR_TR_ACCESS)
+            return self._make_exit(reason, 0, mex, length=mex.insn_len)
+        if mex.kind == "invpcid":
+            return self._make_exit(ExitReason.INVPCID, 0, mex, length=mex.insn_len)
         reason = self._TRAP_REASONS.get(mex.kind)
         if reason is not None:
             return self._make_exit(reason, 0, mex, length=mex.insn_len)

@@ -333,3 +333,24 @@ def test_nmi_exiting_turns_a_self_nmi_into_an_exit_with_nmi_type():
 def test_nmi_window_exiting_exits_at_entry():
     g = vmx_guest("hlt", proc=(P.NMI_WINDOW_EXITING, 0))
     assert run(g).reason == ExitReason.NMI_WINDOW
+
+
+@pytest.mark.parametrize("code,proc,proc2,reason,length", [
+    ("pause", P.PAUSE_EXITING, 0, ExitReason.PAUSE, 2),
+    ("xor ecx, ecx\n rdpmc", P.RDPMC_EXITING, 0, ExitReason.RDPMC, 2),
+    ("mov rax, rsp\n xor ecx, ecx\n xor edx, edx\n monitor", P.MONITOR_EXITING, 0, ExitReason.MONITOR, 3),
+    ("xor eax, eax\n xor ecx, ecx\n mwait", P.MWAIT_EXITING, 0, ExitReason.MWAIT, 3),
+    ("rdtscp", P.RDTSC_EXITING, 1 << 3, ExitReason.RDTSCP, 3),
+    ("rdseed eax", 0, 1 << 16, ExitReason.RDSEED, 3),
+    ("sub rsp, 16\n sgdt [rsp]", 0, 1 << 2, ExitReason.GDTR_IDTR_ACCESS, 4),
+    ("str ax", 0, 1 << 2, ExitReason.LDTR_TR_ACCESS, 4),
+    ("invd", 0, 0, ExitReason.INVD, 2),
+    ("xor ecx, ecx\n xor edx, edx\n mov eax, 1\n xsetbv", 0, 0, ExitReason.XSETBV, 3),
+    ("mov rax, 8\n mov cr8, rax", P.CR8_LOAD_EXITING, 0, ExitReason.CR_ACCESS, 4),
+    ("mov rax, cr8", P.CR8_STORE_EXITING, 0, ExitReason.CR_ACCESS, 4),
+])
+def test_instruction_exits_by_control(code, proc, proc2, reason, length):
+    g = vmx_guest(code + "\n hlt", proc=(proc, 0), proc2=(proc2, 0))
+    ex = run(g)
+    assert ex.reason == reason
+    assert ex.instruction_length == length
