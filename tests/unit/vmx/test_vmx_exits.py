@@ -354,3 +354,15 @@ def test_instruction_exits_by_control(code, proc, proc2, reason, length):
     ex = run(g)
     assert ex.reason == reason
     assert ex.instruction_length == length
+
+
+@pytest.mark.parametrize("mode,code,rip,bits", [
+    ("protected32", "mov eax, 1\n cpuid\n hlt", 0x100005, 32),
+    ("real-unrestricted", "mov ax, 1\n cpuid\n hlt", 0xFFF3, 16),
+])
+def test_baseline_modes_enter_and_exit(mode, code, rip, bits):
+    g = vmx_guest(code, mode)
+    ex = run(g)
+    assert ex.reason == ExitReason.CPUID and ex.instruction_length == 2
+    assert ex.vmcs.read(F.GUEST_RIP) == rip
+    assert g.cpu.mode_bits == bits
