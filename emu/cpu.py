@@ -238,6 +238,7 @@ class Vcpu:
         self.mem.write(0x10C0, real)
         self.mem.write(0x1800, _STUB_GDT)
         v.cr0, v.cr3, v.cr4, v.efer = 0, 0, 0, 0     # the stub runs identity-mapped
+        self._flush_translations()
         v.icount_deadline = 1 << 62
         uc.reg_write(X.UC_X86_REG_RSP, 0x1F00)
         try:
@@ -394,7 +395,7 @@ class Vcpu:
                4: X.UC_X86_REG_CR4, 8: X.UC_X86_REG_CR8}[n]
         self.uc.reg_write(reg, value)
         if n in (0, 3, 4):
-            lib.vmlab_tlb_flush(self._uch)
+            self._flush_translations()
         self._sync_paging()
         if n == 0:
             # PE/PG/LMA changes alter hflags: read them back.
@@ -407,7 +408,7 @@ class Vcpu:
     def write_efer(self, value: int) -> None:
         self.flush()
         self.uc.reg_write(X.UC_X86_REG_MSR, (x86.MSR_EFER, value))
-        lib.vmlab_tlb_flush(self._uch)
+        self._flush_translations()
         self._sync_paging()
         self.refresh()
 
@@ -418,6 +419,18 @@ class Vcpu:
         self.flush()
         self.uc.reg_write(X.UC_X86_REG_MSR, (msr, value))
 
+    def tlb_stats(self) -> dict:
+        """Soft-MMU statistics: TLB fills (Unicorn misses), hits in vmlab's software
+        TLB (no walk), fills that faulted, MMIO fills, and flushes."""
+        v = self._v
+        return {"fills": v.stat_fills, "stlb_hits": v.stat_stlb_hits, "walks": v.stat_fills - v.stat_stlb_hits,
+                "faults": v.stat_fill_faults, "mmio": v.stat_mmio, "flushes": v.stat_stlb_flushes}
+
+    def _flush_translations(self) -> None:
+        """Drop cached translations: vmlab's software TLB and Unicorn's TLB."""
+        lib.vmlab_stlb_flush(self._v)
+        lib.vmlab_tlb_flush(self._uch)
+
     def set_ept(self, eptp: int | None) -> None:
         """Turn the second dimension of the walk on (EPT pointer) or off (None);
         cached translations are dropped (like INVEPT all-context)."""
@@ -425,10 +438,10 @@ class Vcpu:
         on = eptp is not None
         if on != bool(v.ept_enabled) or (on and eptp != v.eptp):
             v.eptp, v.ept_enabled = (eptp or 0), 1 if on else 0
-            lib.vmlab_tlb_flush(self._uch)
+            self._flush_translations()
 
     def flush_tlb(self) -> None:
-        lib.vmlab_tlb_flush(self._uch)
+        self._flush_translations()
 
     # ------------------------------------------------------------------ mode entry
     def enter_real(self, cs: int, ip: int) -> None:
@@ -650,14 +663,14 @@ class Vcpu:
         v = self._v
         self.flush()
         v.redirect_vpage, v.redirect_ppage, v.redirect_on = ex.gla & ~0xFFF, self.SCRATCH_PA, 1
-        lib.vmlab_tlb_flush(self._uch)
+        self._flush_translations()
         lin = self.linear_rip()
         self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
         try:
             err = lib.vmlab_emu_step(self._uch, self.regs.rip)
         finally:
             v.redirect_on = 0
-            lib.vmlab_tlb_flush(self._uch)
+            self._flush_translations()
             self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
             v.stop_kind = 0
         self.refresh()

@@ -72,6 +72,10 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 #define SCANNED_SIZE 4096  /* direct-mapped (linear page, phys page) scan cache */
 #define EXITSET_BITS 14
 #define RESCAN_MAX 16
+#define STLB_SIZE 8192   /* software TLB of completed walks (direct-mapped) */
+
+/* A completed translation: tag = linear page | user (bit 1) | AC (bit 2) | valid (bit 0). */
+struct stlb_entry { uint64_t tag; uint64_t paddr; uint32_t perms, pad; };
 
 struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t hf; };
 struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
@@ -87,6 +91,7 @@ struct priv {
     uc_hook *site_hooks;        /* parallel to v->exits */
     struct { uint64_t vpage, ppage; } rescan[RESCAN_MAX];   /* code pages written */
     uint32_t nrescan, rescan_overflow;
+    struct stlb_entry stlb[STLB_SIZE];
     uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
     uint32_t tbhash_cap;
 };
@@ -468,7 +473,31 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
             return false;
         }
     }
-    int r = vmlab_walk_do(v, vaddr, access, flags, &w);
+    /* Software TLB in front of the walk (SDM Vol. 3A 4.10): a translation that
+     * already grants this access is reused without walking.  Entries are made
+     * only from successful walks, after A (and D when W is granted) were set,
+     * and are flushed on every CR0/CR3/CR4/EFER write, INVLPG and EPT change
+     * (flushing more than the SDM requires is always allowed). */
+    const uint64_t tag = (vaddr & ~0xfffull) | ((access & VMLAB_ACC_USER) ? 2 : 0)
+                         | ((flags & VMLAB_WALK_AC) ? 4 : 0) | 1;
+    struct stlb_entry *te = &p->stlb[((vaddr >> 12) ^ (vaddr >> 25)) & (STLB_SIZE - 1)];
+    const uint32_t need = (access & VMLAB_ACC_WRITE) ? VMLAB_PROT_W : (access & VMLAB_ACC_FETCH) ? VMLAB_PROT_X
+                                                                                           : VMLAB_PROT_R;
+    int r;
+    if (te->tag == tag && (te->perms & need)) {
+        v->stat_stlb_hits++;
+        memset(&w, 0, sizeof w);
+        w.paddr = te->paddr;
+        w.perms = te->perms;
+        r = VMLAB_OK;
+    } else {
+        r = vmlab_walk_do(v, vaddr, access, flags, &w);
+        if (r == VMLAB_OK) {
+            te->tag = tag;
+            te->paddr = w.paddr & ~0xfffull;
+            te->perms = w.perms;
+        }
+    }
     if (r == VMLAB_FAULT_PF) {
         v->stat_fill_faults++;
         v->stop_kind = VMLAB_STOP_PAGE_FAULT;
@@ -1048,4 +1077,13 @@ int vmlab_emu_start(void *uc, uint64_t begin)
 int vmlab_emu_step(void *uc, uint64_t begin)
 {
     return api.emu_start(uc, begin, 0, 0, 1);
+}
+
+/* Drop every software-TLB entry (CR writes, INVLPG, EPT changes; the Unicorn TLB
+ * is flushed separately by vmlab_tlb_flush). */
+void vmlab_stlb_flush(vmlab_vcpu *v)
+{
+    struct priv *p = v->priv;
+    memset(p->stlb, 0, sizeof p->stlb);
+    v->stat_stlb_flushes++;
 }

@@ -208,6 +208,7 @@ typedef struct vmlab_vcpu {
 
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
+    uint64_t stat_stlb_hits, stat_stlb_flushes;
     uint64_t stat_scans, stat_code_writes, stat_exits_synced;
 
     /* ---- block registry (Python reads these arrays, drains the logs) ---- */
@@ -259,6 +260,7 @@ int vmlab_sync_exits(vmlab_vcpu *v, void *uc);
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
+void vmlab_stlb_flush(vmlab_vcpu *v);
 void vmlab_set_emu_start(void *emu_start);
 int vmlab_emu_start(void *uc, uint64_t begin);
 int vmlab_emu_step(void *uc, uint64_t begin);

@@ -246,3 +246,24 @@ def test_alu_instructions_on_lapic_mmio_are_replayed(machine):
     assert g[8] == 0x3F
     assert g[9] & 0xFF == 1
     assert machine.vm.lapic.tpr == 0x30
+
+
+def test_software_tlb_serves_repeated_fills_and_invlpg_flushes_it(machine):
+    # Touch 512 pages twice: Unicorn's TLB cannot hold them all, the software TLB can.
+    res = _run64(machine, """
+        mov r9, 2
+    outer:
+        mov rbx, 0x400000
+        mov ecx, 512
+    l:  mov rax, [rbx]
+        add rbx, 0x1000
+        dec ecx
+        jnz l
+        dec r9
+        jnz outer
+        invlpg [rbx]
+    """)
+    assert res.reason == "debug-exit"
+    st = machine.cpu.tlb_stats()
+    assert st["fills"] >= 512 and st["walks"] < st["fills"]
+    assert st["flushes"] >= 1
