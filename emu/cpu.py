@@ -42,7 +42,7 @@ TRAP_KINDS = {
     "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26,
 }
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
-MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt"})
+MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt", "invpcid"})
 
 
 class EptFault(Exception):
@@ -439,6 +439,12 @@ class Vcpu:
         if on != bool(v.ept_enabled) or (on and eptp != v.eptp):
             v.eptp, v.ept_enabled = (eptp or 0), 1 if on else 0
             self._flush_translations()
+
+    def invept(self) -> None:
+        """After changing EPT tables through memory: drop every cached
+        translation (INVEPT all-context; VPIDs are not modelled, so INVVPID is
+        the same)."""
+        self._flush_translations()
 
     def flush_tlb(self) -> None:
         self._flush_translations()

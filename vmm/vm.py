@@ -352,6 +352,9 @@ class Vm:
             elif isinstance(ex, TrapExit):
                 if ex.kind == "invlpg":
                     sensitive.emulate_invlpg(cpu, ex.insn_len)
+                elif ex.kind == "invpcid":
+                    # CPUID.(EAX=7,ECX=0):EBX.INVPCID[10] is not advertised: #UD (SDM Vol. 2A INVPCID).
+                    self._fault(GuestFault(x86.UD))
                 else:
                     self._stop = RunResult("error", None, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
             elif isinstance(ex, (DeadlineExit, IrqWindowExit)):

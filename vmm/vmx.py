@@ -277,8 +277,6 @@ class VmxGuest:
         from emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
-        if p & _PP.INVLPG_EXITING and s & _SP.ENABLE_INVPCID:
-            kinds.add("invpcid")
         for ctl, names in _TRAPS_BY_PRIMARY:
             if p & ctl:
                 kinds |= names
@@ -705,7 +703,15 @@ class VmxGuest:
                       else ExitReason.LDTR_TR_ACCESS)
             return self._make_exit(reason, 0, mex, length=mex.insn_len)
         if mex.kind == "invpcid":
-            return self._make_exit(ExitReason.INVPCID, 0, mex, length=mex.insn_len)
+            # SDM 26.1.3 / 26.3: #UD unless "enable INVPCID"; exits if INVLPG exiting too.
+            s2 = self._secondary()
+            if not s2 & _SP.ENABLE_INVPCID:
+                return self._deliver(Event(x86.UD))
+            if p & _PP.INVLPG_EXITING:
+                return self._make_exit(ExitReason.INVPCID, 0, mex, length=mex.insn_len)
+            self.cpu.invept()
+            self.cpu.skip(mex.insn_len)
+            return None
         reason = self._TRAP_REASONS.get(mex.kind)
         if reason is not None:
             return self._make_exit(reason, 0, mex, length=mex.insn_len)

@@ -267,3 +267,8 @@ def test_software_tlb_serves_repeated_fills_and_invlpg_flushes_it(machine):
     st = machine.cpu.tlb_stats()
     assert st["fills"] >= 512 and st["walks"] < st["fills"]
     assert st["flushes"] >= 1
+
+
+def test_invpcid_is_undefined_when_not_advertised(machine):
+    res = _run64(machine, "xor eax, eax\n sub rsp, 16\n invpcid rax, [rsp]")
+    assert res.reason == "shutdown"           # #UD with an empty IDT -> triple fault

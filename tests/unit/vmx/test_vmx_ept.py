@@ -87,7 +87,7 @@ def test_handler_maps_the_page_and_the_guest_continues():
     @g.handler(ExitReason.EPT_VIOLATION)
     def fix(ex):
         set_ept_pte(g, pt, ex.vmcs.read(F.GUEST_PHYSICAL_ADDRESS) & ~0xFFF, 0x170000 | 0x37)
-        g.cpu.flush_tlb()                                    # INVEPT
+        g.cpu.invept()
 
     ex = g.run(max_insns=10_000)
     assert ex.reason == ExitReason.VMCALL

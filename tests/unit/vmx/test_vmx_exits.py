@@ -366,3 +366,11 @@ def test_baseline_modes_enter_and_exit(mode, code, rip, bits):
     assert ex.reason == ExitReason.CPUID and ex.instruction_length == 2
     assert ex.vmcs.read(F.GUEST_RIP) == rip
     assert g.cpu.mode_bits == bits
+
+
+def test_invpcid_exits_with_invlpg_exiting_and_enable_invpcid():
+    from vmm.controls import SecondaryProcBasedControls as S
+    g = vmx_guest("xor eax, eax\n sub rsp, 16\n invpcid rax, [rsp]\n hlt",
+                  proc=(P.INVLPG_EXITING, 0), proc2=(S.ENABLE_INVPCID, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.INVPCID and ex.instruction_length == 5
