@@ -373,4 +373,4 @@ def test_invpcid_exits_with_invlpg_exiting_and_enable_invpcid():
     g = vmx_guest("xor eax, eax\n sub rsp, 16\n invpcid rax, [rsp]\n hlt",
                   proc=(P.INVLPG_EXITING, 0), proc2=(S.ENABLE_INVPCID, 0))
     ex = run(g)
-    assert ex.reason == ExitReason.INVPCID and ex.instruction_length == 5
+    assert ex.reason == ExitReason.INVPCID and ex.instruction_length == 6     # 66 0f 38 82 04 24
