@@ -39,6 +39,7 @@ from .controls import (InterruptionInfo, InterruptionType, PinBasedControls, Pri
 from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
+from .insninfo import instruction_info
 from .qualification import (AddressSize, CrAccessQualification, CrAccessType, DrAccessQualification, Gpr,
                             InsOutsInfo, IoQualification, SegmentReg)
 
@@ -684,7 +685,9 @@ class VmxGuest:
                                       gpr=Gpr(_reg_table()[gpr_op.reg][0]))
             return self._make_exit(ExitReason.DR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
         if mex.kind == "vmx":
-            return self._make_exit(self._VMX_REASONS[mex.insn.mnemonic], 0, mex, length=mex.insn_len)
+            info, qual = instruction_info(mex.insn, cpu.mode_bits)
+            return self._make_exit(self._VMX_REASONS[mex.insn.mnemonic], qual, mex, length=mex.insn_len,
+                                   instruction_info=info, decoded=info)
         if mex.kind == "smsw":
             mask, shadow = self.vmcs.read(F.CR0_GUEST_HOST_MASK), self.vmcs.read(F.CR0_READ_SHADOW)
             val = (cpu.regs.cr0 & ~mask) | (shadow & mask)
@@ -701,20 +704,26 @@ class VmxGuest:
             # Descriptor-table exiting (SDM 26.1.3): 46 for LGDT/LIDT/SGDT/SIDT, 47 for LLDT/LTR/SLDT/STR.
             reason = (ExitReason.GDTR_IDTR_ACCESS if mex.insn.mnemonic in ("lgdt", "lidt", "sgdt", "sidt")
                       else ExitReason.LDTR_TR_ACCESS)
-            return self._make_exit(reason, 0, mex, length=mex.insn_len)
+            info, qual = instruction_info(mex.insn, cpu.mode_bits)
+            return self._make_exit(reason, qual, mex, length=mex.insn_len, instruction_info=info, decoded=info)
         if mex.kind == "invpcid":
             # SDM 26.1.3 / 26.3: #UD unless "enable INVPCID"; exits if INVLPG exiting too.
             s2 = self._secondary()
             if not s2 & _SP.ENABLE_INVPCID:
                 return self._deliver(Event(x86.UD))
             if p & _PP.INVLPG_EXITING:
-                return self._make_exit(ExitReason.INVPCID, 0, mex, length=mex.insn_len)
+                info, qual = instruction_info(mex.insn, cpu.mode_bits)
+                return self._make_exit(ExitReason.INVPCID, qual, mex, length=mex.insn_len,
+                                       instruction_info=info, decoded=info)
             self.cpu.invept()
             self.cpu.skip(mex.insn_len)
             return None
         reason = self._TRAP_REASONS.get(mex.kind)
         if reason is not None:
-            return self._make_exit(reason, 0, mex, length=mex.insn_len)
+            info = None
+            if mex.kind in ("rdrand", "rdseed"):
+                info, _ = instruction_info(mex.insn, cpu.mode_bits)
+            return self._make_exit(reason, 0, mex, length=mex.insn_len, instruction_info=info, decoded=info)
         self.vm._dispatch(mex)
         return None
 

@@ -374,3 +374,46 @@ def test_invpcid_exits_with_invlpg_exiting_and_enable_invpcid():
                   proc=(P.INVLPG_EXITING, 0), proc2=(S.ENABLE_INVPCID, 0))
     ex = run(g)
     assert ex.reason == ExitReason.INVPCID and ex.instruction_length == 6     # 66 0f 38 82 04 24
+
+
+def test_lgdt_exit_has_descriptor_table_instruction_information():
+    from vmm.controls import SecondaryProcBasedControls as S
+    from vmm.qualification import AddressSize, DescriptorTableInfo, DescriptorTableInstruction, SegmentReg
+    g = vmx_guest("mov rbx, 0x200000\n mov rcx, 2\n lgdt [rbx + rcx*4 + 0x10]\n hlt", proc2=(S.DESCRIPTOR_TABLE_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.GDTR_IDTR_ACCESS and ex.qualification == 0x10
+    info = DescriptorTableInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
+    assert info == DescriptorTableInfo(instruction=DescriptorTableInstruction.LGDT, scaling=2,
+                                       address_size=AddressSize.BITS64, operand_size_32=True,
+                                       segment=SegmentReg.DS, index_reg=Gpr.RCX, index_invalid=False,
+                                       base_reg=Gpr.RBX, base_invalid=False)
+
+
+def test_str_register_operand_and_rdrand_instruction_information():
+    from vmm.controls import SecondaryProcBasedControls as S
+    from vmm.qualification import LdtrTrInfo, LdtrTrInstruction, OperandSize, RdrandRdseedInfo
+    g = vmx_guest("str dx\n rdrand r9\n hlt", proc2=(S.DESCRIPTOR_TABLE_EXITING | S.RDRAND_EXITING, 0))
+    ex = run(g)
+    assert ex.reason == ExitReason.LDTR_TR_ACCESS
+    info = LdtrTrInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
+    assert (info.instruction, info.register_operand, info.reg1) == (LdtrTrInstruction.STR, True, Gpr.RDX)
+    ex.skip()
+    ex = run(g)
+    assert ex.reason == ExitReason.RDRAND
+    assert RdrandRdseedInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO)) == \
+        RdrandRdseedInfo(dest_reg=Gpr.R9, operand_size=OperandSize.BITS64)
+
+
+def test_vmptrld_and_invept_exits_carry_memory_operand_information():
+    from vmm.qualification import InvalidationInfo, VmxMemoryOperandInfo
+    g = vmx_guest("mov rsi, 0x200000\n vmptrld [rsi + 8]\n mov eax, 1\n invept rax, [rsi - 0x20]\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.VMPTRLD and ex.qualification == 8
+    info = VmxMemoryOperandInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
+    assert info.base_reg == Gpr.RSI and not info.base_invalid and info.index_invalid
+    ex.skip()
+    ex = run(g)
+    assert ex.reason == ExitReason.INVEPT
+    assert ex.qualification == (-0x20) & 0xFFFFFFFFFFFFFFFF
+    inv = InvalidationInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
+    assert inv.reg2 == Gpr.RAX and inv.base_reg == Gpr.RSI
