@@ -201,7 +201,7 @@ _TRAP_BY_MNEMONIC = {
     "pause": "pause", "rdpmc": "rdpmc", "rdrand": "rdrand", "rdseed": "rdseed", "cpuid": "cpuid",
     "rdtsc": "rdtsc", "rdtscp": "rdtscp", "vmcall": "vmx", "vmlaunch": "vmx", "vmresume": "vmx",
     "vmxoff": "vmx", "vmread": "vmx", "vmwrite": "vmx", "vmptrld": "vmx", "vmptrst": "vmx",
-    "vmclear": "vmx", "vmxon": "vmx", "invept": "vmx", "invvpid": "vmx", "invpcid": "invpcid",
+    "vmclear": "vmx", "vmxon": "vmx", "invept": "vmx", "invvpid": "vmx", "getsec": "vmx", "invpcid": "invpcid",
     "int1": "int1",
 }
 

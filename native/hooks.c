@@ -194,6 +194,7 @@ static uint32_t opcode_kind(const uint8_t *c, int prev_is_f3, int prev_is_66)
     case 0x32: return K(RDMSR);
     case 0x33: return K(RDPMC);
     case 0x78: case 0x79: return K(VMX);                  /* VMREAD VMWRITE */
+    case 0x37: return K(VMX);                             /* GETSEC: exits unconditionally in VMX */
     case 0xa2: return K(CPUID);
     case 0xc7:
         if (mod == 3) {

@@ -665,7 +665,8 @@ class VmxGuest:
     _VMX_REASONS = {"vmcall": ExitReason.VMCALL, "vmlaunch": ExitReason.VMLAUNCH, "vmresume": ExitReason.VMRESUME,
                     "vmxoff": ExitReason.VMXOFF, "vmread": ExitReason.VMREAD, "vmwrite": ExitReason.VMWRITE,
                     "vmptrld": ExitReason.VMPTRLD, "vmptrst": ExitReason.VMPTRST, "vmclear": ExitReason.VMCLEAR,
-                    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID}
+                    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID,
+                    "getsec": ExitReason.GETSEC}
 
     def _trap(self, mex: TrapExit) -> VmExit | None:
         p = self._primary()

@@ -417,3 +417,48 @@ def test_vmptrld_and_invept_exits_carry_memory_operand_information():
     assert ex.qualification == (-0x20) & 0xFFFFFFFFFFFFFFFF
     inv = InvalidationInfo.decode(ex.vmcs.read(F.VM_EXIT_INSTRUCTION_INFO))
     assert inv.reg2 == Gpr.RAX and inv.base_reg == Gpr.RSI
+
+
+def test_getsec_exits_unconditionally():
+    g = vmx_guest("xor eax, eax\n getsec\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.GETSEC and ex.instruction_length == 2
+
+
+def test_tsc_offsetting_applies_to_rdtsc_in_the_guest():
+    g = vmx_guest("rdtsc\n shl rdx, 32\n or rax, rdx\n vmcall", proc=(P.USE_TSC_OFFSETTING, P.RDTSC_EXITING),
+                  fields={"TSC_OFFSET": 1 << 40})
+    ex = run(g)
+    assert ex.reason == ExitReason.VMCALL
+    assert (1 << 40) <= g.regs.rax < (1 << 40) + 1_000_000
+
+
+@pytest.mark.parametrize("info,error_code,length,expect_vector,expect_rip_delta", [
+    (InterruptionInfo.nmi(), None, 0, 2, 0),
+    (InterruptionInfo.hardware_exception(13, deliver_error_code=True), 0x1234, 0, 13, 0),
+    (InterruptionInfo.software_interrupt(0x80), None, 2, 0x80, 2),
+    (InterruptionInfo.software_exception(3), None, 1, 3, 1),
+    (InterruptionInfo.privileged_software_exception(), None, 1, 1, 1),
+])
+def test_injected_event_types_reach_the_guest_idt(info, error_code, length, expect_vector, expect_rip_delta):
+    # Handler for the vector: store the vector marker, the top stack qwords, then VMCALL.
+    g = vmx_guest("nop\n nop\n hlt", fields={"GUEST_RFLAGS": 0x202})
+    handler = 0x180000
+    code = bytes.fromhex("49c7c0") + expect_vector.to_bytes(4, "little")     # mov r8, vector
+    code += bytes.fromhex("4c8b0c24")                                         # mov r9, [rsp]
+    code += bytes.fromhex("4c8b542408")                                       # mov r10, [rsp+8]
+    code += bytes.fromhex("0f01c1")                                           # vmcall
+    g.vm.mem.write(handler, code)
+    g.vm.mem.write(0x7000 + 16 * expect_vector, gate64(handler, 0x08, dpl=3))
+    g.vmcs["VM_ENTRY_INTR_INFO"] = info.encode()
+    if error_code is not None:
+        g.vmcs["VM_ENTRY_EXCEPTION_ERROR_CODE"] = error_code
+    if length:
+        g.vmcs["VM_ENTRY_INSTRUCTION_LEN"] = length
+    ex = run(g)
+    assert ex.reason == ExitReason.VMCALL
+    assert g.regs.r8 == expect_vector
+    if error_code is not None:
+        assert g.regs.r9 == error_code and g.regs.r10 == 0x100000
+    else:
+        assert g.regs.r9 == 0x100000 + expect_rip_delta
