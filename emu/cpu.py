@@ -39,7 +39,7 @@ TRAP_KINDS = {
     "rdmsr": 0, "wrmsr": 1, "cr_read": 2, "cr_write": 3, "clts": 4, "lmsw": 5, "invlpg": 6,
     "hlt": 7, "io": 8, "cpuid": 9, "rdtsc": 10, "rdtscp": 11, "rdpmc": 12, "wbinvd": 13,
     "invd": 14, "xsetbv": 15, "mwait": 16, "monitor": 17, "pause": 18, "dr": 19, "desc": 20,
-    "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26,
+    "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26, "iret": 27,
 }
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
 MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt", "invpcid"})

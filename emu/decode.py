@@ -202,7 +202,7 @@ _TRAP_BY_MNEMONIC = {
     "rdtsc": "rdtsc", "rdtscp": "rdtscp", "vmcall": "vmx", "vmlaunch": "vmx", "vmresume": "vmx",
     "vmxoff": "vmx", "vmread": "vmx", "vmwrite": "vmx", "vmptrld": "vmx", "vmptrst": "vmx",
     "vmclear": "vmx", "vmxon": "vmx", "invept": "vmx", "invvpid": "vmx", "getsec": "vmx", "invpcid": "invpcid",
-    "int1": "int1",
+    "int1": "int1", "iret": "iret", "iretd": "iret", "iretq": "iret",
 }
 
 

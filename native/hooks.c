@@ -156,6 +156,7 @@ static uint32_t opcode_kind(const uint8_t *c, int prev_is_f3, int prev_is_66)
     case 0x6c: case 0x6d: case 0x6e: case 0x6f:
         return K(IO);
     case 0xf1: return K(INT1);
+    case 0xcf: return K(IRET);      /* armed only while NMIs are blocked */
     case 0x90: return prev_is_f3 ? K(PAUSE) : 0;
     case 0x0f: break;
     default: return 0;
@@ -225,7 +226,7 @@ int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t l
     uint8_t pad[4];
     for (uint32_t i = 0; i < len && i < limit + 15; i++) {
         const uint8_t b = code[i];
-        if (b != 0x0f && b != 0xf4 && b != 0x90 && b != 0xf1 && (b & 0xe4) != 0xe4 && (b & 0xfc) != 0x6c)
+        if (b != 0x0f && b != 0xf4 && b != 0x90 && b != 0xf1 && b != 0xcf && (b & 0xe4) != 0xe4 && (b & 0xfc) != 0x6c)
             continue;
         const uint8_t *c = code + i;
         if (len - i < 4) {

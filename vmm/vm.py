@@ -92,6 +92,7 @@ class Vm:
         self.fw_cfg = FwCfg(ram_size, cmdline)
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
         self.nmi_pending = False
+        self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
         self.lapic = LocalApic(self.clock, self.timers, nmi=self._on_nmi)
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
@@ -182,8 +183,16 @@ class Vm:
         self._stop = RunResult("stopped", None, message)
 
     # ------------------------------------------------------------------ interrupts
+    def set_nmi_blocked(self, blocked: bool) -> None:
+        """Block NMIs until the next IRET, which is then trapped to unblock them."""
+        if blocked != self.nmi_blocked:
+            self.nmi_blocked = blocked
+            kinds = set(self.vcpu.trap_kinds)
+            kinds = kinds | {"iret"} if blocked else kinds - {"iret"}
+            self.vcpu.set_traps(kinds)
+
     def _pending_interrupt(self) -> str | None:
-        if self.nmi_pending:
+        if self.nmi_pending and not self.nmi_blocked:
             return "nmi"
         if self.lapic.pending_vector() is not None:
             return "lapic"
@@ -201,10 +210,11 @@ class Vm:
             return False
         r = self.vcpu.regs
         if src == "nmi":
-            # NMIs ignore RFLAGS.IF (SDM Vol. 3A 6.7.1).  vmlab does not model NMI
-            # blocking until the handler's IRET: one NMI is delivered per event.
+            # NMIs ignore RFLAGS.IF; further NMIs are blocked until the next IRET
+            # (SDM Vol. 3A 6.7.1).
             self.nmi_pending = False
             self._deliver(Event(x86.NMI, external=True))
+            self.set_nmi_blocked(True)
             return True
         if not (r.rflags & x86.RFLAGS_IF) or (r.hflags & x86.HF_INHIBIT_IRQ):
             v.irq_window = 1
@@ -350,7 +360,10 @@ class Vm:
             elif isinstance(ex, CrExit):
                 sensitive.emulate_cr(cpu, ex, self.cpuid)
             elif isinstance(ex, TrapExit):
-                if ex.kind == "invlpg":
+                if ex.kind == "iret":
+                    # The IRET that ends NMI blocking; it then runs natively.
+                    self.set_nmi_blocked(False)
+                elif ex.kind == "invlpg":
                     sensitive.emulate_invlpg(cpu, ex.insn_len)
                 elif ex.kind == "invpcid":
                     # CPUID.(EAX=7,ECX=0):EBX.INVPCID[10] is not advertised: #UD (SDM Vol. 2A INVPCID).

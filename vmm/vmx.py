@@ -233,6 +233,7 @@ class VmxGuest:
         self._saved: bool | None = None       # guest state in the vCPU matches the VMCS
         self._checked: bool | None = None     # the VMCS passed the entry checks
         self._preempt_deadline: int | None = None
+        self.virtual_nmi_blocked = False
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
 
@@ -278,6 +279,8 @@ class VmxGuest:
         from emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
+        if self.vm.nmi_blocked or self.virtual_nmi_blocked:
+            kinds.add("iret")
         for ctl, names in _TRAPS_BY_PRIMARY:
             if p & ctl:
                 kinds |= names
@@ -330,6 +333,10 @@ class VmxGuest:
         vals = self.vmcs._values
         vals[_E_RIP], vals[_E_RSP], vals[_E_RFLAGS] = r.rip, r.gpr[4], r.rflags
         vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
+        intr = vals.get(_E_INTR, 0) & ~(1 << 3)
+        blocked = self.virtual_nmi_blocked if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS \
+            else self.vm.nmi_blocked
+        vals[_E_INTR] = intr | (8 if blocked else 0)      # bit 3: blocking by NMI (Table 25-3)
         self.vmcs.lazy = self._save_segment_state
         self._saved = True
         if self._preempt_deadline is not None and self._ctl(int(F.VM_EXIT_CONTROLS)) & (1 << 22):
@@ -380,7 +387,8 @@ class VmxGuest:
                               self.vmcs, self, entry_failure=True)
             raise VmEntryFailed(result)
         self._load_guest_state_if_changed()
-        ctl = (self._ctl(F.CPU_BASED_VM_EXEC_CONTROL), self._ctl(F.SECONDARY_VM_EXEC_CONTROL))
+        ctl = (self._ctl(F.CPU_BASED_VM_EXEC_CONTROL), self._ctl(F.SECONDARY_VM_EXEC_CONTROL),
+               self.vm.nmi_blocked, self.virtual_nmi_blocked)
         if ctl != self._armed_for:
             self._arm_traps()
             self._armed_for = ctl
@@ -408,6 +416,13 @@ class VmxGuest:
                    external=t in (InterruptionType.EXTERNAL_INTERRUPT, InterruptionType.NMI),
                    icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
         ex = self._deliver(ev)
+        if t == InterruptionType.NMI:
+            if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
+                self.virtual_nmi_blocked = True
+            else:
+                self.vm.nmi_blocked = True
+            self._arm_traps()
+            self._armed_for = None
         if ex is not None:
             self._pending_exits.append(ex)
 
@@ -504,8 +519,8 @@ class VmxGuest:
             if if_open:
                 return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
             self.cpu.native.irq_window = 1
-        if p & _PP.NMI_WINDOW_EXITING:
-            # vmlab tracks no virtual-NMI blocking: the window is open at once (SDM 26.7.6).
+        if p & _PP.NMI_WINDOW_EXITING and not self.virtual_nmi_blocked and not vm.nmi_blocked:
+            # The NMI window is open when there is no (virtual-)NMI blocking (SDM 26.7.6).
             return self._make_exit(ExitReason.NMI_WINDOW, 0, None)
         if src is None:
             if not p & _PP.INTERRUPT_WINDOW_EXITING:
@@ -516,7 +531,11 @@ class VmxGuest:
                 vm.nmi_pending = False
                 return self._make_exit(ExitReason.EXCEPTION_NMI, 0, None, interruption=InterruptionInfo.nmi())
             vm.nmi_pending = False
-            return self._deliver(Event(x86.NMI, external=True))
+            ex = self._deliver(Event(x86.NMI, external=True))
+            vm.nmi_blocked = True
+            self._armed_for = None
+            self._arm_traps()
+            return ex
         if pin & _PIN.EXTERNAL_INTERRUPT_EXITING:
             # An external interrupt exits regardless of RFLAGS.IF (SDM 26.2).
             info = None
@@ -675,6 +694,16 @@ class VmxGuest:
             if p & _PP.INVLPG_EXITING:
                 return self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len)
             sensitive.emulate_invlpg(cpu, mex.insn_len)
+            return None
+        if mex.kind == "iret":
+            # Ends (virtual-)NMI blocking (SDM 26.3 "Changes to NMI blocking"); the
+            # IRET then runs natively once the trap is disarmed.
+            if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
+                self.virtual_nmi_blocked = False
+            else:
+                self.vm.nmi_blocked = False
+            self._arm_traps()
+            self._armed_for = None
             return None
         if mex.kind == "dr":
             from capstone import x86_const as C
@@ -838,6 +867,12 @@ class VmxGuest:
         self._save_guest_state()
 
     def _load_guest_state_if_changed(self) -> None:
+        if _E_INTR in self.vmcs.dirty:
+            blocked = bool(self.vmcs._values.get(_E_INTR, 0) & 8)
+            if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
+                self.virtual_nmi_blocked = blocked
+            else:
+                self.vm.nmi_blocked = blocked
         written = self.vmcs.dirty & _GUEST_STATE_SET
         if self._saved is None or written - {int(F.GUEST_RIP), int(F.GUEST_RSP)}:
             self._load_guest_state()
@@ -881,6 +916,7 @@ _TRAPS_BY_SECONDARY = (
 )
 _E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
+_E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
 _LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) - {
     _E_RIP, _E_RSP, _E_RFLAGS, _E_CR0, _E_CR3, _E_CR4, _E_EFER}

@@ -462,3 +462,36 @@ def test_injected_event_types_reach_the_guest_idt(info, error_code, length, expe
         assert g.regs.r9 == error_code and g.regs.r10 == 0x100000
     else:
         assert g.regs.r9 == 0x100000 + expect_rip_delta
+
+
+def _nmi_handler(g, body: bytes):
+    handler = 0x180000
+    g.vm.mem.write(handler, body)
+    g.vm.mem.write(0x7000 + 16 * 2, gate64(handler, 0x08))
+
+
+def test_nmis_are_blocked_until_iret():
+    # The NMI handler sends a second NMI to itself; it must not nest: the handler
+    # sees its own count unchanged, and the second NMI comes after IRETQ.
+    self_nmi = "mov dword ptr [rbx + 0x300], 0x400\n"
+    g = vmx_guest("mov rbx, 0xfee00000\n mov dword ptr [rbx + 0x310], 0\n" + self_nmi +
+                  "l: cmp r12, 2\n jne l\n vmcall",
+                  pin=(0, PinBasedControls.NMI_EXITING | PinBasedControls.VIRTUAL_NMIS))
+    from tools.asm import assemble
+    handler = assemble("inc r12\n cmp r12, 1\n jne skip\n mov dword ptr [rbx + 0x300], 0x400\n"
+                       "mov ecx, 1000\n w: dec ecx\n jnz w\n mov r13, r12\n skip: iretq", 64, 0x180000)
+    _nmi_handler(g, handler)
+    ex = run(g, 1_000_000)
+    assert ex.reason == ExitReason.VMCALL
+    assert g.regs.r12 == 2 and g.regs.r13 == 1
+
+
+def test_virtual_nmi_window_opens_after_the_guest_irets():
+    g = vmx_guest("nop\n hlt", proc=(P.NMI_WINDOW_EXITING, 0))
+    from tools.asm import assemble
+    _nmi_handler(g, assemble("mov r8, 0x77\n iretq", 64, 0x180000))
+    g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.nmi().encode()
+    ex = run(g)
+    assert ex.reason == ExitReason.NMI_WINDOW
+    assert g.regs.r8 == 0x77                                  # the window opened at the IRET
+    assert not ex.vmcs.read(F.GUEST_INTERRUPTIBILITY_STATE) & 8
