@@ -158,11 +158,13 @@ class LocalApic:
 
     def __init__(self, clock: Clock, timers: TimerQueue, apic_id: int = 0,
                  nmi: Callable[[], None] | None = None,
-                 eoi_broadcast: Callable[[int], None] | None = None) -> None:
+                 eoi_broadcast: Callable[[int], None] | None = None,
+                 init: Callable[[], None] | None = None) -> None:
         self._clock = clock
         self._timer = timers.timer(self._on_timer, "lapic-timer")
         self._nmi = nmi
         self._eoi_broadcast = eoi_broadcast
+        self._init = init
         self.initial_apic_id = apic_id & 0xFF
         self.base_msr = APIC_DEFAULT_BASE | APIC_BASE_BSP | APIC_BASE_ENABLE
         self.reset()
@@ -370,9 +372,12 @@ class LocalApic:
                 self.deliver(vector, bool(low & ICR_TRIGGER_LEVEL))
         elif mode == DM_NMI and to_self and self._nmi is not None:
             self._nmi()
-        # SMI, INIT, STARTUP: there are no other processors to reach, and
-        # the "Self" shorthand is defined for fixed delivery only (SDM 11.6.1,
-        # Destination Shorthand).
+        elif (mode == DM_INIT and shorthand == SH_NONE and to_self and low & ICR_LEVEL_ASSERT
+              and self._init is not None):
+            # An INIT addressed to this APIC by its ID (the "Self" shorthand is for
+            # fixed delivery only); INIT level de-assert is ignored (SDM 11.6.1).
+            self._init()
+        # SMI, STARTUP: there are no other processors to reach.
 
     # -- timer (SDM 11.5.4) ---------------------------------------------------
 

@@ -93,7 +93,8 @@ class Vm:
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
         self.nmi_pending = False
         self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
-        self.lapic = LocalApic(self.clock, self.timers, nmi=self._on_nmi)
+        self.init_pending = False
+        self.lapic = LocalApic(self.clock, self.timers, nmi=self._on_nmi, init=self._on_init)
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
         # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
@@ -167,6 +168,9 @@ class Vm:
     def _on_nmi(self) -> None:
         self.nmi_pending = True
 
+    def _on_init(self) -> None:
+        self.init_pending = True
+
     def _on_msr_write(self, msr: int, value: int) -> None:
         if msr == IA32_APIC_BASE:
             self.lapic.write_base_msr(value)
@@ -190,6 +194,13 @@ class Vm:
             kinds = set(self.vcpu.trap_kinds)
             kinds = kinds | {"iret"} if blocked else kinds - {"iret"}
             self.vcpu.set_traps(kinds)
+
+    def _take_init(self) -> None:
+        """INIT outside VMX: the CPU resets and, being the only one, waits for a
+        SIPI that never comes (SDM Vol. 3A 10.4.2) -- the machine stops."""
+        self.init_pending = False
+        self.vcpu.reset()
+        self._stop = RunResult("halted", None, "INIT: the CPU is in wait-for-SIPI")
 
     def _pending_interrupt(self) -> str | None:
         if self.nmi_pending and not self.nmi_blocked:
@@ -258,6 +269,9 @@ class Vm:
         while self._stop is None:
             if self._input:
                 self._feed_input()
+            if self.init_pending:
+                self._take_init()
+                break
             self.timers.run_expired(self.now_ns())
             if self._try_inject():
                 idle_since = None

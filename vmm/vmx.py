@@ -510,6 +510,10 @@ class VmxGuest:
 
     def _external_interrupt_exit(self) -> VmExit | None:
         vm = self.vm
+        if vm.init_pending:
+            # INIT signals always cause a VM exit in non-root operation (SDM 26.2).
+            vm.init_pending = False
+            return self._make_exit(ExitReason.INIT, 0, None)
         pin = PinBasedControls(self._ctl(F.PIN_BASED_VM_EXEC_CONTROL))
         p = self._primary()
         src = vm._pending_interrupt()

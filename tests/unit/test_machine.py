@@ -272,3 +272,10 @@ def test_software_tlb_serves_repeated_fills_and_invlpg_flushes_it(machine):
 def test_invpcid_is_undefined_when_not_advertised(machine):
     res = _run64(machine, "xor eax, eax\n sub rsp, 16\n invpcid rax, [rsp]")
     assert res.reason == "shutdown"           # #UD with an empty IDT -> triple fault
+
+
+def test_init_ipi_outside_vmx_resets_into_wait_for_sipi(machine):
+    res = _run64(machine, "mov rbx, 0xfee00000\n mov dword ptr [rbx + 0x310], 0\n"
+                          "mov dword ptr [rbx + 0x300], 0x4500\n l: jmp l")
+    assert res.reason == "halted" and "INIT" in res.message
+    assert machine.cpu.regs.cr0 == 0x60000010 and machine.cpu.regs.rip == 0xFFF0

@@ -495,3 +495,10 @@ def test_virtual_nmi_window_opens_after_the_guest_irets():
     assert ex.reason == ExitReason.NMI_WINDOW
     assert g.regs.r8 == 0x77                                  # the window opened at the IRET
     assert not ex.vmcs.read(F.GUEST_INTERRUPTIBILITY_STATE) & 8
+
+
+def test_init_ipi_to_itself_exits_with_reason_3():
+    g = vmx_guest("mov rbx, 0xfee00000\n mov dword ptr [rbx + 0x310], 0\n"
+                  "mov dword ptr [rbx + 0x300], 0x4500\n l: jmp l")   # INIT, level assert, APIC ID 0
+    ex = run(g)
+    assert ex.reason == ExitReason.INIT
