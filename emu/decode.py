@@ -332,9 +332,3 @@ def site_exit(vcpu, info):
     if kind == "invlpg":
         operand = mem_operand_address(vcpu, insn, insn.operands[0])
     return TrapExit(rip=r.rip, insn_len=insn.size, kind=kind, insn=insn, operand=operand)
-
-
-def trap_exit(vcpu, lin: int):
-    """Decode and build the exit for the armed site at ``lin`` (uncached)."""
-    info = decode_site(vcpu, lin)
-    return site_exit(vcpu, info) if info is not None else None

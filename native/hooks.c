@@ -323,14 +323,8 @@ static int exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
         exitset_rebuild(v, p, p->exitset_cap * 2);
     else
         exitset_insert_raw(p, a);
-    v->stat_exits_synced++;
+    v->stat_sites_armed++;
     return 1;
-}
-
-int vmlab_sync_exits(vmlab_vcpu *v, void *uc)
-{
-    (void)v; (void)uc;
-    return 0;
 }
 
 int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr)

@@ -187,7 +187,7 @@ typedef struct vmlab_vcpu {
 
     /* ---- trap sites ---- */
     uint32_t trap_kinds;       /* bitmask of 1 << VMLAB_TRAP_* */
-    uint32_t exits_dirty;
+    uint32_t pad_sites;
     uint64_t *exits;           /* linear addresses armed in Unicorn */
     uint32_t nexits, exits_cap;
 
@@ -209,7 +209,7 @@ typedef struct vmlab_vcpu {
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
     uint64_t stat_stlb_hits, stat_stlb_flushes;
-    uint64_t stat_scans, stat_code_writes, stat_exits_synced;
+    uint64_t stat_scans, stat_code_writes, stat_sites_armed;
 
     /* ---- block registry (Python reads these arrays, drains the logs) ---- */
     vmlab_tb *tbs;
@@ -256,7 +256,6 @@ int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds);
 int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr);
 int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
                     int mode64, uint32_t kinds, uint32_t *sites, uint32_t max_sites);
-int vmlab_sync_exits(vmlab_vcpu *v, void *uc);
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);

@@ -320,10 +320,6 @@ class VmxGuest:
         cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & _PP.USE_TSC_OFFSETTING else 0
         self._saved = True
 
-    def _guest_fields(self) -> dict[int, int]:
-        vals = self.vmcs._values
-        return {enc: vals.get(enc, 0) for enc in _GUEST_STATE_FIELDS}
-
     def _save_guest_state(self) -> None:
         """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3).  RIP, RSP,
         RFLAGS, control registers and EFER are stored now; segment and
@@ -889,7 +885,7 @@ class VmxGuest:
         # deferred save is still valid as long as the guest has not run.
 
 
-#: guest-state fields compared to decide whether VM entry must reload the vCPU
+#: guest-state fields: a write to any of them makes VM entry reload the vCPU
 _GUEST_STATE_FIELDS = tuple(
     [F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4, F.GUEST_IA32_EFER,
      F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT, F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
