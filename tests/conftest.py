@@ -1,5 +1,14 @@
-"""Shared fixtures (helpers live in tests/support.py)."""
+"""Shared fixtures (helpers live in tests/support.py) and hypothesis profiles."""
+import os
+
 import pytest
+from hypothesis import settings
+
+# No per-example deadline (shared, noisy machines); in CI (CI=true) the examples
+# are derandomized so a run is reproducible.
+settings.register_profile("vmlab", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "vmlab")
 
 from support import Machine
 
