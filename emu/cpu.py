@@ -22,7 +22,7 @@ from .exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit,
                     IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
-from .qemu_state import find_env_address, find_layout
+from .qemu_state import find_layout, try_find_env_address
 
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -136,7 +136,7 @@ class Vcpu:
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._uch = ffi.cast("void *", uc._uch.value)
         self.layout = find_layout(uc)
-        self.env_address = find_env_address(uc, self.layout, (memory.address, memory.address + memory.size))
+        self.env_address = try_find_env_address(uc, self.layout, (memory.address, memory.address + memory.size))
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         self._v = v = ffi.new("vmlab_vcpu *")
@@ -146,7 +146,7 @@ class Vcpu:
         v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr
         v.ctx_error_code, v.ctx_is_int, v.ctx_old_exception = lay.error_code, lay.is_int, lay.old_exception
         v.maxphyaddr = maxphyaddr
-        v.env = ffi.cast("uint8_t *", self.env_address)
+        v.env = ffi.cast("uint8_t *", self.env_address) if self.env_address else ffi.NULL
         v.env_hflags = lay.hflags - lay.env
         err = lib.vmlab_attach(v, self._uch)
         if err:

@@ -176,9 +176,12 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     gpa = ppage | (gla & 0xFFF)
     if (gla & 0xFFF) + op.size > 4096:
         return InternalErrorExit(rip=r.rip, message=f"MMIO access straddles a page at {gpa:#x}")
-    if insn.mnemonic not in ("mov", "movzx", "movsx", "movsxd", "movabs"):
-        # Any other instruction (ALU, TEST, XCHG...): the device value is read if
-        # the instruction reads the operand, then the instruction is replayed.
+    simple = insn.mnemonic in ("mov", "movzx", "movsx", "movsxd", "movabs") and all(
+        o.type != C.X86_OP_REG or o.reg in _reg_table() for o in insn.operands)
+    if not simple:
+        # Any other instruction (ALU, TEST, XCHG, MOV to/from a segment
+        # register...): the device value is read if the instruction reads the
+        # operand, then the instruction is replayed.
         acc = op.access
         return MmioExit(rip=r.rip, insn_len=insn.size, gpa=gpa, gla=gla, size=op.size,
                         is_write=bool(acc & CS_AC_WRITE) if acc else bool(access & 2),

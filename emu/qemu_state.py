@@ -67,8 +67,8 @@ def _rw_regions(exclude: tuple[int, int] | None):
         for line in f:
             parts = line.split()
             lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if not parts[1].startswith("rw") or hi - lo > (256 << 20):
-                continue
+            if not parts[1].startswith("rw") or parts[1][2] == "x":
+                continue          # not data, or a TCG code buffer (1 GiB rwx per engine)
             if len(parts) > 5 and parts[5].startswith("/") and not parts[5].startswith("/dev/zero"):
                 continue          # file-backed data: not where malloc puts a CPU
             if exclude and lo < exclude[1] and exclude[0] < hi:
@@ -90,17 +90,21 @@ def find_env_address(uc: Uc, layout: ContextLayout, exclude: tuple[int, int] | N
             uc.reg_write(r, val)
         pat1, pat2 = struct.pack("<4Q", *m1), struct.pack("<4Q", *m2)
         hits = []
+        chunk = 64 << 20
         with open("/proc/self/mem", "rb", 0) as mem:
             for lo, hi in _rw_regions(exclude):
-                try:
-                    mem.seek(lo)
-                    data = mem.read(hi - lo)
-                except OSError:
-                    continue
-                i = data.find(pat1)
-                while i >= 0:
-                    hits.append(lo + i)
-                    i = data.find(pat1, i + 1)
+                # Large regions (a grown heap) are read in overlapping chunks.
+                for start in range(lo, hi, chunk):
+                    try:
+                        mem.seek(start)
+                        data = mem.read(min(chunk + 31, hi - start))
+                    except OSError:
+                        continue
+                    i = data.find(pat1)
+                    while i >= 0:
+                        if i < chunk:
+                            hits.append(start + i)
+                        i = data.find(pat1, i + 1)
             for r, val in zip(regs, m2):
                 uc.reg_write(r, val)
             live = []
@@ -117,3 +121,12 @@ def find_env_address(uc: Uc, layout: ContextLayout, exclude: tuple[int, int] | N
     if len(live) != 1:
         raise NativeError(f"cannot locate Unicorn's CPU state ({len(live)} candidates)")
     return live[0]
+
+
+def try_find_env_address(uc: Uc, layout: ContextLayout, exclude=None) -> int | None:
+    """find_env_address, or None: the native side then falls back to context
+    saves (slower exits, same results)."""
+    try:
+        return find_env_address(uc, layout, exclude)
+    except NativeError:
+        return None

@@ -303,7 +303,11 @@ class Vm:
                 idle_since = self._halt(ex, idle_since)
                 continue
             idle_since = None
-            self._dispatch(ex)
+            try:
+                self._dispatch(ex)
+            except Exception as exc:   # a bug in vmlab must not become a traceback for the user
+                self._stop = RunResult("error", None, f"internal error handling {type(ex).__name__} at "
+                                                      f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
         self._stop.icount = v.icount
         return self._stop
 

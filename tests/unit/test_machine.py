@@ -279,3 +279,21 @@ def test_init_ipi_outside_vmx_resets_into_wait_for_sipi(machine):
                           "mov dword ptr [rbx + 0x300], 0x4500\n l: jmp l")
     assert res.reason == "halted" and "INIT" in res.message
     assert machine.cpu.regs.cr0 == 0x60000010 and machine.cpu.regs.rip == 0xFFF0
+
+
+def test_machine_runs_without_the_located_cpu_state():
+    """If Unicorn's CPU state cannot be located, native code falls back to
+    context saves: same results."""
+    from support import Machine, asm
+    import emu.cpu as cpu_mod
+    orig = cpu_mod.try_find_env_address
+    cpu_mod.try_find_env_address = lambda *a, **k: None
+    try:
+        m = Machine()
+    finally:
+        cpu_mod.try_find_env_address = orig
+    assert m.cpu.native.env == cpu_mod.ffi.NULL
+    m.boot(asm("mov ecx, 1000\n l: dec ecx\n jnz l\n int3", 0x100000, 64), 0x100000, "long64")
+    res = m.run()
+    assert res.reason == "shutdown"           # #BP with no IDT -> triple fault, via the slow path
+    assert m.cpu.cpl == 0 and m.cpu.mode_bits == 64
