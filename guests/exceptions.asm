@@ -486,26 +486,6 @@ df_done:
 
 ; ================================================================ helpers
 .code32
-; set_tss_desc: EDI -> GDT entry, EAX = base; 32-bit available TSS (type 9),
-; limit 0x67, byte granular.  Also the low half of a 64-bit TSS descriptor
-; (whose high half stays 0: the base is below 4 GiB).
-set_tss_desc:
-    push eax
-    push edx
-    mov edx, eax
-    shl eax, 16
-    or eax, 0x67
-    mov dword ptr [edi], eax
-    mov eax, edx
-    shr eax, 16
-    mov byte ptr [edi + 4], al
-    mov byte ptr [edi + 5], 0x89
-    mov byte ptr [edi + 6], 0
-    mov byte ptr [edi + 7], ah
-    pop edx
-    pop eax
-    ret
-
 ; enter_user: IRETD to ring 3 at EAX on ustack_top (IF = 0).  The ring-3 code
 ; comes back with INT 0x81 (or a caught exception).
 enter_user:
@@ -581,24 +561,6 @@ user_read_sup:
     int 0x81
 
 .code64
-set_tss_desc64:                 ; EDI -> 16-byte GDT entry, EAX = base (< 4 GiB)
-    push rax
-    push rdx
-    mov edx, eax
-    shl eax, 16
-    or eax, 0x67
-    mov dword ptr [rdi], eax
-    mov eax, edx
-    shr eax, 16
-    mov byte ptr [rdi + 4], al
-    mov byte ptr [rdi + 5], 0x89
-    mov byte ptr [rdi + 6], 0
-    mov byte ptr [rdi + 7], ah
-    mov qword ptr [rdi + 8], 0
-    pop rdx
-    pop rax
-    ret
-
 enter_user64:                   ; IRETQ to ring 3 at RAX on ustack_top
     mov qword ptr [kernel_rsp_save], rsp
     push USER_DS

@@ -490,24 +490,6 @@ reload_data_segs:
     pop eax
     ret
 
-; set_tss_desc: EDI -> GDT entry, EAX = base; 32-bit available TSS, limit 0x67.
-set_tss_desc:
-    push eax
-    push edx
-    mov edx, eax
-    shl eax, 16
-    or eax, 0x67
-    mov dword ptr [edi], eax
-    mov eax, edx
-    shr eax, 16
-    mov byte ptr [edi + 4], al
-    mov byte ptr [edi + 5], 0x89
-    mov byte ptr [edi + 6], 0
-    mov byte ptr [edi + 7], ah
-    pop edx
-    pop eax
-    ret
-
 ; enter_user: IRETD to ring 3 at EAX on ustack_top (IF = 0), EBX kept.  The
 ; ring-3 code ends with a fault (caught by a TRY) or ud2 (caught as #UD).
 enter_user:

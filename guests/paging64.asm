@@ -839,24 +839,6 @@ reload_data_segs:
     pop rax
     ret
 
-set_tss_desc64:                 ; EDI -> 16-byte GDT entry, EAX = base (< 4 GiB)
-    push rax
-    push rdx
-    mov edx, eax
-    shl eax, 16
-    or eax, 0x67
-    mov dword ptr [rdi], eax
-    mov eax, edx
-    shr eax, 16
-    mov byte ptr [rdi + 4], al
-    mov byte ptr [rdi + 5], 0x89
-    mov byte ptr [rdi + 6], 0
-    mov byte ptr [rdi + 7], ah
-    mov qword ptr [rdi + 8], 0
-    pop rdx
-    pop rax
-    ret
-
 ; enter_user64: IRETQ to ring 3 at RAX on ustack_top (IF = 0), RBX kept.  The
 ; ring-3 code never comes back by itself: it faults (caught by a TRY64) or hits
 ; ud2 (also caught, with the wrong vector).
