@@ -9,7 +9,42 @@ completes it through the Vcpu (``complete_io``, ``complete_mmio``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+
+class TrapKind(StrEnum):
+    """Kinds of trap sites (instructions stopped before they run); the bit
+    numbers are ``emu.cpu.TRAP_KINDS`` / native/vmlab.h ``VMLAB_TRAP_*``.  A
+    StrEnum: members compare equal to their names."""
+    RDMSR = "rdmsr"
+    WRMSR = "wrmsr"
+    CR_READ = "cr_read"
+    CR_WRITE = "cr_write"
+    CLTS = "clts"
+    LMSW = "lmsw"
+    INVLPG = "invlpg"
+    HLT = "hlt"
+    IO = "io"
+    CPUID = "cpuid"
+    RDTSC = "rdtsc"
+    RDTSCP = "rdtscp"
+    RDPMC = "rdpmc"
+    WBINVD = "wbinvd"
+    INVD = "invd"
+    XSETBV = "xsetbv"
+    MWAIT = "mwait"
+    MONITOR = "monitor"
+    PAUSE = "pause"
+    DR = "dr"
+    DESC = "desc"
+    RDRAND = "rdrand"
+    RDSEED = "rdseed"
+    VMX = "vmx"
+    INVPCID = "invpcid"
+    SMSW = "smsw"
+    INT1 = "int1"
+    IRET = "iret"
 
 
 @dataclass(slots=True)
@@ -105,7 +140,7 @@ class CrExit(Exit):
 @dataclass(slots=True)
 class TrapExit(Exit):
     """Any other armed trap site (INVLPG, descriptor-table instructions, VMX…):
-    the instruction at RIP has not run.  ``kind`` is a TrapKind name."""
+    the instruction at RIP has not run.  ``kind`` is a TrapKind."""
     kind: str = ""
     insn: Any = None
     operand: int | None = None  # e.g. INVLPG's linear address

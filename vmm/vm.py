@@ -1,9 +1,10 @@
 """The virtual machine: memory, one vCPU, the platform devices, the run loop.
 
-``Vm.run()`` drives ``Vcpu.run()`` and dispatches each exit value in one place
-(``_dispatch``): port I/O and MMIO go to the buses where devices sit by range,
-MSRs to the MSR model, control registers and INVLPG to emu/sensitive, faults
-and interrupts to emu/events.  Virtual time is the guest's instruction count
+``Vm.run()`` is the one run loop of vmm.runloop: ``Vcpu.run()`` returns an exit
+value and ``runloop.handle_exit`` decides it.  The Vm supplies the platform
+side: port I/O and MMIO go to the buses where devices sit by range, MSRs to
+the MSR model, control registers to emu/sensitive, events to emu/events
+through one interrupt/NMI arbiter (``Vm.arbitrate``).  Virtual time is the guest's instruction count
 (1 instruction = 1 ns), so a run is deterministic unless ``wall_clock`` is set.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import collections
 import sys
 import time
-from dataclasses import dataclass
+import weakref
 from typing import Callable
 
 from devices.bus import Bus
@@ -24,41 +25,48 @@ from devices.pic8259 import Pic8259Pair
 from devices.pit8254 import Pit8254
 from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 from emu import sensitive, x86
-from emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
+from emu.cpu import MACHINE_TRAPS, Vcpu
+from emu.cpu import Closed
+from emu.errors import ClosedError
 from emu.cpuid import CpuidModel
 from emu.errors import UnsupportedError
 from emu.events import Event, TripleFault, deliver
-from emu.exits import (CrExit, DeadlineExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                       IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
+from emu.exits import CrExit, IoExit, MmioExit, MsrExit
 from emu.memory import GuestMemory
 from emu.tbcache import TbCache
 from emu.msr import IA32_APIC_BASE, MsrModel
 
+from . import runloop
 from .log import DebugLog
+from .runloop import HANDLED, IDLE_LIMIT_NS, SLICE_INSNS, Outcome, RunResult, Stop, StopReason  # noqa: F401
 
 LAPIC_BASE = 0xFEE00000
 FW_CFG_PORT = 0x510
-#: A halted guest with nothing able to wake it within this much virtual time stops.
-IDLE_LIMIT_NS = 10 * 1_000_000_000
-#: Longest stretch run without returning to the loop (bounds timeout latency).
-SLICE_INSNS = 200_000_000
-
-
-@dataclass
-class RunResult:
-    """How a run ended.  ``reason``: "debug-exit" (``status`` is the process
-    status, QEMU convention), "halted", "shutdown" (triple fault), "limit"
-    (instruction limit), "timeout", "error" (vmlab cannot continue), "stopped"
-    (``Vm.stop()``)."""
-    reason: str
-    status: int | None = None
-    message: str = ""
-    icount: int = 0
 
 
 def _stdout_sink(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
+
+
+def _weak(method):
+    """A callback calling ``method`` (a bound method of the Vm) without keeping
+    the Vm alive.  Devices hold their callbacks; a bound method there would make
+    a Vm -> device -> Vm cycle, and guest RAM would stay mapped after the last
+    reference to the Vm went, until the cyclic GC ran."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        m = ref()
+        if m is None:
+            raise ClosedError("the Vm this device belonged to no longer exists")
+        return m(*args)
+    return call
+
+
+class ClosedVm(Closed):
+    """A Vm after close(): every use raises ClosedError."""
+    _what = "Vm"
 
 
 class Vm:
@@ -74,7 +82,7 @@ class Vm:
         self.log = log or DebugLog()
         self.wall_clock = wall_clock
         self._wall0 = time.monotonic_ns()
-        self.clock = Clock(self.now_ns)
+        self.clock = Clock(_weak(self.now_ns))
         self.timers = TimerQueue()
         self.pio = Bus("pio", 0x10000)
         self.mmio = Bus("mmio", 1 << 64)
@@ -85,16 +93,16 @@ class Vm:
         self.pic.attach(self.pio)
         self.pit = Pit8254(self.clock, self.timers, line_to(self.pic, 0))
         self.pit.attach(self.pio)
-        self.uart = Uart16550(self._on_serial, line_to(self.pic, COM1_IRQ))
+        self.uart = Uart16550(_weak(self._on_serial), line_to(self.pic, COM1_IRQ))
         self.pio.register(COM1_PORT, 8, self.uart, "uart0")
-        self.debug_exit = DebugExit(self._on_debug_exit)
+        self.debug_exit = DebugExit(_weak(self._on_debug_exit))
         self.pio.register(DEBUG_EXIT_PORT, 4, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(ram_size, cmdline)
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
         self.nmi_pending = False
         self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
         self.init_pending = False
-        self.lapic = LocalApic(self.clock, self.timers, nmi=self._on_nmi, init=self._on_init)
+        self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init))
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
         # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
@@ -102,21 +110,47 @@ class Vm:
         # (MP spec 1.4, 3.6.2.2; SDM Vol. 3A 11.5.1).
         self.lapic.lvt[APIC_LVT_LINT0] = DM_EXTINT << LVT_DELIVERY_MODE_SHIFT
         self.lapic.lvt[APIC_LVT_LINT1] = DM_NMI << LVT_DELIVERY_MODE_SHIFT
-        self.msrs.on_write.append(self._on_msr_write)
+        self.msrs.on_write.append(_weak(self._on_msr_write))
         self.vcpu.set_traps(MACHINE_TRAPS)
         self.tbs = TbCache(self.vcpu)
-        self._log_blocks = any(self.log.enabled(i) for i in ("in_asm", "exec", "tb"))
-        self.vcpu.keep_block_logs = self._log_blocks
+        self.log_blocks = any(self.log.enabled(i) for i in ("in_asm", "exec", "tb"))
+        self.vcpu.keep_block_logs = self.log_blocks
         if self.log.enabled("exec"):
             self.tbs.set_exec_logging(True)
 
-        self._stop: RunResult | None = None
-        self._input: collections.deque[bytes] = collections.deque()
+        #: set by a device (debug-exit) or Vm.stop(): the run loop ends with it
+        self.pending_stop: Stop | None = None
+        self.host_input: collections.deque[bytes] = collections.deque()
         self.image = None
         self.exit_count = 0
         self.event_count = 0
-        #: optional hook for the VMM layer: called with each exit first; True = handled
-        self.exit_hook: Callable[[Exit], bool] | None = None
+        #: the intercept policy consulted before the platform (VMX non-root
+        #: operation: vmm.vmx.VmxGuest while it runs), see vmm.runloop
+        self.intercept = None
+
+    # ------------------------------------------------------------------ life cycle
+    #: True once close() has run (the instance is then a ClosedVm)
+    closed = False
+
+    def close(self) -> None:
+        """Free the machine now: the vCPU's native state and its Unicorn engine,
+        then guest RAM (unmapped).  Idempotent; the Vm becomes a ClosedVm, whose
+        every use raises ClosedError.  Without close(), dropping the last
+        reference frees the same (no reference cycle holds the RAM)."""
+        vcpu, mem = self.__dict__.get("vcpu"), self.__dict__.get("mem")
+        if vcpu is not None:
+            vcpu.close()            # the engine maps guest RAM: it goes first
+        if mem is not None:
+            mem.close()
+        self.__dict__.clear()       # devices, timers, logs: nothing to keep
+        self.__class__ = ClosedVm
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
 
     # ------------------------------------------------------------------ time
     def now_ns(self) -> int:
@@ -163,7 +197,8 @@ class Vm:
             self._serial_sink(data)
 
     def _on_debug_exit(self, status: int) -> None:
-        self._stop = RunResult("debug-exit", status, f"guest wrote to the debug-exit port (status {status})")
+        self.pending_stop = Stop(StopReason.DEBUG_EXIT, f"guest wrote to the debug-exit port (status {status})",
+                                 status)
 
     def _on_nmi(self) -> None:
         self.nmi_pending = True
@@ -177,14 +212,14 @@ class Vm:
 
     def post_input(self, data: bytes) -> None:
         """Queue host input for the UART (thread-safe; fed at the next exit)."""
-        self._input.append(bytes(data))
+        self.host_input.append(bytes(data))
 
-    def _feed_input(self) -> None:
-        while self._input:
-            self.uart.feed(self._input.popleft())
+    def feed_input(self) -> None:
+        while self.host_input:
+            self.uart.feed(self.host_input.popleft())
 
     def stop(self, message: str = "stopped") -> None:
-        self._stop = RunResult("stopped", None, message)
+        self.pending_stop = Stop(StopReason.STOPPED, message)
 
     # ------------------------------------------------------------------ interrupts
     def set_nmi_blocked(self, blocked: bool) -> None:
@@ -195,14 +230,10 @@ class Vm:
             kinds = kinds | {"iret"} if blocked else kinds - {"iret"}
             self.vcpu.set_traps(kinds)
 
-    def _take_init(self) -> None:
-        """INIT outside VMX: the CPU resets and, being the only one, waits for a
-        SIPI that never comes (SDM Vol. 3A 10.4.2) -- the machine stops."""
-        self.init_pending = False
-        self.vcpu.reset()
-        self._stop = RunResult("halted", None, "INIT: the CPU is in wait-for-SIPI")
-
-    def _pending_interrupt(self) -> str | None:
+    def pending_interrupt(self) -> str | None:
+        """The arbiter's view of the interrupt lines: "nmi" (unless blocked),
+        "lapic", "pic" (through LINT0 in ExtINT mode) or None, in priority
+        order (SDM Vol. 3A 6.9: NMI above maskable interrupts)."""
         if self.nmi_pending and not self.nmi_blocked:
             return "nmi"
         if self.lapic.pending_vector() is not None:
@@ -211,35 +242,62 @@ class Vm:
             return "pic"
         return None
 
-    def _try_inject(self) -> bool:
-        """Deliver a pending external interrupt if the CPU can take one now;
-        otherwise ask the native side to stop at the next interrupt window."""
-        src = self._pending_interrupt()
+    def acknowledge_interrupt(self, src: str) -> int:
+        """INTA: take the vector of a maskable interrupt from its controller."""
+        if src == "lapic":
+            vector = self.lapic.pending_vector()
+            self.lapic.acknowledge(vector)
+            return vector
+        return self.pic.acknowledge()
+
+    def arbitrate(self) -> Outcome | None:
+        """The one interrupt/NMI arbiter, consulted between instructions: INIT,
+        then the intercept policy's own events (VMX windows, preemption timer,
+        external-interrupt and NMI exiting), then delivery of a pending NMI or
+        maskable interrupt if the CPU can take it now.  Otherwise it asks the
+        native side to stop at the next interrupt window."""
+        policy = self.intercept
+        if self.init_pending:
+            if policy is not None:
+                out = policy.events()        # INIT always exits in non-root operation (SDM 26.2)
+                if out is not None:
+                    return out
+            return self._take_init()
+        if policy is not None:
+            out = policy.events()
+            if out is not None:
+                return out
+        src = self.pending_interrupt()
         v = self.vcpu.native
         if src is None:
-            v.irq_window = 0
-            return False
-        r = self.vcpu.regs
+            if policy is None or not policy.wants_irq_window:
+                v.irq_window = 0
+            return None
         if src == "nmi":
             # NMIs ignore RFLAGS.IF; further NMIs are blocked until the next IRET
             # (SDM Vol. 3A 6.7.1).
             self.nmi_pending = False
-            self._deliver(Event(x86.NMI, external=True))
+            out = self.deliver(Event(x86.NMI, external=True))
             self.set_nmi_blocked(True)
-            return True
+            return out
+        r = self.vcpu.regs
         if not (r.rflags & x86.RFLAGS_IF) or (r.hflags & x86.HF_INHIBIT_IRQ):
             v.irq_window = 1
-            return False
+            return None
         v.irq_window = 0
-        if src == "lapic":
-            vector = self.lapic.pending_vector()
-            self.lapic.acknowledge(vector)
-        else:
-            vector = self.pic.acknowledge()
-        self._deliver(Event(vector, external=True))
-        return True
+        return self.deliver(Event(self.acknowledge_interrupt(src), external=True))
 
-    def _deliver(self, ev: Event) -> None:
+    def _take_init(self) -> Outcome:
+        """INIT outside VMX: the CPU resets and, being the only one, waits for a
+        SIPI that never comes (SDM Vol. 3A 10.4.2) -- the machine stops."""
+        self.init_pending = False
+        self.vcpu.reset()
+        return Stop(StopReason.HALTED, "INIT: the CPU is in wait-for-SIPI")
+
+    def deliver(self, ev: Event) -> Outcome:
+        """Deliver an event to the guest: through the intercept policy under VMX
+        (the exception bitmap sees faults raised on the way), else directly.
+        A triple fault shuts the machine down."""
         self.event_count += 1
         if self.log.enabled("int"):
             r = self.vcpu.regs
@@ -249,69 +307,23 @@ class Vm:
             self.log("int", f"{self.event_count}: v={ev.vector:#04x} {name}{ec}{cr2} "
                             f"cpl={self.vcpu.cpl} cs:rip={r.seg[x86.R_CS].selector:04x}:{r.rip:#x} "
                             f"rsp={r.gpr[4]:#x} {'sw' if ev.software else 'ext' if ev.external else 'hw'}")
+        if self.intercept is not None:
+            return self.intercept.deliver(ev)
         try:
             deliver(self.vcpu, ev)
         except TripleFault as exc:
-            self._stop = RunResult("shutdown", None, f"triple fault: {exc}")
+            return Stop(StopReason.SHUTDOWN, f"triple fault: {exc}")
         except UnsupportedError as exc:
-            self._stop = RunResult("error", None, str(exc))
+            return Stop(StopReason.ERROR, str(exc))
+        return HANDLED
 
     # ------------------------------------------------------------------ the run loop
     def run(self, max_insns: int | None = None, timeout: float | None = None) -> RunResult:
-        """Run until the guest exits, halts for good, faults fatally, or a limit hits."""
-        cpu = self.vcpu
-        v = cpu.native
-        self._stop = None
-        t0 = time.monotonic()
-        limit = v.icount + max_insns if max_insns is not None else None
-        idle_since: int | None = None
-        cpu.refresh()
-        while self._stop is None:
-            if self._input:
-                self._feed_input()
-            if self.init_pending:
-                self._take_init()
-                break
-            self.timers.run_expired(self.now_ns())
-            if self._try_inject():
-                idle_since = None
-                if self._stop is not None:
-                    break
-            if limit is not None and v.icount >= limit:
-                self._stop = RunResult("limit", None, f"instruction limit reached ({max_insns})")
-                break
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                self._stop = RunResult("timeout", None, f"timeout after {timeout:g} s")
-                break
-            deadline = v.icount + SLICE_INSNS
-            nxt = self.timers.next_deadline()
-            if nxt is not None and not self.wall_clock:
-                deadline = min(deadline, max(nxt, v.icount + 1))
-            elif self.wall_clock:
-                deadline = v.icount + 1_000_000
-            if limit is not None:
-                deadline = min(deadline, limit)
-            ex = cpu.run(deadline)
-            self.exit_count += 1
-            if self._log_blocks:
-                self._flush_block_logs()
-            if self.log.enabled("exits"):
-                self.log("exits", f"{v.icount}: {type(ex).__name__} {_describe(ex)}")
-            if self.log.enabled("cpu"):
-                self.log("cpu", format_regs(cpu))
-            if isinstance(ex, HltExit):
-                idle_since = self._halt(ex, idle_since)
-                continue
-            idle_since = None
-            try:
-                self._dispatch(ex)
-            except Exception as exc:   # a bug in vmlab must not become a traceback for the user
-                self._stop = RunResult("error", None, f"internal error handling {type(ex).__name__} at "
-                                                      f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
-        self._stop.icount = v.icount
-        return self._stop
+        """Run until the guest exits, halts for good, faults fatally, or a limit
+        hits (the one loop: vmm.runloop.run)."""
+        return runloop.run(self, max_insns, timeout)
 
-    def _flush_block_logs(self) -> None:
+    def flush_block_logs(self) -> None:
         """-d in_asm / exec / tb: print what the native registry logged."""
         tbs, log = self.tbs, self.log
         if log.enabled("in_asm"):
@@ -330,96 +342,42 @@ class Vm:
                 b = tbs.block(idx)
                 log("exec", f"Trace: [{b.pc:016x}/{b.paddr:x}/{b.hflags:08x}] {b.mode}")
 
-    def _halt(self, ex: HltExit, idle_since: int | None) -> int | None:
-        """HLT: wait for the next interrupt in virtual time (skip the idle period)."""
-        cpu = self.vcpu
-        if cpu.cpl != 0:
-            self._fault(GuestFault(x86.GP, 0))
-            return None
-        if ex.insn_len:
-            cpu.skip(ex.insn_len)
-        r = cpu.regs
-        if not (r.rflags & x86.RFLAGS_IF):
-            self._stop = RunResult("halted", None, f"guest halted with interrupts disabled at rip={r.rip:#x}")
-            return None
-        if idle_since is None:
-            idle_since = self.now_ns()
-        while self._stop is None:
-            self.timers.run_expired(self.now_ns())
-            if self._try_inject():
-                return None
-            nxt = self.timers.next_deadline()
-            if nxt is None or self.now_ns() - idle_since > IDLE_LIMIT_NS:
-                self._stop = RunResult("halted", None, f"guest halted with no interrupt pending at rip={r.rip:#x}")
-                return None
-            if self.wall_clock:
-                time.sleep(max(0, nxt - self.now_ns()) / 1e9)
-            else:
-                cpu.native.icount = max(cpu.native.icount, nxt)
-        return None
+    def format_regs(self) -> str:
+        return format_regs(self.vcpu)
 
-    def _fault(self, f: GuestFault) -> None:
-        self._deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+    # ------------------------------------------------------------------ platform handling of exits
+    def msr_access(self, ex: MsrExit) -> None:
+        sensitive.emulate_msr(self.vcpu, ex, self.msrs)
 
-    def _dispatch(self, ex: Exit) -> None:
-        """One place that decides what each exit means."""
-        cpu = self.vcpu
-        if self.exit_hook is not None and self.exit_hook(ex):
-            return
-        try:
-            if isinstance(ex, IoExit):
-                self._io(ex)
-            elif isinstance(ex, MmioExit):
-                self._mmio(ex)
-            elif isinstance(ex, ExceptionExit):
-                self._deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
-            elif isinstance(ex, MsrExit):
-                sensitive.emulate_msr(cpu, ex, self.msrs)
-            elif isinstance(ex, CrExit):
-                sensitive.emulate_cr(cpu, ex, self.cpuid)
-            elif isinstance(ex, TrapExit):
-                if ex.kind == "iret":
-                    # The IRET that ends NMI blocking; it then runs natively.
-                    self.set_nmi_blocked(False)
-                elif ex.kind == "invlpg":
-                    sensitive.emulate_invlpg(cpu, ex.insn_len)
-                elif ex.kind == "invpcid":
-                    # CPUID.(EAX=7,ECX=0):EBX.INVPCID[10] is not advertised: #UD (SDM Vol. 2A INVPCID).
-                    self._fault(GuestFault(x86.UD))
-                else:
-                    self._stop = RunResult("error", None, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
-            elif isinstance(ex, (DeadlineExit, IrqWindowExit)):
-                pass
-            elif isinstance(ex, ShutdownExit):
-                self._stop = RunResult("shutdown", None, ex.reason)
-            elif isinstance(ex, InternalErrorExit):
-                self._stop = RunResult("error", None, f"{ex.message} (rip={ex.rip:#x})")
-        except GuestFault as f:
-            self._fault(f)
+    def cr_access(self, ex: CrExit) -> None:
+        sensitive.emulate_cr(self.vcpu, ex, self.cpuid)
 
-    def _io(self, ex: IoExit) -> None:
+    def port_io(self, ex: IoExit) -> None:
+        """IN/OUT/INS/OUTS to the port-I/O bus (after the TSS I/O-permission check)."""
         cpu = self.vcpu
         sensitive.check_io_permission(cpu, ex.port, ex.size)
         bus = self.pio
+        log_io = self.log.enabled("io")
         if ex.is_write:
             values = sensitive.io_string_values(cpu, ex) if ex.string else ex.values
             for val in values:
-                if self.log.enabled("io"):
+                if log_io:
                     self.log("io", f"out port={ex.port:#06x} size={ex.size} value={val:#x}")
-                self._unclaimed(bus, ex.port, "port")
+                    self._unclaimed(bus, ex.port, "port")
                 bus.write(ex.port, ex.size, val)
             sensitive.complete_io(cpu, ex)
         else:
             vals = []
             for _ in range(ex.count):
-                self._unclaimed(bus, ex.port, "port")
                 val = bus.read(ex.port, ex.size)
-                if self.log.enabled("io"):
+                if log_io:
+                    self._unclaimed(bus, ex.port, "port")
                     self.log("io", f"in  port={ex.port:#06x} size={ex.size} value={val:#x}")
                 vals.append(val)
             sensitive.complete_io(cpu, ex, vals)
 
-    def _mmio(self, ex: MmioExit) -> None:
+    def mmio_access(self, ex: MmioExit) -> None:
+        """A load/store outside RAM: to the MMIO bus, completing the instruction."""
         self._unclaimed(self.mmio, ex.gpa, "mmio")
         if ex.replay:
             old = self.mmio.read(ex.gpa, ex.size) if ex.needs_read else 0
@@ -442,16 +400,6 @@ class Vm:
     def _unclaimed(self, bus: Bus, addr: int, what: str) -> None:
         if self.log.enabled("unimp") and bus.find(addr) is None:
             self.log("unimp", f"unclaimed {what} access at {addr:#x}")
-
-
-def _describe(ex: Exit) -> str:
-    fields = [f"rip={ex.rip:#x}"]
-    for name in getattr(ex, "__slots__", ()):
-        if name in ("rip", "insn", "values") or name.startswith("_"):
-            continue
-        val = getattr(ex, name)
-        fields.append(f"{name}={val:#x}" if isinstance(val, int) and not isinstance(val, bool) else f"{name}={val}")
-    return " ".join(fields)
 
 
 def format_regs(cpu: Vcpu) -> str:

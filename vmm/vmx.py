@@ -26,37 +26,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from emu import sensitive, x86
-from emu.cpu import EptFault, GuestFault
-from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
-from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                       IrqWindowExit, MmioExit, MsrExit, TrapExit)
+from emu import x86
+from emu.cpu import GuestFault
+from emu.events import Event, TripleFault, deliver
+from emu.exits import ExceptionExit, Exit, HltExit
 
+from . import runloop
 from . import vmcs as F
 from .capabilities import VmxCapabilities
-from .controls import (InterruptionInfo, InterruptionType, PinBasedControls, PrimaryProcBasedControls,
-                       SecondaryProcBasedControls)
+from .controls import InterruptionInfo, InterruptionType
 from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
-from .insninfo import instruction_info
-from .qualification import (AddressSize, CrAccessQualification, CrAccessType, DrAccessQualification, Gpr,
-                            InsOutsInfo, IoQualification, SegmentReg)
+from .runloop import HANDLED, Deliver, Halt, Stop, StopReason
+from .vmx_intercept import _ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _SP, RESUME, STOP, NonRootIntercepts  # noqa: F401
 
-RESUME, STOP = "resume", "stop"
-
-
-class _Ints:
-    """An IntFlag's members as plain ints (bit tests on every exit; enum
-    arithmetic costs ~1 µs a time in CPython 3.11)."""
-
-    def __init__(self, flag):
-        for m in flag:
-            setattr(self, m.name, int(m))
-
-
-_PP, _SP, _PIN = _Ints(PrimaryProcBasedControls), _Ints(SecondaryProcBasedControls), _Ints(PinBasedControls)
-_ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
 
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
@@ -73,20 +57,6 @@ def flags_to_ar(flags: int, selector: int, is_cs_or_tr: bool = False) -> int:
     if not (flags & x86.DESC_P) or (selector & ~3) == 0 and not is_cs_or_tr and not ar:
         ar |= 1 << 16
     return ar
-
-
-def _event_info(ev: Event) -> InterruptionInfo:
-    """The interruption-information encoding of an event being delivered."""
-    if ev.vector == x86.NMI and ev.external:
-        return InterruptionInfo.nmi()
-    if ev.external:
-        return InterruptionInfo.external_interrupt(ev.vector)
-    if ev.icebp:
-        return InterruptionInfo.privileged_software_exception()
-    if ev.software:
-        return (InterruptionInfo.software_exception(ev.vector) if ev.vector in (x86.BP, x86.OF)
-                else InterruptionInfo.software_interrupt(ev.vector))
-    return InterruptionInfo.hardware_exception(ev.vector, deliver_error_code=ev.error_code is not None)
 
 
 class TrackedVmcs(F.Vmcs):
@@ -218,7 +188,7 @@ class VmExit:
         self.action = STOP
 
 
-class VmxGuest:
+class VmxGuest(NonRootIntercepts):
     """A guest in VMX non-root operation over a Vm (see module docstring)."""
 
     def __init__(self, vm, caps: VmxCapabilities | None = None, vmcs: F.Vmcs | None = None):
@@ -236,6 +206,7 @@ class VmxGuest:
         self.virtual_nmi_blocked = False
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
+        self._halt_requested = False
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -411,7 +382,7 @@ class VmxGuest:
                                                    InterruptionType.SOFTWARE_EXCEPTION),
                    external=t in (InterruptionType.EXTERNAL_INTERRUPT, InterruptionType.NMI),
                    icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
-        ex = self._deliver(ev)
+        ex = self._deliver_or_exit(ev)
         if t == InterruptionType.NMI:
             if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
                 self.virtual_nmi_blocked = True
@@ -424,52 +395,26 @@ class VmxGuest:
 
     # ------------------------------------------------------------------ run
     def run(self, max_insns: int | None = None) -> VmExit:
-        """Enter the guest and run until a VM exit has no handler, a handler
-        stops, or the instruction limit is reached (returned as None reason)."""
-        vm, cpu = self.vm, self.cpu
+        """VM entry, then the machine's one run loop with this guest as its
+        intercept policy, until a VM exit has no handler or a handler stops
+        (that exit is returned).  A failed VM entry returns its exit (reason
+        with bit 31).  Raises TimeoutError when ``max_insns`` pass without such
+        an exit, VmmError when the machine stops (debug-exit, HLT with
+        interrupts off…) in non-root operation."""
         failed = self._enter()
         if failed is not None:
             return failed
-        limit = cpu.native.icount + max_insns if max_insns is not None else None
-        while True:
-            if self._pending_exits:
-                ex = self._pending_exits.pop(0)
-            else:
-                vm.timers.run_expired(vm.now_ns())
-                ex = self._external_interrupt_exit() or self._preemption_timer_exit()
-                if ex is None:
-                    deadline = cpu.native.icount + 50_000_000
-                    nxt = vm.timers.next_deadline()
-                    if nxt is not None:
-                        deadline = min(deadline, max(nxt, cpu.native.icount + 1))
-                    if self._preempt_deadline is not None:
-                        deadline = min(deadline, max(self._preempt_deadline, cpu.native.icount + 1))
-                    if limit is not None:
-                        if cpu.native.icount >= limit:
-                            raise TimeoutError(f"no VM exit within {max_insns} instructions")
-                        deadline = min(deadline, limit)
-                    mtf = bool(self._primary() & _PP.MONITOR_TRAP_FLAG)
-                    mex = cpu.run(deadline, single_step=mtf)
-                    ex = self._decide(mex)
-                    if ex is None and mtf and isinstance(mex, DeadlineExit):
-                        # Monitor trap flag: a VM exit after one instruction (SDM 26.5.2).
-                        ex = self._make_exit(ExitReason.MONITOR_TRAP_FLAG, 0, None)
-                if ex is None:
-                    if vm._stop is not None:
-                        stop, vm._stop = vm._stop, None
-                        raise VmmError(f"machine stopped in non-root operation: {stop.message}")
-                    continue
-            if self.record:
-                self.trace.append(ex)
-            fn = self.handlers.get(int(ex.reason))
-            if fn is None:
-                return ex
-            fn(ex)
-            if ex.action == STOP:
-                return ex
-            failed = self._enter()
-            if failed is not None:
-                return failed
+        vm = self.vm
+        vm.intercept = self
+        try:
+            res = vm.run(max_insns=max_insns)
+        finally:
+            vm.intercept = None
+        if res.reason == StopReason.VMEXIT:
+            return res.exit
+        if res.reason == StopReason.LIMIT:
+            raise TimeoutError(f"no VM exit within {max_insns} instructions")
+        raise VmmError(f"machine stopped in non-root operation: {res.message}")
 
     def resume(self, max_insns: int | None = None) -> VmExit:
         """VMRESUME after handling a returned exit: same as run()."""
@@ -496,349 +441,10 @@ class VmxGuest:
         else:
             self._preempt_deadline = None
 
-    def _preemption_timer_exit(self) -> VmExit | None:
-        d = self._preempt_deadline
-        if d is None or self.cpu.native.icount < d:
-            return None
-        self._preempt_deadline = None
-        self.vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
-        return self._make_exit(ExitReason.PREEMPTION_TIMER, 0, None)
-
-    def _external_interrupt_exit(self) -> VmExit | None:
-        vm = self.vm
-        if vm.init_pending:
-            # INIT signals always cause a VM exit in non-root operation (SDM 26.2).
-            vm.init_pending = False
-            return self._make_exit(ExitReason.INIT, 0, None)
-        pin = PinBasedControls(self._ctl(F.PIN_BASED_VM_EXEC_CONTROL))
-        p = self._primary()
-        src = vm._pending_interrupt()
-        r = self.cpu.regs
-        if_open = bool(r.rflags & x86.RFLAGS_IF) and not (r.hflags & x86.HF_INHIBIT_IRQ)
-        if p & _PP.INTERRUPT_WINDOW_EXITING:
-            if if_open:
-                return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
-            self.cpu.native.irq_window = 1
-        if p & _PP.NMI_WINDOW_EXITING and not self.virtual_nmi_blocked and not vm.nmi_blocked:
-            # The NMI window is open when there is no (virtual-)NMI blocking (SDM 26.7.6).
-            return self._make_exit(ExitReason.NMI_WINDOW, 0, None)
-        if src is None:
-            if not p & _PP.INTERRUPT_WINDOW_EXITING:
-                self.cpu.native.irq_window = 0
-            return None
-        if src == "nmi":
-            if pin & _PIN.NMI_EXITING:
-                vm.nmi_pending = False
-                return self._make_exit(ExitReason.EXCEPTION_NMI, 0, None, interruption=InterruptionInfo.nmi())
-            vm.nmi_pending = False
-            ex = self._deliver(Event(x86.NMI, external=True))
-            vm.nmi_blocked = True
-            self._armed_for = None
-            self._arm_traps()
-            return ex
-        if pin & _PIN.EXTERNAL_INTERRUPT_EXITING:
-            # An external interrupt exits regardless of RFLAGS.IF (SDM 26.2).
-            info = None
-            if self._ctl(F.VM_EXIT_CONTROLS) & (1 << 15):          # acknowledge interrupt on exit
-                vector = vm.lapic.pending_vector() if src == "lapic" else None
-                if src == "lapic":
-                    vm.lapic.acknowledge(vector)
-                else:
-                    vector = vm.pic.acknowledge()
-                info = InterruptionInfo.external_interrupt(vector)
-            return self._make_exit(ExitReason.EXTERNAL_INTERRUPT, 0, None, interruption=info)
-        vm._try_inject()
-        return None
-
-    def _decide(self, mex: Exit) -> VmExit | None:
-        """Is this machine exit a VM exit under the current controls?  If not,
-        handle it like bare metal and return None."""
-        p = self._primary()
-        vm, cpu = self.vm, self.cpu
-        try:
-            if isinstance(mex, IoExit):
-                if self._io_exits(mex.port, mex.size):
-                    q = IoQualification(size=mex.size, direction_in=not mex.is_write, port=mex.port,
-                                        string=mex.string, rep=mex.rep, immediate=mex.imm)
-                    info = gla = None
-                    if mex.string:
-                        # INS/OUTS: instruction information (Table 28-8, IA32_VMX_BASIC[54] is set)
-                        # and the linear address of the element (SDM 28.2.1).
-                        info = InsOutsInfo(AddressSize({2: 0, 4: 1, 8: 2}[mex.addr_size]), SegmentReg(mex.seg))
-                        gla = mex.gla
-                    return self._make_exit(ExitReason.IO_INSTRUCTION, q.encode(), mex, length=mex.insn_len,
-                                           decoded=q, instruction_info=info, gla=gla)
-                vm._dispatch(mex)
-                return None
-            if isinstance(mex, MsrExit):
-                if self._msr_exits(mex.msr, mex.is_write):
-                    reason = ExitReason.WRMSR if mex.is_write else ExitReason.RDMSR
-                    return self._make_exit(reason, 0, mex, length=mex.insn_len)
-                vm._dispatch(mex)
-                return None
-            if isinstance(mex, HltExit):
-                if p & _PP.HLT_EXITING and mex.insn_len:
-                    return self._make_exit(ExitReason.HLT, 0, mex, length=mex.insn_len)
-                vm._halt(mex, None)
-                return None
-            if isinstance(mex, CrExit):
-                return self._cr_access(mex)
-            if isinstance(mex, TrapExit):
-                return self._trap(mex)
-            if isinstance(mex, ExceptionExit):
-                return self._exception(mex)
-            if isinstance(mex, EptExit):
-                return self._ept_exit(mex.gpa, mex.gla, mex.qualification, mex.misconfig, mex)
-            if isinstance(mex, (DeadlineExit, IrqWindowExit, MmioExit, InternalErrorExit)):
-                vm._dispatch(mex)
-                return None
-        except GuestFault as f:
-            return self._exception(ExceptionExit(rip=cpu.regs.rip, vector=f.vector, error_code=f.error_code,
-                                                 cr2=f.cr2))
-        except EptFault as f:
-            return self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, mex)
-        vm._dispatch(mex)
-        return None
-
-    def _io_exits(self, port: int, size: int) -> bool:
-        p = self._primary()
-        if p & _PP.USE_IO_BITMAPS:
-            # Bitmap A covers ports 0-7FFF, B 8000-FFFF; any byte of the access set exits (SDM 26.1.3).
-            for q in range(port, port + size):
-                q &= 0xFFFF
-                base = self._ctl(F.IO_BITMAP_A) if q < 0x8000 else self._ctl(F.IO_BITMAP_B)
-                bit = q & 0x7FFF
-                if self.vm.mem.contains(base + bit // 8) and self.vm.mem.read(base + bit // 8, 1)[0] >> (bit & 7) & 1:
-                    return True
-            return False
-        return bool(p & _PP.UNCONDITIONAL_IO_EXITING)
-
-    def _msr_exits(self, msr: int, is_write: bool) -> bool:
-        if not self._primary() & _PP.USE_MSR_BITMAPS:
-            return True
-        base = self._ctl(F.MSR_BITMAP)      # SDM 25.6.9: read-low, read-high, write-low, write-high
-        if msr <= 0x1FFF:
-            off, bit = 0, msr
-        elif 0xC0000000 <= msr <= 0xC0001FFF:
-            off, bit = 0x400, msr - 0xC0000000
-        else:
-            return True
-        off += 0x800 if is_write else 0
-        addr = base + off + bit // 8
-        return not self.vm.mem.contains(addr) or bool(self.vm.mem.read(addr, 1)[0] >> (bit & 7) & 1)
-
-    def _cr_access(self, mex: CrExit) -> VmExit | None:
-        p = self._primary()
-        v = self.vmcs
-        cpu = self.cpu
-        gpr = Gpr(mex.gpr)
-        if mex.access_type == 0:
-            exits = False
-            if mex.cr in (0, 4):
-                mask = v.read(F.CR0_GUEST_HOST_MASK if mex.cr == 0 else F.CR4_GUEST_HOST_MASK)
-                shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
-                exits = bool((mex.value ^ shadow) & mask)
-            elif mex.cr == 3:
-                if p & _PP.CR3_LOAD_EXITING:
-                    targets = [v.read(F.CR3_TARGET_VALUE0 + 2 * i) for i in range(min(v.read(F.CR3_TARGET_COUNT), 4))]
-                    exits = mex.value not in targets
-            elif mex.cr == 8:
-                exits = bool(p & _PP.CR8_LOAD_EXITING)
-            if exits:
-                q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_TO_CR, gpr=gpr)
-                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
-            sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
-            return None
-        if mex.access_type == 1:
-            if (mex.cr == 3 and p & _PP.CR3_STORE_EXITING) or \
-                    (mex.cr == 8 and p & _PP.CR8_STORE_EXITING):
-                q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_FROM_CR, gpr=gpr)
-                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
-            if mex.cr in (0, 4):
-                # MOV from CR0/CR4 returns the read shadow for owned bits (SDM 26.3).
-                mask = v.read(F.CR0_GUEST_HOST_MASK if mex.cr == 0 else F.CR4_GUEST_HOST_MASK)
-                shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
-                real = cpu.regs.cr0 if mex.cr == 0 else cpu.regs.cr4
-                cpu.set_gpr(mex.gpr, (real & ~mask) | (shadow & mask), 8 if cpu.mode_bits == 64 else 4)
-                cpu.skip(mex.insn_len)
-                return None
-            sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
-            return None
-        if mex.access_type == 2:      # CLTS exits if TS is owned and set in the shadow
-            if v.read(F.CR0_GUEST_HOST_MASK) & v.read(F.CR0_READ_SHADOW) & x86.CR0_TS:
-                q = CrAccessQualification(cr=0, access_type=CrAccessType.CLTS)
-                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
-        elif mex.access_type == 3:
-            mask, shadow = v.read(F.CR0_GUEST_HOST_MASK), v.read(F.CR0_READ_SHADOW)
-            if (mex.value ^ shadow) & mask & 0xF:
-                q = CrAccessQualification(cr=0, access_type=CrAccessType.LMSW, lmsw_memory=mex.lmsw_mem,
-                                          lmsw_source=mex.value & 0xFFFF)
-                return self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
-        sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
-        return None
-
-    _TRAP_REASONS = {"cpuid": ExitReason.CPUID, "invd": ExitReason.INVD, "rdtsc": ExitReason.RDTSC,
-                     "rdtscp": ExitReason.RDTSCP, "rdpmc": ExitReason.RDPMC, "wbinvd": ExitReason.WBINVD,
-                     "mwait": ExitReason.MWAIT, "monitor": ExitReason.MONITOR, "pause": ExitReason.PAUSE,
-                     "rdrand": ExitReason.RDRAND, "rdseed": ExitReason.RDSEED, "xsetbv": ExitReason.XSETBV}
-    _VMX_REASONS = {"vmcall": ExitReason.VMCALL, "vmlaunch": ExitReason.VMLAUNCH, "vmresume": ExitReason.VMRESUME,
-                    "vmxoff": ExitReason.VMXOFF, "vmread": ExitReason.VMREAD, "vmwrite": ExitReason.VMWRITE,
-                    "vmptrld": ExitReason.VMPTRLD, "vmptrst": ExitReason.VMPTRST, "vmclear": ExitReason.VMCLEAR,
-                    "vmxon": ExitReason.VMXON, "invept": ExitReason.INVEPT, "invvpid": ExitReason.INVVPID,
-                    "getsec": ExitReason.GETSEC}
-
-    def _trap(self, mex: TrapExit) -> VmExit | None:
-        p = self._primary()
-        cpu = self.cpu
-        if mex.kind == "invlpg":
-            if p & _PP.INVLPG_EXITING:
-                return self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len)
-            sensitive.emulate_invlpg(cpu, mex.insn_len)
-            return None
-        if mex.kind == "iret":
-            # Ends (virtual-)NMI blocking (SDM 26.3 "Changes to NMI blocking"); the
-            # IRET then runs natively once the trap is disarmed.
-            if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
-                self.virtual_nmi_blocked = False
-            else:
-                self.vm.nmi_blocked = False
-            self._arm_traps()
-            self._armed_for = None
-            return None
-        if mex.kind == "dr":
-            from capstone import x86_const as C
-            from emu.decode import _reg_table
-            ops = mex.insn.operands
-            from_dr = mex.insn.reg_name(ops[1].reg).startswith("dr")
-            dr_op, gpr_op = (ops[1], ops[0]) if from_dr else (ops[0], ops[1])
-            q = DrAccessQualification(dr=int(mex.insn.reg_name(dr_op.reg)[2:]), mov_from_dr=from_dr,
-                                      gpr=Gpr(_reg_table()[gpr_op.reg][0]))
-            return self._make_exit(ExitReason.DR_ACCESS, q.encode(), mex, length=mex.insn_len, decoded=q)
-        if mex.kind == "vmx":
-            info, qual = instruction_info(mex.insn, cpu.mode_bits)
-            return self._make_exit(self._VMX_REASONS[mex.insn.mnemonic], qual, mex, length=mex.insn_len,
-                                   instruction_info=info, decoded=info)
-        if mex.kind == "smsw":
-            mask, shadow = self.vmcs.read(F.CR0_GUEST_HOST_MASK), self.vmcs.read(F.CR0_READ_SHADOW)
-            val = (cpu.regs.cr0 & ~mask) | (shadow & mask)
-            op = mex.insn.operands[0]
-            from capstone import x86_const as C
-            from emu.decode import mem_operand_address, set_reg_value
-            if op.type == C.X86_OP_MEM:
-                cpu.write_linear_int(mem_operand_address(cpu, mex.insn, op), 2, val)
-            else:
-                set_reg_value(cpu, op.reg, val)
-            cpu.skip(mex.insn_len)
-            return None
-        if mex.kind == "desc":
-            # Descriptor-table exiting (SDM 26.1.3): 46 for LGDT/LIDT/SGDT/SIDT, 47 for LLDT/LTR/SLDT/STR.
-            reason = (ExitReason.GDTR_IDTR_ACCESS if mex.insn.mnemonic in ("lgdt", "lidt", "sgdt", "sidt")
-                      else ExitReason.LDTR_TR_ACCESS)
-            info, qual = instruction_info(mex.insn, cpu.mode_bits)
-            return self._make_exit(reason, qual, mex, length=mex.insn_len, instruction_info=info, decoded=info)
-        if mex.kind == "invpcid":
-            # SDM 26.1.3 / 26.3: #UD unless "enable INVPCID"; exits if INVLPG exiting too.
-            s2 = self._secondary()
-            if not s2 & _SP.ENABLE_INVPCID:
-                return self._deliver(Event(x86.UD))
-            if p & _PP.INVLPG_EXITING:
-                info, qual = instruction_info(mex.insn, cpu.mode_bits)
-                return self._make_exit(ExitReason.INVPCID, qual, mex, length=mex.insn_len,
-                                       instruction_info=info, decoded=info)
-            self.cpu.invept()
-            self.cpu.skip(mex.insn_len)
-            return None
-        reason = self._TRAP_REASONS.get(mex.kind)
-        if reason is not None:
-            info = None
-            if mex.kind in ("rdrand", "rdseed"):
-                info, _ = instruction_info(mex.insn, cpu.mode_bits)
-            return self._make_exit(reason, 0, mex, length=mex.insn_len, instruction_info=info, decoded=info)
-        self.vm._dispatch(mex)
-        return None
-
-    def _bitmap_exits(self, vector: int, error_code: int | None) -> bool:
-        v = self._vmcs._values
-        exits = bool(v.get(int(F.EXCEPTION_BITMAP), 0) >> vector & 1) if vector < 32 else False
-        if vector == x86.PF:
-            match = ((error_code or 0) & v.get(int(F.PAGE_FAULT_ERROR_CODE_MASK), 0)) == \
-                v.get(int(F.PAGE_FAULT_ERROR_CODE_MATCH), 0)
-            exits = exits if match else not exits
-        return exits
-
-    def _deliver(self, ev: Event) -> VmExit | None:
-        """Deliver an event in the guest; a fault on the way that the exception
-        bitmap intercepts becomes a VM exit with IDT-vectoring information
-        (SDM 28.2.4)."""
-        try:
-            deliver(self.cpu, ev, intercept=lambda first, f: self._bitmap_exits(f.vector, f.error_code))
-        except DeliveryIntercepted as di:
-            first, f = di.event, di.fault
-            vinfo = _event_info(first)
-            info = InterruptionInfo.hardware_exception(f.vector, deliver_error_code=f.error_code is not None)
-            length = 0
-            if first.software or first.icebp:
-                # Saved RIP is the INT n / INT3 / INTO / INT1 itself, with its length
-                # in the VM-exit instruction-length field (SDM 28.2.4, 28.2.5).
-                length = 2 if first.software and first.vector not in (x86.BP, x86.OF) else 1
-                self.cpu.set_rip(self.cpu.regs.rip - length)
-                self.cpu.flush()
-            ex = self._make_exit(ExitReason.EXCEPTION_NMI, f.cr2 if f.vector == x86.PF and f.cr2 is not None else 0,
-                                 None, interruption=info, error_code=f.error_code, length=length)
-            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = vinfo.encode()
-            if first.error_code is not None:
-                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = first.error_code
-            return ex
-        except TripleFault:
-            return self._make_exit(ExitReason.TRIPLE_FAULT, 0, None)
-        except EptFault as f:
-            # An EPT violation while delivering an event: IDT-vectoring information
-            # says which (SDM 28.2.4).
-            ex = self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, None)
-            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = _event_info(ev).encode()
-            if ev.error_code is not None:
-                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = ev.error_code
-            return ex
-        return None
-
-    def _ept_exit(self, gpa, gla, qual, misconfig, mex) -> VmExit:
-        """EPT violation (48) with the Table 28-7 qualification, guest-physical and
-        (when bit 7 says so) guest-linear address; or EPT misconfiguration (49)."""
-        if misconfig:
-            return self._make_exit(ExitReason.EPT_MISCONFIG, 0, mex, gpa=gpa)
-        from .qualification import EptViolationQualification
-        q = EptViolationQualification.decode(qual & EptViolationQualification.defined_mask())
-        return self._make_exit(ExitReason.EPT_VIOLATION, qual, mex, gpa=gpa, decoded=q,
-                               gla=gla if qual & (1 << 7) else None)
-
-    def _exception(self, mex: ExceptionExit) -> VmExit | None:
-        """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""
-        v = self.vmcs
-        vec = mex.vector
-        bitmap = v.read(F.EXCEPTION_BITMAP)
-        exits = bool(bitmap >> vec & 1) if vec < 32 else False
-        if vec == x86.PF:
-            match = (mex.error_code or 0) & v.read(F.PAGE_FAULT_ERROR_CODE_MASK) == v.read(F.PAGE_FAULT_ERROR_CODE_MATCH)
-            exits = exits if match else not exits
-        if mex.software and vec not in (x86.BP, x86.OF):
-            exits = False                  # INT n is not an exception (software interrupt)
-        if not exits:
-            return self._deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
-        if mex.software:
-            info = InterruptionInfo.software_exception(vec)
-            length = 1 if vec in (x86.BP, x86.OF) else 2
-            self.cpu.set_rip(self.cpu.regs.rip - length)   # RIP of the INT3/INTO instruction itself
-            self.cpu.flush()
-        else:
-            info = InterruptionInfo.hardware_exception(vec, deliver_error_code=mex.error_code is not None)
-            length = 0
-        qual = mex.cr2 if vec == x86.PF and mex.cr2 is not None else 0
-        return self._make_exit(ExitReason.EXCEPTION_NMI, qual, mex, length=length, interruption=info,
-                               error_code=mex.error_code)
-
     # ------------------------------------------------------------------ default emulation
     def emulate(self, ex: VmExit) -> None:
-        """Bare-metal semantics for an exit (used by use_default_handlers)."""
+        """Bare-metal semantics for an exit (used by use_default_handlers): what
+        the platform does with the machine exit behind it (vmm.runloop)."""
         cpu, vm = self.cpu, self.vm
         mex = ex.machine_exit
         self._load_guest_state_if_changed()
@@ -849,21 +455,32 @@ class VmxGuest:
                 for i, val in ((0, a), (3, b), (1, c), (2, d)):
                     cpu.set_gpr(i, val, 4)
                 cpu.skip(ex.instruction_length)
+                out = HANDLED
             elif ex.reason == ExitReason.HLT:
-                vm._halt(HltExit(rip=cpu.regs.rip, insn_len=ex.instruction_length), None)
+                out = runloop.platform(vm, HltExit(rip=cpu.regs.rip, insn_len=ex.instruction_length))
             elif ex.reason == ExitReason.RDTSC:
                 tsc = cpu.icount + cpu.native.tsc_offset
                 cpu.set_gpr(0, tsc & 0xFFFFFFFF, 4)
                 cpu.set_gpr(2, tsc >> 32 & 0xFFFFFFFF, 4)
                 cpu.skip(ex.instruction_length)
-            elif mex is not None and not isinstance(mex, (TrapExit, ExceptionExit)):
-                vm._dispatch(mex)
-            elif isinstance(mex, TrapExit):
-                vm._dispatch(mex)
+                out = HANDLED
+            elif mex is not None and not isinstance(mex, ExceptionExit):
+                out = runloop.platform(vm, mex)
             else:
                 raise VmmError(f"no default emulation for {ex.reason.name}")
         except GuestFault as f:
-            vm._deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+            out = Deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+        match out:
+            case Deliver(event=ev):
+                # Delivered as on bare metal: the L0 handler emulates the guest's CPU.
+                try:
+                    deliver(cpu, ev)
+                except TripleFault as exc:
+                    vm.pending_stop = Stop(StopReason.SHUTDOWN, f"triple fault: {exc}")
+            case Halt():
+                self._halt_requested = True
+            case Stop():
+                vm.pending_stop = out
         self._save_guest_state()
 
     def _load_guest_state_if_changed(self) -> None:

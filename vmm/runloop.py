@@ -1,0 +1,349 @@
+"""The one run loop: a vCPU run returns an exit value, ``handle_exit`` decides it.
+
+Every way of running a guest -- ``vmlab run``, ``Vm.run()``, a VMX guest under
+Python handlers (``VmxGuest.run()``), and later the debugger -- goes through
+:func:`run` below.  Its shape follows Firecracker's vCPU loop
+(``run_emulation``: one ``match`` over the exit, a closed set of outcomes):
+
+1. between instructions, one **arbiter** (:meth:`Machine.arbitrate`) decides
+   which event the CPU takes: INIT, NMI, LAPIC or PIC interrupt -- or, in VMX
+   non-root operation, an exit the controls ask for instead (interrupt/NMI
+   window, external-interrupt and NMI exiting, the preemption timer);
+2. ``Vcpu.run(deadline)`` runs guest code and returns one exit value
+   (``emu.exits``);
+3. :func:`handle_exit` decides it: the **intercept policy** first (VMX non-root
+   operation: is this a VM exit under the current controls?), then the
+   platform (a device on a bus, an MSR from the model, a fault to deliver);
+   it returns an :data:`Outcome`;
+4. the loop applies the outcome: deliver an event, halt until one arrives,
+   hand a VM exit to the policy's handlers, or stop with a :class:`RunResult`.
+
+``handle_exit`` touches the machine only through the small interface described
+by :class:`Machine`, so unit tests drive it with made-up exits and a fake
+machine, without Unicorn (tests/unit/test_runloop.py).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol, Union
+
+from emu import sensitive, x86
+from emu.cpu import EptFault, GuestFault
+from emu.events import Event
+from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+                       IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit, TrapKind)
+
+#: A halted guest with nothing able to wake it within this much virtual time stops.
+IDLE_LIMIT_NS = 10 * 1_000_000_000
+#: Longest stretch run without returning to the loop (bounds timeout latency).
+SLICE_INSNS = 200_000_000
+#: Slice length in nanoseconds when time follows the host clock.
+HOST_SLICE_NS = 10_000_000
+
+
+class StopReason(StrEnum):
+    """Why a run ended (``RunResult.reason``).  The values are the words the CLI
+    and the README use."""
+    DEBUG_EXIT = "debug-exit"    # the guest wrote to isa-debug-exit; status is the process status
+    HALTED = "halted"            # HLT with interrupts off, or nothing left to wake the CPU
+    SHUTDOWN = "shutdown"        # triple fault
+    LIMIT = "limit"              # the instruction limit was reached
+    TIMEOUT = "timeout"          # the wall-clock limit was reached
+    ERROR = "error"              # vmlab cannot continue (unmodelled feature, internal error)
+    STOPPED = "stopped"          # Vm.stop() was called
+    VMEXIT = "vmexit"            # VMX: a VM exit with no handler, or a handler stopped
+
+
+@dataclass
+class RunResult:
+    """How a run ended.  ``status`` is the process status for DEBUG_EXIT (QEMU
+    convention); ``exit`` the VM exit for VMEXIT."""
+    reason: StopReason
+    status: int | None = None
+    message: str = ""
+    icount: int = 0
+    exit: object = None
+
+
+# ---------------------------------------------------------------------- outcomes
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """The exit is complete; keep running."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Deliver this event to the guest (through the intercept policy under VMX)."""
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """The CPU executed HLT (RIP is past it): wait for an event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """End the run with this reason."""
+    reason: StopReason
+    message: str = ""
+    status: int | None = None
+    exit: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Intercepted:
+    """The intercept policy turned the exit into a VM exit (``exit``) for its
+    handlers."""
+    exit: object
+
+
+#: What ``handle_exit`` returns: a closed union.
+Outcome = Union[Handled, Deliver, Halt, Stop, Intercepted]
+HANDLED = Handled()
+HALT = Halt()
+
+
+class InterceptPolicy(Protocol):
+    """VMX non-root operation as seen by the loop (vmm.vmx.VmxGuest)."""
+    single_step: bool                    # monitor trap flag: one instruction per run
+
+    def intercept(self, ex: Exit) -> Outcome | None: ...      # None: the platform handles it
+    def events(self) -> Outcome | None: ...                   # exits the controls ask for between instructions
+    def deliver(self, ev: Event) -> Outcome: ...              # event delivery under the exception bitmap
+    def on_exit(self, vmexit) -> Outcome: ...                 # handlers, then VM entry
+    def deadline(self) -> int | None: ...                     # e.g. the preemption timer
+
+
+class Machine(Protocol):
+    """What the loop and ``handle_exit`` use of a machine (vmm.vm.Vm)."""
+    vcpu: object
+    intercept: InterceptPolicy | None
+    pending_stop: Stop | None
+
+    def port_io(self, ex: IoExit) -> None: ...
+    def mmio_access(self, ex: MmioExit) -> None: ...
+    def msr_access(self, ex: MsrExit) -> None: ...
+    def cr_access(self, ex: CrExit) -> None: ...
+    def set_nmi_blocked(self, blocked: bool) -> None: ...
+    def deliver(self, ev: Event) -> Outcome: ...
+
+
+# ---------------------------------------------------------------------- the decision
+def handle_exit(m: Machine, ex: Exit) -> Outcome:
+    """Decide one exit: the intercept policy first, then the platform.  A fault
+    raised while completing an instruction (#GP from WRMSR, #PF from string
+    I/O…) becomes the exception it is, which under VMX passes the exception
+    bitmap like any other."""
+    policy = m.intercept
+    try:
+        if policy is not None:
+            out = policy.intercept(ex)
+            if out is not None:
+                return out
+        return platform(m, ex)
+    except GuestFault as f:
+        fault = ExceptionExit(rip=ex.rip, vector=f.vector, error_code=f.error_code, cr2=f.cr2)
+        if policy is not None:
+            out = policy.intercept(fault)   # ExceptionExit: the bitmap decides (never raises GuestFault)
+            if out is not None:
+                return out
+        return Deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+    except EptFault as f:
+        if policy is not None:
+            return policy.intercept(EptExit(rip=ex.rip, gpa=f.gpa, gla=f.gla, qualification=f.qualification,
+                                            misconfig=f.misconfig))
+        return Stop(StopReason.ERROR, f"EPT fault at gpa={f.gpa:#x} without a VMM")
+
+
+def platform(m: Machine, ex: Exit) -> Outcome:
+    """What the machine itself does with an exit (bare metal)."""
+    match ex:
+        case IoExit():
+            m.port_io(ex)
+            return HANDLED
+        case MmioExit():
+            m.mmio_access(ex)
+            return HANDLED
+        case MsrExit():
+            m.msr_access(ex)
+            return HANDLED
+        case CrExit():
+            m.cr_access(ex)
+            return HANDLED
+        case HltExit():
+            cpu = m.vcpu
+            if cpu.cpl != 0:                  # HLT is privileged (SDM Vol. 2A HLT)
+                return Deliver(Event(x86.GP, 0))
+            if ex.insn_len:
+                cpu.skip(ex.insn_len)
+            return HALT
+        case ExceptionExit():
+            return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
+        case TrapExit():
+            return _platform_trap(m, ex)
+        case DeadlineExit() | IrqWindowExit():
+            return HANDLED
+        case ShutdownExit():
+            return Stop(StopReason.SHUTDOWN, ex.reason)
+        case InternalErrorExit():
+            return Stop(StopReason.ERROR, f"{ex.message} (rip={ex.rip:#x})")
+        case EptExit():
+            return Stop(StopReason.ERROR, f"EPT exit at gpa={ex.gpa:#x} without a VMM (rip={ex.rip:#x})")
+        case _:
+            return Stop(StopReason.ERROR, f"unknown exit {type(ex).__name__} at rip={ex.rip:#x}")
+
+
+def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
+    match ex.kind:
+        case TrapKind.IRET:
+            # The IRET that ends NMI blocking (SDM Vol. 3A 6.7.1); it then runs natively.
+            m.set_nmi_blocked(False)
+            return HANDLED
+        case TrapKind.INVLPG:
+            sensitive.emulate_invlpg(m.vcpu, ex.insn_len)
+            return HANDLED
+        case TrapKind.INVPCID:
+            # CPUID.(EAX=7,ECX=0):EBX.INVPCID[10] is not advertised: #UD (SDM Vol. 2A INVPCID).
+            return Deliver(Event(x86.UD))
+        case _:
+            return Stop(StopReason.ERROR, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
+
+
+# ---------------------------------------------------------------------- the loop
+def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunResult:
+    """Run the machine until the guest exits, halts for good, faults fatally, a
+    limit hits, or (under an intercept policy) a VM exit has no handler."""
+    cpu = m.vcpu
+    v = cpu.native
+    m.pending_stop = None
+    t0 = time.monotonic()
+    limit = v.icount + max_insns if max_insns is not None else None
+    idle_since: int | None = None
+    log = m.log
+    log_exits, log_cpu, log_blocks = log.enabled("exits"), log.enabled("cpu"), m.log_blocks
+    cpu.refresh()
+    halted = False
+    while True:
+        policy = m.intercept
+        if m.host_input:
+            m.feed_input()
+        m.timers.run_expired(m.now_ns())
+        out = m.arbitrate()
+        if out is not None:
+            halted = False
+            idle_since = None
+            stop = _apply(m, out)
+            if stop is HALT:
+                halted = True
+            elif stop is not None:
+                return _result(m, stop)
+        if m.pending_stop is not None:
+            return _result(m, m.pending_stop)
+        if halted:
+            # HLT: skip the idle period to the next timer (virtual time), or
+            # sleep until it (host time); stop if nothing can ever wake the CPU.
+            if not (cpu.regs.rflags & x86.RFLAGS_IF) and (policy is None or policy.deadline() is None):
+                return _result(m, Stop(StopReason.HALTED,
+                                       f"guest halted with interrupts disabled at rip={cpu.regs.rip:#x}"))
+            nxt = _earliest(m.timers.next_deadline(), policy.deadline() if policy is not None else None)
+            if idle_since is None:
+                idle_since = m.now_ns()
+            if nxt is None or m.now_ns() - idle_since > IDLE_LIMIT_NS:
+                return _result(m, Stop(StopReason.HALTED,
+                                       f"guest halted with no interrupt pending at rip={cpu.regs.rip:#x}"))
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                return _result(m, Stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s"))
+            if m.wall_clock:
+                time.sleep(max(0, nxt - m.now_ns()) / 1e9)
+            else:
+                v.icount = max(v.icount, nxt)
+            continue
+        if limit is not None and v.icount >= limit:
+            return _result(m, Stop(StopReason.LIMIT, f"instruction limit reached ({max_insns})"))
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            return _result(m, Stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s"))
+        if m.wall_clock:
+            deadline = v.icount + 1_000_000
+        else:
+            deadline = v.icount + SLICE_INSNS
+            nxt = m.timers.next_deadline()
+            if nxt is not None:
+                deadline = min(deadline, max(nxt, v.icount + 1))
+        if policy is not None:
+            pd = policy.deadline()
+            if pd is not None:
+                deadline = min(deadline, max(pd, v.icount + 1))
+        if limit is not None:
+            deadline = min(deadline, limit)
+        ex = cpu.run(deadline, single_step=policy is not None and policy.single_step)
+        m.exit_count += 1
+        if log_blocks:
+            m.flush_block_logs()
+        if log_exits:
+            log("exits", f"{v.icount}: {type(ex).__name__} {describe(ex)}")
+        if log_cpu:
+            log("cpu", m.format_regs())
+        try:
+            out = handle_exit(m, ex)
+        except Exception as exc:   # a bug in vmlab must not become a traceback for the user
+            out = Stop(StopReason.ERROR, f"internal error handling {type(ex).__name__} at "
+                                         f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
+        if out is HANDLED:
+            idle_since = None
+            continue
+        # A user's VMX handler may raise (an assert in a test): that propagates.
+        stop = _apply(m, out)
+        if stop is HALT:
+            halted = True
+        elif stop is not None:
+            return _result(m, stop)
+        else:
+            idle_since = None
+
+
+def _apply(m, out: Outcome) -> Stop | Halt | None:
+    """Carry out an outcome; returns the Stop that ends the run, HALT if the CPU
+    is to wait for an event, or None to keep running.  Each
+    step yields the next outcome (a delivery may itself become a VM exit, a
+    handler's VM entry may fail), iterated, never recursed."""
+    while True:
+        match out:
+            case Handled():
+                return None
+            case Deliver(event=ev):
+                out = m.deliver(ev)
+            case Intercepted(exit=vmexit):
+                out = m.intercept.on_exit(vmexit)
+            case Halt():
+                return HALT
+            case Stop():
+                return out
+            case _:
+                return Stop(StopReason.ERROR, f"unknown outcome {out!r}")
+
+
+def _result(m, stop: Stop) -> RunResult:
+    m.pending_stop = None
+    return RunResult(stop.reason, stop.status, stop.message, m.vcpu.native.icount, stop.exit)
+
+
+def _earliest(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def describe(ex: Exit) -> str:
+    """One line for -d exits."""
+    fields = [f"rip={ex.rip:#x}"]
+    for name in getattr(ex, "__slots__", ()):
+        if name in ("rip", "insn", "values") or name.startswith("_"):
+            continue
+        val = getattr(ex, name)
+        fields.append(f"{name}={val:#x}" if isinstance(val, int) and not isinstance(val, bool) else f"{name}={val}")
+    return " ".join(fields)
