@@ -151,6 +151,12 @@ class TimerQueue:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
+    def due(self, now_ns: int) -> bool:
+        """True if a heap entry is due at ``now_ns`` (it may be a stale one that
+        ``run_expired`` then drops): the run loop's cheap check at every exit."""
+        heap = self._heap
+        return bool(heap) and heap[0][0] <= now_ns
+
     def run_expired(self, now_ns: int) -> int:
         """Fire every timer due at ``now_ns``; return how many fired.
 

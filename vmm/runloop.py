@@ -111,7 +111,7 @@ class InterceptPolicy(Protocol):
     single_step: bool                    # monitor trap flag: one instruction per run
 
     def intercept(self, ex: Exit) -> Outcome | None: ...      # None: the platform handles it
-    def events(self) -> Outcome | None: ...                   # exits the controls ask for between instructions
+    def events(self, src: str | None) -> Outcome | None: ...  # exits the controls ask for between instructions
     def deliver(self, ev: Event) -> Outcome: ...              # event delivery under the exception bitmap
     def on_exit(self, vmexit) -> Outcome: ...                 # handlers, then VM entry
     def deadline(self) -> int | None: ...                     # e.g. the preemption timer
@@ -230,7 +230,9 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
         policy = m.intercept
         if m.host_input:
             m.feed_input()
-        m.timers.run_expired(m.now_ns())
+        timers = m.timers
+        if timers.due(v.icount if not m.wall_clock else m.now_ns()):
+            timers.run_expired(m.now_ns())
         out = m.arbitrate()
         if out is not None:
             halted = False

@@ -233,12 +233,14 @@ class Vm:
     def pending_interrupt(self) -> str | None:
         """The arbiter's view of the interrupt lines: "nmi" (unless blocked),
         "lapic", "pic" (through LINT0 in ExtINT mode) or None, in priority
-        order (SDM Vol. 3A 6.9: NMI above maskable interrupts)."""
+        order (SDM Vol. 3A 6.9: NMI above maskable interrupts).  Checked at
+        every exit, so the common "nothing pending" answer reads two fields."""
         if self.nmi_pending and not self.nmi_blocked:
             return "nmi"
-        if self.lapic.pending_vector() is not None:
+        lapic = self.lapic
+        if lapic.irr and lapic.pending_vector() is not None:
             return "lapic"
-        if self.pic.has_interrupt() and self.lapic.accepts_pic_interrupts():
+        if self.pic.has_interrupt() and lapic.accepts_pic_interrupts():
             return "pic"
         return None
 
@@ -257,17 +259,15 @@ class Vm:
         maskable interrupt if the CPU can take it now.  Otherwise it asks the
         native side to stop at the next interrupt window."""
         policy = self.intercept
-        if self.init_pending:
-            if policy is not None:
-                out = policy.events()        # INIT always exits in non-root operation (SDM 26.2)
-                if out is not None:
-                    return out
-            return self._take_init()
+        src = self.pending_interrupt()
         if policy is not None:
-            out = policy.events()
+            # INIT always exits in non-root operation (SDM 26.2), so the policy
+            # sees it first.
+            out = policy.events(src)
             if out is not None:
                 return out
-        src = self.pending_interrupt()
+        if self.init_pending:
+            return self._take_init()
         v = self.vcpu.native
         if src is None:
             if policy is None or not policy.wants_irq_window:

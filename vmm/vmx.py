@@ -33,6 +33,7 @@ from emu.exits import ExceptionExit, Exit, HltExit
 
 from . import runloop
 from . import vmcs as F
+from .vmcs import _as_int
 from .capabilities import VmxCapabilities
 from .controls import InterruptionInfo, InterruptionType
 from .entry_checks import EntryOk, check_vm_entry
@@ -145,7 +146,7 @@ class GuestRegs:
             raise AttributeError(f"{name} is not writable through exit.regs (write the VMCS guest-state field)")
 
 
-@dataclass
+@dataclass(slots=True)
 class VmExit:
     """One VM exit as a handler sees it.  ``reason`` (ExitReason) and
     ``qualification`` (the raw exit qualification; ``decoded`` the dataclass of
@@ -168,7 +169,12 @@ class VmExit:
     def skip(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM-exit instruction length)."""
         if not self._skipped:
-            self.vmcs.write(F.GUEST_RIP, self.vmcs.read(F.GUEST_RIP) + self.instruction_length)
+            v = self.vmcs
+            if isinstance(v, TrackedVmcs):
+                v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
+                v.dirty.add(_E_RIP)
+            else:
+                v.write(F.GUEST_RIP, v.read(F.GUEST_RIP) + self.instruction_length)
             self._skipped = True
 
     def inject(self, info: InterruptionInfo, error_code: int | None = None, instruction_length: int = 0) -> None:
@@ -207,6 +213,9 @@ class VmxGuest(NonRootIntercepts):
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
+        #: primary processor-based and pin-based controls as of the last VM
+        #: entry (a control written since makes the next entry take the full path)
+        self._p = self._pin = 0
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -339,6 +348,24 @@ class VmxGuest(NonRootIntercepts):
         the CPU produced itself is valid by construction)."""
         return self._checked is None or bool(self.vmcs.dirty - _CHEAP_FIELDS)
     def _enter(self) -> VmExit | None:
+        """VM entry (VMLAUNCH/VMRESUME): checks, guest-state load, injection.
+        Returns the VM exit of an entry that failed on guest state."""
+        vm = self.vm
+        dirty = self._vmcs.dirty
+        armed = self._armed_for
+        if (self._checked and self._saved and dirty <= _RIP_ONLY and armed is not None
+                and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
+                and not self._vmcs._values.get(_E_ENTRY_INTR, 0) & (1 << 31)):
+            # The common re-entry after a handler that at most skipped the
+            # instruction: nothing else in the VMCS changed since an entry that
+            # passed the checks, so only RIP moves (and the preemption timer
+            # reloads, SDM 26.5.1).
+            if dirty:
+                self.cpu.set_rip(self._vmcs._values[_E_RIP])
+                dirty.clear()
+            if self._preempt_deadline is not None or self._ctl(_E_PIN) & _PIN.ACTIVATE_PREEMPTION_TIMER:
+                self._arm_preemption_timer()
+            return None
         if not self._needs_checks():
             result = EntryOk()
         else:
@@ -360,6 +387,7 @@ class VmxGuest(NonRootIntercepts):
             self._arm_traps()
             self._armed_for = ctl
         self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
+        self._p, self._pin = self._primary(), self._ctl(_E_PIN)
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
         self._inject_from_entry_field()
@@ -424,13 +452,27 @@ class VmxGuest(NonRootIntercepts):
     def _make_exit(self, reason, qual, mex: Exit | None, *, length: int = 0, decoded=None,
                    interruption: InterruptionInfo | None = None, error_code: int | None = None,
                    gla: int | None = None, instruction_info=None, gpa: int | None = None) -> VmExit:
+        """A VM exit: save guest state, fill the exit-information fields (SDM
+        28.2; what Vmcs.set_exit_info does, stored directly: the values come
+        from the CPU and are in range by construction), build the handler's
+        view."""
         self._save_guest_state()
-        self.vmcs.set_exit_info(int(reason), qual, instruction_length=length, instruction_info=instruction_info,
-                                guest_physical_address=gpa,
-                                interruption_info=interruption.encode() if interruption else 0,
-                                interruption_error_code=error_code, guest_linear_address=gla)
-        return VmExit(ExitReason(reason), qual, self.vmcs, self, decoded=decoded, instruction_length=length,
-                      machine_exit=mex)
+        vals = self._vmcs._values
+        vals[_X_REASON] = int(reason)
+        vals[_X_QUAL] = qual if type(qual) is int else _as_int(qual)
+        vals[_X_INTR_INFO] = interruption.encode() if interruption else 0
+        vals[_X_IDT_INFO] = 0
+        vals[_X_LEN] = length
+        if instruction_info is not None:
+            vals[_X_INSN_INFO] = _as_int(instruction_info)
+        if gpa is not None:
+            vals[_X_GPA] = gpa
+        if gla is not None:
+            vals[_X_GLA] = gla
+        if error_code is not None:
+            vals[_X_INTR_EC] = error_code
+        return VmExit(reason if type(reason) is ExitReason else ExitReason(reason), qual, self._vmcs, self,
+                      decoded, length, False, mex)
 
     def _arm_preemption_timer(self) -> None:
         """VMX-preemption timer (SDM 26.5.1): counts down by 1 every 2^X TSC ticks
@@ -501,6 +543,11 @@ class VmxGuest(NonRootIntercepts):
         # A VM entry with unchanged segment state keeps the vCPU's copy: the
         # deferred save is still valid as long as the guest has not run.
 
+    def close(self) -> None:
+        """Close the Vm under this guest (idempotent): its Unicorn engine, native
+        state and guest RAM are freed now; later use raises ClosedError."""
+        self.vm.close()
+
 
 #: guest-state fields: a write to any of them makes VM entry reload the vCPU
 _GUEST_STATE_FIELDS = tuple(
@@ -534,6 +581,13 @@ _TRAPS_BY_SECONDARY = (
 _E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
+_E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
+_RIP_ONLY = frozenset({_E_RIP})
+_X_REASON, _X_QUAL, _X_INTR_INFO, _X_IDT_INFO = (int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION),
+                                                 int(F.VM_EXIT_INTR_INFO), int(F.IDT_VECTORING_INFO))
+_X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LEN), int(F.VM_EXIT_INSTRUCTION_INFO),
+                                                    int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS),
+                                                    int(F.VM_EXIT_INTR_ERROR_CODE))
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
 _LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) - {
     _E_RIP, _E_RSP, _E_RFLAGS, _E_CR0, _E_CR3, _E_CR4, _E_EFER}

@@ -66,19 +66,16 @@ class NonRootIntercepts:
         self.vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
         return self._make_exit(ExitReason.PREEMPTION_TIMER, 0, None)
 
-    def _external_interrupt_exit(self):
+    def _external_interrupt_exit(self, src: str | None):
         vm = self.vm
         if vm.init_pending:
             # INIT signals always cause a VM exit in non-root operation (SDM 26.2).
             vm.init_pending = False
             return self._make_exit(ExitReason.INIT, 0, None)
-        pin = self._ctl(F.PIN_BASED_VM_EXEC_CONTROL)
-        p = self._primary()
-        src = vm.pending_interrupt()
-        r = self.cpu.regs
-        if_open = bool(r.rflags & x86.RFLAGS_IF) and not (r.hflags & x86.HF_INHIBIT_IRQ)
+        pin, p = self._pin, self._p          # controls as of the last VM entry
         if p & _PP.INTERRUPT_WINDOW_EXITING:
-            if if_open:
+            r = self.cpu.regs
+            if r.rflags & x86.RFLAGS_IF and not r.hflags & x86.HF_INHIBIT_IRQ:
                 return self._make_exit(ExitReason.INTERRUPT_WINDOW, 0, None)
             self.cpu.native.irq_window = 1
         if p & _PP.NMI_WINDOW_EXITING and not self.virtual_nmi_blocked and not vm.nmi_blocked:
@@ -104,7 +101,7 @@ class NonRootIntercepts:
         26.1-26.2)?  Returns Intercepted(VM exit), an outcome of VMX-specific
         handling (a MOV from CR0 reads the shadow…), or None: the platform
         handles it as on bare metal."""
-        p = self._primary()
+        p = self._p
         match mex:
             case IoExit():
                 if not self._io_exits(mex.port, mex.size):
@@ -144,24 +141,24 @@ class NonRootIntercepts:
             case _:
                 return None
 
-    def events(self) -> Outcome | None:
+    def events(self, src: str | None) -> Outcome | None:
         """Between instructions: exits queued by VM entry (a fault while
         injecting), INIT, interrupt/NMI windows, NMI and external-interrupt
         exiting, the preemption timer (SDM 26.2, 26.5, 26.7).  None: the
         arbiter delivers what is pending as on bare metal."""
         if self._pending_exits:
             return Intercepted(self._pending_exits.pop(0))
-        ex = self._external_interrupt_exit() or self._preemption_timer_exit()
+        ex = self._external_interrupt_exit(src) or self._preemption_timer_exit()
         return Intercepted(ex) if ex is not None else None
 
     @property
     def single_step(self) -> bool:
         """Monitor trap flag: run one instruction at a time."""
-        return bool(self._primary() & _PP.MONITOR_TRAP_FLAG)
+        return bool(self._p & _PP.MONITOR_TRAP_FLAG)
 
     @property
     def wants_irq_window(self) -> bool:
-        return bool(self._primary() & _PP.INTERRUPT_WINDOW_EXITING)
+        return bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
 
     def deadline(self) -> int | None:
         return self._preempt_deadline
@@ -279,7 +276,7 @@ class NonRootIntercepts:
                     "getsec": ExitReason.GETSEC}
 
     def _trap(self, mex: TrapExit) -> Outcome | None:
-        p = self._primary()
+        p = self._p
         cpu = self.cpu
         if mex.kind == "invlpg":
             if p & _PP.INVLPG_EXITING:
