@@ -17,12 +17,12 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as X
 
 from . import x86
-from .errors import ConfigError, NativeError
+from .errors import ClosedError, ConfigError, NativeError
 from .exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                     IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
-from .qemu_state import find_layout, try_find_env_address
+from .qemu_state import find_env_address, verified_layout
 
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -73,7 +73,7 @@ def _cs(bits: int) -> Cs:
 @lru_cache(maxsize=None)
 def _reset_stub() -> tuple[bytes, bytes, bytes, bytes]:
     """A stub that leaves Unicorn's 64-bit start state the way a CPU leaves long
-    mode, ending in real mode with HLT (../shared/platform-notes.md, "Modes").
+    mode, ending in real mode with HLT.
     Unicorn starts a UC_MODE_64 engine with EFER.LMA=1 and CR0.PG=0; LMA only
     clears on a CR0.PG 1->0 transition, hence the PG on/off pair."""
     k64, k32, k16 = Ks(KS_ARCH_X86, KS_MODE_64), Ks(KS_ARCH_X86, KS_MODE_32), Ks(KS_ARCH_X86, KS_MODE_16)
@@ -122,6 +122,37 @@ def compute_hflags(hflags: int, cr0: int, efer: int, rflags: int, segs) -> int:
     return hf
 
 
+class Closed:
+    """What a closed object becomes (its class is swapped on close()): every
+    attribute use raises ClosedError, so a stale reference fails with one clear
+    line instead of reaching freed native state.  close() stays a no-op."""
+
+    _what = "object"
+    _allowed = frozenset({"close", "closed", "__class__", "__dict__", "__repr__", "__exit__"})
+
+    def __getattribute__(self, name):
+        if name in type(self)._allowed:
+            return object.__getattribute__(self, name)
+        raise ClosedError(f"this {type(self)._what} is closed (close() was called); create a new one")
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def closed(self) -> bool:
+        return True
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"<closed {type(self)._what}>"
+
+
+class ClosedVcpu(Closed):
+    _what = "Vcpu"
+
+
 class Vcpu:
     """One virtual x86 CPU over guest RAM.
 
@@ -130,13 +161,19 @@ class Vcpu:
     the next run for whatever was changed through ``set_reg``/``set_rip``.
     """
 
+    #: True once close() has run (the instance is then a ClosedVcpu)
+    closed = False
+
     def __init__(self, memory: GuestMemory, *, cpuid=None, maxphyaddr: int = 40):
         ensure_api()
+        # Offsets inside QEMU's CPU state: checked once per process by a stub run
+        # on an engine of its own (also refuses any Unicorn but the pinned one).
+        self.layout = verified_layout()
         self.mem = memory
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._uch = ffi.cast("void *", uc._uch.value)
-        self.layout = find_layout(uc)
-        self.env_address = try_find_env_address(uc, self.layout, (memory.address, memory.address + memory.size))
+        # This engine's live CPU state, by following its own pointers.
+        self.env_address = find_env_address(uc)
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         self._v = v = ffi.new("vmlab_vcpu *")
@@ -146,7 +183,7 @@ class Vcpu:
         v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr
         v.ctx_error_code, v.ctx_is_int, v.ctx_old_exception = lay.error_code, lay.is_int, lay.old_exception
         v.maxphyaddr = maxphyaddr
-        v.env = ffi.cast("uint8_t *", self.env_address) if self.env_address else ffi.NULL
+        v.env = ffi.cast("uint8_t *", self.env_address)
         v.env_hflags = lay.hflags - lay.env
         err = lib.vmlab_attach(v, self._uch)
         if err:
@@ -168,8 +205,19 @@ class Vcpu:
 
     # ------------------------------------------------------------------ life cycle
     def close(self) -> None:
-        if self._v is not None and self._v.priv != ffi.NULL:
-            lib.vmlab_vcpu_fini(self._v)
+        """Free the native vCPU state and the Unicorn engine now (idempotent).
+        Guest RAM stays the caller's (Vm.close unmaps it).  The Vcpu becomes a
+        ClosedVcpu: any later use raises ClosedError."""
+        v, uc = self.__dict__.get("_v"), self.__dict__.get("uc")
+        if v is not None and v.priv != ffi.NULL:
+            lib.vmlab_vcpu_fini(v)
+        # The binding closes an engine through a weakref.finalize that runs at
+        # most once (uc_close); calling it now frees the engine (TCG buffers,
+        # hooks, the CPU) without waiting for the Uc object to be collected.
+        release = getattr(uc, "_Uc__finalizer", None)
+        if release is not None:
+            release()
+        self.__class__ = ClosedVcpu
 
     def __del__(self):  # pragma: no cover - best effort
         try:

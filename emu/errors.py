@@ -30,3 +30,7 @@ class UnsupportedError(EmuError):
 
 class NativeError(EmuError):
     """The native module is missing or its self-test against Unicorn failed."""
+
+
+class ClosedError(EmuError):
+    """A machine (Vm, Vcpu, guest RAM) was used after close()."""

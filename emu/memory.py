@@ -10,7 +10,7 @@ import ctypes
 import mmap
 import struct
 
-from .errors import ConfigError, GuestMemoryError
+from .errors import ClosedError, ConfigError, GuestMemoryError
 
 PAGE_SIZE = 4096
 #: Largest RAM vmlab maps: RAM is one block at 0, below the 32-bit MMIO hole
@@ -35,6 +35,8 @@ class GuestMemory:
     def check(self, gpa: int, length: int) -> None:
         """Raise GuestMemoryError unless [gpa, gpa+length) lies inside RAM."""
         if gpa < 0 or length < 0 or gpa + length > self.size:
+            if self.closed:
+                raise ClosedError("guest RAM was released (its machine was closed)")
             raise GuestMemoryError(
                 f"guest-physical range [{gpa:#x}, {gpa + length:#x}) lies outside RAM (size {self.size:#x})")
 
@@ -69,8 +71,18 @@ class GuestMemory:
         self.check(gpa, 4)
         return struct.unpack_from("<I", self._mm, gpa)[0]
 
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
     def close(self) -> None:
-        """Release the host mapping (only once nothing maps it any more)."""
+        """Unmap guest RAM now (idempotent).  Whoever mapped it elsewhere (the
+        Unicorn engine) must be done with it; later accesses raise ClosedError."""
+        mm = self._mm
+        if mm is None:
+            return
         self.view.release()
         del self._cbuf
-        self._mm.close()
+        self.size = 0               # every bounds check fails from now on
+        self._mm = None
+        mm.close()

@@ -42,4 +42,5 @@ def ensure_api() -> None:
     ptrs += [ffi.cast("void *", _fn_ptr(cs, n)) for n in ("cs_open", "cs_disasm", "cs_free")]
     lib.vmlab_set_api(*ptrs)
     lib.vmlab_set_emu_start(ffi.cast("void *", _fn_ptr(uclib, "uc_emu_start")))
+    lib.vmlab_set_cs_close(ffi.cast("void *", _fn_ptr(cs, "cs_close")))
     _api_set = True

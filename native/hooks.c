@@ -808,6 +808,16 @@ static int hook_rdtscp(uc_engine *uc, void *ud)
     return 1;
 }
 
+/* capstone's cs_close, handed over on its own (emu/native.py) so that
+ * vmlab_vcpu_fini releases the three disassembler handles (~76 KiB each). */
+typedef int (*fn_cs_close)(size_t *);
+static fn_cs_close cs_close_fn;
+
+void vmlab_set_cs_close(void *cs_close)
+{
+    cs_close_fn = (fn_cs_close)cs_close;
+}
+
 /* ---- life cycle --------------------------------------------------------------- */
 int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
 {
@@ -844,6 +854,9 @@ void vmlab_vcpu_fini(vmlab_vcpu *v)
     if (!p)
         return;
     if (p->ctx) api.ctx_free(p->ctx);
+    for (int k = 0; k < 3; k++)
+        if (p->cs_handle[k] && cs_close_fn)
+            cs_close_fn(&p->cs_handle[k]);
     free(p->exitset);
     free(p->site_hooks);
     free(p->tbhash);

@@ -261,6 +261,7 @@ void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
 void vmlab_stlb_flush(vmlab_vcpu *v);
 void vmlab_set_emu_start(void *emu_start);
+void vmlab_set_cs_close(void *cs_close);
 int vmlab_emu_start(void *uc, uint64_t begin);
 int vmlab_emu_step(void *uc, uint64_t begin);
 #endif

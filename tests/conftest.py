@@ -17,10 +17,21 @@ from support import Machine
 def machine():
     m = Machine()
     yield m
+    m.close()
 
 
 @pytest.fixture
 def vmx():
-    """The vmx_guest factory of vmm.harness (guest code + VMCS controls -> VmxGuest)."""
+    """The vmx_guest factory of vmm.harness (guest code + VMCS controls -> VmxGuest);
+    the guests it made are closed when the test ends (see _close_harness_guests)."""
     from vmm.harness import vmx_guest
     return vmx_guest
+
+
+@pytest.fixture(autouse=True)
+def _close_harness_guests():
+    """Close the VMs vmm.harness.vmx_guest made during the test (the vmx fixture's
+    and direct calls alike): their engines and guest RAM go when the test ends."""
+    yield
+    from vmm import harness
+    harness.close_guests()

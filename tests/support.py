@@ -38,6 +38,10 @@ class Machine:
         self.mem = self.vm.mem
         self.cpu = self.vm.vcpu
 
+    def close(self) -> None:
+        """Free the Vm (engine, native state, guest RAM); idempotent."""
+        self.vm.close()
+
     def boot(self, code: bytes, addr: int, mode: str):
         from emu.loaders import load
         self.vm.load(load(code, fmt="flat", ram_size=self.mem.size, flat_addr=addr, flat_mode=mode))

@@ -17,6 +17,10 @@ Benchmarks (``vmlab bench list``):
   paging a page-hopping guest on vmlab's soft-MMU and on Unicorn's own walker:
         vmlab_mips, unicorn_walker_mips, ratio
   boot  whole-process wall time of ``vmlab run guests/hello.asm``: hello_wall_s
+  churn 50 VMs created, run (guests/hello.asm) and closed in one process:
+        first_ms, last_ms (create+run+close of the first and the last VM),
+        ratio = last_ms / first_ms (target <= 1.2), median_ms, and
+        rss_growth_mb (RSS after the last VM minus after the first; target <= 64)
 """
 from __future__ import annotations
 
@@ -281,8 +285,43 @@ def bench_paging(n: int = 4_000_000) -> dict:
             "vmlab_fills": vm.vcpu.native.stat_fills - fills0}
 
 
+def _rss_bytes() -> int:
+    """Resident set size of this process (/proc/self/statm, field 2, in pages)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_churn(n: int = 50) -> dict:
+    """Create a VM, run guests/hello.asm in it and close it, n times in one
+    process.  A VM that leaves anything behind (mapped RAM, an engine, native
+    state) or a per-VM cost that grows with the dead VMs shows as last_ms above
+    first_ms or as RSS growth.  The first VM also pays the once-per-process
+    CPU-state self-test (a few ms)."""
+    from emu.loaders import load, read_image
+    from tools.asm import build
+    from vmm.vm import Vm
+
+    ram = 64 << 20
+    data = read_image(str(build(ROOT / "guests" / "hello.asm")))
+    times, rss_first = [], 0
+    for i in range(n):
+        t = time.perf_counter()
+        with Vm(ram, serial=None) as vm:
+            vm.load(load(data, ram_size=ram))
+            res = vm.run(max_insns=50_000_000)
+            if res.reason != "debug-exit":
+                raise RuntimeError(f"hello guest did not finish in VM {i + 1}: {res}")
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            rss_first = _rss_bytes()
+    growth = _rss_bytes() - rss_first
+    first, last = times[0] * 1e3, times[-1] * 1e3
+    return {"vms": n, "first_ms": round(first, 1), "last_ms": round(last, 1), "ratio": round(last / first, 3),
+            "median_ms": round(sorted(times)[n // 2] * 1e3, 1), "rss_growth_mb": round(growth / (1 << 20), 1)}
+
+
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
-           "paging": bench_paging}
+           "paging": bench_paging, "churn": bench_churn}
 
 
 def main(names, as_json: bool = False) -> int:

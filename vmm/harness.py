@@ -16,10 +16,13 @@ what the baseline VMCS's guest state points at (identity page tables for
 and returns a VmxGuest whose VMCS is ``entry_checks.baseline_vmcs(mode)``
 with the control changes given by keyword.  Installed as a pytest plugin
 (entry point ``pytest11``), it also provides the fixture ``vmx_guest``.
+``close_guests()`` closes every guest ``vmx_guest`` made that is still open
+(the fixtures call it when a test ends).
 """
 from __future__ import annotations
 
 import struct
+import weakref
 
 from .entry_checks import baseline_vmcs
 from .vm import Vm
@@ -28,6 +31,18 @@ from . import vmcs as F
 
 GUEST_CODE = 0x100000
 _BITS = {"long64": 64, "protected32": 32, "real-unrestricted": 16}
+#: guests made by vmx_guest and not yet collected (close_guests closes them)
+_made: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_guests() -> int:
+    """Close every guest made by vmx_guest that is still alive (their engines
+    and guest RAM are freed now); returns how many there were."""
+    guests = list(_made)
+    _made.clear()
+    for g in guests:
+        g.close()
+    return len(guests)
 
 
 def _assemble(text: str, base: int, bits: int) -> bytes:
@@ -42,6 +57,17 @@ def vmx_guest(code: str | bytes, mode: str = "long64", *, ram: int = 32 << 20, c
     ``pin``/``proc``/``proc2`` are (set, clear) bit masks applied to the
     baseline controls; ``fields`` writes any VMCS field by name or encoding."""
     vm = Vm(ram, serial=serial)
+    try:
+        vmx = _build(vm, code, mode, caps, pin, proc, proc2, exception_bitmap, fields)
+    except BaseException:
+        vm.close()
+        raise
+    _made.add(vmx)
+    return vmx
+
+
+def _build(vm: Vm, code, mode, caps, pin, proc, proc2, exception_bitmap, fields) -> VmxGuest:
+    ram = vm.mem.size
     vmx = VmxGuest(vm, caps)
     vmcs = baseline_vmcs(mode, vmx.caps)
     vmx.vmcs = vmcs
@@ -83,7 +109,9 @@ try:  # the pytest plugin part (optional: only when pytest is installed)
 
     @pytest.fixture
     def vmx_guest_factory():
-        """Fixture: the vmx_guest factory (call it with code and controls)."""
-        return vmx_guest
+        """Fixture: the vmx_guest factory (call it with code and controls); the
+        guests it made are closed when the test ends."""
+        yield vmx_guest
+        close_guests()
 except ImportError:  # pragma: no cover
     pass

@@ -282,17 +282,12 @@ def test_init_ipi_outside_vmx_resets_into_wait_for_sipi(machine):
 
 
 def test_machine_runs_without_the_located_cpu_state():
-    """If Unicorn's CPU state cannot be located, native code falls back to
+    """Without the live CPU-state pointer (env NULL), native code falls back to
     context saves: same results."""
     from support import Machine, asm
     import emu.cpu as cpu_mod
-    orig = cpu_mod.try_find_env_address
-    cpu_mod.try_find_env_address = lambda *a, **k: None
-    try:
-        m = Machine()
-    finally:
-        cpu_mod.try_find_env_address = orig
-    assert m.cpu.native.env == cpu_mod.ffi.NULL
+    m = Machine()
+    m.cpu.native.env = cpu_mod.ffi.NULL
     m.boot(asm("mov ecx, 1000\n l: dec ecx\n jnz l\n int3", 0x100000, 64), 0x100000, "long64")
     res = m.run()
     assert res.reason == "shutdown"           # #BP with no IDT -> triple fault, via the slow path

@@ -54,7 +54,7 @@ from unicorn.x86_const import (UC_CPU_X86_BROADWELL, UC_X86_REG_CR0, UC_X86_REG_
                                UC_X86_REG_EFLAGS, UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RBX)
 
 from emu import softmmu as sm
-from emu.qemu_state import find_layout
+from emu.qemu_state import verified_layout
 from tests.strategies import (LAYOUT, MODE_32, MODE_32_PSE, MODE_4LEVEL, MODE_5LEVEL, MODE_PAE,
                               PATTERN, PagingSetup, control_regs, map_path, paging_setups)
 from tests.unit.test_softmmu_twin import c_walk
@@ -68,7 +68,7 @@ MSR_EFER = 0xC0000080
 EFLAGS_AC = 1 << 18
 MAXPHYADDR = 40
 
-_LAYOUT = find_layout(Uc(UC_ARCH_X86, UC_MODE_64))
+_LAYOUT = verified_layout()
 _CODE_64 = {"read": (0x00, bytes.fromhex("488b03")),     # mov rax, [rbx]
             "write": (0x10, bytes.fromhex("8803")),      # mov [rbx], al
             "fetch": (0x20, bytes.fromhex("ffe3"))}      # jmp rbx
