@@ -23,6 +23,7 @@ vCPU, and handlers read and write them through ``exit.regs``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,7 +70,10 @@ class TrackedVmcs(F.Vmcs):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         object.__setattr__(self, "dirty", set())
-        object.__setattr__(self, "lazy", None)   # callable that fills deferred guest fields
+        # weakref.WeakMethod of the guest's method that fills deferred guest
+        # fields: a weak reference, so the VMCS does not keep its guest (and the
+        # guest RAM behind it) alive in a cycle
+        object.__setattr__(self, "lazy", None)
 
     def __setattr__(self, name, value):
         if name in ("dirty", "lazy"):
@@ -79,10 +83,12 @@ class TrackedVmcs(F.Vmcs):
 
     def materialize(self) -> None:
         """Store guest-state fields a VM exit deferred (segment state)."""
-        fill = self.lazy
-        if fill is not None:
+        ref = self.lazy
+        if ref is not None:
             object.__setattr__(self, "lazy", None)
-            fill()
+            fill = ref()
+            if fill is not None:
+                fill()
 
     def read(self, encoding: int) -> int:
         if self.lazy is not None and int(encoding) in _LAZY_FIELDS:
@@ -213,6 +219,7 @@ class VmxGuest(NonRootIntercepts):
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
+        self._lazy_ref = weakref.WeakMethod(self._save_segment_state)
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
         self._p = self._pin = 0
@@ -313,7 +320,7 @@ class VmxGuest(NonRootIntercepts):
         blocked = self.virtual_nmi_blocked if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS \
             else self.vm.nmi_blocked
         vals[_E_INTR] = intr | (8 if blocked else 0)      # bit 3: blocking by NMI (Table 25-3)
-        self.vmcs.lazy = self._save_segment_state
+        self._vmcs.lazy = self._lazy_ref
         self._saved = True
         if self._preempt_deadline is not None and self._ctl(int(F.VM_EXIT_CONTROLS)) & (1 << 22):
             # "save VMX-preemption timer value" (SDM 28.3.4)

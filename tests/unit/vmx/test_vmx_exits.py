@@ -502,3 +502,21 @@ def test_init_ipi_to_itself_exits_with_reason_3():
                   "mov dword ptr [rbx + 0x300], 0x4500\n l: jmp l")   # INIT, level assert, APIC ID 0
     ex = run(g)
     assert ex.reason == ExitReason.INIT
+
+
+def test_vmx_guest_dropped_without_close_frees_guest_ram_without_the_cycle_collector():
+    """No reference cycle keeps guest RAM alive: after an exit (the VMCS holds
+    deferred guest state), dropping the guest frees its RAM at once."""
+    import gc
+    import weakref
+    g = vmx_guest("cpuid\n vmcall")
+    assert g.run().reason == ExitReason.CPUID
+    ram = weakref.ref(g.vm.mem)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del g
+        assert ram() is None
+    finally:
+        if was:
+            gc.enable()
