@@ -683,20 +683,28 @@ class Vcpu:
         return ExceptionExit(rip=self.regs.rip, vector=x86.UD)
 
     def _trap_exit(self, lin: int, paddr: int, gen: int) -> Exit:
+        """The exit for the trap site at linear address ``lin`` (physical
+        ``paddr``, page write generation ``gen``).  Never runs the guest: a site
+        that is not an armed instruction any more is dropped and RetryExit
+        tells the caller to run again."""
         from .decode import decode_site, site_exit
+        from .exits import RetryExit
         key = (lin, paddr, gen, self.regs.hflags & 0xC0F3)
-        info = self._site_cache.get(key)
-        if info is None:
-            info = decode_site(self, lin)
-            if len(self._site_cache) > 4096:
-                self._site_cache.clear()
-            self._site_cache[key] = info
-        ex = site_exit(self, info) if info is not None else None
+        cache = self._site_cache
+        if key in cache:
+            site = cache[key]
+        else:
+            site = decode_site(self, lin)
+            if len(cache) > 4096:
+                cache.clear()
+            cache[key] = site
+        ex = site_exit(self, site) if site is not None else None
         if ex is None:
-            # Not an armed instruction after all (a straddling guess, or code that
-            # changed under a stale site): drop the site and run on.
+            # Not an armed instruction (the code changed under a stale site, the
+            # kind is no longer armed, or it is not one in the current mode):
+            # drop the site; the caller's loop runs again.
             lib.vmlab_exit_remove(self._v, self._uch, lin)
-            return self.run(self._v.icount_deadline)
+            return RetryExit(rip=self.regs.rip)
         return ex
 
     #: guest-physical address of the hidden scratch page used to replay MMIO

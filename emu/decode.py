@@ -1,14 +1,21 @@
 """Instruction decoding at exits: which address faulted, what an MMIO access or
-a trapped instruction is.  Runs only at exits (Python off the hot path)."""
+a trapped instruction is.  Runs only at exits (Python off the hot path).
+
+Whether an instruction at a trap site is one of an armed kind is decided by the
+native classifier that placed the site (emu/trapscan.py, ``vmlab_classify``),
+never here: Capstone only supplies operands of an instruction already
+classified, and a Capstone decode that disagrees is reported, not obeyed."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from capstone import CS_AC_READ, CS_AC_WRITE
 from capstone import x86_const as C
 
-from . import x86
-from .exits import CrExit, HltExit, IoExit, MmioExit, MsrExit, TrapExit, InternalErrorExit
+from . import trapscan, x86
+from .exits import CrExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit, MmioExit, MsrExit, TrapExit, TrapKind
 
 _GPR64 = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -197,54 +204,77 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
                     is_write=is_write, value=value, insn=insn)
 
 
-_TRAP_BY_MNEMONIC = {
-    "invlpg": "invlpg", "lgdt": "desc", "lidt": "desc", "sgdt": "desc", "sidt": "desc",
-    "lldt": "desc", "ltr": "desc", "sldt": "desc", "str": "desc", "smsw": "smsw",
-    "wbinvd": "wbinvd", "invd": "invd", "xsetbv": "xsetbv", "mwait": "mwait", "monitor": "monitor",
-    "pause": "pause", "rdpmc": "rdpmc", "rdrand": "rdrand", "rdseed": "rdseed", "cpuid": "cpuid",
-    "rdtsc": "rdtsc", "rdtscp": "rdtscp", "vmcall": "vmx", "vmlaunch": "vmx", "vmresume": "vmx",
-    "vmxoff": "vmx", "vmread": "vmx", "vmwrite": "vmx", "vmptrld": "vmx", "vmptrst": "vmx",
-    "vmclear": "vmx", "vmxon": "vmx", "invept": "vmx", "invvpid": "vmx", "getsec": "vmx", "invpcid": "invpcid",
-    "int1": "int1", "iret": "iret", "iretd": "iret", "iretq": "iret",
+# ---------------------------------------------------------------- trap sites
+#: Capstone mnemonics (last word, after any "rep"/"lock") of each trap kind.
+#: They never decide the kind -- the C classifier does (emu/trapscan.py) --
+#: they only check that Capstone decoded the same instruction before its
+#: operands are used.
+_MNEMONICS = {
+    "rdmsr": {"rdmsr"}, "wrmsr": {"wrmsr"}, "cr_read": {"mov"}, "cr_write": {"mov"}, "clts": {"clts"},
+    "lmsw": {"lmsw"}, "invlpg": {"invlpg"}, "hlt": {"hlt"},
+    "io": {"in", "out", "insb", "insw", "insd", "outsb", "outsw", "outsd"},
+    "cpuid": {"cpuid"}, "rdtsc": {"rdtsc"}, "rdtscp": {"rdtscp"}, "rdpmc": {"rdpmc"},
+    "wbinvd": {"wbinvd", "wbnoinvd"}, "invd": {"invd"}, "xsetbv": {"xsetbv"}, "mwait": {"mwait"},
+    "monitor": {"monitor"}, "pause": {"pause"}, "dr": {"mov"},
+    "desc": {"sgdt", "sidt", "lgdt", "lidt", "sldt", "str", "lldt", "ltr"},
+    "rdrand": {"rdrand"}, "rdseed": {"rdseed"},
+    "vmx": {"vmcall", "vmlaunch", "vmresume", "vmxoff", "vmread", "vmwrite", "vmptrld", "vmptrst", "vmclear",
+            "vmxon", "invept", "invvpid", "getsec"},
+    "invpcid": {"invpcid"}, "smsw": {"smsw"}, "int1": {"int1"}, "iret": {"iret", "iretd", "iretq"},
 }
+#: kinds whose exit carries operands that only the Capstone decode gives
+#: (LMSW with a memory operand too)
+_NEEDS_INSN = frozenset({"dr", "invlpg", "desc", "smsw", "vmx", "rdrand", "rdseed", "invpcid"})
 
 
-def _decode_io(vcpu, code: bytes):
-    """Decode IN/OUT/INS/OUTS by hand (SDM Vol. 2 "IN", "OUT", "INS", "OUTS");
-    returns the mode-dependent facts as a tuple (cached per site)."""
-    mode = vcpu.mode_bits
+@dataclass(frozen=True, slots=True)
+class TrapSite:
+    """A decoded trap site (cached by the vCPU per linear address, physical
+    address, page generation and mode).  ``kind`` and ``length`` are the C
+    classifier's; ``insn`` is Capstone's decode when it is the same
+    instruction (None otherwise); ``invalid`` marks encodings that raise #UD
+    (LOCK, VEX); ``problem`` says why the operands cannot be decoded."""
+    kind: str
+    length: int
+    modrm: int = 0
+    rex: int = 0
+    insn: Any = None
+    io: tuple | None = None
+    invalid: bool = False
+    problem: str | None = None
+
+
+def _capstone_agrees(kind: str, insn, length: int) -> bool:
+    if insn is None or insn.size != length or insn.mnemonic.split()[-1] not in _MNEMONICS[kind]:
+        return False
+    if kind in ("cr_read", "cr_write", "dr"):
+        prefix = "cr" if kind != "dr" else "dr"
+        return any(o.type == C.X86_OP_REG and insn.reg_name(o.reg).startswith(prefix) for o in insn.operands)
+    return True
+
+
+def _io_facts(mode: int, code: bytes, c) -> tuple:
+    """IN/OUT/INS/OUTS operands (SDM Vol. 2 "IN", "OUT", "INS", "OUTS") from
+    the classifier's prefix facts."""
     opsize = 2 if mode == 16 else 4
-    asize = mode // 8 if mode != 16 else 2
-    rep = False
-    seg = x86.R_DS
-    i = 0
-    while i < len(code) and i < 14:
-        b = code[i]
-        if b == 0x66:
-            opsize = 4 if mode == 16 else 2
-        elif b == 0x67:
-            asize = {16: 4, 32: 2, 64: 4}[mode]
-        elif b in (0xF2, 0xF3):
-            rep = True
-        elif b in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65):
-            seg = {0x26: x86.R_ES, 0x2E: x86.R_CS, 0x36: x86.R_SS, 0x3E: x86.R_DS, 0x64: x86.R_FS, 0x65: x86.R_GS}[b]
-        elif b == 0xF0 or (mode == 64 and 0x40 <= b <= 0x4F):
-            pass
-        else:
-            break
-        i += 1
-    op = code[i]
+    if c.prefixes & trapscan.PFX_OPSIZE:
+        opsize = 4 if mode == 16 else 2
+    asize = {16: 2, 32: 4, 64: 8}[mode]
+    if c.prefixes & trapscan.PFX_ADSIZE:
+        asize = {16: 4, 32: 2, 64: 4}[mode]
+    rep = bool(c.prefixes & (trapscan.PFX_REP | trapscan.PFX_REPNE))
+    seg = x86.R_DS if c.seg == trapscan.NO_SEG else c.seg
+    op = c.opcode
     size = 1 if op in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E) else opsize
     imm = op in (0xE4, 0xE5, 0xE6, 0xE7)
-    port = code[i + 1] if imm else None
-    length = i + (2 if imm else 1)
+    port = code[c.length - 1] if imm else None
     is_write = op in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
     string = op in (0x6C, 0x6D, 0x6E, 0x6F)
-    return ("io", length, size, is_write, string, rep and string, imm, port, asize, seg, mode)
+    return (c.length, size, is_write, string, rep and string, imm, port, asize, seg, mode)
 
 
 def _io_exit(vcpu, info) -> IoExit:
-    _, length, size, is_write, string, rep, imm, port, asize, seg, mode = info
+    length, size, is_write, string, rep, imm, port, asize, seg, mode = info
     r = vcpu.regs
     ex = IoExit(rip=r.rip, insn_len=length, port=port if imm else r.gpr[2] & 0xFFFF, size=size,
                 is_write=is_write, string=string, rep=rep, imm=imm, addr_size=asize)
@@ -266,72 +296,83 @@ def _io_exit(vcpu, info) -> IoExit:
     return ex
 
 
-def decode_site(vcpu, lin: int):
-    """Decode the instruction at an armed site (the expensive part, cached by
-    the vCPU per (linear, physical, page generation, mode)).  None: not an
-    instruction of any trap kind."""
-    from .cpu import GuestFault
+def decode_site(vcpu, lin: int) -> TrapSite | None:
+    """Decode the instruction at an armed site: the kind and length from the
+    native classifier (the one that placed the site), operands from the bytes
+    or from Capstone.  None: not an instruction of any trap kind (the site is
+    stale) -- also when its bytes cannot be read any more."""
+    from .cpu import EptFault, GuestFault, _cs
     try:
         code = vcpu.read_linear(lin, 15, implicit=True)
-    except GuestFault:
-        code = vcpu.read_linear(lin, 4096 - (lin & 0xFFF), implicit=True)
-    j = 0
-    while j < len(code) and j < 14 and (code[j] in (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3)
-                                        or (vcpu.mode_bits == 64 and 0x40 <= code[j] <= 0x4F)):
-        j += 1
-    op = code[j] if j < len(code) else 0
-    if op in (0xE4, 0xE5, 0xE6, 0xE7, 0xEC, 0xED, 0xEE, 0xEF, 0x6C, 0x6D, 0x6E, 0x6F):
-        return _decode_io(vcpu, code)
-    if op == 0xF4:
-        return ("hlt", j + 1)
-    insn = vcpu.fetch_insn(lin)
-    if insn is None:
+    except (GuestFault, EptFault):
+        try:   # the instruction may end before an unreadable page
+            code = vcpu.read_linear(lin, 4096 - (lin & 0xFFF), implicit=True)[:15]
+        except (GuestFault, EptFault):
+            return None
+    mode = vcpu.mode_bits
+    c = trapscan.classify_native(code, mode)
+    kind = c.kind_name
+    if kind is None:
         return None
-    return ("insn", insn)
+    invalid = bool(c.prefixes & (trapscan.PFX_LOCK | trapscan.PFX_VEX))
+    if invalid:
+        return TrapSite(kind, c.length, invalid=True)
+    if kind == "io":
+        return TrapSite(kind, c.length, io=_io_facts(mode, code, c))
+    insn = next(_cs(mode).disasm(code[:c.length], vcpu.regs.rip), None)
+    if not _capstone_agrees(kind, insn, c.length):
+        problem = None
+        needs = kind in _NEEDS_INSN or (kind == "lmsw" and c.modrm >> 6 != 3)
+        if needs:
+            what = f"{insn.mnemonic} {insn.op_str} ({insn.size} bytes)" if insn is not None else "nothing"
+            problem = (f"trap site {code[:c.length].hex()} at {lin:#x}: the classifier says {kind} "
+                       f"({c.length} bytes), Capstone decodes {what}")
+        insn = None
+        if needs:
+            return TrapSite(kind, c.length, c.modrm, c.rex, problem=problem)
+    return TrapSite(kind, c.length, c.modrm, c.rex, insn=insn)
 
 
-def site_exit(vcpu, info):
+def site_exit(vcpu, site: TrapSite) -> Exit | None:
     """The exit value for a decoded site with the current registers, or None if
     its kind is not armed now."""
-    kinds = vcpu.trap_kinds
+    kind = site.kind
+    if kind not in vcpu.trap_kinds:
+        return None
     r = vcpu.regs
-    tag = info[0]
-    if tag == "io":
-        return _io_exit(vcpu, info) if "io" in kinds else None
-    if tag == "hlt":
-        return HltExit(rip=r.rip, insn_len=info[1]) if "hlt" in kinds else None
-    insn = info[1]
-    mn = insn.mnemonic
-    if mn == "rdmsr" and "rdmsr" in kinds:
-        return MsrExit(rip=r.rip, insn_len=insn.size, msr=r.gpr[1] & 0xFFFFFFFF)
-    if mn == "wrmsr" and "wrmsr" in kinds:
-        return MsrExit(rip=r.rip, insn_len=insn.size, msr=r.gpr[1] & 0xFFFFFFFF, is_write=True,
+    length = site.length
+    if site.invalid:
+        # A LOCK prefix (SDM Vol. 2A "LOCK") or a VEX prefix on a legacy
+        # instruction: #UD, which has priority over any VM exit.
+        return ExceptionExit(rip=r.rip, vector=x86.UD)
+    if site.problem is not None:
+        return InternalErrorExit(rip=r.rip, message=site.problem)
+    if kind == "io":
+        return _io_exit(vcpu, site.io)
+    if kind == "hlt":
+        return HltExit(rip=r.rip, insn_len=length)
+    if kind == "rdmsr":
+        return MsrExit(rip=r.rip, insn_len=length, msr=r.gpr[1] & 0xFFFFFFFF)
+    if kind == "wrmsr":
+        return MsrExit(rip=r.rip, insn_len=length, msr=r.gpr[1] & 0xFFFFFFFF, is_write=True,
                        value=((r.gpr[2] & 0xFFFFFFFF) << 32) | (r.gpr[0] & 0xFFFFFFFF))
-    if mn == "mov" and len(insn.operands) == 2:
-        names = [insn.reg_name(o.reg) if o.type == C.X86_OP_REG else "" for o in insn.operands]
-        if names[0].startswith("cr") and "cr_write" in kinds:
-            gi = _reg_table()[insn.operands[1].reg][0]
-            return CrExit(rip=r.rip, insn_len=insn.size, cr=int(names[0][2:]), access_type=0, gpr=gi,
-                          value=r.gpr[gi])
-        if names[1].startswith("cr") and "cr_read" in kinds:
-            gi = _reg_table()[insn.operands[0].reg][0]
-            return CrExit(rip=r.rip, insn_len=insn.size, cr=int(names[1][2:]), access_type=1, gpr=gi)
-        if (names[0].startswith("dr") or names[1].startswith("dr")) and "dr" in kinds:
-            return TrapExit(rip=r.rip, insn_len=insn.size, kind="dr", insn=insn)
-        return None
-    if mn == "clts" and "clts" in kinds:
-        return CrExit(rip=r.rip, insn_len=insn.size, cr=0, access_type=2)
-    if mn == "lmsw" and "lmsw" in kinds:
-        o = insn.operands[0]
-        if o.type == C.X86_OP_MEM:
-            addr = mem_operand_address(vcpu, insn, o)
-            return CrExit(rip=r.rip, insn_len=insn.size, cr=0, access_type=3, lmsw_mem=True, lmsw_addr=addr)
-        return CrExit(rip=r.rip, insn_len=insn.size, cr=0, access_type=3, value=reg_value(vcpu, o.reg) & 0xFFFF,
-                      gpr=_reg_table()[o.reg][0])
-    kind = _TRAP_BY_MNEMONIC.get(mn)
-    if kind is None or kind not in kinds:
-        return None
+    modrm, rex = site.modrm, site.rex
+    if kind in ("cr_read", "cr_write"):
+        # MOV CR: ModRM.reg (+ REX.R) is the CR, ModRM.rm (+ REX.B) the GPR (SDM Vol. 2B MOV).
+        cr = ((rex >> 2) & 1) << 3 | (modrm >> 3) & 7
+        gi = (rex & 1) << 3 | modrm & 7
+        if kind == "cr_write":
+            return CrExit(rip=r.rip, insn_len=length, cr=cr, access_type=0, gpr=gi, value=r.gpr[gi])
+        return CrExit(rip=r.rip, insn_len=length, cr=cr, access_type=1, gpr=gi)
+    if kind == "clts":
+        return CrExit(rip=r.rip, insn_len=length, cr=0, access_type=2)
+    if kind == "lmsw":
+        if modrm >> 6 == 3:
+            gi = (rex & 1) << 3 | modrm & 7
+            return CrExit(rip=r.rip, insn_len=length, cr=0, access_type=3, value=r.gpr[gi] & 0xFFFF, gpr=gi)
+        addr = mem_operand_address(vcpu, site.insn, site.insn.operands[0])
+        return CrExit(rip=r.rip, insn_len=length, cr=0, access_type=3, lmsw_mem=True, lmsw_addr=addr)
     operand = None
     if kind == "invlpg":
-        operand = mem_operand_address(vcpu, insn, insn.operands[0])
-    return TrapExit(rip=r.rip, insn_len=insn.size, kind=kind, insn=insn, operand=operand)
+        operand = mem_operand_address(vcpu, site.insn, site.insn.operands[0])
+    return TrapExit(rip=r.rip, insn_len=length, kind=TrapKind(kind), insn=site.insn, operand=operand)

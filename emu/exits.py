@@ -152,6 +152,16 @@ class DeadlineExit(Exit):
 
 
 @dataclass(slots=True)
+class RetryExit(Exit):
+    """Nothing happened: the run stopped at a trap site that, decoded again, is
+    not an armed instruction (its code changed since the scan, or it is not one
+    in the current mode), and the site was dropped.  No instruction ran and no
+    time passed; the caller just runs again from ``rip``.  Handle it like
+    DeadlineExit, except that it is not a completed step (single-stepping, the
+    monitor trap flag)."""
+
+
+@dataclass(slots=True)
 class IrqWindowExit(Exit):
     """The guest can take an interrupt now (IF=1 at a block boundary)."""
 

@@ -129,123 +129,255 @@ static int current_cpl(vmlab_vcpu *v, struct priv *p)
     return (int)(cs & 3);
 }
 
-/* ---- trap-site scanner ------------------------------------------------------ */
-static int is_prefix(uint8_t b, int mode64)
+/* ---- trap-site classifier and scanner ------------------------------------------ */
+/* The opcode table is generated from FORMS in emu/trapscan.py (SDM Vol. 2
+ * Appendix A opcode maps); emu/trapscan.py also holds the pure-Python twin of
+ * vmlab_classify and vmlab_scan_page, which tests/unit/test_trapscan.py
+ * compares with these on random bytes.  Change both together. */
+#include "trap_table.h"
+
+static inline int is_legacy_prefix(uint8_t b)
 {
     switch (b) {
     case 0x26: case 0x2e: case 0x36: case 0x3e: case 0x64: case 0x65:
     case 0x66: case 0x67: case 0xf0: case 0xf2: case 0xf3:
         return 1;
     default:
-        return mode64 && (b & 0xf0) == 0x40;
-    }
-}
-
-#define K(x) (1u << VMLAB_TRAP_##x)
-
-/* Which trap kind does an instruction whose opcode starts at c[0] belong to?
- * c has at least 4 readable bytes (zero padded past the limit).  Prefixes are
- * handled by the caller; the kinds are those of SDM Vol. 3C 25.1.3 / 25.3
- * (instructions that cause VM exits) that Unicorn cannot hook itself. */
-static uint32_t opcode_kind(const uint8_t *c, int prev_is_f3, int prev_is_66)
-{
-    switch (c[0]) {
-    case 0xf4: return K(HLT);
-    case 0xe4: case 0xe5: case 0xe6: case 0xe7:
-    case 0xec: case 0xed: case 0xee: case 0xef:
-    case 0x6c: case 0x6d: case 0x6e: case 0x6f:
-        return K(IO);
-    case 0xf1: return K(INT1);
-    case 0xcf: return K(IRET);      /* armed only while NMIs are blocked */
-    case 0x90: return prev_is_f3 ? K(PAUSE) : 0;
-    case 0x0f: break;
-    default: return 0;
-    }
-    const uint8_t op = c[1], modrm = c[2];
-    const unsigned reg = (modrm >> 3) & 7, mod = modrm >> 6;
-    switch (op) {
-    case 0x00: return reg <= 3 ? K(DESC) : 0;           /* SLDT STR LLDT LTR */
-    case 0x01:
-        if (mod != 3) {
-            if (reg <= 3) return K(DESC);                 /* SGDT SIDT LGDT LIDT */
-            if (reg == 4) return K(SMSW);
-            if (reg == 6) return K(LMSW);
-            if (reg == 7) return K(INVLPG);
-            return 0;
-        }
-        switch (modrm) {
-        case 0xc1: case 0xc2: case 0xc3: case 0xc4: return K(VMX); /* VMCALL..VMXOFF */
-        case 0xc8: return K(MONITOR);
-        case 0xc9: return K(MWAIT);
-        case 0xd1: return K(XSETBV);
-        case 0xf9: return K(RDTSCP);
-        default:
-            if (reg == 4) return K(SMSW);
-            if (reg == 6) return K(LMSW);
-            return 0;
-        }
-    case 0x06: return K(CLTS);
-    case 0x08: return K(INVD);
-    case 0x09: return K(WBINVD);
-    case 0x20: return K(CR_READ);
-    case 0x22: return K(CR_WRITE);
-    case 0x21: case 0x23: return K(DR);
-    case 0x30: return K(WRMSR);
-    case 0x31: return K(RDTSC);
-    case 0x32: return K(RDMSR);
-    case 0x33: return K(RDPMC);
-    case 0x78: case 0x79: return K(VMX);                  /* VMREAD VMWRITE */
-    case 0x37: return K(VMX);                             /* GETSEC: exits unconditionally in VMX */
-    case 0xa2: return K(CPUID);
-    case 0xc7:
-        if (mod == 3) {
-            if (reg == 6) return K(RDRAND);
-            if (reg == 7) return K(RDSEED);
-            return 0;
-        }
-        return (reg == 6 || reg == 7) ? K(VMX) : 0;      /* VMPTRLD/VMCLEAR/VMXON, VMPTRST */
-    case 0x38:
-        if (prev_is_66 && (c[2] == 0x80 || c[2] == 0x81)) return K(VMX);   /* INVEPT INVVPID */
-        if (prev_is_66 && c[2] == 0x82) return K(INVPCID);
         return 0;
-    default: return 0;
     }
 }
 
-/* Scan code[0..len) (len may include look-ahead past the page) for instruction
- * starts < limit that belong to an armed kind.  An instruction start is only
- * flagged where the opcode bytes match; each run of legal prefix bytes right
- * before it is flagged too, because an instruction may start at any of them.
- * Unicorn's exit check happens only at instruction starts, so a flagged byte
- * that is not one costs nothing.  Returns the number of offsets written. */
+static inline int form_ok(const struct trap_form *f, uint32_t cls, uint8_t rex)
+{
+    return (f->pfx & cls) && !((f->flags & TT_NO_REX_B) && (rex & 1));
+}
+
+static int modrm_ok(const struct trap_form *f, uint8_t modrm)
+{
+    const unsigned mod = modrm >> 6, reg = (modrm >> 3) & 7, rm = modrm & 7;
+    if ((f->mod == TT_MOD_MEM && mod == 3) || (f->mod == TT_MOD_REG && mod != 3))
+        return 0;
+    return (f->reg == TT_ANY || f->reg == reg) && (f->rm == TT_ANY || f->rm == rm);
+}
+
+/* Kinds (bit mask) of the forms in maps [map_lo, map_hi] accepted with these prefixes. */
+static uint32_t maps_mask(int map_lo, int map_hi, uint32_t cls, uint8_t rex)
+{
+    uint32_t m = 0;
+    for (int k = 0; k < TT_NFORMS; k++)
+        if (trap_forms[k].map >= map_lo && trap_forms[k].map <= map_hi && form_ok(&trap_forms[k], cls, rex))
+            m |= 1u << trap_forms[k].kind;
+    return m;
+}
+
+/* The instruction needs at least k bytes: 0 (out->status set) if that is more
+ * than 15 (#GP, SDM Vol. 2A 2.3.11) or more than the n bytes given. */
+static int need(vmlab_insn *out, uint32_t k, uint32_t n, uint32_t maybe)
+{
+    if (k > 15) {
+        out->status = VMLAB_CLASS_NONE;
+        return 0;
+    }
+    if (k > n) {
+        out->status = maybe ? VMLAB_CLASS_TRUNCATED : VMLAB_CLASS_NONE;
+        out->maybe = maybe;
+        return 0;
+    }
+    return 1;
+}
+
+/* Which trap kind is the instruction at code[0] (mode 16, 32 or 64)?  The
+ * decoding rules are spelled out in emu/trapscan.py.  Returns out->kind. */
+int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
+{
+    memset(out, 0, sizeof *out);
+    out->kind = -1;
+    out->seg = 255;
+    uint32_t i = 0, pfx = 0;
+    uint8_t rex = 0, rep = 0;
+    for (; i < n && i < 15; i++) {
+        const uint8_t b = code[i];
+        if (mode == 64 && (b & 0xf0) == 0x40) {
+            rex = b;
+            continue;
+        }
+        if (!is_legacy_prefix(b))
+            break;
+        rex = 0;    /* a REX byte counts only right before the opcode (SDM Vol. 2A 2.2.1) */
+        switch (b) {
+        case 0xf0: pfx |= VMLAB_PFX_LOCK; break;
+        case 0xf2: pfx |= VMLAB_PFX_REPNE; rep = b; break;
+        case 0xf3: pfx |= VMLAB_PFX_REP; rep = b; break;
+        case 0x66: pfx |= VMLAB_PFX_OPSIZE; break;
+        case 0x67: pfx |= VMLAB_PFX_ADSIZE; break;
+        default:
+            pfx |= VMLAB_PFX_SEG;
+            out->seg = b == 0x26 ? 0 : b == 0x2e ? 1 : b == 0x36 ? 2 : b == 0x3e ? 3 : b == 0x64 ? 4 : 5;
+        }
+    }
+    if (rex)
+        pfx |= VMLAB_PFX_REX;
+    out->nprefix = i;
+    out->prefixes = pfx;
+    out->rex = rex;
+    out->mandatory = rep ? rep : (pfx & VMLAB_PFX_OPSIZE) ? 0x66 : 0;
+    uint32_t cls = rep == 0xf3 ? TT_P_F3 : rep == 0xf2 ? TT_P_F2 : (pfx & VMLAB_PFX_OPSIZE) ? TT_P_66 : TT_P_NONE;
+
+    if (!need(out, i + 1, n, TT_ALL_KINDS))
+        return -1;
+    uint32_t map, op, p;
+    const uint8_t b = code[i];
+    if ((b == 0xc4 || b == 0xc5) && mode != 16) {
+        /* VEX (SDM Vol. 2A 2.3.5): #UD for every trapped instruction, but
+         * Unicorn 2.1.4 runs a VEX-encoded 0F-map opcode as the legacy one
+         * (C5 F8 32 is RDMSR there).  So a VEX form is a site of its opcode's
+         * kind and the stop raises #UD.  Decoded like Unicorn: not in 16-bit
+         * code, in 32-bit code only if the next byte's bits 7:6 are 11 (else
+         * LES/LDS), never after F0/66/F2/F3/REX. */
+        out->opmap = 0;
+        out->opcode = b;
+        if ((pfx & (VMLAB_PFX_LOCK | VMLAB_PFX_OPSIZE | VMLAB_PFX_REP | VMLAB_PFX_REPNE)) || rex)
+            return -1;
+        const uint32_t vex_maybe = maps_mask(1, 2, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, 0);
+        if (!need(out, i + 2, n, vex_maybe))
+            return -1;
+        const uint8_t vex2 = code[i + 1];
+        if (mode != 64 && (vex2 & 0xc0) != 0xc0)
+            return -1;
+        uint32_t pp, q;
+        if (b == 0xc5) {
+            pp = vex2 & 3; map = 1; q = i + 2;
+        } else {
+            if (!need(out, i + 3, n, vex_maybe))
+                return -1;
+            if ((vex2 & 0x1f) != 1 && (vex2 & 0x1f) != 2)
+                return -1;
+            pp = code[i + 2] & 3; map = (vex2 & 0x1f) == 1 ? 1 : 2; q = i + 3;
+        }
+        static const uint8_t pp_mandatory[4] = {0, 0x66, 0xf3, 0xf2};
+        static const uint8_t pp_class[4] = {TT_P_NONE, TT_P_66, TT_P_F3, TT_P_F2};
+        pfx |= VMLAB_PFX_VEX;
+        out->prefixes = pfx;
+        out->mandatory = pp_mandatory[pp];
+        cls = pp_class[pp];
+        if (!need(out, q + 1, n, maps_mask((int)map, (int)map, cls, rex)))
+            return -1;
+        op = code[q]; p = q + 1;
+    } else if (b == 0x0f) {
+        if (!need(out, i + 2, n, maps_mask(1, 2, cls, rex)))
+            return -1;
+        if (code[i + 1] == 0x38) {
+            if (!need(out, i + 3, n, maps_mask(2, 2, cls, rex)))
+                return -1;
+            map = 2; op = code[i + 2]; p = i + 3;
+        } else {
+            map = 1; op = code[i + 1]; p = i + 2;
+        }
+    } else {
+        map = 0; op = b; p = i + 1;
+    }
+    out->opmap = (uint8_t)map;
+    out->opcode = (uint8_t)op;
+    const struct trap_form *cand = &trap_forms[trap_first[map][op]];
+    const uint32_t ncand = trap_count[map][op];
+    const struct trap_form *form = NULL;
+    uint32_t cand_mask = 0;
+    for (uint32_t k = 0; k < ncand; k++)
+        if (form_ok(&cand[k], cls, rex)) {
+            cand_mask |= 1u << cand[k].kind;
+            if (!form)
+                form = &cand[k];
+        }
+    if (!form)
+        return -1;
+    if (form->modrm != TT_NO_MODRM) {
+        if (!need(out, p + 1, n, cand_mask))
+            return -1;
+        const uint8_t modrm = code[p++];
+        out->modrm = modrm;
+        out->has_modrm = 1;
+        form = NULL;
+        for (uint32_t k = 0; k < ncand && !form; k++)
+            if (form_ok(&cand[k], cls, rex) && modrm_ok(&cand[k], modrm))
+                form = &cand[k];
+        if (!form)
+            return -1;
+        const unsigned mod = modrm >> 6, rm = modrm & 7;
+        if (form->modrm == TT_MODRM && mod != 3) {
+            const int addr16 = mode != 64 && (mode == 16) != ((pfx & VMLAB_PFX_ADSIZE) != 0);
+            unsigned disp;
+            if (addr16) {
+                disp = (mod == 2 || (mod == 0 && rm == 6)) ? 2 : mod;
+            } else {
+                unsigned base = rm;
+                if (rm == 4) {
+                    if (!need(out, p + 1, n, 1u << form->kind))
+                        return -1;
+                    base = code[p++] & 7;
+                }
+                disp = (mod == 2 || (mod == 0 && base == 5)) ? 4 : mod;
+            }
+            p += disp;
+        }
+    }
+    p += form->imm;
+    if (p > 15)
+        return -1;
+    out->status = VMLAB_CLASS_TRAP;
+    out->kind = form->kind;
+    out->length = p;
+    return out->kind;
+}
+
+/* Site kind of one classification: the kind if armed, VMLAB_SITE_UNKNOWN if
+ * the bytes ran out while an armed kind was still possible, else -1. */
+static int site_kind(const vmlab_insn *r, uint32_t kinds)
+{
+    if (r->status == VMLAB_CLASS_TRAP)
+        return (kinds >> r->kind) & 1 ? r->kind : -1;
+    if (r->status == VMLAB_CLASS_TRUNCATED && (r->maybe & kinds))
+        return VMLAB_SITE_UNKNOWN;
+    return -1;
+}
+
+/* Scan code[0..len) (len may include look-ahead past the page) for offsets
+ * s < limit where an instruction of an armed kind would start.  The scanner
+ * does not know instruction boundaries, so every offset is classified; a hook
+ * at an offset that is not an instruction start costs nothing.  16- and 32-bit
+ * code share one scan (mode64 == 0): an offset is a site if it is one in
+ * either.  Writes offsets (and kinds, if site_kinds is not NULL) in offset
+ * order; returns their number. */
 int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
-                    int mode64, uint32_t kinds, uint32_t *sites, uint32_t max_sites)
+                    int mode64, uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites)
 {
     (void)v;
     uint32_t n = 0;
-    uint8_t pad[4];
-    for (uint32_t i = 0; i < len && i < limit + 15; i++) {
-        const uint8_t b = code[i];
-        if (b != 0x0f && b != 0xf4 && b != 0x90 && b != 0xf1 && b != 0xcf && (b & 0xe4) != 0xe4 && (b & 0xfc) != 0x6c)
+    vmlab_insn r;
+    const uint32_t end = limit < len ? limit : len;
+    for (uint32_t s = 0; s < end && n < max_sites; s++) {
+        const uint8_t b = code[s];
+        if (!trap_start_opcode[b] && !is_legacy_prefix(b) && !(mode64 && (b & 0xf0) == 0x40))
             continue;
-        const uint8_t *c = code + i;
-        if (len - i < 4) {
-            memset(pad, 0, sizeof pad);
-            memcpy(pad, code + i, len - i);
-            c = pad;
+        const uint32_t avail = len - s < 15 ? len - s : 15;
+        int k;
+        if (mode64) {
+            vmlab_classify(code + s, avail, 64, &r);
+            k = site_kind(&r, kinds);
+        } else {
+            vmlab_classify(code + s, avail, 32, &r);
+            k = site_kind(&r, kinds);
+            if (k < 0 || k == VMLAB_SITE_UNKNOWN) {
+                vmlab_classify(code + s, avail, 16, &r);
+                const int k16 = site_kind(&r, kinds);
+                if (k16 >= 0 && (k < 0 || k16 != VMLAB_SITE_UNKNOWN))
+                    k = k16;
+            }
         }
-        const int prev_f3 = i > 0 && code[i - 1] == 0xf3;
-        int prev_66 = 0;
-        for (uint32_t j = i; j > 0 && j + 15 > i && is_prefix(code[j - 1], mode64); j--)
-            if (code[j - 1] == 0x66) prev_66 = 1;
-        const uint32_t kind = opcode_kind(c, prev_f3, prev_66);
-        if (!(kind & kinds))
+        if (k < 0)
             continue;
-        if (i < limit && n < max_sites)
-            sites[n++] = i;
-        for (uint32_t j = i; j > 0 && j + 14 > i && is_prefix(code[j - 1], mode64); j--)
-            if (j - 1 < limit && n < max_sites)
-                sites[n++] = j - 1;
+        if (site_kinds)
+            site_kinds[n] = (uint8_t)k;
+        sites[n++] = s;
     }
     return (int)n;
 }
@@ -417,7 +549,7 @@ static int scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64_
         memset(buf + 4096, 0, 16);
     }
     uint32_t sites[1024];
-    int n = vmlab_scan_page(v, buf, len, 4096, mode64, v->trap_kinds, sites, 1024);
+    int n = vmlab_scan_page(v, buf, len, 4096, mode64, v->trap_kinds, sites, NULL, 1024);
     for (int k = 0; k < n; k++)
         if (exit_add(v, p, vpage + sites[k]) && nadded < max)
             added[nadded++] = vpage + sites[k];

@@ -255,7 +255,7 @@ int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t se
 int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds);
 int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr);
 int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
-                    int mode64, uint32_t kinds, uint32_t *sites, uint32_t max_sites);
+                    int mode64, uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites);
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
@@ -264,4 +264,39 @@ void vmlab_set_emu_start(void *emu_start);
 void vmlab_set_cs_close(void *cs_close);
 int vmlab_emu_start(void *uc, uint64_t begin);
 int vmlab_emu_step(void *uc, uint64_t begin);
+
+/* ---- trap-site classifier (native/hooks.c; opcode table native/trap_table.h,
+ * generated from emu/trapscan.py, which also holds the Python twin) ---- */
+enum {
+    VMLAB_CLASS_NONE = 0,      /* not an instruction of any trap kind (or longer than 15 bytes) */
+    VMLAB_CLASS_TRAP = 1,      /* kind and length are valid */
+    VMLAB_CLASS_TRUNCATED = 2, /* the bytes ran out first; maybe = the kinds still possible */
+};
+enum {
+    VMLAB_PFX_LOCK = 1, VMLAB_PFX_REPNE = 2, VMLAB_PFX_REP = 4, VMLAB_PFX_OPSIZE = 8,
+    VMLAB_PFX_ADSIZE = 16, VMLAB_PFX_SEG = 32, VMLAB_PFX_REX = 64,
+    VMLAB_PFX_VEX = 128,     /* a VEX prefix (C4/C5) selected the opcode map: #UD */
+};
+/* vmlab_scan_page's kind for a site whose instruction runs past the bytes scanned */
+enum { VMLAB_SITE_UNKNOWN = 255 };
+
+typedef struct vmlab_insn {
+    int32_t kind;        /* VMLAB_TRAP_* when status is VMLAB_CLASS_TRAP, else -1 */
+    uint32_t status;     /* VMLAB_CLASS_* */
+    uint32_t length;     /* bytes, prefixes included (VMLAB_CLASS_TRAP) */
+    uint32_t nprefix;    /* prefix bytes (legacy, REX) before the opcode */
+    uint32_t prefixes;   /* VMLAB_PFX_* present */
+    uint32_t maybe;      /* VMLAB_CLASS_TRUNCATED: 1 << VMLAB_TRAP_* of the kinds still possible */
+    uint8_t opmap;       /* 0: one-byte map, 1: 0F xx, 2: 0F 38 xx (once read) */
+    uint8_t opcode;      /* opcode byte in that map */
+    uint8_t modrm, has_modrm;
+    uint8_t rex;         /* REX byte in effect (64-bit mode, last prefix), 0 if none */
+    uint8_t seg;         /* last segment override: 0..5 = ES CS SS DS FS GS, 255 none */
+    uint8_t mandatory;   /* mandatory-prefix class: 0, 0x66, 0xF3 or 0xF2 */
+    uint8_t pad;
+} vmlab_insn;
+
+/* Classify the instruction at code[0..len) in 16-, 32- or 64-bit code (mode);
+ * returns out->kind. */
+int vmlab_classify(const uint8_t *code, uint32_t len, int mode, vmlab_insn *out);
 #endif

@@ -33,7 +33,7 @@ from emu import sensitive, x86
 from emu.cpu import EptFault, GuestFault
 from emu.events import Event
 from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                       IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit, TrapKind)
+                       IrqWindowExit, MmioExit, MsrExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
 
 #: A halted guest with nothing able to wake it within this much virtual time stops.
 IDLE_LIMIT_NS = 10 * 1_000_000_000
@@ -184,7 +184,7 @@ def platform(m: Machine, ex: Exit) -> Outcome:
             return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
         case TrapExit():
             return _platform_trap(m, ex)
-        case DeadlineExit() | IrqWindowExit():
+        case DeadlineExit() | IrqWindowExit() | RetryExit():
             return HANDLED
         case ShutdownExit():
             return Stop(StopReason.SHUTDOWN, ex.reason)

@@ -223,6 +223,10 @@ class VmxGuest(NonRootIntercepts):
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
         self._p = self._pin = 0
+        #: monitor trap flag: the loop runs one instruction at a time (SDM 26.5.2)
+        self.single_step = False
+        #: interrupt-window exiting: the native side stops at the next window
+        self.wants_irq_window = False
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -313,16 +317,16 @@ class VmxGuest(NonRootIntercepts):
         descriptor-table state when the VMCS is first read (it is only in the
         vCPU until then).  Values are in range by construction."""
         r = self.cpu.regs
-        vals = self.vmcs._values
+        vmcs = self._vmcs
+        vals = vmcs._values
         vals[_E_RIP], vals[_E_RSP], vals[_E_RFLAGS] = r.rip, r.gpr[4], r.rflags
         vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
         intr = vals.get(_E_INTR, 0) & ~(1 << 3)
-        blocked = self.virtual_nmi_blocked if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS \
-            else self.vm.nmi_blocked
+        blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else self.vm.nmi_blocked
         vals[_E_INTR] = intr | (8 if blocked else 0)      # bit 3: blocking by NMI (Table 25-3)
-        self._vmcs.lazy = self._lazy_ref
+        vmcs.lazy = self._lazy_ref
         self._saved = True
-        if self._preempt_deadline is not None and self._ctl(int(F.VM_EXIT_CONTROLS)) & (1 << 22):
+        if self._preempt_deadline is not None and vals.get(_E_EXIT_CTLS, 0) & (1 << 22):
             # "save VMX-preemption timer value" (SDM 28.3.4)
             rate = self.caps.misc & 0x1F
             vals[int(F.VMX_PREEMPTION_TIMER_VALUE)] = max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
@@ -395,6 +399,8 @@ class VmxGuest(NonRootIntercepts):
             self._armed_for = ctl
         self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
         self._p, self._pin = self._primary(), self._ctl(_E_PIN)
+        self.single_step = bool(self._p & _PP.MONITOR_TRAP_FLAG)
+        self.wants_irq_window = bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
         self._inject_from_entry_field()
@@ -589,6 +595,7 @@ _E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLA
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
+_E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
 _RIP_ONLY = frozenset({_E_RIP})
 _X_REASON, _X_QUAL, _X_INTR_INFO, _X_IDT_INFO = (int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION),
                                                  int(F.VM_EXIT_INTR_INFO), int(F.IDT_VECTORING_INFO))

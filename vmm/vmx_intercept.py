@@ -37,6 +37,8 @@ class _Ints:
 
 
 _PP, _SP, _PIN = _Ints(PrimaryProcBasedControls), _Ints(SecondaryProcBasedControls), _Ints(PinBasedControls)
+#: the window-exiting controls (SDM 26.7.5, 26.7.6)
+_WINDOWS = _PP.INTERRUPT_WINDOW_EXITING | _PP.NMI_WINDOW_EXITING
 _ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
 
 
@@ -148,17 +150,13 @@ class NonRootIntercepts:
         arbiter delivers what is pending as on bare metal."""
         if self._pending_exits:
             return Intercepted(self._pending_exits.pop(0))
-        ex = self._external_interrupt_exit(src) or self._preemption_timer_exit()
+        if src is None and not self._p & _WINDOWS and not self.vm.init_pending:
+            ex = None                      # the common case: nothing pending, no window asked for
+        else:
+            ex = self._external_interrupt_exit(src)
+        if ex is None and self._preempt_deadline is not None:
+            ex = self._preemption_timer_exit()
         return Intercepted(ex) if ex is not None else None
-
-    @property
-    def single_step(self) -> bool:
-        """Monitor trap flag: run one instruction at a time."""
-        return bool(self._p & _PP.MONITOR_TRAP_FLAG)
-
-    @property
-    def wants_irq_window(self) -> bool:
-        return bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
 
     def deadline(self) -> int | None:
         return self._preempt_deadline
@@ -169,7 +167,7 @@ class NonRootIntercepts:
         exit; so does a failed VM entry."""
         if self.record:
             self.trace.append(ex)
-        fn = self.handlers.get(int(ex.reason))
+        fn = self.handlers.get(ex.reason)
         if fn is None:
             return Stop(StopReason.VMEXIT, exit=ex)
         self._halt_requested = False
