@@ -8,6 +8,7 @@ from ``run()``.  It knows nothing of devices or of the VMM.
 from __future__ import annotations
 
 import struct
+import time
 from functools import lru_cache
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
@@ -232,7 +233,34 @@ class Vcpu:
 
     @property
     def icount(self) -> int:
+        """Virtual time in ns: instructions executed (virtual clock), or host
+        monotonic time since the clock's origin, read now (host clock)."""
+        if self.clock == "host":
+            return lib.vmlab_host_now(self._v)
         return self._v.icount
+
+    # ------------------------------------------------------------------ clock
+    #: "virtual": virtual time is the instruction count (1 instruction = 1 ns),
+    #: exact per block and deterministic.  "host": virtual time is the host's
+    #: monotonic clock (QEMU without -icount): no instruction is counted, run()
+    #: deadlines are times in ns since the origin, stopped by a host timer.
+    clock = "virtual"
+
+    def set_clock(self, clock: str, origin_ns: int | None = None) -> None:
+        """Select the clock (see ``clock``).  ``origin_ns``: the
+        time.monotonic_ns() value that is virtual time 0 with the host clock
+        (default: now).  Instruction counts are not kept with the host clock, so
+        switching back to "virtual" resumes counting from the current time."""
+        if clock not in ("virtual", "host"):
+            raise ConfigError(f"unknown clock {clock!r} (virtual or host)")
+        if origin_ns is None:
+            origin_ns = time.monotonic_ns()
+        err = lib.vmlab_set_clock(self._v, self._uch, 1 if clock == "host" else 0, origin_ns)
+        if err:
+            raise NativeError(f"switching the clock failed ({err})")
+        if clock == "host" and self.clock != "host":
+            self._v.icount = lib.vmlab_host_now(self._v)
+        self.clock = clock
 
     def set_cpuid(self, model) -> None:
         """Load a CPUID model (emu.cpuid.CpuidModel) into the native table."""
@@ -603,19 +631,24 @@ class Vcpu:
     # ------------------------------------------------------------------ running
     def run(self, deadline: int, single_step: bool = False) -> Exit:
         """Run until something needs attention or virtual time reaches
-        ``deadline`` (instructions); returns one exit value.  ``single_step``
-        executes at most one instruction (returns DeadlineExit after it)."""
-        v, uc = self._v, self.uc
+        ``deadline`` (ns of virtual time: instructions with the virtual clock,
+        host time since the origin with the host clock); returns one exit value.
+        ``single_step`` executes at most one instruction (returns DeadlineExit
+        after it)."""
+        v = self._v
         self.flush()
         v.stop_kind = 0
         v.icount_deadline = deadline
-        if single_step:
+        # flags: 1 = one instruction; 2 = the block registry sees every block
+        # (with the host clock only the logs need it)
+        flags = (1 if single_step else 0) | (2 if self.keep_block_logs else 0)
+        if single_step and self.clock != "host":
             start = v.icount
-            err = lib.vmlab_emu_step(self._uch, self.regs.rip)
+            err = lib.vmlab_run(v, self._uch, self.regs.rip, flags)
             if v.icount == start and not v.stop_kind and not err:
                 v.icount += 1          # a one-instruction step outside a fresh block
         else:
-            err = lib.vmlab_emu_start(self._uch, self.regs.rip)
+            err = lib.vmlab_run(v, self._uch, self.regs.rip, flags)
         r = self.refresh()
         kind = v.stop_kind
         v.stop_kind = 0

@@ -7,6 +7,8 @@
 #include <string.h>
 #include <stdbool.h>
 #include <stdarg.h>
+#include <pthread.h>
+#include <time.h>
 #include <unicorn/unicorn.h>
 #include "vmlab.h"
 
@@ -94,6 +96,21 @@ struct priv {
     struct stlb_entry stlb[STLB_SIZE];
     uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
     uint32_t tbhash_cap;
+    /* ---- the block hook's own state (hook_block, vmlab_run) ---- */
+    uint64_t fast_deadline;     /* virtual clock: the hook's one compare; 0 = take the slow path */
+    const volatile uint32_t *hf_ptr;   /* &CPUX86State.hflags (NULL: unknown, slow path) */
+    volatile uint32_t host_stop;       /* host clock: set by the timer thread at the deadline */
+    uint32_t host_slow;         /* host clock: a rare condition needs the slow path */
+    uint32_t want_blocks;       /* host clock: keep the block registry (logs, exec counts) */
+    uint32_t clock_host;        /* 0: virtual time = icount; 1: host monotonic time */
+    uc_hook block_hook;         /* the installed UC_HOOK_BLOCK (hook_block or hook_block_host) */
+    uint64_t origin_ns;         /* host clock: CLOCK_MONOTONIC value at virtual time 0 */
+    struct host_timer {
+        uint64_t when;          /* CLOCK_MONOTONIC ns */
+        volatile uint32_t *flag;
+        struct host_timer *next;
+        int linked;
+    } timer;
 };
 
 #define HF_CPL_MASK 3u
@@ -663,10 +680,11 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         if (access & VMLAB_ACC_WRITE) {
             /* First store to a page we scanned for trap sites.  The store has
              * not happened yet: queue the page for a rescan at the next block
-             * boundary (hook_block).  The entry keeps X: with Unicorn 2.1.4 an
-             * exec-only entry followed by a write-only one for the same page
-             * loses QEMU's own self-modifying-code invalidation (a stale TB
-             * runs; seen with a store to a function after pushes to its page). */
+             * boundary (hook_block_slow; no stop from here, see hook_block).
+             * The entry keeps X: with Unicorn 2.1.4 an exec-only entry followed
+             * by a write-only one for the same page loses QEMU's own
+             * self-modifying-code invalidation (a stale TB runs; seen with a
+             * store to a function after pushes to its page). */
             vmlab_code_page_written(v, ppage);
             if (p->nrescan < RESCAN_MAX) {
                 p->rescan[p->nrescan].vpage = vaddr & ~0xfffull;
@@ -675,6 +693,8 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
             } else {
                 p->rescan_overflow = 1;
             }
+            p->fast_deadline = 0;    /* hook_block: take the slow path at the next block */
+            p->host_slow = 1;
         } else {
             perms &= ~VMLAB_PROT_W;
         }
@@ -833,11 +853,44 @@ static int rescan_written(vmlab_vcpu *v, struct priv *p, uint64_t addr, uint32_t
     return stop;
 }
 
-static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+/* ---- the block hook ------------------------------------------------------------
+ *
+ * Unicorn calls the UC_HOOK_BLOCK callback at the start of every translated block
+ * it executes (a direct call compiled into the block).  With the virtual clock it
+ * is the instruction counter, so it runs ~10^8 times a second: its common path is
+ * one compare against fast_deadline, one direct-mapped icache probe keyed by
+ * (pc, size, decoding hflags) and an add.  Everything rare (deadline reached,
+ * irq window armed, code pages to rescan, block logs near full, exec counting or
+ * logging, hflags location unknown) is folded into fast_deadline = 0 by
+ * refresh_fast(), which sends every block to hook_block_slow(), the complete
+ * check.  refresh_fast() runs at each vmlab_run() and at the end of each slow
+ * call; the TLB fill zeroes fast_deadline itself when it queues a rescan.
+ *
+ * Measured cost on a 5-instruction loop block (see README "Guest speed"): the
+ * call itself (an empty callback) ~1.7-2 ns, this common path ~0.3-0.6 ns more.
+ *
+ * With the host clock (vmlab_set_clock) the hook is hook_block_host: no counting,
+ * only a test of host_stop (set by the timer thread at the deadline) and
+ * host_slow (rare conditions, as above).  A block hook is kept there because
+ * stopping a running engine from another thread is not safe with Unicorn 2.1.4:
+ * uc_emu_stop's request is also honoured at the check Unicorn compiles after each
+ * guest memory access, and an exit there restarts the instruction whose store
+ * already happened (an "add [mem], 1" is executed twice).  A stop requested from
+ * a block hook takes effect before the block's first instruction. */
+
+static void refresh_fast(vmlab_vcpu *v, struct priv *p)
 {
-    vmlab_vcpu *v = ud;
-    struct priv *p = v->priv;
-    if (__builtin_expect(p->nrescan | p->rescan_overflow, 0) && rescan_written(v, p, addr, size)) {
+    p->hf_ptr = v->env ? (const volatile uint32_t *)(v->env + v->env_hflags) : NULL;
+    const int rare = v->irq_window | v->count_exec | v->log_exec | p->nrescan | p->rescan_overflow
+                     | (p->hf_ptr == NULL) | (v->nexec_log >= 65536) | (v->ntb_new >= 65536);
+    p->fast_deadline = rare ? 0 : v->icount_deadline;
+    p->host_slow = rare | p->want_blocks;
+}
+
+static void __attribute__((noinline)) hook_block_slow(uc_engine *uc, uint64_t addr, uint32_t size,
+                                                      vmlab_vcpu *v, struct priv *p)
+{
+    if ((p->nrescan | p->rescan_overflow) && rescan_written(v, p, addr, size)) {
         v->stop_kind = VMLAB_STOP_REQUEST;
         api.emu_stop(uc);
         return;
@@ -845,12 +898,12 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     /* A stop requested here takes effect before the block runs (Unicorn checks
      * right after the block hook), so the block is only counted when it runs:
      * the deadline is checked before adding it (a block may overshoot it). */
-    if (__builtin_expect(v->nexec_log >= 65536 || v->ntb_new >= 65536, 0)) {
+    if (v->nexec_log >= 65536 || v->ntb_new >= 65536) {
         v->stop_kind = VMLAB_STOP_LOG_FULL;
         api.emu_stop(uc);
         return;
     }
-    if (v->icount >= v->icount_deadline) {
+    if (p->clock_host ? p->host_stop != 0 : v->icount >= v->icount_deadline) {
         v->stop_kind = VMLAB_STOP_DEADLINE;
         api.emu_stop(uc);
         return;
@@ -866,7 +919,44 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
             return;
         }
     }
+    if (!p->clock_host)
+        v->icount += block_icount(v, p, addr, size);
+    else if (p->want_blocks | v->count_exec | v->log_exec)
+        block_icount(v, p, addr, size);      /* the registry only: time is the host's */
+    refresh_fast(v, p);
+}
+
+static void __attribute__((noinline)) hook_block_miss(vmlab_vcpu *v, struct priv *p, uint64_t addr,
+                                                      uint32_t size)
+{
     v->icount += block_icount(v, p, addr, size);
+    if (v->ntb_new >= 65536)
+        p->fast_deadline = 0;   /* the discovery log must be drained: next block stops */
+}
+
+static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    struct priv *p = v->priv;
+    if (__builtin_expect(v->icount >= p->fast_deadline, 0)) {
+        hook_block_slow(uc, addr, size, v, p);
+        return;
+    }
+    const struct icache_entry *ce = &p->icache[(addr ^ (addr >> 13)) & (ICACHE_SIZE - 1)];
+    const uint32_t hfm = *p->hf_ptr & HF_DECODE_MASK;
+    if (__builtin_expect(ce->pc == addr && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
+        v->icount += ce->ninsn;
+        return;
+    }
+    hook_block_miss(v, p, addr, size);
+}
+
+static void hook_block_host(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+    vmlab_vcpu *v = ud;
+    struct priv *p = v->priv;
+    if (__builtin_expect(p->host_stop | p->host_slow, 0))
+        hook_block_slow(uc, addr, size, v, p);
 }
 
 static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
@@ -921,10 +1011,14 @@ static int hook_cpuid(uc_engine *uc, void *ud)
     return 1;
 }
 
+static uint64_t host_now(const struct priv *p);
+
 static int hook_rdtsc(uc_engine *uc, void *ud)
 {
     vmlab_vcpu *v = ud;
-    uint64_t tsc = v->icount + v->tsc_offset;
+    const struct priv *p = v->priv;
+    /* TSC = virtual time in ns + offset; with the host clock, read it now. */
+    uint64_t tsc = (p->clock_host ? host_now(p) : v->icount) + v->tsc_offset;
     uint64_t lo = (uint32_t)tsc, hi = tsc >> 32;
     api.reg_write(uc, UC_X86_REG_RAX, &lo);
     api.reg_write(uc, UC_X86_REG_RDX, &hi);
@@ -1012,6 +1106,7 @@ int vmlab_attach(vmlab_vcpu *v, void *uc)
         return 100 + err;
     if ((err = api.hook_add(uc, &h, UC_HOOK_BLOCK, (void *)hook_block, v, 1, 0)))
         return 200 + err;
+    ((struct priv *)v->priv)->block_hook = h;
     if ((err = api.hook_add(uc, &h, UC_HOOK_INTR, (void *)hook_intr, v, 1, 0)))
         return 300 + err;
     if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_cpuid, v, 1, 0, UC_X86_INS_CPUID)))
@@ -1218,6 +1313,199 @@ int vmlab_emu_start(void *uc, uint64_t begin)
 int vmlab_emu_step(void *uc, uint64_t begin)
 {
     return api.emu_start(uc, begin, 0, 0, 1);
+}
+
+/* ---- clock modes and the run entry point ---------------------------------------
+ *
+ * Virtual clock (default): virtual time is the instruction count, kept exact per
+ * block by hook_block; a run stops before the first block that starts at or past
+ * icount_deadline.
+ *
+ * Host clock: virtual time is CLOCK_MONOTONIC minus origin_ns (1 ns units, like
+ * the virtual clock).  icount_deadline is a time; one process-wide timer thread
+ * sets the vCPU's host_stop flag when it passes, and hook_block_host stops the
+ * engine at the next block boundary.  v->icount is set to the current time when
+ * a run returns.  No instruction is counted. */
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t host_now(const struct priv *p)
+{
+    const uint64_t t = mono_ns();
+    return t > p->origin_ns ? t - p->origin_ns : 0;
+}
+
+uint64_t vmlab_host_now(vmlab_vcpu *v)
+{
+    return host_now(v->priv);
+}
+
+/* The timer thread: the list holds the armed timers only (a run arms its vCPU's
+ * timer before uc_emu_start and unlinks it right after), so a freed vCPU is never
+ * on it.  The thread never calls into Unicorn: it only sets flags. */
+static pthread_mutex_t tm_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t tm_cv;
+static struct host_timer *tm_list;
+static uint64_t tm_wake = ~0ull;   /* when the thread wakes up next (~0: not before a signal) */
+static int tm_started;
+
+static void *tm_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&tm_mu);
+    for (;;) {
+        const uint64_t now = mono_ns();
+        uint64_t next = ~0ull;
+        for (struct host_timer *t = tm_list; t; t = t->next) {
+            if (t->when <= now)
+                __atomic_store_n(t->flag, 1, __ATOMIC_RELEASE);
+            else if (t->when < next)
+                next = t->when;
+        }
+        tm_wake = next;
+        if (next == ~0ull) {
+            pthread_cond_wait(&tm_cv, &tm_mu);
+        } else {
+            struct timespec ts = {(time_t)(next / 1000000000ull), (long)(next % 1000000000ull)};
+            pthread_cond_timedwait(&tm_cv, &tm_mu, &ts);
+        }
+    }
+    return NULL;
+}
+
+static void tm_atfork_child(void)
+{
+    /* The thread does not exist in a forked child: start a new one on demand. */
+    pthread_mutex_init(&tm_mu, NULL);
+    tm_list = NULL;
+    tm_wake = ~0ull;
+    tm_started = 0;
+}
+
+static int tm_start_locked(void)
+{
+    static int atfork_done;
+    pthread_condattr_t ca;
+    pthread_attr_t ta;
+    pthread_t th;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&tm_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_attr_init(&ta);
+    pthread_attr_setdetachstate(&ta, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&ta, 64 << 10);
+    const int err = pthread_create(&th, &ta, tm_main, NULL);
+    pthread_attr_destroy(&ta);
+    if (err)
+        return -1;
+    if (!atfork_done) {
+        pthread_atfork(NULL, NULL, tm_atfork_child);
+        atfork_done = 1;
+    }
+    tm_started = 1;
+    return 0;
+}
+
+static int tm_arm(struct host_timer *t, volatile uint32_t *flag, uint64_t when)
+{
+    pthread_mutex_lock(&tm_mu);
+    if (!tm_started && tm_start_locked()) {
+        pthread_mutex_unlock(&tm_mu);
+        return -1;
+    }
+    t->when = when;
+    t->flag = flag;
+    if (!t->linked) {
+        t->next = tm_list;
+        tm_list = t;
+        t->linked = 1;
+    }
+    /* Wake the thread only if it would sleep past this deadline. */
+    if (when < tm_wake) {
+        tm_wake = when;
+        pthread_cond_signal(&tm_cv);
+    }
+    pthread_mutex_unlock(&tm_mu);
+    return 0;
+}
+
+static void tm_disarm(struct host_timer *t)
+{
+    pthread_mutex_lock(&tm_mu);
+    if (t->linked) {
+        for (struct host_timer **pp = &tm_list; *pp; pp = &(*pp)->next)
+            if (*pp == t) {
+                *pp = t->next;
+                break;
+            }
+        t->linked = 0;
+    }
+    pthread_mutex_unlock(&tm_mu);
+}
+
+/* Switch the clock: host != 0 selects the host clock with virtual time 0 at
+ * CLOCK_MONOTONIC = origin_ns.  Swaps the block hook (hook_block counts,
+ * hook_block_host does not) and drops every translated block, which has the
+ * old hook's call compiled in.  Returns 0 or a uc_err. */
+int vmlab_set_clock(vmlab_vcpu *v, void *uc, int host, uint64_t origin_ns)
+{
+    struct priv *p = v->priv;
+    uc_err err;
+    uc_hook h = 0;
+    host = host != 0;
+    p->origin_ns = origin_ns;
+    if (host == (int)p->clock_host)
+        return 0;
+    if (p->block_hook)
+        api.hook_del(uc, p->block_hook);
+    p->block_hook = 0;
+    p->clock_host = (uint32_t)host;
+    p->host_stop = 0;
+    err = api.hook_add(uc, &h, UC_HOOK_BLOCK, host ? (void *)hook_block_host : (void *)hook_block, v, 1, 0);
+    if (err)
+        return err;
+    p->block_hook = h;
+    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
+    refresh_fast(v, p);
+    return 0;
+}
+
+/* Run the vCPU from begin until a stop (what and why: v->stop_kind) or, with
+ * flags & 1, for one instruction.  flags & 2: the block registry must see every
+ * block (logs, exec counts) even with the host clock.  Returns uc_err. */
+int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
+{
+    struct priv *p = v->priv;
+    const size_t count = (flags & 1) ? 1 : 0;
+    p->want_blocks = (flags >> 1) & 1;
+    refresh_fast(v, p);
+    if (!p->clock_host)
+        return api.emu_start(uc, begin, 0, 0, count);
+    int err = 0;
+    p->host_stop = 0;
+    const uint64_t now = host_now(p);
+    if (now >= v->icount_deadline && !count) {
+        /* Like the virtual clock: a deadline already passed stops before the
+         * first block. */
+        v->stop_kind = VMLAB_STOP_DEADLINE;
+        v->icount = now;
+        return 0;
+    }
+    const int timed = !count && v->icount_deadline != ~0ull;
+    if (timed && tm_arm(&p->timer, &p->host_stop, p->origin_ns + v->icount_deadline))
+        return UC_ERR_RESOURCE;
+    err = api.emu_start(uc, begin, 0, 0, count);
+    if (timed)
+        tm_disarm(&p->timer);
+    p->host_stop = 0;
+    v->icount = host_now(p);
+    return err;
 }
 
 /* Drop every software-TLB entry (CR writes, INVLPG, EPT changes; the Unicorn TLB

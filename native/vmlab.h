@@ -242,6 +242,11 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size);
 void vmlab_vcpu_fini(vmlab_vcpu *v);
 int vmlab_attach(vmlab_vcpu *v, void *uc);
+/* Clock modes and the run entry point (hooks.c, "clock modes"): host != 0 selects
+ * host monotonic time (ns since origin_ns) instead of the instruction count. */
+int vmlab_set_clock(vmlab_vcpu *v, void *uc, int host, uint64_t origin_ns);
+int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags);
+uint64_t vmlab_host_now(vmlab_vcpu *v);
 
 int vmlab_walk_do(vmlab_vcpu *v, uint64_t vaddr, uint32_t access, uint32_t flags, vmlab_walk *w);
 int vmlab_ept_translate(vmlab_vcpu *v, uint64_t gpa, uint32_t access, vmlab_walk *w);
