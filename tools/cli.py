@@ -81,8 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--flat-mode", default="real", choices=["real", "protected32", "long64"])
     r.add_argument("--max-insns", type=_int, default=None, help="stop after about N guest instructions")
     r.add_argument("--timeout", type=float, default=None, help="stop after SECONDS of wall time")
-    r.add_argument("--wall-clock", action="store_true", help="virtual time follows the host clock "
-                   "(default: deterministic, 1 instruction = 1 ns)")
+    r.add_argument("--clock", choices=["virtual", "host"], default=None,
+                   help="virtual: time is the instruction count, 1 instruction = 1 ns, deterministic "
+                        "(default); host: time is the host's monotonic clock and no instruction is "
+                        "counted (--max-insns N then means N ns of host time)")
+    r.add_argument("--wall-clock", action="store_true", help="the same as --clock host")
     r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
 
@@ -175,7 +178,8 @@ def cmd_run(args) -> int:
 
     from vmm.vm import Vm
     try:
-        vm = Vm(ram, serial=sink, log=log, cmdline=args.append, wall_clock=args.wall_clock)
+        clock = args.clock or ("host" if args.wall_clock else "virtual")
+        vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock)
         vm.load(image)
         _attach_stdin(vm, args.serial)
         result = vm.run(max_insns=args.max_insns, timeout=args.timeout)

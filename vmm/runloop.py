@@ -267,10 +267,12 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
             return _result(m, Stop(StopReason.LIMIT, f"instruction limit reached ({max_insns})"))
         if timeout is not None and time.monotonic() - t0 > timeout:
             return _result(m, Stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s"))
-        if m.wall_clock:
+        if m.wall_clock and cpu.clock != "host":
             deadline = v.icount + 1_000_000
         else:
-            deadline = v.icount + SLICE_INSNS
+            # host clock: v.icount is host ns and a host timer ends the run at
+            # the deadline, so it is a timer's; 10 ms slices bound input latency
+            deadline = v.icount + (10_000_000 if cpu.clock == "host" else SLICE_INSNS)
             nxt = m.timers.next_deadline()
             if nxt is not None:
                 deadline = min(deadline, max(nxt, v.icount + 1))

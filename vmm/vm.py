@@ -27,7 +27,7 @@ from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 from emu import sensitive, x86
 from emu.cpu import MACHINE_TRAPS, Vcpu
 from emu.cpu import Closed
-from emu.errors import ClosedError
+from emu.errors import ClosedError, ConfigError
 from emu.cpuid import CpuidModel
 from emu.errors import UnsupportedError
 from emu.events import Event, TripleFault, deliver
@@ -74,14 +74,20 @@ class Vm:
 
     def __init__(self, ram_size: int = 64 << 20, *, serial: Callable[[bytes], object] | None = _stdout_sink,
                  cpuid: CpuidModel | None = None, wall_clock: bool = False, log: DebugLog | None = None,
-                 cmdline: str = ""):
+                 cmdline: str = "", clock: str = "virtual"):
         self.mem = GuestMemory(ram_size)
         self.cpuid = cpuid or CpuidModel()
         self.vcpu = Vcpu(self.mem, cpuid=self.cpuid)
         self.msrs = MsrModel(self.vcpu, self.cpuid)
         self.log = log or DebugLog()
-        self.wall_clock = wall_clock
+        # clock="host": virtual time is host time for the devices (wall_clock) and
+        # for the vCPU, which then counts no instructions (Vcpu.set_clock).
+        if clock not in ("virtual", "host"):
+            raise ConfigError(f"unknown clock {clock!r} (virtual or host)")
+        self.wall_clock = wall_clock or clock == "host"
         self._wall0 = time.monotonic_ns()
+        if clock == "host":
+            self.vcpu.set_clock("host", self._wall0)
         self.clock = Clock(_weak(self.now_ns))
         self.timers = TimerQueue()
         self.pio = Bus("pio", 0x10000)
