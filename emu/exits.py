@@ -155,8 +155,8 @@ class DeadlineExit(Exit):
 class RetryExit(Exit):
     """Nothing happened: the run stopped at a trap site that, decoded again, is
     not an armed instruction (its code changed since the scan, or it is not one
-    in the current mode), and the site was dropped.  No instruction ran and no
-    time passed; the caller just runs again from ``rip``.  Handle it like
+    in the current mode), and the site was dropped.  No instruction ran; the
+    caller just runs again from ``rip``.  Handle it like
     DeadlineExit, except that it is not a completed step (single-stepping, the
     monitor trap flag)."""
 
