@@ -481,9 +481,16 @@ def c_table() -> str:
     lines += [f"    [{m}][0x{op:02x}] = {v[0]}," for (m, op), v in sorted(first.items())]
     lines += ["};", "static const uint8_t trap_count[3][256] = {"]
     lines += [f"    [{m}][0x{op:02x}] = {v[1]}," for (m, op), v in sorted(first.items())]
-    lines += ["};", "", "/* first opcode bytes of a form (one-byte map opcodes and 0F) */",
-              "static const uint8_t trap_start_opcode[256] = {"]
-    lines += [f"    [0x{b:02x}] = 1," for b in sorted(START_OPCODES)]
+    lines += ["};", "",
+              "/* byte classes: legacy prefix, REX (a prefix in 64-bit code only), first byte",
+              " * after the prefixes of some form (one-byte map opcodes, 0F, VEX C4/C5) */",
+              "#define TT_BC_LEGACY 1", "#define TT_BC_REX 2", "#define TT_BC_START 4",
+              "static const uint8_t trap_byte_class[256] = {"]
+    for b in range(256):
+        names = [n for n, on in (("TT_BC_LEGACY", b in _LEGACY), ("TT_BC_REX", 0x40 <= b <= 0x4F),
+                                 ("TT_BC_START", b in START_OPCODES)) if on]
+        if names:
+            lines.append(f"    [0x{b:02x}] = {' | '.join(names)},")
     lines += ["};", "", "#endif", ""]
     return "\n".join(lines)
 

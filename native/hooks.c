@@ -155,13 +155,7 @@ static int current_cpl(vmlab_vcpu *v, struct priv *p)
 
 static inline int is_legacy_prefix(uint8_t b)
 {
-    switch (b) {
-    case 0x26: case 0x2e: case 0x36: case 0x3e: case 0x64: case 0x65:
-    case 0x66: case 0x67: case 0xf0: case 0xf2: case 0xf3:
-        return 1;
-    default:
-        return 0;
-    }
+    return trap_byte_class[b] & TT_BC_LEGACY;
 }
 
 static inline int form_ok(const struct trap_form *f, uint32_t cls, uint8_t rex)
@@ -187,21 +181,22 @@ static uint32_t maps_mask(int map_lo, int map_hi, uint32_t cls, uint8_t rex)
     return m;
 }
 
-/* The instruction needs at least k bytes: 0 (out->status set) if that is more
- * than 15 (#GP, SDM Vol. 2A 2.3.11) or more than the n bytes given. */
-static int need(vmlab_insn *out, uint32_t k, uint32_t n, uint32_t maybe)
-{
-    if (k > 15) {
-        out->status = VMLAB_CLASS_NONE;
-        return 0;
-    }
-    if (k > n) {
-        out->status = maybe ? VMLAB_CLASS_TRUNCATED : VMLAB_CLASS_NONE;
-        out->maybe = maybe;
-        return 0;
-    }
-    return 1;
-}
+/* The instruction needs at least k bytes: if that is more than 15 (#GP, SDM
+ * Vol. 2A 2.3.11) it is no site; if it is more than the n bytes given, the
+ * answer is "truncated" with the kinds still possible (maskexpr, evaluated
+ * only then). */
+#define NEED(k, maskexpr) do {                                              \
+        if ((k) > 15) {                                                     \
+            out->status = VMLAB_CLASS_NONE;                                 \
+            return -1;                                                      \
+        }                                                                   \
+        if ((k) > n) {                                                      \
+            const uint32_t maybe_ = (maskexpr);                             \
+            out->status = maybe_ ? VMLAB_CLASS_TRUNCATED : VMLAB_CLASS_NONE; \
+            out->maybe = maybe_;                                            \
+            return -1;                                                      \
+        }                                                                   \
+    } while (0)
 
 /* Which trap kind is the instruction at code[0] (mode 16, 32 or 64)?  The
  * decoding rules are spelled out in emu/trapscan.py.  Returns out->kind. */
@@ -240,8 +235,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
     out->mandatory = rep ? rep : (pfx & VMLAB_PFX_OPSIZE) ? 0x66 : 0;
     uint32_t cls = rep == 0xf3 ? TT_P_F3 : rep == 0xf2 ? TT_P_F2 : (pfx & VMLAB_PFX_OPSIZE) ? TT_P_66 : TT_P_NONE;
 
-    if (!need(out, i + 1, n, TT_ALL_KINDS))
-        return -1;
+    NEED(i + 1, TT_ALL_KINDS);
     uint32_t map, op, p;
     const uint8_t b = code[i];
     if ((b == 0xc4 || b == 0xc5) && mode != 16) {
@@ -255,9 +249,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
         out->opcode = b;
         if ((pfx & (VMLAB_PFX_LOCK | VMLAB_PFX_OPSIZE | VMLAB_PFX_REP | VMLAB_PFX_REPNE)) || rex)
             return -1;
-        const uint32_t vex_maybe = maps_mask(1, 2, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, 0);
-        if (!need(out, i + 2, n, vex_maybe))
-            return -1;
+        NEED(i + 2, maps_mask(1, 2, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, 0));
         const uint8_t vex2 = code[i + 1];
         if (mode != 64 && (vex2 & 0xc0) != 0xc0)
             return -1;
@@ -265,8 +257,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
         if (b == 0xc5) {
             pp = vex2 & 3; map = 1; q = i + 2;
         } else {
-            if (!need(out, i + 3, n, vex_maybe))
-                return -1;
+            NEED(i + 3, maps_mask(1, 2, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, 0));
             if ((vex2 & 0x1f) != 1 && (vex2 & 0x1f) != 2)
                 return -1;
             pp = code[i + 2] & 3; map = (vex2 & 0x1f) == 1 ? 1 : 2; q = i + 3;
@@ -277,15 +268,12 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
         out->prefixes = pfx;
         out->mandatory = pp_mandatory[pp];
         cls = pp_class[pp];
-        if (!need(out, q + 1, n, maps_mask((int)map, (int)map, cls, rex)))
-            return -1;
+        NEED(q + 1, maps_mask((int)map, (int)map, cls, rex));
         op = code[q]; p = q + 1;
     } else if (b == 0x0f) {
-        if (!need(out, i + 2, n, maps_mask(1, 2, cls, rex)))
-            return -1;
+        NEED(i + 2, maps_mask(1, 2, cls, rex));
         if (code[i + 1] == 0x38) {
-            if (!need(out, i + 3, n, maps_mask(2, 2, cls, rex)))
-                return -1;
+            NEED(i + 3, maps_mask(2, 2, cls, rex));
             map = 2; op = code[i + 2]; p = i + 3;
         } else {
             map = 1; op = code[i + 1]; p = i + 2;
@@ -308,8 +296,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
     if (!form)
         return -1;
     if (form->modrm != TT_NO_MODRM) {
-        if (!need(out, p + 1, n, cand_mask))
-            return -1;
+        NEED(p + 1, cand_mask);
         const uint8_t modrm = code[p++];
         out->modrm = modrm;
         out->has_modrm = 1;
@@ -328,8 +315,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
             } else {
                 unsigned base = rm;
                 if (rm == 4) {
-                    if (!need(out, p + 1, n, 1u << form->kind))
-                        return -1;
+                    NEED(p + 1, 1u << form->kind);
                     base = code[p++] & 7;
                 }
                 disp = (mod == 2 || (mod == 0 && base == 5)) ? 4 : mod;
@@ -345,6 +331,7 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
     out->length = p;
     return out->kind;
 }
+#undef NEED
 
 /* Site kind of one classification: the kind if armed, VMLAB_SITE_UNKNOWN if
  * the bytes ran out while an armed kind was still possible, else -1. */
@@ -372,10 +359,17 @@ int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t l
     vmlab_insn r;
     const uint32_t end = limit < len ? limit : len;
     for (uint32_t s = 0; s < end && n < max_sites; s++) {
-        const uint8_t b = code[s];
-        if (!trap_start_opcode[b] && !is_legacy_prefix(b) && !(mode64 && (b & 0xf0) == 0x40))
+        /* Shortcut (exact): after the prefixes, the first byte must start a form. */
+        const uint8_t pfx_class = mode64 ? TT_BC_LEGACY | TT_BC_REX : TT_BC_LEGACY;
+        if (!(trap_byte_class[code[s]] & (pfx_class | TT_BC_START)))
             continue;
-        const uint32_t avail = len - s < 15 ? len - s : 15;
+        const uint32_t lim = len - s < 15 ? len : s + 15;
+        uint32_t j = s;
+        while (j < lim && (trap_byte_class[code[j]] & pfx_class))
+            j++;
+        if (j < lim && !(trap_byte_class[code[j]] & TT_BC_START))
+            continue;
+        const uint32_t avail = lim - s;
         int k;
         if (mode64) {
             vmlab_classify(code + s, avail, 64, &r);
@@ -383,7 +377,11 @@ int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t l
         } else {
             vmlab_classify(code + s, avail, 32, &r);
             k = site_kind(&r, kinds);
-            if (k < 0 || k == VMLAB_SITE_UNKNOWN) {
+            /* 16-bit code differs from 32-bit code only in the address size (the
+             * length of a memory operand) and in having no VEX: only a truncated
+             * answer or a memory ModRM can change. */
+            if ((k < 0 || k == VMLAB_SITE_UNKNOWN)
+                && (r.status == VMLAB_CLASS_TRUNCATED || (r.has_modrm && (r.modrm >> 6) != 3))) {
                 vmlab_classify(code + s, avail, 16, &r);
                 const int k16 = site_kind(&r, kinds);
                 if (k16 >= 0 && (k < 0 || k16 != VMLAB_SITE_UNKNOWN))
