@@ -244,6 +244,30 @@ class TrapSite:
     problem: str | None = None
 
 
+def _decode_0f38_in_16bit_code(code: bytes, c, rip: int):
+    """Capstone 5 does not decode INVEPT/INVVPID/INVPCID (66 0F 38 8x) in
+    16-bit code.  The same instruction in 32-bit code with the address-size
+    prefix flipped has the same operands (the register operand is 32 bits in
+    both); returned with ``size`` fixed up to the 16-bit encoding's length."""
+    from .cpu import _cs
+    prefixes = bytes(b for b in code[:c.nprefix] if b != 0x67)
+    alt = prefixes + code[c.nprefix:] if c.prefixes & trapscan.PFX_ADSIZE else b"\x67" + code
+    insn = next(_cs(32).disasm(alt, rip), None)
+    if insn is None or insn.size != len(alt):
+        return None
+    return _Resized(insn, len(code))
+
+
+class _Resized:
+    """A Capstone instruction seen through another encoding length."""
+
+    def __init__(self, insn, size: int):
+        self._insn, self.size = insn, size
+
+    def __getattr__(self, name):
+        return getattr(self._insn, name)
+
+
 def _capstone_agrees(kind: str, insn, length: int) -> bool:
     if insn is None or insn.size != length or insn.mnemonic.split()[-1] not in _MNEMONICS[kind]:
         return False
@@ -320,6 +344,8 @@ def decode_site(vcpu, lin: int) -> TrapSite | None:
     if kind == "io":
         return TrapSite(kind, c.length, io=_io_facts(mode, code, c))
     insn = next(_cs(mode).disasm(code[:c.length], vcpu.regs.rip), None)
+    if insn is None and mode == 16 and c.opmap == trapscan.MAP_0F38:
+        insn = _decode_0f38_in_16bit_code(code[:c.length], c, vcpu.regs.rip)
     if not _capstone_agrees(kind, insn, c.length):
         problem = None
         needs = kind in _NEEDS_INSN or (kind == "lmsw" and c.modrm >> 6 != 3)

@@ -263,7 +263,7 @@ def test_scan_page_instruction_past_the_bytes_given_is_a_site_of_unknown_kind():
     assert native_scan(code + b"\xa2", 10, 9, False, 1 << _K["cpuid"], 16) == [(8, _K["cpuid"])]
 
 
-def test_scan_page_16_and_32_bit_code_share_one_scan():
+def test_scan_page_non_64_bit_offset_that_is_a_site_in_either_mode_is_flagged():
     # 11 prefixes + INVLPG [esi] is 14 bytes in 32-bit code, but 16 bytes
     # (disp16) in 16-bit code: a site for the shared scan.
     code = bytes.fromhex("26" * 11 + "0f013e0010")
@@ -470,3 +470,18 @@ def test_trap_exit_lock_or_vex_form_raises_ud_instead_of_running(hexcode):
     m = _boot32(bytes.fromhex("b910000000" + hexcode + "f4"))
     ex = m.cpu.run(m.cpu.icount + 10_000)
     assert isinstance(ex, ExceptionExit) and ex.vector == 6 and ex.rip == 0x100005, ex
+
+
+@pytest.mark.parametrize("text", ["invept eax, [bx+si]", "invvpid eax, [bp+0x10]", "invpcid eax, [eax]",
+                                  "invept eax, [0x1234]"])
+def test_decode_site_invept_family_in_16_bit_code_gets_operands_despite_capstone_gap(text):
+    from types import SimpleNamespace
+    from emu.decode import decode_site, site_exit
+    enc = bytes(_KS[16].asm(text, 0x7C00)[0])
+    cpu = SimpleNamespace(mode_bits=16, regs=SimpleNamespace(rip=0x7C00), trap_kinds=frozenset({"vmx", "invpcid"}),
+                          read_linear=lambda lin, n, implicit=False: (enc + b"\x90" * 15)[:n])
+    site = decode_site(cpu, 0x7C00)
+    assert site.problem is None and site.length == len(enc)
+    assert site.insn.mnemonic == text.split()[0] and site.insn.size == len(enc)
+    ex = site_exit(cpu, site)
+    assert ex.kind == site.kind and ex.insn_len == len(enc) and ex.insn is site.insn
