@@ -19,8 +19,8 @@ from unicorn import x86_const as X
 
 from . import x86
 from .errors import ClosedError, ConfigError, NativeError
-from .exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                    IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit)
+from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
+from .exits import DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, RetryExit
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
 from .qemu_state import find_env_address, verified_layout
@@ -649,11 +649,15 @@ class Vcpu:
                 v.icount += 1          # a one-instruction step outside a fresh block
         else:
             err = lib.vmlab_run(v, self._uch, self.regs.rip, flags)
-        r = self.refresh()
+        r = self.regs
+        if lib.vmlab_regs_read(v, self._uch, r):       # nothing is dirty: flushed above
+            raise NativeError("register read failed")
         kind = v.stop_kind
         v.stop_kind = 0
         if not self.keep_block_logs:
             v.ntb_new = v.ntb_inval = 0
+        if kind == 7 and not err:           # a trap site: the most frequent exit
+            return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         if kind in (1, 6, 8):               # deadline, rescan restart, registry log to drain
             return DeadlineExit(rip=r.rip)
         if kind == 2:
@@ -668,7 +672,6 @@ class Vcpu:
         if kind == 5:
             return self._mmio_exit(v.fault_vaddr, v.fault_paddr, v.fault_access)
         if kind in (10, 11):
-            from .decode import fault_address
             gla = fault_address(self, v.fault_vaddr, v.fault_access)
             gpa = v.fault_ept_gpa
             if kind == 10 and (v.fault_ept_qualification >> 8) & 1:
@@ -676,7 +679,6 @@ class Vcpu:
             return EptExit(rip=r.rip, gpa=gpa, gla=gla, qualification=v.fault_ept_qualification,
                            misconfig=kind == 11)
         if kind == 9:
-            from .decode import noncanonical_vector
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
         if err == ucc.UC_ERR_INSN_INVALID:
             return self._invalid_opcode_exit()
@@ -685,8 +687,6 @@ class Vcpu:
         if err not in (0,):
             return InternalErrorExit(rip=r.rip, message=f"Unicorn: {UcError(err)}")
         lin = self.linear_rip()
-        if kind == 7:
-            return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         # HLT leaves RIP after the F4 byte.
         try:
             prev = self.read_linear(lin - 1, 1, implicit=True)
@@ -698,12 +698,10 @@ class Vcpu:
 
     # ---- exit decoding helpers (emu.decode does the operand work)
     def _page_fault_exit(self, vpage: int, access: int, error_code: int) -> Exit:
-        from .decode import fault_address
         cr2 = fault_address(self, vpage, access)
         return ExceptionExit(rip=self.regs.rip, vector=x86.PF, error_code=error_code, cr2=cr2)
 
     def _mmio_exit(self, vpage: int, ppage: int, access: int) -> Exit:
-        from .decode import mmio_access
         return mmio_access(self, vpage, ppage, access)
 
     def _invalid_opcode_exit(self) -> Exit:
@@ -720,8 +718,6 @@ class Vcpu:
         ``paddr``, page write generation ``gen``).  Never runs the guest: a site
         that is not an armed instruction any more is dropped and RetryExit
         tells the caller to run again."""
-        from .decode import decode_site, site_exit
-        from .exits import RetryExit
         key = (lin, paddr, gen, self.regs.hflags & 0xC0F3)
         cache = self._site_cache
         if key in cache:

@@ -335,9 +335,9 @@ def decode_site(vcpu, lin: int) -> TrapSite | None:
             return None
     mode = vcpu.mode_bits
     c = trapscan.classify_native(code, mode)
-    kind = c.kind_name
-    if kind is None:
+    if c.kind_name is None:
         return None
+    kind = TrapKind(c.kind_name)
     invalid = bool(c.prefixes & (trapscan.PFX_LOCK | trapscan.PFX_VEX))
     if invalid:
         return TrapSite(kind, c.length, invalid=True)
@@ -401,4 +401,4 @@ def site_exit(vcpu, site: TrapSite) -> Exit | None:
     operand = None
     if kind == "invlpg":
         operand = mem_operand_address(vcpu, site.insn, site.insn.operands[0])
-    return TrapExit(rip=r.rip, insn_len=length, kind=TrapKind(kind), insn=site.insn, operand=operand)
+    return TrapExit(rip=r.rip, insn_len=length, kind=kind, insn=site.insn, operand=operand)
