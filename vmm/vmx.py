@@ -82,7 +82,7 @@ class TrackedVmcs(F.Vmcs):
             super().__setattr__(name, value)
 
     def materialize(self) -> None:
-        """Store guest-state fields a VM exit deferred (segment state)."""
+        """Store the guest-state fields a VM exit deferred."""
         ref = self.lazy
         if ref is not None:
             object.__setattr__(self, "lazy", None)
@@ -104,6 +104,8 @@ class TrackedVmcs(F.Vmcs):
         return super().copy()
 
     def _store(self, field, value, high=False):
+        if self.lazy is not None:
+            self.materialize()      # a write must not be overwritten by the deferred save
         self.dirty.add(field.encoding)
         super()._store(field, value, high)
 
@@ -176,7 +178,11 @@ class VmExit:
         """Advance GUEST_RIP past the exiting instruction (VM-exit instruction length)."""
         if not self._skipped:
             v = self.vmcs
-            if isinstance(v, TrackedVmcs):
+            if isinstance(v, TrackedVmcs) and v.lazy is not None and v is self.guest._vmcs:
+                # Guest state not stored yet: it is still the vCPU's.
+                cpu = self.guest.cpu
+                cpu.set_rip(cpu.regs.rip + self.instruction_length)
+            elif isinstance(v, TrackedVmcs):
                 v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 v.dirty.add(_E_RIP)
             else:
@@ -219,7 +225,8 @@ class VmxGuest(NonRootIntercepts):
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
-        self._lazy_ref = weakref.WeakMethod(self._save_segment_state)
+        self._lazy_ref = weakref.WeakMethod(self._store_guest_state)
+        self._exit_nmi_blocked = False
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
         self._p = self._pin = 0
@@ -312,24 +319,31 @@ class VmxGuest(NonRootIntercepts):
         self._saved = True
 
     def _save_guest_state(self) -> None:
-        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3).  RIP, RSP,
-        RFLAGS, control registers and EFER are stored now; segment and
-        descriptor-table state when the VMCS is first read (it is only in the
-        vCPU until then).  Values are in range by construction."""
+        """VM exit: vCPU -> guest-state area (SDM Vol. 3C 28.3), deferred: the
+        state stays in the vCPU and is stored into the VMCS when a field of it
+        is first read or written (TrackedVmcs.lazy), so an exit whose handler
+        only skips the instruction stores none of it.  Only what could change
+        before that is taken now: NMI blocking and the preemption timer."""
+        self._exit_nmi_blocked = (self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS
+                                  else self.vm.nmi_blocked)
+        object.__setattr__(self._vmcs, "lazy", self._lazy_ref)
+        self._saved = True
+        if self._preempt_deadline is not None and self._vmcs._values.get(_E_EXIT_CTLS, 0) & (1 << 22):
+            # "save VMX-preemption timer value" (SDM 28.3.4)
+            rate = self.caps.misc & 0x1F
+            self._vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = \
+                max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
+
+    def _store_guest_state(self) -> None:
+        """The deferred part of a VM exit: store the vCPU's state into the
+        guest-state area.  Values are in range by construction."""
         r = self.cpu.regs
-        vmcs = self._vmcs
-        vals = vmcs._values
+        vals = self._vmcs._values
         vals[_E_RIP], vals[_E_RSP], vals[_E_RFLAGS] = r.rip, r.gpr[4], r.rflags
         vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
         intr = vals.get(_E_INTR, 0) & ~(1 << 3)
-        blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else self.vm.nmi_blocked
-        vals[_E_INTR] = intr | (8 if blocked else 0)      # bit 3: blocking by NMI (Table 25-3)
-        vmcs.lazy = self._lazy_ref
-        self._saved = True
-        if self._preempt_deadline is not None and vals.get(_E_EXIT_CTLS, 0) & (1 << 22):
-            # "save VMX-preemption timer value" (SDM 28.3.4)
-            rate = self.caps.misc & 0x1F
-            vals[int(F.VMX_PREEMPTION_TIMER_VALUE)] = max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
+        vals[_E_INTR] = intr | (8 if self._exit_nmi_blocked else 0)   # bit 3: blocking by NMI (Table 25-3)
+        self._save_segment_state()
 
     def _save_segment_state(self) -> None:
         r = self.cpu.regs
@@ -603,5 +617,4 @@ _X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LE
                                                     int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS),
                                                     int(F.VM_EXIT_INTR_ERROR_CODE))
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
-_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) - {
-    _E_RIP, _E_RSP, _E_RFLAGS, _E_CR0, _E_CR3, _E_CR4, _E_EFER}
+_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) | {_E_INTR}
