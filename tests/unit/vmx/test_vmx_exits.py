@@ -520,3 +520,23 @@ def test_vmx_guest_dropped_without_close_frees_guest_ram_without_the_cycle_colle
     finally:
         if was:
             gc.enable()
+
+
+def test_vmcs_write_to_a_deferred_guest_field_after_an_exit_is_kept():
+    """Guest state is stored into the VMCS lazily after an exit; a handler's
+    VMWRITE of such a field must win over the deferred save."""
+    g = vmx_guest("cpuid\n vmcall")
+    assert g.run().reason == ExitReason.CPUID
+    g.vmcs.write(F.GUEST_RFLAGS, 0x202)
+    g.vmcs.write(F.GUEST_GS_BASE, 0x1234000)
+    assert g.vmcs.read(F.GUEST_RFLAGS) == 0x202
+    assert g.vmcs.read(F.GUEST_GS_BASE) == 0x1234000
+
+
+def test_skip_before_any_vmcs_read_shows_in_guest_rip():
+    g = vmx_guest("cpuid\n vmcall")
+    ex = g.run()
+    rip = ex.regs.rip
+    ex.skip()
+    assert g.vmcs.read(F.GUEST_RIP) == rip + 2
+    assert g.run().reason == ExitReason.VMCALL
