@@ -20,7 +20,8 @@ from unicorn import x86_const as X
 from . import x86
 from .errors import ClosedError, ConfigError, NativeError
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
-from .exits import DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, RetryExit
+from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
+                    RetryExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
 from .qemu_state import find_env_address, verified_layout
@@ -197,6 +198,9 @@ class Vcpu:
         #: keep the block registry's discovery/invalidation logs for a TbCache reader
         self.keep_block_logs = False
         self._site_cache: dict = {}
+        #: the VM-exit fast path's policy (a cffi ``vmlab_fastpath``) while a VMM
+        #: runs the guest under one (emu/fastpath.py), else None
+        self.fastpath = None
         self._scratch_mapped = False
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
@@ -657,6 +661,10 @@ class Vcpu:
         if not self.keep_block_logs:
             v.ntb_new = v.ntb_inval = 0
         if kind == 7 and not err:           # a trap site: the most frequent exit
+            f = self.fastpath
+            if f is not None and lib.vmlab_fast_decide(v, f):
+                return PolicyExit(r.rip, f.exit_len, f.exit_reason, f.exit_qual,
+                                  (v.fault_vaddr, v.fault_paddr, v.fault_error_code))
             return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         if kind in (1, 6, 8):               # deadline, rescan restart, registry log to drain
             return DeadlineExit(rip=r.rip)
@@ -712,6 +720,12 @@ class Vcpu:
         if b == b"\xf1":  # INT1/ICEBP: a #DB trap (SDM Vol. 3A 6.15 "Interrupt 1")
             return ExceptionExit(rip=self.regs.rip + 1, vector=x86.DB, software=False, insn_len=1)
         return ExceptionExit(rip=self.regs.rip, vector=x86.UD)
+
+    def trap_exit_at(self, ex: PolicyExit) -> Exit:
+        """The ordinary exit value of a trap site the fast path decided (its
+        operands decoded in Python), for whoever needs more than the policy's
+        reason and qualification (e.g. emulating the instruction)."""
+        return self._trap_exit(*ex.site)
 
     def _trap_exit(self, lin: int, paddr: int, gen: int) -> Exit:
         """The exit for the trap site at linear address ``lin`` (physical

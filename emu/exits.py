@@ -147,6 +147,18 @@ class TrapExit(Exit):
 
 
 @dataclass(slots=True)
+class PolicyExit(Exit):
+    """A trap site that the native fast path (emu/fastpath.py) found to be a VM
+    exit under the policy the VMM installed: ``reason``, ``qualification`` and
+    ``insn_len`` are final, the instruction at ``rip`` has not run.  ``site``
+    (linear, physical, page generation) lets ``Vcpu.trap_exit_at`` decode it
+    into the ordinary exit value when someone needs the operands."""
+    reason: int = 0
+    qualification: int = 0
+    site: tuple = (0, 0, 0)
+
+
+@dataclass(slots=True)
 class DeadlineExit(Exit):
     """Virtual time reached the deadline the caller gave ``run()``."""
 

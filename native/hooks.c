@@ -1515,3 +1515,96 @@ void vmlab_stlb_flush(vmlab_vcpu *v)
     memset(p->stlb, 0, sizeof p->stlb);
     v->stat_stlb_flushes++;
 }
+
+/* ---- VM-exit fast path -----------------------------------------------------------
+ * The policy-only VM exits decided at the trap site, in C (vmlab.h "fast path";
+ * the Python twin is emu/fastpath.py and tests compare the two). */
+
+/* One bit of an I/O bitmap in guest RAM; a bitmap outside RAM reads as 0 (the
+ * Python policy does the same). */
+static int io_bitmap_bit(const vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t port)
+{
+    const uint64_t base = port < 0x8000 ? f->io_bitmap_a : f->io_bitmap_b;
+    const uint32_t bit = port & 0x7fff;
+    const uint64_t addr = base + bit / 8;
+    if (addr < base || addr >= ram_size)
+        return 0;
+    return (ram[addr] >> (bit & 7)) & 1;
+}
+
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rdx,
+                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size)
+{
+    vmlab_insn c;
+    if (vmlab_classify(code, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP)
+        return 0;
+    /* LOCK or VEX: #UD, which has priority over any VM exit (left to Python). */
+    if (c.prefixes & (VMLAB_PFX_LOCK | VMLAB_PFX_VEX))
+        return 0;
+    const uint32_t kind = (uint32_t)c.kind;
+    if (kind < VMLAB_TRAP_COUNT && (f->exit_kinds >> kind) & 1) {
+        f->exit_reason = f->reason[kind];
+        f->exit_len = c.length;
+        f->exit_qual = 0;
+        f->hits++;
+        return 1;
+    }
+    if (kind != VMLAB_TRAP_IO || f->io_mode == VMLAB_FAST_IO_NONE || c.opmap != 0)
+        return 0;
+    /* IN/OUT with an immediate port (E4-E7) or DX (EC-EF); INS/OUTS (6C-6F)
+     * need instruction information and a linear address: left to Python. */
+    const uint8_t op = c.opcode;
+    if (op < 0xe4 || (op > 0xe7 && op < 0xec) || op > 0xef)
+        return 0;
+    const int imm = op < 0xec;
+    uint32_t port;
+    if (imm) {
+        if (c.nprefix + 1 >= n)
+            return 0;
+        port = code[c.nprefix + 1];
+    } else {
+        port = (uint32_t)(rdx & 0xffff);
+    }
+    uint32_t size = 1;
+    if (op & 1) {
+        /* operand size: 16-bit code defaults to 2, 32/64-bit to 4; 66h flips
+         * (IN/OUT have no 8-byte form, SDM Vol. 2A IN/OUT) */
+        const int o16 = (mode == 16) != ((c.prefixes & VMLAB_PFX_OPSIZE) != 0);
+        size = o16 ? 2 : 4;
+    }
+    const int in = (op & 2) == 0;
+    if (f->io_mode == VMLAB_FAST_IO_BITMAPS) {
+        /* SDM Vol. 3C 26.1.3: exits if the bit of any port accessed is 1. */
+        int exits = 0;
+        for (uint32_t q = 0; q < size; q++)
+            exits |= io_bitmap_bit(f, ram, ram_size, (port + q) & 0xffff);
+        if (!exits)
+            return 0;
+    }
+    /* Exit qualification for I/O instructions, SDM Vol. 3C Table 28-5: bits 2:0
+     * size - 1, bit 3 direction (1 = IN), bit 4 string, bit 5 REP, bit 6 operand
+     * encoding (1 = immediate), bits 31:16 port. */
+    f->exit_reason = 30;   /* I/O instruction (SDM Vol. 3C Appendix C) */
+    f->exit_len = c.length;
+    f->exit_qual = (uint64_t)(size - 1) | ((uint64_t)in << 3) | ((uint64_t)imm << 6) | ((uint64_t)port << 16);
+    f->hits++;
+    return 1;
+}
+
+int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
+{
+    struct priv *p = v->priv;
+    const uint64_t pa = v->fault_paddr;
+    if (pa == ~0ull || pa >= v->ram_size || !v->env)
+        return 0;
+    /* The instruction's bytes up to the end of its page (a straddling one is
+     * left to Python, which walks the next page). */
+    uint32_t n = 4096 - (uint32_t)(pa & 0xfff);
+    if (n > 15) n = 15;
+    if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
+    const uint32_t hf = read_hflags(v, p);
+    const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
+    uint64_t rdx;
+    memcpy(&rdx, v->env + 2 * 8, 8);     /* CPUX86State.regs[R_EDX] */
+    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rdx, f, v->ram, v->ram_size);
+}

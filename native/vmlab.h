@@ -304,4 +304,31 @@ typedef struct vmlab_insn {
 /* Classify the instruction at code[0..len) in 16-, 32- or 64-bit code (mode);
  * returns out->kind. */
 int vmlab_classify(const uint8_t *code, uint32_t len, int mode, vmlab_insn *out);
+
+/* ---- VM-exit fast path (native/hooks.c, "fast path"; Python twin emu/fastpath.py) ----
+ * At a trap site, decide in C whether the instruction is a VM exit that needs
+ * nothing but its reason, length and qualification -- the policy-only exits of
+ * SDM Vol. 3C 26.1: CPUID, HLT, RDTSC... by control, and IN/OUT (not string) by
+ * unconditional I/O exiting or the I/O bitmaps (26.1.3).  The VMM fills the
+ * policy at VM entry; Python then skips decoding the site. */
+typedef struct vmlab_fastpath {
+    uint32_t exit_kinds;       /* 1 << VMLAB_TRAP_*: every instance VM-exits with qualification 0 */
+    uint32_t io_mode;          /* VMLAB_FAST_IO_* */
+    uint64_t io_bitmap_a;      /* guest-physical address of I/O bitmap A (ports 0000-7FFF) */
+    uint64_t io_bitmap_b;      /* ... and B (ports 8000-FFFF) */
+    uint16_t reason[28];       /* basic exit reason by trap kind (VMLAB_TRAP_COUNT entries) */
+    /* ---- the decision (out) ---- */
+    uint32_t exit_reason;
+    uint32_t exit_len;
+    uint64_t exit_qual;
+    uint64_t hits;             /* decisions made here (statistics) */
+} vmlab_fastpath;
+enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
+
+/* The decision on an instruction's bytes (mode 16/32/64, RDX for IN/OUT DX):
+ * 1 = a fast VM exit (f->exit_* filled), 0 = not decided here. */
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rdx,
+                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size);
+/* The same at the trap site the vCPU stopped at (fault_vaddr/fault_paddr). */
+int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 #endif

@@ -33,7 +33,7 @@ from emu import sensitive, x86
 from emu.cpu import EptFault, GuestFault
 from emu.events import Event
 from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                       IrqWindowExit, MmioExit, MsrExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
+                       IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
 
 #: A halted guest with nothing able to wake it within this much virtual time stops.
 IDLE_LIMIT_NS = 10 * 1_000_000_000
@@ -160,6 +160,9 @@ def handle_exit(m: Machine, ex: Exit) -> Outcome:
 
 def platform(m: Machine, ex: Exit) -> Outcome:
     """What the machine itself does with an exit (bare metal)."""
+    if type(ex) is PolicyExit:
+        # A fast-path decision nobody intercepted: the plain exit behind it.
+        ex = m.vcpu.trap_exit_at(ex)
     match ex:
         case IoExit():
             m.port_io(ex)

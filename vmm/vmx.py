@@ -30,7 +30,8 @@ from typing import Callable
 from emu import x86
 from emu.cpu import GuestFault
 from emu.events import Event, TripleFault, deliver
-from emu.exits import ExceptionExit, Exit, HltExit
+from emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
+from emu.native import ffi
 
 from . import runloop
 from . import vmcs as F
@@ -226,6 +227,8 @@ class VmxGuest(NonRootIntercepts):
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
         self._lazy_ref = weakref.WeakMethod(self._store_guest_state)
+        #: the native fast path's policy (emu/fastpath.py), refreshed at VM entry
+        self._fastpath = ffi.new("vmlab_fastpath *")
         self._exit_nmi_blocked = False
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
@@ -413,6 +416,7 @@ class VmxGuest(NonRootIntercepts):
             self._armed_for = ctl
         self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
         self._p, self._pin = self._primary(), self._ctl(_E_PIN)
+        self._fast_policy().to_native(self._fastpath)
         self.single_step = bool(self._p & _PP.MONITOR_TRAP_FLAG)
         self.wants_irq_window = bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
         self.vmcs.dirty.clear()
@@ -461,10 +465,12 @@ class VmxGuest(NonRootIntercepts):
             return failed
         vm = self.vm
         vm.intercept = self
+        self.cpu.fastpath = self._fastpath
         try:
             res = vm.run(max_insns=max_insns)
         finally:
             vm.intercept = None
+            self.cpu.fastpath = None
         if res.reason == StopReason.VMEXIT:
             return res.exit
         if res.reason == StopReason.LIMIT:
@@ -517,6 +523,8 @@ class VmxGuest(NonRootIntercepts):
         cpu, vm = self.cpu, self.vm
         mex = ex.machine_exit
         self._load_guest_state_if_changed()
+        if isinstance(mex, PolicyExit):
+            mex = cpu.trap_exit_at(mex)          # the operands, decoded now
         try:
             if ex.reason == ExitReason.CPUID:
                 leaf, sub = cpu.regs.gpr[0] & 0xFFFFFFFF, cpu.regs.gpr[1] & 0xFFFFFFFF

@@ -13,7 +13,9 @@ from __future__ import annotations
 from emu import sensitive, x86
 from emu.cpu import EptFault
 from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
-from emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, TrapExit
+from emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
+from emu.fastpath import FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, Policy
+from emu.trapscan import KIND_BIT
 
 from . import vmcs as F
 from .controls import (InterruptionInfo, PinBasedControls, PrimaryProcBasedControls,
@@ -25,6 +27,7 @@ from .qualification import (AddressSize, CrAccessQualification, CrAccessType, Dr
 from .runloop import HALT, HANDLED, Intercepted, Outcome, Stop, StopReason
 
 RESUME, STOP = "resume", "stop"
+_REASONS = {int(r): r for r in ExitReason}
 
 
 class _Ints:
@@ -105,6 +108,12 @@ class NonRootIntercepts:
         handles it as on bare metal."""
         p = self._p
         match mex:
+            case PolicyExit():
+                # Decided in C by the policy this guest installed at VM entry.
+                reason = _REASONS[mex.reason]
+                decoded = IoQualification.decode(mex.qualification) if reason == ExitReason.IO_INSTRUCTION else None
+                return Intercepted(self._make_exit(reason, mex.qualification, mex, length=mex.insn_len,
+                                                   decoded=decoded))
             case IoExit():
                 if not self._io_exits(mex.port, mex.size):
                     return None
@@ -181,6 +190,38 @@ class NonRootIntercepts:
             self._halt_requested = False
             return HALT
         return HANDLED
+
+    def _fast_policy(self) -> Policy:
+        """The controls, as the native fast path needs them (emu/fastpath.py):
+        the trap kinds that always VM-exit with qualification 0 and no
+        instruction information (as ``_trap`` and ``intercept`` decide them),
+        and how I/O exits (SDM Vol. 3C 26.1.2, 26.1.3)."""
+        p, s = self._primary(), self._secondary()
+        pol = Policy()
+        kinds = {"cpuid": ExitReason.CPUID, "invd": ExitReason.INVD, "xsetbv": ExitReason.XSETBV}
+        if p & _PP.HLT_EXITING:
+            kinds["hlt"] = ExitReason.HLT
+        if p & _PP.RDTSC_EXITING:
+            kinds["rdtsc"], kinds["rdtscp"] = ExitReason.RDTSC, ExitReason.RDTSCP
+        for ctl, name, reason in ((_PP.RDPMC_EXITING, "rdpmc", ExitReason.RDPMC),
+                                  (_PP.MWAIT_EXITING, "mwait", ExitReason.MWAIT),
+                                  (_PP.MONITOR_EXITING, "monitor", ExitReason.MONITOR),
+                                  (_PP.PAUSE_EXITING, "pause", ExitReason.PAUSE)):
+            if p & ctl:
+                kinds[name] = reason
+        if s & _SP.WBINVD_EXITING:
+            kinds["wbinvd"] = ExitReason.WBINVD
+        for name, reason in kinds.items():
+            pol.exit_kinds |= 1 << KIND_BIT[name]
+            pol.reason[KIND_BIT[name]] = int(reason)
+        if p & _PP.USE_IO_BITMAPS:
+            pol.io_mode = FAST_IO_BITMAPS
+            pol.io_bitmap_a, pol.io_bitmap_b = self._ctl(F.IO_BITMAP_A), self._ctl(F.IO_BITMAP_B)
+        elif p & _PP.UNCONDITIONAL_IO_EXITING:
+            pol.io_mode = FAST_IO_ALL
+        else:
+            pol.io_mode = FAST_IO_NONE
+        return pol
 
     def _io_exits(self, port: int, size: int) -> bool:
         p = self._primary()

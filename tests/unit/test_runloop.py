@@ -24,6 +24,9 @@ class FakeCpu:
     def skip(self, n):
         self.skipped.append(n)
 
+    def trap_exit_at(self, ex):
+        return DeadlineExit(rip=ex.rip)
+
 
 class FakeMachine:
     """The Machine interface of vmm.runloop, recording what it is asked to do."""
@@ -187,6 +190,11 @@ def test_handle_exit_page_fault_from_string_io_keeps_cr2():
     m = FakeMachine(raise_on=("port_io", GuestFault(x86.PF, 2, cr2=0x400000)))
     out = handle_exit(m, IoExit(rip=0x20, insn_len=1, string=True))
     assert out == Deliver(Event(x86.PF, 2, cr2=0x400000))
+
+
+def test_platform_decodes_an_unintercepted_fast_path_exit_into_the_plain_one():
+    out = platform(FakeMachine(), E.PolicyExit(rip=0x10, insn_len=2, reason=10, site=(0x10, 0x10, 0)))
+    assert out is HANDLED          # FakeCpu decodes it into a DeadlineExit
 
 
 def test_handle_exit_policy_is_consulted_first_and_its_exit_wins():

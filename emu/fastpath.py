@@ -1,0 +1,98 @@
+"""The VM-exit fast path: policy-only exits decided at the trap site.
+
+When the vCPU stops at a trap site, the instruction there may be a VM exit
+whose reason, length and qualification follow from the bytes and the controls
+alone (SDM Vol. 3C 26.1): CPUID (always), HLT/RDTSC/RDTSCP/RDPMC/MWAIT/MONITOR/
+PAUSE/WBINVD/INVD/XSETBV by their controls, and IN/OUT with an immediate or DX
+port under unconditional I/O exiting or the I/O bitmaps (26.1.3).  The VMM
+(vmm.vmx) describes the current controls in a :class:`Policy` at VM entry; the
+C side (``vmlab_fast_decide`` in native/hooks.c) decides at the stop and
+``Vcpu.run`` returns a :class:`emu.exits.PolicyExit` without decoding the site
+in Python.  Everything else (string I/O, MSR bitmaps, CR masks, instructions
+with instruction information) goes the ordinary way.
+
+:func:`decide_bytes` is the pure-Python twin of ``vmlab_fast_decide_bytes``
+(same arguments, same answer); tests/unit/test_fastpath.py compares them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import trapscan
+
+FAST_IO_NONE, FAST_IO_ALL, FAST_IO_BITMAPS = 0, 1, 2
+#: basic exit reason of an I/O instruction (SDM Vol. 3C Appendix C)
+EXIT_REASON_IO = 30
+
+
+@dataclass
+class Policy:
+    """What the controls say, in the terms of native ``vmlab_fastpath``."""
+    exit_kinds: int = 0                  # 1 << trap-kind bit: always a VM exit with qualification 0
+    io_mode: int = FAST_IO_NONE
+    io_bitmap_a: int = 0
+    io_bitmap_b: int = 0
+    reason: list[int] = field(default_factory=lambda: [0] * len(trapscan.KIND_NAMES))
+
+    def to_native(self, out) -> None:
+        """Fill a cffi ``vmlab_fastpath``."""
+        out.exit_kinds, out.io_mode = self.exit_kinds, self.io_mode
+        out.io_bitmap_a, out.io_bitmap_b = self.io_bitmap_a, self.io_bitmap_b
+        for i, r in enumerate(self.reason):
+            out.reason[i] = r
+
+
+def _bitmap_bit(policy: Policy, ram, port: int) -> int:
+    base = policy.io_bitmap_a if port < 0x8000 else policy.io_bitmap_b
+    bit = port & 0x7FFF
+    addr = base + bit // 8
+    if addr >= len(ram):
+        return 0
+    return (ram[addr] >> (bit & 7)) & 1
+
+
+def decide_bytes(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
+    """(exit reason, instruction length, exit qualification) of a fast VM exit
+    for the instruction at ``code[0]`` in 16/32/64-bit code, or None."""
+    c = trapscan.classify(code, mode)
+    if c.status != trapscan.CLASS_TRAP:
+        return None
+    if c.prefixes & (trapscan.PFX_LOCK | trapscan.PFX_VEX):
+        return None            # #UD has priority over any VM exit
+    kind = c.kind
+    if 0 <= kind < len(trapscan.KIND_NAMES) and policy.exit_kinds >> kind & 1:
+        return policy.reason[kind], c.length, 0
+    if kind != trapscan.KIND_BIT["io"] or policy.io_mode == FAST_IO_NONE or c.opmap != trapscan.MAP_1:
+        return None
+    op = c.opcode
+    if not (0xE4 <= op <= 0xE7 or 0xEC <= op <= 0xEF):
+        return None            # INS/OUTS: instruction information needed
+    imm = op < 0xEC
+    if imm:
+        if c.nprefix + 1 >= len(code):
+            return None
+        port = code[c.nprefix + 1]
+    else:
+        port = rdx & 0xFFFF
+    size = 1
+    if op & 1:
+        o16 = (mode == 16) != bool(c.prefixes & trapscan.PFX_OPSIZE)
+        size = 2 if o16 else 4
+    is_in = not op & 2
+    if policy.io_mode == FAST_IO_BITMAPS:
+        if not any(_bitmap_bit(policy, ram, (port + q) & 0xFFFF) for q in range(size)):
+            return None
+    # SDM Vol. 3C Table 28-5
+    qual = (size - 1) | (int(is_in) << 3) | (int(imm) << 6) | (port << 16)
+    return EXIT_REASON_IO, c.length, qual
+
+
+def decide_bytes_native(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
+    """The same question asked of ``vmlab_fast_decide_bytes``."""
+    from .native import ffi, lib
+    f = ffi.new("vmlab_fastpath *")
+    policy.to_native(f)
+    buf = ffi.from_buffer(bytes(ram)) if len(ram) else ffi.NULL
+    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rdx, f, buf, len(ram)):
+        return f.exit_reason, f.exit_len, f.exit_qual
+    return None
