@@ -24,7 +24,6 @@ vCPU, and handlers read and write them through ``exit.regs``.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable
 
 from emu import x86
@@ -155,21 +154,34 @@ class GuestRegs:
             raise AttributeError(f"{name} is not writable through exit.regs (write the VMCS guest-state field)")
 
 
-@dataclass(slots=True)
 class VmExit:
     """One VM exit as a handler sees it.  ``reason`` (ExitReason) and
     ``qualification`` (the raw exit qualification; ``decoded`` the dataclass of
-    vmm.qualification where one exists) mirror what is now in the VMCS."""
-    reason: ExitReason
-    qualification: int
-    vmcs: F.Vmcs
-    guest: "VmxGuest"
-    decoded: object = None
-    instruction_length: int = 0
-    entry_failure: bool = False
-    machine_exit: Exit | None = None
-    action: str = RESUME
-    _skipped: bool = field(default=False, repr=False)
+    vmm.qualification where one exists, built when first asked for) mirror
+    what is now in the VMCS."""
+
+    __slots__ = ("reason", "qualification", "vmcs", "guest", "_decoded", "instruction_length", "entry_failure",
+                 "machine_exit", "action", "_skipped")
+
+    def __init__(self, reason: ExitReason, qualification: int, vmcs: F.Vmcs, guest: "VmxGuest", decoded=None,
+                 instruction_length: int = 0, entry_failure: bool = False, machine_exit: Exit | None = None,
+                 action: str = RESUME):
+        self.reason, self.qualification, self.vmcs, self.guest = reason, qualification, vmcs, guest
+        self._decoded, self.instruction_length, self.entry_failure = decoded, instruction_length, entry_failure
+        self.machine_exit, self.action, self._skipped = machine_exit, action, False
+
+    @property
+    def decoded(self):
+        d = self._decoded
+        if d is None and self.reason == ExitReason.IO_INSTRUCTION:
+            from .qualification import IoQualification
+            d = self._decoded = IoQualification.decode(self.qualification)
+        return d
+
+    def __repr__(self) -> str:
+        return (f"VmExit(reason={self.reason!r}, qualification={self.qualification:#x}, "
+                f"instruction_length={self.instruction_length}, entry_failure={self.entry_failure}, "
+                f"decoded={self.decoded!r})")
 
     @property
     def regs(self) -> GuestRegs:

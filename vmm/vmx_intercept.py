@@ -110,10 +110,8 @@ class NonRootIntercepts:
         match mex:
             case PolicyExit():
                 # Decided in C by the policy this guest installed at VM entry.
-                reason = _REASONS[mex.reason]
-                decoded = IoQualification.decode(mex.qualification) if reason == ExitReason.IO_INSTRUCTION else None
-                return Intercepted(self._make_exit(reason, mex.qualification, mex, length=mex.insn_len,
-                                                   decoded=decoded))
+                return Intercepted(self._make_exit(_REASONS[mex.reason], mex.qualification, mex,
+                                                   length=mex.insn_len))
             case IoExit():
                 if not self._io_exits(mex.port, mex.size):
                     return None
