@@ -151,6 +151,13 @@ class TimerQueue:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
 
+    def peek(self) -> int | None:
+        """The earliest deadline in the heap, possibly of a timer since
+        disarmed (a deadline that comes early only costs the run loop one
+        extra stop); the loop's cheap look at every exit."""
+        heap = self._heap
+        return heap[0][0] if heap else None
+
     def due(self, now_ns: int) -> bool:
         """True if a heap entry is due at ``now_ns`` (it may be a stale one that
         ``run_expired`` then drops): the run loop's cheap check at every exit."""

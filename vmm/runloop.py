@@ -143,7 +143,15 @@ def handle_exit(m: Machine, ex: Exit) -> Outcome:
             out = policy.intercept(ex)
             if out is not None:
                 return out
-        return platform(m, ex)
+        cpu = m.vcpu
+        # SYSCALL/SYSENTER mask RFLAGS themselves: left to the flag masks.
+        traced = (isinstance(ex, _EMULATED) and cpu.regs.rflags & x86.RFLAGS_TF
+                  and not (isinstance(ex, TrapExit) and ex.kind in ("syscall", "sysenter")))
+        rip = ex.rip
+        out = platform(m, ex)
+        if traced and out is HANDLED and cpu.regs.rip != rip:
+            return _single_step_trap(cpu)
+        return out
     except GuestFault as f:
         fault = ExceptionExit(rip=ex.rip, vector=f.vector, error_code=f.error_code, cr2=f.cr2)
         if policy is not None:
@@ -156,6 +164,22 @@ def handle_exit(m: Machine, ex: Exit) -> Outcome:
             return policy.intercept(EptExit(rip=ex.rip, gpa=f.gpa, gla=f.gla, qualification=f.qualification,
                                             misconfig=f.misconfig))
         return Stop(StopReason.ERROR, f"EPT fault at gpa={f.gpa:#x} without a VMM")
+
+
+#: Exits whose instruction vmlab completes itself (Unicorn never runs it).
+_EMULATED = (IoExit, MmioExit, MsrExit, CrExit, TrapExit)
+
+
+def _single_step_trap(cpu) -> Outcome:
+    """The single-step trap of an instruction vmlab completed itself (IN, OUT,
+    RDMSR, MOV CR...; Unicorn raises it for those it runs).  SDM Vol. 3A
+    18.3.1.4 "Single-Step Exception Condition": "The processor generates a
+    single-step debug exception if (while an instruction is being executed)
+    it detects that the TF flag in the EFLAGS register is set.  The exception
+    is a trap-class exception, because the exception is generated after the
+    instruction is executed"; DR6.BS (bit 14) says so."""
+    cpu.set_dr(6, cpu.regs.dr[6] | x86.DR6_BS)
+    return Deliver(Event(x86.DB))
 
 
 def platform(m: Machine, ex: Exit) -> Outcome:
@@ -202,8 +226,26 @@ def platform(m: Machine, ex: Exit) -> Outcome:
 def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
     match ex.kind:
         case TrapKind.IRET:
-            # The IRET that ends NMI blocking (SDM Vol. 3A 6.7.1); it then runs natively.
+            # The IRET that ends NMI blocking (SDM Vol. 3A 6.7.1); it then runs
+            # natively, and a pending NMI is taken only after it: the next run
+            # is one instruction long (Machine.step_next) so the arbiter sees the
+            # state after the IRET.
             m.set_nmi_blocked(False)
+            m.step_next = True
+            return HANDLED
+        case "syscall":
+            sensitive.emulate_syscall(m.vcpu, ex.insn_len)
+            return HANDLED
+        case "sysenter":
+            sensitive.emulate_sysenter(m.vcpu, ex.insn_len)
+            return HANDLED
+        case TrapKind.RDPMC:
+            sensitive.emulate_rdpmc(m.vcpu, ex.insn_len)
+            return HANDLED
+        case TrapKind.DESC:
+            if ex.insn is None:
+                return Stop(StopReason.ERROR, f"undecodable descriptor-table instruction at rip={ex.rip:#x}")
+            sensitive.emulate_desc(m.vcpu, ex.insn, ex.insn_len)
             return HANDLED
         case TrapKind.INVLPG:
             sensitive.emulate_invlpg(m.vcpu, ex.insn_len)
@@ -276,7 +318,7 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
             # host clock: v.icount is host ns and a host timer ends the run at
             # the deadline, so it is a timer's; 10 ms slices bound input latency
             deadline = v.icount + (10_000_000 if cpu.clock == "host" else SLICE_INSNS)
-            nxt = m.timers.next_deadline()
+            nxt = timers.peek()
             if nxt is not None:
                 deadline = min(deadline, max(nxt, v.icount + 1))
         if policy is not None:
@@ -285,7 +327,10 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
                 deadline = min(deadline, max(pd, v.icount + 1))
         if limit is not None:
             deadline = min(deadline, limit)
-        ex = cpu.run(deadline, single_step=policy is not None and policy.single_step)
+        step = getattr(m, "step_next", False)
+        if step:
+            m.step_next = False
+        ex = cpu.run(deadline, single_step=step or (policy is not None and policy.single_step))
         m.exit_count += 1
         if log_blocks:
             m.flush_block_logs()

@@ -246,7 +246,7 @@ class Vm:
         lapic = self.lapic
         if lapic.irr and lapic.pending_vector() is not None:
             return "lapic"
-        if self.pic.has_interrupt() and lapic.accepts_pic_interrupts():
+        if self.pic.master.int_output and lapic.accepts_pic_interrupts():
             return "pic"
         return None
 
@@ -274,7 +274,7 @@ class Vm:
                 return out
         if self.init_pending:
             return self._take_init()
-        v = self.vcpu.native
+        v = self.vcpu._v
         if src is None:
             if policy is None or not policy.wants_irq_window:
                 v.irq_window = 0

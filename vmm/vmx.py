@@ -403,7 +403,7 @@ class VmxGuest(NonRootIntercepts):
             if dirty:
                 self.cpu.set_rip(self._vmcs._values[_E_RIP])
                 dirty.clear()
-            if self._preempt_deadline is not None or self._ctl(_E_PIN) & _PIN.ACTIVATE_PREEMPTION_TIMER:
+            if self._preempt_deadline is not None or self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER:
                 self._arm_preemption_timer()
             return None
         if not self._needs_checks():
