@@ -13,7 +13,8 @@ Benchmarks (``vmlab bench list``):
   smc   the smc guest's patch-and-run loop: vmlab_s, and with QEMU installed
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
   exit  one VM exit handled by a Python handler: cpuid_python_us, io_python_us;
-        a CPUID answered by the native CPU model (no exit): cpuid_native_ns
+        a CPUID answered by the native CPU model (no exit): cpuid_native_ns;
+        breakdown: the CPUID exit layer by layer (tools/bench_exit.py)
   tlb   cold 2D TLB fills (guest x EPT) in C and in Python: c_fill_ns,
         py_fill_ns, speedup
   paging a page-hopping guest on vmlab's soft-MMU and on Unicorn's own walker:
@@ -254,8 +255,10 @@ def bench_exit(n: int = 20_000) -> dict:
 
     with_cpuid = native("mov r8, rcx\n mov eax, 1\n cpuid\n mov rcx, r8")
     without = native("mov r8, rcx\n mov eax, 1\n nop\n mov rcx, r8")
+    from tools.bench_exit import exit_breakdown
     return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
-            "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1)}
+            "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1),
+            "breakdown": exit_breakdown()}
 
 
 def bench_tlb() -> dict:
