@@ -51,6 +51,13 @@ class GuestMemory:
         self.check(gpa, len(data))
         self._mm[gpa:gpa + len(data)] = data
 
+    def buffer(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``[gpa, gpa+length)`` (bounds-checked), for
+        zero-copy device I/O (``os.preadv`` straight into guest RAM).  The view
+        must not outlive the call that asked for it: close() releases RAM."""
+        self.check(gpa, length)
+        return self.view[gpa:gpa + length]
+
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
         self._mm[gpa:gpa + length] = bytes([byte]) * length
