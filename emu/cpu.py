@@ -44,6 +44,7 @@ TRAP_KINDS = {
     "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26, "iret": 27,
 }
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
+_STOP_FAST_EXIT = lib.VMLAB_STOP_FAST_EXIT
 MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt", "invpcid"})
 
 
@@ -201,6 +202,7 @@ class Vcpu:
         #: the VM-exit fast path's policy (a cffi ``vmlab_fastpath``) while a VMM
         #: runs the guest under one (emu/fastpath.py), else None
         self.fastpath = None
+        self._err = ffi.new("int *")
         self._scratch_mapped = False
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
@@ -641,30 +643,36 @@ class Vcpu:
         after it)."""
         v = self._v
         self.flush()
-        v.stop_kind = 0
-        v.icount_deadline = deadline
         # flags: 1 = one instruction; 2 = the block registry sees every block
         # (with the host clock only the logs need it)
         flags = (1 if single_step else 0) | (2 if self.keep_block_logs else 0)
+        r = self.regs
         if single_step and self.clock != "host":
+            v.stop_kind = 0
+            v.icount_deadline = deadline
             start = v.icount
-            err = lib.vmlab_run(v, self._uch, self.regs.rip, flags)
+            err = lib.vmlab_run(v, self._uch, r.rip, flags)
             if v.icount == start and not v.stop_kind and not err:
                 v.icount += 1          # a one-instruction step outside a fresh block
+            if lib.vmlab_regs_read(v, self._uch, r):       # nothing is dirty: flushed above
+                raise NativeError("register read failed")
+            kind = v.stop_kind
+            v.stop_kind = 0
+            if not self.keep_block_logs:
+                v.ntb_new = v.ntb_inval = 0
         else:
-            err = lib.vmlab_run(v, self._uch, self.regs.rip, flags)
-        r = self.regs
-        if lib.vmlab_regs_read(v, self._uch, r):       # nothing is dirty: flushed above
-            raise NativeError("register read failed")
-        kind = v.stop_kind
-        v.stop_kind = 0
-        if not self.keep_block_logs:
-            v.ntb_new = v.ntb_inval = 0
-        if kind == 7 and not err:           # a trap site: the most frequent exit
+            # The common path in one native call: run, read the registers, and
+            # let the fast path decide a trap site.
             f = self.fastpath
-            if f is not None and lib.vmlab_fast_decide(v, f):
+            kind = lib.vmlab_run_exit(v, self._uch, deadline, flags, r, f if f is not None else ffi.NULL,
+                                      self._err)
+            if kind == _STOP_FAST_EXIT:
                 return PolicyExit(r.rip, f.exit_len, f.exit_reason, f.exit_qual,
                                   (v.fault_vaddr, v.fault_paddr, v.fault_error_code))
+            if kind < 0:
+                raise NativeError("register read failed")
+            err = self._err[0]
+        if kind == 7 and not err:           # a trap site: the most frequent exit
             return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         if kind in (1, 6, 8):               # deadline, rescan restart, registry log to drain
             return DeadlineExit(rip=r.rip)

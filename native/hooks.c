@@ -1608,3 +1608,27 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
     memcpy(&rdx, v->env + 2 * 8, 8);     /* CPUX86State.regs[R_EDX] */
     return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rdx, f, v->ram, v->ram_size);
 }
+
+/* One exit in one native call (the common path of Vcpu.run): run from r->rip
+ * until something needs attention, read the register file, and at a trap site
+ * let the fast path decide (f may be NULL).  Returns the stop kind
+ * (VMLAB_STOP_*), VMLAB_STOP_FAST_EXIT for a fast-path VM exit (f->exit_*), or
+ * -1 if the register read failed; *err gets emu_start's uc_err.  flags as for
+ * vmlab_run; bit 1 (the block registry's logs are kept) also keeps the logs
+ * that are otherwise dropped here. */
+int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
+                   vmlab_fastpath *f, int *err)
+{
+    v->stop_kind = 0;
+    v->icount_deadline = deadline;
+    *err = vmlab_run(v, uc, r->rip, flags);
+    if (vmlab_regs_read(v, uc, r))
+        return -1;
+    const uint32_t kind = v->stop_kind;
+    v->stop_kind = 0;
+    if (!(flags & 2))
+        v->ntb_new = v->ntb_inval = 0;
+    if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f))
+        return VMLAB_STOP_FAST_EXIT;
+    return (int)kind;
+}

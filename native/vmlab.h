@@ -331,4 +331,8 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t 
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size);
 /* The same at the trap site the vCPU stopped at (fault_vaddr/fault_paddr). */
 int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
+/* Run, read the registers and decide the fast path in one call (hooks.c). */
+enum { VMLAB_STOP_FAST_EXIT = 100 };
+int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
+                   vmlab_fastpath *f, int *err);
 #endif

@@ -15,8 +15,14 @@ from vmm.runloop import (HALT, HANDLED, Deliver, Handled, Intercepted, Stop, Sto
                          platform)
 
 
+class FakeRegs:
+    rip = 0x1000
+    rflags = 0x2
+
+
 class FakeCpu:
     def __init__(self, cpl=0):
+        self.regs = FakeRegs()
         self.cpl = cpl
         self.skipped = []
         self.invlpg = []
