@@ -19,6 +19,7 @@ from unicorn import x86_const as X
 
 from . import x86
 from .errors import ClosedError, ConfigError, NativeError
+from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
                     RetryExit)
@@ -696,6 +697,8 @@ class Vcpu:
                            misconfig=kind == 11)
         if kind == 9:
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
+        if kind >= 20:                      # debugger stops (native/debug.c)
+            return debug_exit(self, kind)
         if err == ucc.UC_ERR_INSN_INVALID:
             return self._invalid_opcode_exit()
         if single_step and kind == 0 and err == 0:

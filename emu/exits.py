@@ -188,3 +188,32 @@ class ShutdownExit(Exit):
 class InternalErrorExit(Exit):
     """Unicorn reported an error vmlab does not know how to turn into guest state."""
     message: str = ""
+
+
+# ---------------------------------------------------------------------- debugger stops
+@dataclass(slots=True)
+class BreakpointExit(Exit):
+    """A breakpoint (emu/debugpoints.py): the instruction at ``rip`` (linear
+    address ``addr``) has not run."""
+    addr: int = 0
+
+
+@dataclass(slots=True)
+class WatchpointExit(Exit):
+    """An access to a page holding a watched range; the instruction at ``rip``
+    has not run.  ``accesses`` are the (linear address, size) operands of the
+    instruction on that page; ``is_write`` the kind of access that stopped it;
+    ``vpage``/``ppage`` the linear and physical page.  Whether an access
+    really touches a watched range is the debugger's decision."""
+    vpage: int = 0
+    ppage: int = 0
+    is_write: bool = False
+    accesses: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DebugStopExit(Exit):
+    """A debugger stop at a block boundary: ``why`` is "interrupt" (an
+    asynchronous stop request, e.g. Ctrl-C) or "mode" (the CPU mode changed
+    under break-mode).  Nothing was left half done."""
+    why: str = ""

@@ -32,7 +32,8 @@ ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
     "native._vmlab_native",
     '#include "vmlab.h"\n',
-    sources=[os.path.relpath(HERE / "mmu.c"), os.path.relpath(HERE / "hooks.c")],
+    sources=[os.path.relpath(HERE / "mmu.c"), os.path.relpath(HERE / "hooks.c"),
+             os.path.relpath(HERE / "debug.c")],
     include_dirs=[str(HERE), _unicorn_include()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
 )

@@ -701,6 +701,9 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
          * that code the guest puts there is scanned on its first fetch. */
         perms &= ~VMLAB_PROT_X;
     }
+    /* Debugger: physical-breakpoint aliases, watched pages (native/debug.c). */
+    if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_fill(v, uc, vaddr, ppage, access, &perms))
+        return false;
     e->paddr = ppage;
     e->perms = (uc_prot)perms;
     return true;
@@ -881,7 +884,8 @@ static void refresh_fast(vmlab_vcpu *v, struct priv *p)
 {
     p->hf_ptr = v->env ? (const volatile uint32_t *)(v->env + v->env_hflags) : NULL;
     const int rare = v->irq_window | v->count_exec | v->log_exec | p->nrescan | p->rescan_overflow
-                     | (p->hf_ptr == NULL) | (v->nexec_log >= 65536) | (v->ntb_new >= 65536);
+                     | (p->hf_ptr == NULL) | (v->nexec_log >= 65536) | (v->ntb_new >= 65536)
+                     | (v->dbg != NULL && (v->dbg->async_stop | v->dbg->break_mode));
     p->fast_deadline = rare ? 0 : v->icount_deadline;
     p->host_slow = rare | p->want_blocks;
 }
@@ -889,6 +893,8 @@ static void refresh_fast(vmlab_vcpu *v, struct priv *p)
 static void __attribute__((noinline)) hook_block_slow(uc_engine *uc, uint64_t addr, uint32_t size,
                                                       vmlab_vcpu *v, struct priv *p)
 {
+    if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_block(v, uc))
+        return;      /* a debugger stop (native/debug.c): before the block runs */
     if ((p->nrescan | p->rescan_overflow) && rescan_written(v, p, addr, size)) {
         v->stop_kind = VMLAB_STOP_REQUEST;
         api.emu_stop(uc);
@@ -963,6 +969,8 @@ static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     vmlab_vcpu *v = ud;
     vmlab_walk w;
     (void)size;
+    if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_break_hit(v, uc, addr))
+        return;      /* a breakpoint on a trap site stops as a breakpoint */
     v->stop_kind = VMLAB_STOP_TRAP;
     v->fault_vaddr = addr;
     /* Where the site's bytes are, and their page's write generation: Python
@@ -1505,6 +1513,17 @@ int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
     p->host_stop = 0;
     v->icount = host_now(p);
     return err;
+}
+
+/* Make the block hook take its slow path at the next block boundary (where
+ * the debugger's stop requests are checked).  Safe from another thread: it only
+ * stores flags; a refresh_fast racing with it may undo the first store, so a
+ * caller waiting for the stop repeats the request. */
+void vmlab_request_slow_path(vmlab_vcpu *v)
+{
+    struct priv *p = v->priv;
+    __atomic_store_n(&p->fast_deadline, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->host_slow, 1, __ATOMIC_RELEASE);
 }
 
 /* Drop every software-TLB entry (CR writes, INVLPG, EPT changes; the Unicorn TLB

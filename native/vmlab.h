@@ -151,6 +151,48 @@ typedef struct vmlab_tb {
     uint32_t invalidations;
 } vmlab_tb;
 
+/* ---- debugger (native/debug.c; Python side emu/debugpoints.py) --------------
+ * Breakpoints are one-address UC_HOOK_CODE hooks, like trap sites: guest memory
+ * is never written and code that does not run pays nothing.  Watchpoints are
+ * checked by the TLB fill: a page holding a watched range is handed out without
+ * the watched right, so those accesses come back through the fill (page-granular
+ * cost only).  Everything here is off while vmlab_vcpu.dbg is NULL. */
+enum { VMLAB_MAX_BREAKS = 64, VMLAB_MAX_HOOKED = 256, VMLAB_MAX_WATCHES = 16 };
+/* Stop kinds of the debugger (vmlab_vcpu.stop_kind). */
+enum {
+    VMLAB_STOP_BREAK = 20,     /* before the instruction at dbg->hit_addr (a breakpoint) */
+    VMLAB_STOP_WATCH = 21,     /* a fill for a watched page (dbg->hit_*); the access has not happened */
+    VMLAB_STOP_DEBUG = 22,     /* at a block boundary: dbg->hit_reason (VMLAB_DBG_*) */
+};
+enum { VMLAB_WATCH_WRITE = 1, VMLAB_WATCH_READ = 2 };
+enum { VMLAB_DBG_ASYNC = 1, VMLAB_DBG_MODE = 2 };
+
+typedef struct vmlab_watch {
+    uint64_t addr, len;
+    uint32_t kinds;            /* VMLAB_WATCH_* */
+    uint32_t physical;         /* 1: addr is guest-physical, else linear */
+} vmlab_watch;
+
+typedef struct vmlab_debug {
+    uint64_t breaks[64];       /* linear breakpoint addresses (VMLAB_MAX_BREAKS) */
+    uint64_t phys_breaks[64];  /* physical breakpoint addresses */
+    uint64_t hooked[256];      /* linear addresses with a code hook (VMLAB_MAX_HOOKED) */
+    uint64_t hooks[256];       /* their uc_hook handles */
+    uint32_t nbreaks, nphys_breaks, nhooked;
+    uint32_t suspend_breaks;   /* 1: breakpoints do not stop (stepping off one) */
+    uint32_t suspend_watch;    /* 1: the fill grants every right (running the watched access) */
+    uint32_t nwatch;
+    vmlab_watch watch[16];     /* VMLAB_MAX_WATCHES */
+    uint32_t async_stop;       /* set from another thread: stop at the next block boundary */
+    uint32_t break_mode;       /* 1: stop at the first block whose mode differs from mode_state */
+    uint32_t mode_state;       /* vmlab_dbg_mode() at the last stop */
+    uint32_t hit_reason;       /* VMLAB_STOP_DEBUG: VMLAB_DBG_* */
+    uint64_t hit_addr;         /* BREAK: linear address; WATCH: linear page of the fill */
+    uint64_t hit_paddr;        /* WATCH: physical page */
+    uint32_t hit_access;       /* WATCH: VMLAB_ACC_* of the access */
+    uint32_t pad;
+} vmlab_debug;
+
 typedef struct vmlab_vcpu {
     /* ---- virtual time ---- */
     uint64_t icount;           /* guest instructions counted at block entry */
@@ -228,11 +270,24 @@ typedef struct vmlab_vcpu {
     uint64_t redirect_vpage, redirect_ppage;
     uint32_t redirect_on, pad1;
 
+    /* debugger state (native/debug.c), NULL when no debugger is attached */
+    vmlab_debug *dbg;
+
     /* private C state */
     void *priv;
 } vmlab_vcpu;
 
 enum { VMLAB_PAGE_CODE = 1 };
+
+/* --- debugger (native/debug.c) --- */
+void vmlab_debug_set_api(void *hook_add, void *hook_del, void *emu_stop, void *ctl);
+int vmlab_dbg_add_break(vmlab_vcpu *v, void *uc, uint64_t addr, int physical);
+int vmlab_dbg_remove_break(vmlab_vcpu *v, void *uc, uint64_t addr, int physical);
+int vmlab_dbg_break_hit(vmlab_vcpu *v, void *uc, uint64_t addr);
+int vmlab_dbg_fill(vmlab_vcpu *v, void *uc, uint64_t vaddr, uint64_t ppage, uint32_t access, uint32_t *perms);
+int vmlab_dbg_block(vmlab_vcpu *v, void *uc);
+uint32_t vmlab_dbg_mode(vmlab_vcpu *v);
+void vmlab_request_slow_path(vmlab_vcpu *v);
 
 /* --- API --- */
 int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_write, void *reg_read_batch,

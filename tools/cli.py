@@ -89,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
 
+    # The debugger (tools/debugcli.py): QEMU's -s/-S/-gdb on run, and `vmlab debug`
+    # with every run option (copied, so options added to run appear here too).
+    from tools.debugcli import add_debug_options, add_gdb_options
+    add_gdb_options(r)
+    d = sub.add_parser("debug", help="boot a kernel stopped in the debugger REPL",
+                       description="Boot a kernel stopped before its first instruction and debug it "
+                                   "(gdb command names; see README.md, Debugging).")
+    for action in r._actions:
+        if action.dest != "help":
+            d._add_action(action)
+    add_debug_options(d)
+
     b = sub.add_parser("bench", help="benchmarks", description="Run benchmarks (see README.md).")
     b.add_argument("names", nargs="*", help="benchmarks to run (default: all); 'list' lists them")
     b.add_argument("--json", action="store_true", help="print one JSON object {name: {metric: value}}")
@@ -182,7 +194,13 @@ def cmd_run(args) -> int:
         vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock)
         vm.load(image)
         _attach_stdin(vm, args.serial)
-        result = vm.run(max_insns=args.max_insns, timeout=args.timeout)
+        if args.cmd == "debug" or args.gdb is not None:
+            from tools.debugcli import debug_session
+            result = debug_session(vm, args, args.kernel)
+            if isinstance(result, int):
+                return result
+        else:
+            result = vm.run(max_insns=args.max_insns, timeout=args.timeout)
     except EmuError as exc:
         raise CliError(str(exc), EXIT_CONFIG if "RAM size" in str(exc) else EXIT_ERROR) from None
     finally:
@@ -224,7 +242,7 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "run":
+        if args.cmd in ("run", "debug"):
             return cmd_run(args)
         if args.cmd == "bench":
             return cmd_bench(args)

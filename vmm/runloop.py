@@ -32,6 +32,7 @@ from typing import Protocol, Union
 from emu import sensitive, x86
 from emu.cpu import EptFault, GuestFault
 from emu.events import Event
+from emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
 from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
 
@@ -54,6 +55,14 @@ class StopReason(StrEnum):
     ERROR = "error"              # vmlab cannot continue (unmodelled feature, internal error)
     STOPPED = "stopped"          # Vm.stop() was called
     VMEXIT = "vmexit"            # VMX: a VM exit with no handler, or a handler stopped
+    # debugger stops (tools/debugger.py); the machine can always be resumed
+    BREAKPOINT = "breakpoint"    # before an instruction with a breakpoint (exit: BreakpointExit)
+    WATCHPOINT = "watchpoint"    # before an access to a watched page (exit: WatchpointExit)
+    STEP = "step"                # run(one_step=True): one instruction completed
+    INTERRUPTED = "interrupted"  # an asynchronous stop request (Ctrl-C, a gdb interrupt)
+    MODE_CHANGE = "mode-change"  # break-mode: the CPU mode changed (exit: DebugStopExit)
+    BREAK_INT = "break-int"      # break-int: an event with an armed vector was delivered
+    BREAK_EXIT = "break-exit"    # break-exit: a matching VM exit, before its handler runs
 
 
 @dataclass
@@ -215,6 +224,14 @@ def platform(m: Machine, ex: Exit) -> Outcome:
             return HANDLED
         case ShutdownExit():
             return Stop(StopReason.SHUTDOWN, ex.reason)
+        case BreakpointExit():
+            return Stop(StopReason.BREAKPOINT, f"breakpoint at {ex.addr:#x}", exit=ex)
+        case WatchpointExit():
+            return Stop(StopReason.WATCHPOINT, f"access to watched page {ex.vpage:#x}", exit=ex)
+        case DebugStopExit():
+            if ex.why == "mode":
+                return Stop(StopReason.MODE_CHANGE, f"CPU mode changed at rip={ex.rip:#x}", exit=ex)
+            return Stop(StopReason.INTERRUPTED, "interrupted", exit=ex)
         case InternalErrorExit():
             return Stop(StopReason.ERROR, f"{ex.message} (rip={ex.rip:#x})")
         case EptExit():
@@ -258,9 +275,15 @@ def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
 
 
 # ---------------------------------------------------------------------- the loop
-def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunResult:
+def run(m, max_insns: int | None = None, timeout: float | None = None, one_step: bool = False) -> RunResult:
     """Run the machine until the guest exits, halts for good, faults fatally, a
-    limit hits, or (under an intercept policy) a VM exit has no handler."""
+    limit hits, or (under an intercept policy) a VM exit has no handler.
+
+    ``one_step`` (the debugger's stepi): one instruction, then stop with
+    StopReason.STEP.  As with QEMU's gdbstub defaults (SSTEP_NOIRQ), no
+    interrupt is taken before the instruction; an exception it raises is
+    delivered (the step ends at the handler), and a HLT ends the step when the
+    CPU wakes up."""
     cpu = m.vcpu
     v = cpu.native
     m.pending_stop = None
@@ -271,6 +294,15 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
     log_exits, log_cpu, log_blocks = log.enabled("exits"), log.enabled("cpu"), m.log_blocks
     cpu.refresh()
     halted = False
+    resume = getattr(m, "resume_outcome", None)
+    if resume is not None:
+        # A run that stopped at a break-exit: the VM exit goes to its handlers now.
+        m.resume_outcome = None
+        stop = _apply(m, resume, breaks=False)
+        if stop is HALT:
+            halted = True
+        elif stop is not None:
+            return _result(m, stop)
     while True:
         policy = m.intercept
         if m.host_input:
@@ -278,15 +310,17 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
         timers = m.timers
         if timers.due(v.icount if not m.wall_clock else m.now_ns()):
             timers.run_expired(m.now_ns())
-        out = m.arbitrate()
+        out = m.arbitrate() if not one_step or halted else None
         if out is not None:
-            halted = False
+            was_halted, halted = halted, False
             idle_since = None
             stop = _apply(m, out)
             if stop is HALT:
                 halted = True
             elif stop is not None:
                 return _result(m, stop)
+            elif one_step and was_halted:
+                return _result(m, Stop(StopReason.STEP, "step"))
         if m.pending_stop is not None:
             return _result(m, m.pending_stop)
         if halted:
@@ -330,7 +364,7 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
         step = getattr(m, "step_next", False)
         if step:
             m.step_next = False
-        ex = cpu.run(deadline, single_step=step or (policy is not None and policy.single_step))
+        ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
         m.exit_count += 1
         if log_blocks:
             m.flush_block_logs()
@@ -345,6 +379,8 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
                                          f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
         if out is HANDLED:
             idle_since = None
+            if one_step and type(ex) not in _NOT_A_STEP:
+                return _result(m, Stop(StopReason.STEP, "step"))
             continue
         # A user's VMX handler may raise (an assert in a test): that propagates.
         stop = _apply(m, out)
@@ -354,20 +390,31 @@ def run(m, max_insns: int | None = None, timeout: float | None = None) -> RunRes
             return _result(m, stop)
         else:
             idle_since = None
+            if one_step:
+                return _result(m, Stop(StopReason.STEP, "step"))
 
 
-def _apply(m, out: Outcome) -> Stop | Halt | None:
+def _apply(m, out: Outcome, breaks: bool = True) -> Stop | Halt | None:
     """Carry out an outcome; returns the Stop that ends the run, HALT if the CPU
     is to wait for an event, or None to keep running.  Each
     step yields the next outcome (a delivery may itself become a VM exit, a
-    handler's VM entry may fail), iterated, never recursed."""
+    handler's VM entry may fail), iterated, never recursed.  The debugger's
+    break-int (``m.break_vectors``) and break-exit (``m.exit_break``) stops are
+    checked here; ``breaks`` False skips them (resuming from one)."""
     while True:
         match out:
             case Handled():
                 return None
             case Deliver(event=ev):
+                vectors = getattr(m, "break_vectors", None)
                 out = m.deliver(ev)
+                if vectors and ev.vector in vectors and out is HANDLED:
+                    return Stop(StopReason.BREAK_INT, f"event {ev.vector:#x} delivered")
             case Intercepted(exit=vmexit):
+                brk = getattr(m, "exit_break", None) if breaks else None
+                if brk is not None and brk(vmexit):
+                    m.resume_outcome = out     # the handlers run when the machine resumes
+                    return Stop(StopReason.BREAK_EXIT, f"VM exit {vmexit.reason!s}", exit=vmexit)
                 out = m.intercept.on_exit(vmexit)
             case Halt():
                 return HALT
@@ -375,6 +422,10 @@ def _apply(m, out: Outcome) -> Stop | Halt | None:
                 return out
             case _:
                 return Stop(StopReason.ERROR, f"unknown outcome {out!r}")
+
+
+#: exits after which no instruction has completed (a single step goes on)
+_NOT_A_STEP = (RetryExit, IrqWindowExit)
 
 
 def _result(m, stop: Stop) -> RunResult:

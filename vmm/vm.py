@@ -324,10 +324,11 @@ class Vm:
         return HANDLED
 
     # ------------------------------------------------------------------ the run loop
-    def run(self, max_insns: int | None = None, timeout: float | None = None) -> RunResult:
+    def run(self, max_insns: int | None = None, timeout: float | None = None, step: bool = False) -> RunResult:
         """Run until the guest exits, halts for good, faults fatally, or a limit
-        hits (the one loop: vmm.runloop.run)."""
-        return runloop.run(self, max_insns, timeout)
+        hits (the one loop: vmm.runloop.run).  ``step``: one instruction, then
+        StopReason.STEP (the debugger's stepi)."""
+        return runloop.run(self, max_insns, timeout, one_step=step)
 
     def flush_block_logs(self) -> None:
         """-d in_asm / exec / tb: print what the native registry logged."""
