@@ -141,3 +141,45 @@ class MockDriver:
             out.append(struct.unpack("<II", self.mem.read(self.USED + 4 + 8 * slot, 8)))
             self.used_seen = (self.used_seen + 1) & 0xFFFF
         return out
+
+
+class FakeIrq:
+    """An IrqLine stand-in counting rising edges."""
+
+    def __init__(self):
+        self.level = False
+        self.edges = 0
+
+    def set_level(self, level):
+        if level and not self.level:
+            self.edges += 1
+        self.level = bool(level)
+
+
+def mmio_init(t, features: int | None = None, queues=()) -> int:
+    """The §3.1.1 driver initialisation over a virtio-mmio transport ``t``:
+    reset, ACKNOWLEDGE, DRIVER, features (all offered by default), FEATURES_OK,
+    queues (MockDrivers, one per queue index), DRIVER_OK.  Returns Status."""
+    t.write(0x70, 4, 0)
+    t.write(0x70, 4, 1)
+    t.write(0x70, 4, 3)
+    t.write(0x14, 4, 0)
+    lo = t.read(0x10, 4)
+    t.write(0x14, 4, 1)
+    hi = t.read(0x10, 4)
+    f = (hi << 32 | lo) if features is None else features
+    for sel in (0, 1):
+        t.write(0x24, 4, sel)
+        t.write(0x20, 4, (f >> (32 * sel)) & 0xFFFFFFFF)
+    t.write(0x70, 4, 3 | 8)
+    if not t.read(0x70, 4) & 8:
+        return t.read(0x70, 4)
+    for k, drv in enumerate(queues):
+        t.write(0x30, 4, k)
+        t.write(0x38, 4, drv.size)
+        for off, addr in ((0x80, drv.DESC), (0x90, drv.AVAIL), (0xA0, drv.USED)):
+            t.write(off, 4, addr & 0xFFFFFFFF)
+            t.write(off + 4, 4, addr >> 32)
+        t.write(0x44, 4, 1)
+    t.write(0x70, 4, 3 | 8 | 4)
+    return t.read(0x70, 4)
