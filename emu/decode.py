@@ -170,7 +170,11 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     """Decode a load/store that hit a non-RAM physical page into an MmioExit."""
     r = vcpu.regs
     if access & 16:
-        return InternalErrorExit(rip=r.rip, message=f"instruction fetch from non-RAM physical address {ppage:#x}")
+        # Unbacked physical memory reads as all ones on a PC (open bus), and
+        # FF FF is FF /7, which is reserved: the CPU raises #UD at that
+        # address (SDM Vol. 2 Appendix A, Table A-6, group 5).  A fetch from a
+        # device window is treated the same way.
+        return ExceptionExit(rip=r.rip, vector=6)
     insn = vcpu.fetch_insn()
     if insn is None:
         return InternalErrorExit(rip=r.rip, message="undecodable instruction accessing MMIO")

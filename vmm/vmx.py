@@ -24,6 +24,7 @@ vCPU, and handlers read and write them through ``exit.regs``.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 from emu import x86
@@ -40,7 +41,7 @@ from .controls import InterruptionInfo, InterruptionType
 from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
-from .runloop import HANDLED, Deliver, Halt, Stop, StopReason
+from .runloop import HANDLED, Deliver, Halt, RunResult, Stop, StopReason
 from .vmx_intercept import _ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _SP, RESUME, STOP, NonRootIntercepts  # noqa: F401
 
 
@@ -65,18 +66,19 @@ class TrackedVmcs(F.Vmcs):
     """A Vmcs that remembers which fields were written since the last VM entry,
     so VM entry reruns the checks and reloads guest state only when needed."""
 
-    __slots__ = ("dirty", "lazy")
+    __slots__ = ("dirty", "cpu_dirty", "lazy")
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        object.__setattr__(self, "dirty", set())
+        object.__setattr__(self, "dirty", set())       # written by the VMM (VMWRITE): checked at entry
+        object.__setattr__(self, "cpu_dirty", set())   # changed as the CPU would (skip): valid by construction
         # weakref.WeakMethod of the guest's method that fills deferred guest
         # fields: a weak reference, so the VMCS does not keep its guest (and the
         # guest RAM behind it) alive in a cycle
         object.__setattr__(self, "lazy", None)
 
     def __setattr__(self, name, value):
-        if name in ("dirty", "lazy"):
+        if name in ("dirty", "cpu_dirty", "lazy"):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -118,6 +120,17 @@ class TrackedVmcs(F.Vmcs):
         t.launch_state = vmcs.launch_state
         t.dirty = set(t._values)
         return t
+
+
+@dataclass
+class RunStopped:
+    """What ``VmxGuest.run()`` returns when the run ended without a VM exit:
+    ``result`` is the machine's RunResult (reason LIMIT for the instruction
+    limit; DEBUG_EXIT, HALTED, SHUTDOWN, ERROR… when the machine stopped in
+    non-root operation).  ``reason`` is None, so ``ex.reason == ExitReason.X``
+    is simply false."""
+    result: RunResult
+    reason: None = None
 
 
 class VmEntryFailed(VmmError):
@@ -197,7 +210,7 @@ class VmExit:
                 cpu.set_rip(cpu.regs.rip + self.instruction_length)
             elif isinstance(v, TrackedVmcs):
                 v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
-                v.dirty.add(_E_RIP)
+                v.cpu_dirty.add(_E_RIP)
             else:
                 v.write(F.GUEST_RIP, v.read(F.GUEST_RIP) + self.instruction_length)
             self._skipped = True
@@ -383,9 +396,11 @@ class VmxGuest(NonRootIntercepts):
         self._enter()
 
     def _needs_checks(self) -> bool:
-        """Rerun the ch. 27 checks unless only GUEST_RIP/GUEST_RSP or exit
-        information were written since the last entry that passed them (state
-        the CPU produced itself is valid by construction)."""
+        """Rerun the ch. 27 checks unless nothing but exit information was
+        written (VMWRITE) since the last entry that passed them.  State the CPU
+        produced itself (an exit's stored state, ``skip``) is valid by
+        construction and is tracked apart, in ``cpu_dirty``; a VMM's write of
+        GUEST_RIP is checked like any other."""
         return self._checked is None or bool(self.vmcs.dirty - _CHEAP_FIELDS)
     def _enter(self) -> VmExit | None:
         """VM entry (VMLAUNCH/VMRESUME): checks, guest-state load, injection.
@@ -393,16 +408,17 @@ class VmxGuest(NonRootIntercepts):
         vm = self.vm
         dirty = self._vmcs.dirty
         armed = self._armed_for
-        if (self._checked and self._saved and dirty <= _RIP_ONLY and armed is not None
+        if (self._checked and self._saved and not dirty and armed is not None
                 and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
                 and not self._vmcs._values.get(_E_ENTRY_INTR, 0) & (1 << 31)):
             # The common re-entry after a handler that at most skipped the
-            # instruction: nothing else in the VMCS changed since an entry that
+            # instruction: nothing in the VMCS was written since an entry that
             # passed the checks, so only RIP moves (and the preemption timer
             # reloads, SDM 26.5.1).
-            if dirty:
+            cpu_dirty = self._vmcs.cpu_dirty
+            if cpu_dirty:
                 self.cpu.set_rip(self._vmcs._values[_E_RIP])
-                dirty.clear()
+                cpu_dirty.clear()
             if self._preempt_deadline is not None or self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER:
                 self._arm_preemption_timer()
             return None
@@ -465,13 +481,17 @@ class VmxGuest(NonRootIntercepts):
             self._pending_exits.append(ex)
 
     # ------------------------------------------------------------------ run
-    def run(self, max_insns: int | None = None) -> VmExit:
+    def run(self, max_insns: int | None = None) -> "VmExit | RunStopped":
         """VM entry, then the machine's one run loop with this guest as its
         intercept policy, until a VM exit has no handler or a handler stops
         (that exit is returned).  A failed VM entry returns its exit (reason
-        with bit 31).  Raises TimeoutError when ``max_insns`` pass without such
-        an exit, VmmError when the machine stops (debug-exit, HLT with
-        interrupts off…) in non-root operation."""
+        with bit 31).  Guest-caused ends that are not VM exits -- ``max_insns``
+        passing without one, or the machine stopping in non-root operation
+        (the guest wrote to isa-debug-exit, halted for good, hit something
+        vmlab does not model) -- return a :class:`RunStopped` (``reason`` None)
+        holding the machine's RunResult; nothing the guest does raises.
+        VmEntryFailed (VMfailValid: the VMM's controls or host state are
+        invalid) is the VMM's error and is raised."""
         failed = self._enter()
         if failed is not None:
             return failed
@@ -485,9 +505,7 @@ class VmxGuest(NonRootIntercepts):
             self.cpu.fastpath = None
         if res.reason == StopReason.VMEXIT:
             return res.exit
-        if res.reason == StopReason.LIMIT:
-            raise TimeoutError(f"no VM exit within {max_insns} instructions")
-        raise VmmError(f"machine stopped in non-root operation: {res.message}")
+        return RunStopped(res)
 
     def resume(self, max_insns: int | None = None) -> VmExit:
         """VMRESUME after handling a returned exit: same as run()."""
@@ -579,7 +597,7 @@ class VmxGuest(NonRootIntercepts):
                 self.virtual_nmi_blocked = blocked
             else:
                 self.vm.nmi_blocked = blocked
-        written = self.vmcs.dirty & _GUEST_STATE_SET
+        written = (self.vmcs.dirty | self.vmcs.cpu_dirty) & _GUEST_STATE_SET
         if self._saved is None or written - {int(F.GUEST_RIP), int(F.GUEST_RSP)}:
             self._load_guest_state()
         elif written:
@@ -587,6 +605,7 @@ class VmxGuest(NonRootIntercepts):
             self.cpu.set_rip(v.read(F.GUEST_RIP))   # the common case: a handler skipped
             self.cpu.set_reg("rsp", v.read(F.GUEST_RSP))
         self.vmcs.dirty -= _GUEST_STATE_SET
+        self.vmcs.cpu_dirty.clear()
         # A VM entry with unchanged segment state keeps the vCPU's copy: the
         # deferred save is still valid as long as the guest has not run.
 
@@ -606,7 +625,7 @@ _GUEST_STATE_FIELDS = tuple(
     + [F.GUEST_ES_LIMIT + 2 * i for i in range(6)] + [F.GUEST_ES_ACCESS_RIGHTS + 2 * i for i in range(6)])
 
 #: fields whose change alone does not need the VM-entry checks rerun
-_CHEAP_FIELDS = frozenset(int(f.encoding) for f in F.FIELDS if f.read_only) | {int(F.GUEST_RIP), int(F.GUEST_RSP)}
+_CHEAP_FIELDS = frozenset(int(f.encoding) for f in F.FIELDS if f.read_only)
 _GUEST_STATE_FIELDS = tuple(int(e) for e in _GUEST_STATE_FIELDS)
 _GUEST_STATE_SET = frozenset(_GUEST_STATE_FIELDS)
 
@@ -630,7 +649,6 @@ _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUES
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
 _E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
-_RIP_ONLY = frozenset({_E_RIP})
 _X_REASON, _X_QUAL, _X_INTR_INFO, _X_IDT_INFO = (int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION),
                                                  int(F.VM_EXIT_INTR_INFO), int(F.IDT_VECTORING_INFO))
 _X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LEN), int(F.VM_EXIT_INSTRUCTION_INFO),

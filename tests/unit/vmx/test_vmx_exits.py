@@ -540,3 +540,45 @@ def test_skip_before_any_vmcs_read_shows_in_guest_rip():
     ex.skip()
     assert g.vmcs.read(F.GUEST_RIP) == rip + 2
     assert g.run().reason == ExitReason.VMCALL
+
+
+def test_l2_fetch_outside_ram_is_invalid_opcode_through_the_exception_bitmap():
+    """Unbacked physical memory reads as all ones: FF FF is #UD (not a vmlab error)."""
+    g = vmx_guest("mov rax, 0x90000000\n jmp rax", exception_bitmap=1 << 6)
+    ex = g.run(max_insns=100_000)
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    info = ex.vmcs.read(F.VM_EXIT_INTR_INFO)
+    assert info & 0xFF == 6 and info >> 31 == 1
+    assert ex.vmcs.read(F.GUEST_RIP) == 0x90000000
+
+
+def test_l2_fetch_outside_ram_without_an_idt_triple_faults_into_an_exit():
+    ex = vmx_guest("mov rax, 0x90000000\n jmp rax").run(max_insns=100_000)
+    assert ex.reason == ExitReason.TRIPLE_FAULT
+
+
+def test_run_instruction_limit_returns_a_result_not_an_exception():
+    from vmm.runloop import StopReason
+    from vmm.vmx import RunStopped
+    res = vmx_guest("l: jmp l").run(max_insns=10_000)
+    assert isinstance(res, RunStopped) and res.reason is None
+    assert res.result.reason == StopReason.LIMIT and res.result.icount >= 10_000
+
+
+def test_run_machine_stop_in_non_root_operation_returns_a_result():
+    from vmm.runloop import StopReason
+    from vmm.vmx import RunStopped
+    res = vmx_guest("mov al, 3\n out 0xf4, al\n hlt",
+                    proc=(0, P.UNCONDITIONAL_IO_EXITING | P.USE_IO_BITMAPS)).run(max_insns=100_000)
+    assert isinstance(res, RunStopped)
+    assert res.result.reason == StopReason.DEBUG_EXIT and res.result.status == 7
+
+
+def test_vmm_write_of_a_non_canonical_guest_rip_after_an_exit_fails_entry():
+    """A VMWRITE of GUEST_RIP is checked at the next entry (SDM 27.3.1.4: RIP
+    must be canonical in 64-bit mode); only the CPU's own skip is exempt."""
+    g = vmx_guest("cpuid\n vmcall")
+    assert g.run().reason == ExitReason.CPUID
+    g.vmcs.write(F.GUEST_RIP, 0x0000_8000_0000_0000)
+    ex = g.run()
+    assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_GUEST_STATE
