@@ -22,7 +22,7 @@ from .errors import ClosedError, ConfigError, NativeError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
-                    RetryExit)
+                    RetryExit, TrapExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
 from .qemu_state import find_env_address, verified_layout
@@ -44,6 +44,10 @@ TRAP_KINDS = {
     "invd": 14, "xsetbv": 15, "mwait": 16, "monitor": 17, "pause": 18, "dr": 19, "desc": 20,
     "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26, "iret": 27,
 }
+#: Unicorn's CPU model: Broadwell is the oldest model that executes CLAC/STAC
+#: (SMAP, which the CPUID model advertises); the default (Haswell) raises #UD
+#: for them.  Measured with Unicorn 2.1.4 for every model (tests/unit/test_cpu_model.py).
+UNICORN_CPU_MODEL = X.UC_CPU_X86_BROADWELL
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
 _STOP_FAST_EXIT = lib.VMLAB_STOP_FAST_EXIT
 MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt", "invpcid"})
@@ -175,6 +179,9 @@ class Vcpu:
         self.layout = verified_layout()
         self.mem = memory
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        # Unicorn's CPU model decides which instructions execute (CLAC/STAC,
+        # RDSEED, ADX...); set before the engine initialises. See UNICORN_CPU_MODEL.
+        uc.ctl_set_cpu_model(UNICORN_CPU_MODEL)
         self._uch = ffi.cast("void *", uc._uch.value)
         # This engine's live CPU state, by following its own pointers.
         self.env_address = find_env_address(uc)
@@ -412,6 +419,11 @@ class Vcpu:
     def set_rflags(self, value: int) -> None:
         self.regs.rflags = (value | 2) & 0x3F7FD7
         self._dirty |= _M_RFLAGS
+
+    def set_dr(self, n: int, value: int) -> None:
+        """Write debug register DR0-3, DR6 or DR7 (written back with the others)."""
+        self.regs.dr[n] = value & 0xFFFFFFFFFFFFFFFF
+        self._dirty |= _M_DR
 
     def set_descriptor_tables(self, gdtr=None, idtr=None) -> None:
         if gdtr is not None:
@@ -697,6 +709,13 @@ class Vcpu:
                            misconfig=kind == 11)
         if kind == 9:
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
+        if kind == 12:
+            # SYSCALL/SYSENTER: Unicorn only stepped past it; rewind so that the
+            # instruction has not run (emu.sensitive completes it).
+            start = v.fault_vaddr
+            length = (r.rip - start) & 0xFFFFFFFFFFFFFFFF
+            self.set_rip(start)
+            return TrapExit(rip=start, insn_len=length, kind="sysenter" if v.intno else "syscall")
         if kind >= 20:                      # debugger stops (native/debug.c)
             return debug_exit(self, kind)
         if err == ucc.UC_ERR_INSN_INVALID:

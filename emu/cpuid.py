@@ -47,6 +47,8 @@ class CpuidModel:
     smep: bool = True
     smap: bool = True
     has_pdpe1gb: bool = True
+    #: CPUID.1:EDX.APIC[9]: 0 while IA32_APIC_BASE.EN = 0 (SDM Vol. 3A 11.4.3)
+    apic: bool = True
     overrides: dict = field(default_factory=dict)
 
     max_basic: int = 7
@@ -55,8 +57,8 @@ class CpuidModel:
     def leaf1(self) -> tuple[int, int, int, int]:
         ebx = (8 << 8) | (1 << 16)          # CLFLUSH 64-byte line, 1 logical CPU, APIC ID 0
         ecx = _bits(SSE3, SSSE3, CX16, SSE41, SSE42, POPCNT, HYPERVISOR) | (_bits(VMX) if self.vmx else 0)
-        edx = _bits(FPU, DE, PSE, TSC, MSR, PAE, CX8, APIC, SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH,
-                    MMX, FXSR, SSE, SSE2)
+        edx = _bits(FPU, DE, PSE, TSC, MSR, PAE, CX8, SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH,
+                    MMX, FXSR, SSE, SSE2) | (_bits(APIC) if self.apic else 0)
         return self.signature, ebx, ecx, edx
 
     def entries(self):

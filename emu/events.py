@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import x86
-from .cpu import GuestFault
+from .cpu import EptFault, GuestFault
 from .errors import UnsupportedError
 
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -76,6 +76,8 @@ def deliver(vcpu, event: Event, log=None, intercept=None) -> None:
                 new.error_code = f.error_code | 1 if f.vector in (x86.TS, x86.NP, x86.SS, x86.GP) else f.error_code
             if intercept is not None and intercept(event, new):
                 raise DeliveryIntercepted(event, new) from None
+            if event is first and (first.software or first.icebp):
+                _restart_software_interrupt(vcpu, first)
             prev, nxt = _cls(event.vector), _cls(new.vector)
             if prev == "df" and nxt in ("contributory", "pf"):
                 raise TripleFault(f"{x86.EXCEPTION_NAMES.get(new.vector, new.vector)} while delivering #DF "
@@ -85,6 +87,35 @@ def deliver(vcpu, event: Event, log=None, intercept=None) -> None:
             else:
                 event = new
     raise TripleFault("event delivery did not converge")
+
+
+def _restart_software_interrupt(vcpu, ev: Event) -> None:
+    """A fault while delivering INT n / INT3 / INTO / INT1 is taken in the
+    context of that instruction: the saved CS:(E/R)IP point at it, so the
+    handler's IRET restarts it (SDM Vol. 3A 6.5 "Exception Classifications":
+    a fault's return address is that of "the faulting instruction"; 6.12.1.1:
+    the software interrupt's gate checks raise #GP with "the saved contents
+    of CS and EIP ... point to the INT n instruction").  Unicorn reports the
+    interrupt with RIP after the instruction; its length follows from the
+    bytes before RIP (CD ib, CC, CE, F1), read without faulting."""
+    r = vcpu.regs
+    lin = vcpu.linear_rip()
+    try:
+        before = vcpu.read_linear((lin - 2) & _M64, 2, implicit=True)
+    except (GuestFault, EptFault):
+        return
+    if ev.icebp:
+        n = 1 if before[1] == 0xF1 else 0
+    elif ev.vector == x86.BP and before[1] == 0xCC or ev.vector == x86.OF and before[1] == 0xCE:
+        n = 1
+    elif before[0] == 0xCD and before[1] == ev.vector:
+        n = 2
+    else:
+        n = 0
+    if n:
+        mask = _M64 if r.hflags & x86.HF_CS64 else 0xFFFFFFFF if r.hflags & x86.HF_CS32 else 0xFFFF
+        vcpu.set_rip((r.rip - n) & mask)
+        vcpu.flush()
 
 
 # ---------------------------------------------------------------- descriptors

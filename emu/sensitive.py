@@ -202,3 +202,182 @@ def emulate_invlpg(vcpu, insn_len: int) -> None:
     _require_cpl0(vcpu)
     vcpu.flush_tlb()
     vcpu.skip(insn_len)
+
+
+# ---------------------------------------------------------------- fast system calls
+_MSR_SYSENTER_CS, _MSR_SYSENTER_ESP, _MSR_SYSENTER_EIP = 0x174, 0x175, 0x176
+_MSR_STAR, _MSR_LSTAR, _MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000084
+_FLAT_CODE = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G   # type 11, G=1
+_FLAT_DATA = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B   # type 3, B=1, G=1
+
+
+def emulate_syscall(vcpu, insn_len: int) -> None:
+    """SYSCALL (SDM Vol. 2B "SYSCALL—Fast System Call", Operation): #UD unless
+    CS.L = 1, IA32_EFER.LMA = 1 and IA32_EFER.SCE = 1 (Intel: not in
+    compatibility mode); RCX := RIP of the next instruction, R11 := RFLAGS,
+    RFLAGS &= NOT IA32_FMASK, RIP := IA32_LSTAR, CS := IA32_STAR[47:32] AND
+    FFFCH and SS := IA32_STAR[47:32] + 8 with fixed flat caches, CPL := 0."""
+    r = vcpu.regs
+    if not (r.hflags & x86.HF_CS64) or not (r.efer & x86.EFER_LMA) or not (r.efer & x86.EFER_SCE):
+        raise GuestFault(x86.UD)
+    star = vcpu.read_msr_raw(_MSR_STAR)
+    lstar = vcpu.read_msr_raw(_MSR_LSTAR)
+    fmask = vcpu.read_msr_raw(_MSR_FMASK) & 0xFFFFFFFF
+    sel = (star >> 32) & 0xFFFF
+    flags = r.rflags
+    vcpu.set_gpr(1, (r.rip + insn_len) & _MASK)
+    vcpu.set_gpr(11, flags & ~x86.RFLAGS_RF)
+    vcpu.set_rflags(flags & ~fmask & ~x86.RFLAGS_RF)
+    vcpu.load_segments({x86.R_CS: (sel & 0xFFFC, 0, 0xFFFFFFFF, _FLAT_CODE | x86.DESC_L),
+                        x86.R_SS: ((sel + 8) & 0xFFFF, 0, 0xFFFFFFFF, _FLAT_DATA)},
+                       hflags_extra=(x86.HF_INHIBIT_IRQ, 0))
+    vcpu.set_rip(lstar)
+
+
+def emulate_sysenter(vcpu, insn_len: int) -> None:
+    """SYSENTER (SDM Vol. 2B "SYSENTER—Fast System Call", Operation): #GP(0)
+    if CR0.PE = 0 or IA32_SYSENTER_CS[15:2] = 0; RFLAGS.VM := 0, RFLAGS.IF := 0;
+    (R|E)SP := IA32_SYSENTER_ESP, (R|E)IP := IA32_SYSENTER_EIP (low 32 bits
+    outside IA-32e mode); CS := IA32_SYSENTER_CS AND FFFCH (L = 1, D = 0 in
+    IA-32e mode, else D = 1), SS := CS + 8, flat caches, CPL := 0."""
+    r = vcpu.regs
+    cs = vcpu.read_msr_raw(_MSR_SYSENTER_CS) & 0xFFFF
+    if not (r.cr0 & x86.CR0_PE) or not (cs & 0xFFFC):
+        raise GuestFault(x86.GP, 0)
+    esp = vcpu.read_msr_raw(_MSR_SYSENTER_ESP)
+    eip = vcpu.read_msr_raw(_MSR_SYSENTER_EIP)
+    ia32e = bool(r.efer & x86.EFER_LMA)
+    if not ia32e:
+        esp, eip = esp & 0xFFFFFFFF, eip & 0xFFFFFFFF
+    vcpu.set_rflags(r.rflags & ~(x86.RFLAGS_VM | x86.RFLAGS_IF | x86.RFLAGS_RF))
+    code = _FLAT_CODE | (x86.DESC_L if ia32e else x86.DESC_B)
+    vcpu.load_segments({x86.R_CS: (cs & 0xFFFC, 0, 0xFFFFFFFF, code),
+                        x86.R_SS: (((cs & 0xFFFC) + 8) & 0xFFFF, 0, 0xFFFFFFFF, _FLAT_DATA)},
+                       hflags_extra=(x86.HF_INHIBIT_IRQ, 0))
+    vcpu.set_gpr(4, esp)
+    vcpu.set_rip(eip)
+
+
+# ---------------------------------------------------------------- RDPMC
+def emulate_rdpmc(vcpu, insn_len: int) -> None:
+    """RDPMC (SDM Vol. 2B "RDPMC—Read Performance-Monitoring Counters"):
+    "#GP(0) If the current privilege level is not 0 and the PCE flag in the
+    CR4 register is clear.  If an invalid performance counter index is
+    specified in ECX."  The CPU model has no performance counters
+    (CPUID.0AH is not reported: architectural PMU version 0), so every index
+    is invalid: RDPMC always raises #GP(0) -- never #UD."""
+    raise _gp0()
+
+
+# ---------------------------------------------------------------- descriptor-table instructions
+def _desc_operand(vcpu, insn):
+    """(memory linear address or None, capstone operand) of LGDT/SGDT/LLDT...."""
+    from .decode import mem_operand_address
+    op = insn.operands[0]
+    if op.type == C.X86_OP_MEM:
+        return mem_operand_address(vcpu, insn, op), op
+    return None, op
+
+
+def _opsize(vcpu, insn) -> int:
+    """Operand size in bytes (2, 4 or 8) from the mode, 66H and REX.W."""
+    bits = vcpu.mode_bits
+    size = 2 if bits == 16 else 4
+    if insn.prefix[2] == 0x66:
+        size = 4 if bits == 16 else 2
+    if bits == 64 and insn.rex & 8:
+        size = 8
+    return size
+
+
+def emulate_desc(vcpu, insn, insn_len: int) -> None:
+    """LGDT, LIDT, SGDT, SIDT, LLDT, LTR, SLDT, STR (SDM Vol. 2A/2B, the
+    instructions' Operation and Exceptions sections).  Emulated because
+    Unicorn omits checks hardware makes: in 64-bit mode LGDT/LIDT raise
+    #GP(0) for a non-canonical base ("If the memory address is in a
+    non-canonical form" covers the descriptor-table base loaded, Vol. 3A
+    2.4.1: "the base address must be in canonical form"), LLDT/LTR raise
+    #GP(selector) for a 16-byte system descriptor whose base is not
+    canonical.  Checks in SDM order: #UD (LLDT/LTR/SLDT/STR in real mode or
+    virtual-8086 mode), #GP(0) for CPL > 0 (the loads), then the descriptor."""
+    r = vcpu.regs
+    mn = insn.mnemonic
+    addr, op = _desc_operand(vcpu, insn)
+    bits = vcpu.mode_bits
+    protected = bool(r.cr0 & x86.CR0_PE) and not (r.rflags & x86.RFLAGS_VM)
+    if mn in ("sgdt", "sidt"):
+        base, limit = (r.gdtr_base, r.gdtr_limit) if mn == "sgdt" else (r.idtr_base, r.idtr_limit)
+        n = 8 if bits == 64 else 4
+        vcpu.write_linear((addr or 0) & _MASK, (limit & 0xFFFF).to_bytes(2, "little")
+                          + (base & ((1 << (8 * n)) - 1)).to_bytes(n, "little"))
+        vcpu.skip(insn_len)
+        return
+    if mn in ("lgdt", "lidt"):
+        _require_cpl0(vcpu)
+        limit = vcpu.read_linear_int(addr & _MASK, 2)
+        if bits == 64:
+            base = vcpu.read_linear_int((addr + 2) & _MASK, 8)
+            if not x86.canonical(base):
+                raise _gp0()
+        else:
+            base = vcpu.read_linear_int((addr + 2) & _MASK, 4)
+            if _opsize(vcpu, insn) == 2:
+                base &= 0xFFFFFF
+        if mn == "lgdt":
+            vcpu.set_descriptor_tables(gdtr=(base, limit))
+        else:
+            vcpu.set_descriptor_tables(idtr=(base, limit))
+        vcpu.skip(insn_len)
+        return
+    if not protected:
+        raise GuestFault(x86.UD)
+    if mn in ("sldt", "str"):
+        sel = (r.ldtr if mn == "sldt" else r.tr).selector & 0xFFFF
+        if addr is not None:
+            vcpu.write_linear_int(addr & _MASK, 2, sel)
+        else:
+            from .decode import set_reg_value
+            set_reg_value(vcpu, op.reg, sel)     # zero-extends 32/64-bit registers
+        vcpu.skip(insn_len)
+        return
+    _require_cpl0(vcpu)
+    if addr is not None:
+        sel = vcpu.read_linear_int(addr & _MASK, 2)
+    else:
+        from .decode import reg_value
+        sel = reg_value(vcpu, op.reg) & 0xFFFF
+    ia32e = bool(r.efer & x86.EFER_LMA)
+    if sel & 0xFFFC == 0:
+        if mn == "ltr":
+            raise _gp0()                       # LTR: "IF segment selector is NULL THEN #GP(0)"
+        vcpu.load_segments({6: (sel, 0, 0, 0)})  # LLDT with a NULL selector: LDTR invalid
+        vcpu.skip(insn_len)
+        return
+    err = sel & 0xFFFC
+    size = 16 if ia32e else 8
+    idx = sel & 0xFFF8
+    if sel & 4 or idx + size - 1 > r.gdtr_limit:
+        raise GuestFault(x86.GP, err)
+    raw = vcpu.read_linear((r.gdtr_base + idx) & _MASK, size, implicit=True)
+    lo, hi = int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little")
+    dtype = (hi >> 8) & 0x1F                    # S = 0 and the system type
+    want = (0x02,) if mn == "lldt" else ((0x09,) if ia32e else (0x01, 0x09))
+    if dtype not in want:
+        raise GuestFault(x86.GP, err)
+    if ia32e and (int.from_bytes(raw[12:16], "little") >> 8) & 0x1F:
+        raise GuestFault(x86.GP, err)           # upper half's type field must be 0
+    if not (hi & x86.DESC_P):
+        raise GuestFault(x86.NP, err)
+    base, limit, flags = x86.desc_to_cache(lo, hi)
+    if ia32e:
+        base |= int.from_bytes(raw[8:12], "little") << 32
+        if not x86.canonical(base):
+            raise GuestFault(x86.GP, err)
+    if mn == "ltr":
+        # Mark the TSS busy (type 1 -> 3, 9 -> B) in the GDT (a locked RMW on hardware).
+        hi |= 0x200
+        vcpu.write_linear_int((r.gdtr_base + idx + 4) & _MASK, 4, hi, implicit=True)
+        vcpu.load_segments({7: (sel, base, limit, flags | 0x200)})
+    else:
+        vcpu.load_segments({6: (sel, base, limit, flags)})
+    vcpu.skip(insn_len)

@@ -24,6 +24,9 @@ RFLAGS_AC, RFLAGS_VIF, RFLAGS_VIP, RFLAGS_ID = 1 << 18, 1 << 19, 1 << 20, 1 << 2
 
 # Segment register indices in QEMU's CPUX86State.segs[] (and vmlab_regs.seg[])
 R_ES, R_CS, R_SS, R_DS, R_FS, R_GS = range(6)
+
+# DR6 status bits (SDM Vol. 3A 18.2.3): BD, BS, BT
+DR6_BD, DR6_BS, DR6_BT = 1 << 13, 1 << 14, 1 << 15
 SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
 
 # QEMU SegmentCache.flags: the descriptor's high dword, bits in place (SDM 3.4.5)

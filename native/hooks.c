@@ -992,6 +992,25 @@ static void hook_intr(uc_engine *uc, uint32_t intno, void *ud)
     api.emu_stop(uc);
 }
 
+/* SYSCALL / SYSENTER: Unicorn 2.1.4 runs neither (its helpers call the
+ * UC_HOOK_INSN hooks, then only step EIP past the instruction).  Record the
+ * instruction's address (EIP still points at it while the hook runs) and stop;
+ * both end their translated block, so the engine stops right after, and
+ * Python rewinds RIP and completes the instruction (emu/sensitive.py). */
+static void hook_sysinsn(vmlab_vcpu *v, uint32_t which)
+{
+    struct priv *p = v->priv;
+    uint64_t rip = 0;
+    api.reg_read(p->uc, UC_X86_REG_RIP, &rip);
+    v->stop_kind = VMLAB_STOP_SYSINSN;
+    v->intno = which;
+    v->fault_vaddr = rip;
+    api.emu_stop(p->uc);
+}
+
+static void hook_syscall(uc_engine *uc, void *ud) { (void)uc; hook_sysinsn(ud, 0); }
+static void hook_sysenter(uc_engine *uc, void *ud) { (void)uc; hook_sysinsn(ud, 1); }
+
 static int hook_cpuid(uc_engine *uc, void *ud)
 {
     vmlab_vcpu *v = ud;
@@ -1122,6 +1141,10 @@ int vmlab_attach(vmlab_vcpu *v, void *uc)
         return 500 + err;
     if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_rdtscp, v, 1, 0, UC_X86_INS_RDTSCP)))
         return 600 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_syscall, v, 1, 0, UC_X86_INS_SYSCALL)))
+        return 700 + err;
+    if ((err = api.hook_add(uc, &h, UC_HOOK_INSN, (void *)hook_sysenter, v, 1, 0, UC_X86_INS_SYSENTER)))
+        return 800 + err;
     return 0;
 }
 

@@ -67,6 +67,8 @@ enum {
     VMLAB_STOP_NONCANONICAL = 9, /* long-mode access to a non-canonical address (#GP/#SS) */
     VMLAB_STOP_EPT_VIOLATION = 10, /* TLB fill: EPT violation (fault_ept_* fields) */
     VMLAB_STOP_EPT_MISCONFIG = 11, /* TLB fill: EPT misconfiguration (fault_ept_gpa) */
+    VMLAB_STOP_SYSINSN = 12,   /* SYSCALL (intno 0) or SYSENTER (intno 1) reached; Unicorn skips
+                                  them, so RIP is past it and fault_vaddr is its address */
 };
 
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */

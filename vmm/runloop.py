@@ -217,6 +217,13 @@ def platform(m: Machine, ex: Exit) -> Outcome:
                 cpu.skip(ex.insn_len)
             return HALT
         case ExceptionExit():
+            if ex.vector == x86.DB and ex.insn_len and not ex.software:
+                # INT1 (ICEBP, F1): a trap -- the saved RIP is after the
+                # instruction (SDM Vol. 3A 6.15 "Interrupt 1—Debug Exception
+                # (#DB)"; Vol. 2A "INT n/INTO/INT3/INT1"), and the gate's DPL is
+                # not checked (it is not a software interrupt).
+                m.vcpu.set_rip(ex.rip)
+                return Deliver(Event(x86.DB, icebp=True))
             return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
         case TrapExit():
             return _platform_trap(m, ex)

@@ -10,6 +10,7 @@ through one interrupt/NMI arbiter (``Vm.arbitrate``).  Virtual time is the guest
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import time
 import weakref
@@ -25,7 +26,7 @@ from devices.pic8259 import Pic8259Pair
 from devices.pit8254 import Pit8254
 from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 from emu import sensitive, x86
-from emu.cpu import MACHINE_TRAPS, Vcpu
+from emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
 from emu.cpu import Closed
 from emu.errors import ClosedError, ConfigError
 from emu.cpuid import CpuidModel
@@ -42,6 +43,10 @@ from .runloop import HANDLED, IDLE_LIMIT_NS, SLICE_INSNS, Outcome, RunResult, St
 
 LAPIC_BASE = 0xFEE00000
 FW_CFG_PORT = 0x510
+#: Trap kinds the bare machine needs on top of emu.cpu.MACHINE_TRAPS: MOV from
+#: CR8 reads the LAPIC's TPR, the descriptor-table loads need checks Unicorn
+#: omits, RDPMC must raise #GP rather than Unicorn's #UD (vmm.runloop).
+PLATFORM_TRAPS = frozenset({"cr_read", "desc", "rdpmc"})
 
 
 def _stdout_sink(data: bytes) -> None:
@@ -106,6 +111,8 @@ class Vm:
         self.fw_cfg = FwCfg(ram_size, cmdline)
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
         self.nmi_pending = False
+        #: run the next slice as one instruction (the IRET that unblocks NMIs)
+        self.step_next = False
         self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
         self.init_pending = False
         self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init))
@@ -117,7 +124,7 @@ class Vm:
         self.lapic.lvt[APIC_LVT_LINT0] = DM_EXTINT << LVT_DELIVERY_MODE_SHIFT
         self.lapic.lvt[APIC_LVT_LINT1] = DM_NMI << LVT_DELIVERY_MODE_SHIFT
         self.msrs.on_write.append(_weak(self._on_msr_write))
-        self.vcpu.set_traps(MACHINE_TRAPS)
+        self.vcpu.set_traps(MACHINE_TRAPS | PLATFORM_TRAPS)
         self.tbs = TbCache(self.vcpu)
         self.log_blocks = any(self.log.enabled(i) for i in ("in_asm", "exec", "tb"))
         self.vcpu.keep_block_logs = self.log_blocks
@@ -214,7 +221,26 @@ class Vm:
 
     def _on_msr_write(self, msr: int, value: int) -> None:
         if msr == IA32_APIC_BASE:
-            self.lapic.write_base_msr(value)
+            self._set_apic_base(value)
+
+    def _set_apic_base(self, value: int) -> None:
+        """IA32_APIC_BASE written: move or hide the LAPIC page.  SDM Vol. 3A
+        11.4.3: "When IA32_APIC_BASE[11] is 0, the processor is functionally
+        equivalent to an IA-32 processor without an on-chip APIC.  The CPUID
+        feature flag for the APIC (see Section 11.4.2) is also set to 0" -- the
+        register page stops answering and CPUID.1:EDX.APIC[9] reads 0."""
+        lapic = self.lapic
+        old_enabled, old_base = lapic.hw_enabled, lapic.base_address
+        base = lapic.write_base_msr(value)
+        if lapic.hw_enabled == old_enabled and base == old_base:
+            return
+        if old_enabled:
+            self.mmio.unregister(lapic)
+        if lapic.hw_enabled:
+            self.mmio.register(base, 0x1000, lapic, "lapic")
+        if lapic.hw_enabled != self.cpuid.apic:
+            self.cpuid = dataclasses.replace(self.cpuid, apic=lapic.hw_enabled)
+            self.vcpu.set_cpuid(self.cpuid)
 
     def post_input(self, data: bytes) -> None:
         """Queue host input for the UART (thread-safe; fed at the next exit)."""
@@ -265,6 +291,10 @@ class Vm:
         maskable interrupt if the CPU can take it now.  Otherwise it asks the
         native side to stop at the next interrupt window."""
         policy = self.intercept
+        if self.step_next:
+            # The IRET that unblocked NMIs runs first (one-instruction step):
+            # an event pending now is taken after it (SDM Vol. 3A 6.7.1).
+            return None
         src = self.pending_interrupt()
         if policy is not None:
             # INIT always exits in non-root operation (SDM 26.2), so the policy
@@ -357,7 +387,27 @@ class Vm:
         sensitive.emulate_msr(self.vcpu, ex, self.msrs)
 
     def cr_access(self, ex: CrExit) -> None:
+        if ex.cr == 8 and ex.access_type in (0, 1):
+            self._cr8_access(ex)
+            return
         sensitive.emulate_cr(self.vcpu, ex, self.cpuid)
+
+    def _cr8_access(self, ex: CrExit) -> None:
+        """MOV to/from CR8 is the LAPIC's TPR (SDM Vol. 3A 11.8.6.1, Interaction
+        of Task Priorities between CR8 and APIC): a write puts CR8[3:0] in
+        TPR[7:4] and clears TPR[3:0], a read returns TPR[7:4]; CR8 bits 63:4
+        are reserved, #GP(0) (SDM Vol. 2B, MOV—Move to/from Control Registers)."""
+        cpu = self.vcpu
+        if cpu.cpl != 0:
+            raise GuestFault(x86.GP, 0)
+        if ex.access_type == 0:
+            if ex.value >> 4:
+                raise GuestFault(x86.GP, 0)
+            self.lapic.tpr = (ex.value & 0xF) << 4
+            cpu.write_cr(8, ex.value & 0xF)
+        else:
+            cpu.set_gpr(ex.gpr, self.lapic.tpr >> 4, 8)
+        cpu.skip(ex.insn_len)
 
     def port_io(self, ex: IoExit) -> None:
         """IN/OUT/INS/OUTS to the port-I/O bus (after the TSS I/O-permission check)."""
