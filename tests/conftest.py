@@ -20,12 +20,8 @@ def machine():
     m.close()
 
 
-@pytest.fixture
-def vmx():
-    """The vmx_guest factory of vmm.harness (guest code + VMCS controls -> VmxGuest);
-    the guests it made are closed when the test ends (see _close_harness_guests)."""
-    from vmm.harness import vmx_guest
-    return vmx_guest
+# The `vmx` and `vm` fixtures come from vmlab's pytest plugin (vmm/pytest_plugin.py,
+# registered through the pytest11 entry point when vmlab is installed).
 
 
 @pytest.fixture(autouse=True)
