@@ -40,6 +40,7 @@
 struct req_hdr { u32 type; u32 reserved; u64 sector; };
 static struct vq q;
 static u32 base;
+static int ack_irq;           /* acknowledge the interrupt after each request */
 
 /* One request, synchronously: header, optional data, status.  Returns the
  * status byte; *used gets the used length. */
@@ -60,6 +61,7 @@ static u32 blk_req(u32 type, u64 sector, u32 data, u32 len, int dev_writes, u32 
     for (int spin = 0; !vq_used(&q, &id, &l); spin++)
         if (spin > 1000000) { puts("FAIL: request never completed\n"); done(); }
     if (id != head) { puts("FAIL: used id "); puthex(id); puts(" != head\n"); guest_fails++; }
+    if (ack_irq) mmio_write(base + VM_INTERRUPT_ACK, mmio_read(base + VM_INTERRUPT_STATUS));
     if (used) *used = l;
     return *st;
 }
@@ -198,7 +200,7 @@ void guest_main(u32 magic, u32 mbinfo) {
     check_eq(cap, cmd_num(cl, "cap", cap), "capacity in sectors");
     check_eq(mmio_read(base + VM_CONFIG + 20), 512, "blk_size = 512");
     if (cmd_has(cl, "mode=ro")) test_ro(feats);
-    else if (cmd_has(cl, "mode=durable")) durable(cap, cmd_num(cl, "n", 1000000));
+    else if (cmd_has(cl, "mode=durable")) ack_irq = 1, durable(cap, cmd_num(cl, "n", 1000000));
     else if (cmd_has(cl, "mode=bench"))
         bench(cap, cmd_has(cl, "kind=rand"), cmd_num(cl, "count", 1000), cmd_num(cl, "size", 4096),
               cmd_num(cl, "depth", 32));

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--wall-clock", action="store_true", help="the same as --clock host")
     r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
+    r.add_argument("-drive", dest="drives", action="append", default=[], metavar="file=PATH,if=virtio[,...]",
+                   help="a virtio-blk disk: file=PATH,if=virtio[,format=raw][,readonly=on][,snapshot=on] "
+                        "(repeatable; see README.md, virtio)")
 
     # The debugger (tools/debugcli.py): QEMU's -s/-S/-gdb on run, and `vmlab debug`
     # with every run option (copied, so options added to run appear here too).
@@ -159,6 +162,11 @@ def cmd_run(args) -> int:
         log = DebugLog.parse(args.log_items, log_stream)
     except LogError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    from tools import virtio_opts
+    try:
+        virtio_specs = virtio_opts.parse(args.drives)
+    except virtio_opts.OptionError as exc:
+        raise CliError(str(exc), exc.status) from None
     sink, sink_file = _serial_sink(args.serial)
     kernel = args.kernel
     try:
@@ -178,6 +186,17 @@ def cmd_run(args) -> int:
                 args.append = config.cmdline
             if not args.initrd and config.modules:
                 args.initrd = ",".join(line for _, line in config.modules)
+        if kernel.endswith(".c"):
+            from tools.cguest import CGuestError, build as cbuild
+            if not os.path.isfile(kernel):
+                raise CliError(f"guest source {kernel!r} not found", EXIT_FILE)
+            try:
+                kernel = str(cbuild(kernel))
+            except CGuestError as exc:
+                raise CliError(str(exc).splitlines()[0], EXIT_FORMAT) from None
+        if virtio_specs:
+            # Linux finds virtio-mmio devices on its command line (Firecracker's way).
+            args.append = " ".join(filter(None, (args.append, virtio_opts.cmdline(virtio_specs))))
         data = read_image(kernel)
         image = load(data, fmt=args.format, ram_size=ram, cmdline=args.append, modules=_modules(args.initrd),
                      flat_addr=args.flat_addr, flat_mode=args.flat_mode)
@@ -193,6 +212,10 @@ def cmd_run(args) -> int:
         clock = args.clock or ("host" if args.wall_clock else "virtual")
         vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock)
         vm.load(image)
+        try:
+            virtio_opts.attach(vm, virtio_specs)
+        except virtio_opts.OptionError as exc:
+            raise CliError(str(exc), exc.status) from None
         _attach_stdin(vm, args.serial)
         if args.cmd == "debug" or args.gdb is not None:
             from tools.debugcli import debug_session

@@ -25,7 +25,7 @@ static inline u32 mmio_read(u32 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write(u32 addr, u32 v) { *(volatile u32 *)addr = v; }
 #define barrier() __asm__ volatile("" ::: "memory")
 
-static void putc(char c) {
+__attribute__((noinline)) static void putc(char c) {
     while (!(inb(0x3f8 + 5) & 0x20)) {}
     outb(0x3f8, (u8)c);
 }
