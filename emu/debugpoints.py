@@ -118,14 +118,39 @@ def debug_exit(vcpu, kind: int) -> Exit:
     if kind == STOP_BREAK:
         return BreakpointExit(rip=r.rip, addr=d.hit_addr)
     if kind == STOP_WATCH:
-        from .decode import _candidate_accesses
         vpage = d.hit_addr
         insn = vcpu.fetch_insn()
         accesses = []
         if insn is not None:
-            for addr, size in _candidate_accesses(vcpu, insn):
+            for addr, size in _accesses(vcpu, insn):
                 if addr < vpage + 4096 and addr + size > vpage:
                     accesses.append((addr, size))
         return WatchpointExit(rip=r.rip, insn_len=insn.size if insn is not None else 0, vpage=vpage,
                               ppage=d.hit_paddr, is_write=bool(d.hit_access & 2), accesses=accesses)
     return DebugStopExit(rip=r.rip, why="interrupt" if d.hit_reason == DBG_ASYNC else "mode")
+
+
+def _accesses(vcpu, insn):
+    """(linear address, size) of the memory an instruction touches: its
+    memory operands at their own size (string instructions included: Capstone
+    lists [si]/[di] as operands) and the implicit stack slot."""
+    from capstone import x86_const as C
+    from .decode import _candidate_accesses, _stack_addr, mem_operand_address
+    out = []
+    mn = insn.mnemonic
+    if mn not in ("lea", "nop") and not mn.startswith("prefetch"):
+        for op in insn.operands:
+            if op.type == C.X86_OP_MEM:
+                try:
+                    out.append((mem_operand_address(vcpu, insn, op), max(op.size, 1)))
+                except KeyError:
+                    pass
+    hf = vcpu.regs.hflags
+    osz = 8 if hf & (1 << 15) else 4 if hf & (1 << 4) else 2
+    if insn.prefix[2] == 0x66 and osz != 8:
+        osz = 6 - osz
+    if mn.startswith(("push", "call", "enter")):
+        out.append((_stack_addr(vcpu, -osz), osz))
+    if mn.startswith(("pop", "ret", "leave", "iret")):
+        out.append((_stack_addr(vcpu, 0), osz))
+    return out or _candidate_accesses(vcpu, insn)

@@ -24,6 +24,9 @@ Benchmarks (``vmlab bench list``):
         first_ms, last_ms (create+run+close of the first and the last VM),
         ratio = last_ms / first_ms (target <= 1.2), median_ms, and
         rss_growth_mb (RSS after the last VM minus after the first; target <= 64)
+  debug MIPS with 16 breakpoints on code that never runs / MIPS without a
+        debugger: bp_ratio (target >= 0.95); Debugger.step() rate on hello:
+        steps_per_s (target >= 20,000) (tools/bench_debug.py)
 """
 from __future__ import annotations
 
@@ -353,8 +356,13 @@ def bench_churn(n: int = 50) -> dict:
             "median_ms": round(sorted(times)[n // 2] * 1e3, 1), "rss_growth_mb": round(growth / (1 << 20), 1)}
 
 
+def bench_debug() -> dict:
+    from tools.bench_debug import bench_debug as run
+    return run()
+
+
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
-           "paging": bench_paging, "churn": bench_churn}
+           "paging": bench_paging, "churn": bench_churn, "debug": bench_debug}
 
 
 def main(names, as_json: bool = False) -> int:

@@ -248,6 +248,7 @@ class Debugger:
         self.vm.break_vectors = set()
         self.vm.resume_outcome = None
         self._vmx_needs_entry = True
+        self._stepping = False
         if self.vmx is not None:
             self.vmx.record = True
             # a VMX guest is in non-root operation once the harness entered it
@@ -467,6 +468,13 @@ class Debugger:
                 fast = getattr(g, "_fastpath", None)
                 if fast is not None and hasattr(self.cpu, "fastpath"):
                     self.cpu.fastpath = fast
+            if step and not self._stepping:
+                # Unicorn 2.1.4 counts instructions (emu_start's count) with a
+                # code hook that is only compiled into blocks translated after it
+                # was added; blocks left by a continue would run whole.  Leaving
+                # count mode, Unicorn flushes them itself.
+                self.cpu.uc.ctl_flush_tb()
+            self._stepping = step
             try:
                 res = vm.run(max_insns=max_insns, timeout=timeout, step=step)
             finally:
@@ -495,6 +503,9 @@ class Debugger:
         if reason == StopReason.WATCHPOINT:
             return self._watch_hit(res)
         st = Stop(reason, res)
+        if reason == StopReason.STEP:
+            self.last_stop = st
+            return st
         pc = self.cpu.linear_rip()
         if reason == StopReason.BREAKPOINT:
             p = self.breakpoint_at(res.exit.addr) or self._phys_break_at(res.exit.addr)
@@ -551,15 +562,20 @@ class Debugger:
                 ranges = ex.accesses
             if any(a < p.addr + p.length and a + n > p.addr for a, n in ranges):
                 hits.append(p)
-        olds = {p.num: self._value(p) for p in hits}
+        watches = [p for p in self.table.values() if p.is_watch]
+        olds = {p.num: self._value(p) for p in watches}
         # Run the instruction once with watchpoints (and breakpoints) off.
         with self.points.suspended(breaks=True, watches=True):
             res2 = self._run(step=True)
         if res2.reason != StopReason.STEP:
             return self._stop_from(res2)
-        for p in hits:
+        # A watched value that changed counts too: Unicorn's one-instruction
+        # run can finish a REP string instruction and run the next one.
+        for p in watches:
             new = self._value(p)
             old = olds[p.num]
+            if p not in hits and (p.kind == "rwatch" or old == new):
+                continue
             if p.kind == "watch" and old == new:
                 continue
             p.hits += 1
@@ -598,18 +614,24 @@ class Debugger:
         lin = self.cpu.linear_rip()
         return self.breakpoint_at(lin) is not None or self._phys_break_at(lin) is not None
 
-    def step(self, n: int = 1) -> Stop:
-        """stepi: n instructions (breakpoints do not stop a step)."""
+    def step(self, n: int = 1, show: bool = False) -> Stop:
+        """stepi: n instructions (breakpoints do not stop a step).  ``show``:
+        put the next instruction in ``lines`` (what the REPL prints)."""
         st = None
+        d = self.points.native
         for _ in range(max(1, n)):
-            with self.points.suspended(breaks=True):
+            d.suspend_breaks = 1
+            try:
                 res = self._run(step=True)
+            finally:
+                d.suspend_breaks = 0
             st = self._stop_from(res)
             if st is None:               # a watched page, not a watched byte: the step is done
                 st = self._finish(res, Stop(StopReason.STEP, res))
             if st.reason != StopReason.STEP:
                 return st
-        st.lines.append(self.format_insn_line(self.cpu.linear_rip(), current=True))
+        if show:
+            st.lines.append(self.format_insn_line(self.cpu.linear_rip(), current=True))
         return st
 
     def cont(self, max_insns: int | None = None, timeout: float | None = None) -> Stop:
@@ -632,7 +654,7 @@ class Debugger:
         for _ in range(max(1, n)):
             insn = self.cpu.fetch_insn(self.cpu.linear_rip())
             if insn is None or not insn.mnemonic.startswith("call"):
-                st = self.step(1)
+                st = self.step(1, show=True)
                 if st.reason != StopReason.STEP:
                     return st
                 continue
@@ -674,7 +696,7 @@ class Debugger:
         for _ in range(limit):
             insn = self.cpu.fetch_insn(self.cpu.linear_rip())
             is_ret = insn is not None and insn.mnemonic.startswith(("ret", "iret"))
-            st = self.next(1) if insn is not None and insn.mnemonic.startswith("call") else self.step(1)
+            st = self.next(1) if insn is not None and insn.mnemonic.startswith("call") else self.step(1, show=True)
             if st.reason != StopReason.STEP:
                 return st
             if is_ret and self.cpu.regs.gpr[4] > sp0:

@@ -69,10 +69,10 @@ class Repl(cmd.Cmd):
             return False
         # gdb's x/FMT, p/x and disassemble/r forms: the slash glues to the command
         m = re.match(r"^(x|xp|p|print|output)(/\S*)?(\s.*)?$", line)
-        if m:
-            name = {"print": "p", "output": "p"}.get(m.group(1), m.group(1))
-            return getattr(self, f"do_{name}")(((m.group(2) or "") + " " + (m.group(3) or "")).strip())
         try:
+            if m:
+                name = {"print": "p", "output": "p"}.get(m.group(1), m.group(1))
+                return getattr(self, f"do_{name}")(((m.group(2) or "") + " " + (m.group(3) or "")).strip())
             return super().onecmd(line)
         except DebuggerError as exc:
             self.error(str(exc))
@@ -96,7 +96,7 @@ class Repl(cmd.Cmd):
     # ---- running
     def do_stepi(self, arg):
         """stepi [N]: execute N instructions."""
-        self._show(self.dbg.step(self._count(arg)))
+        self._show(self.dbg.step(self._count(arg), show=True))
     do_si = do_stepi
 
     def do_nexti(self, arg):
@@ -393,6 +393,8 @@ class Repl(cmd.Cmd):
         letter = fmt[1:2] or "d"
         if letter == "d":
             self.say(f"$1 = {v - (1 << 64) if v >> 63 else v}")
+        elif letter == "x":
+            self.say(f"$1 = {v:#x}")
         else:
             self.say(f"$1 = {_fmt_value(v, letter, 8)}")
 

@@ -383,6 +383,9 @@ class GdbServer:
             self.send("vCont;c;C;s;S")
         elif text.startswith("vCont;"):
             actions = [a.split(":")[0] for a in text[6:].split(";")]
+            if not actions or any(not a or a[0] not in "cCsS" for a in actions):
+                self.send("E01")
+                return None
             step = any(a[:1] in ("s", "S") for a in actions)
             return self._resume(step, reader)
         elif c in "cC":

@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 #: a symbol further than this below an address does not name it (no size known)
-MAX_OFFSET = 0x10000
+MAX_OFFSET = 0x1000
 
 
 class Symbols:
