@@ -3,8 +3,9 @@
 When the vCPU stops at a trap site, the instruction there may be a VM exit
 whose reason, length and qualification follow from the bytes and the controls
 alone (SDM Vol. 3C 26.1): CPUID (always), HLT/RDTSC/RDTSCP/RDPMC/MWAIT/MONITOR/
-PAUSE/WBINVD/INVD/XSETBV by their controls, and IN/OUT with an immediate or DX
-port under unconditional I/O exiting or the I/O bitmaps (26.1.3).  The VMM
+PAUSE/WBINVD/INVD/XSETBV by their controls, IN/OUT with an immediate or DX
+port under unconditional I/O exiting or the I/O bitmaps, and RDMSR/WRMSR under
+the MSR bitmaps (26.1.3).  The VMM
 (vmm.vmx) describes the current controls in a :class:`Policy` at VM entry; the
 C side (``vmlab_fast_decide`` in native/hooks.c) decides at the stop and
 ``Vcpu.run`` returns a :class:`emu.exits.PolicyExit` without decoding the site
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from . import trapscan
 
 FAST_IO_NONE, FAST_IO_ALL, FAST_IO_BITMAPS = 0, 1, 2
+FAST_MSR_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS = 0, 1, 2
+#: basic exit reasons of RDMSR and WRMSR (SDM Vol. 3C Appendix C)
+EXIT_REASON_RDMSR, EXIT_REASON_WRMSR = 31, 32
 #: basic exit reason of an I/O instruction (SDM Vol. 3C Appendix C)
 EXIT_REASON_IO = 30
 
@@ -32,12 +36,15 @@ class Policy:
     io_mode: int = FAST_IO_NONE
     io_bitmap_a: int = 0
     io_bitmap_b: int = 0
+    msr_mode: int = FAST_MSR_NONE
+    msr_bitmap: int = 0
     reason: list[int] = field(default_factory=lambda: [0] * len(trapscan.KIND_NAMES))
 
     def to_native(self, out) -> None:
         """Fill a cffi ``vmlab_fastpath``."""
         out.exit_kinds, out.io_mode = self.exit_kinds, self.io_mode
         out.io_bitmap_a, out.io_bitmap_b = self.io_bitmap_a, self.io_bitmap_b
+        out.msr_mode, out.msr_bitmap = self.msr_mode, self.msr_bitmap
         for i, r in enumerate(self.reason):
             out.reason[i] = r
 
@@ -51,7 +58,22 @@ def _bitmap_bit(policy: Policy, ram, port: int) -> int:
     return (ram[addr] >> (bit & 7)) & 1
 
 
-def decide_bytes(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
+def _msr_bitmap_exits(policy: Policy, ram, msr: int, write: bool) -> bool:
+    """SDM Vol. 3C 25.6.9: read-low, read-high (C0000000H-C0001FFFH), write-low,
+    write-high; an MSR outside both ranges, or a bitmap outside RAM, exits."""
+    if msr <= 0x1FFF:
+        off, bit = 0, msr
+    elif 0xC0000000 <= msr <= 0xC0001FFF:
+        off, bit = 0x400, msr - 0xC0000000
+    else:
+        return True
+    addr = policy.msr_bitmap + off + (0x800 if write else 0) + bit // 8
+    if addr >= len(ram):
+        return True
+    return bool(ram[addr] >> (bit & 7) & 1)
+
+
+def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
     """(exit reason, instruction length, exit qualification) of a fast VM exit
     for the instruction at ``code[0]`` in 16/32/64-bit code, or None."""
     c = trapscan.classify(code, mode)
@@ -62,6 +84,11 @@ def decide_bytes(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple
     kind = c.kind
     if 0 <= kind < len(trapscan.KIND_NAMES) and policy.exit_kinds >> kind & 1:
         return policy.reason[kind], c.length, 0
+    if kind in (trapscan.KIND_BIT["rdmsr"], trapscan.KIND_BIT["wrmsr"]) and policy.msr_mode != FAST_MSR_NONE:
+        write = kind == trapscan.KIND_BIT["wrmsr"]
+        if policy.msr_mode == FAST_MSR_BITMAPS and not _msr_bitmap_exits(policy, ram, rcx & 0xFFFFFFFF, write):
+            return None
+        return (EXIT_REASON_WRMSR if write else EXIT_REASON_RDMSR), c.length, 0
     if kind != trapscan.KIND_BIT["io"] or policy.io_mode == FAST_IO_NONE or c.opmap != trapscan.MAP_1:
         return None
     op = c.opcode
@@ -87,12 +114,13 @@ def decide_bytes(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple
     return EXIT_REASON_IO, c.length, qual
 
 
-def decide_bytes_native(code: bytes, mode: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
+def decide_bytes_native(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy,
+                        ram) -> tuple[int, int, int] | None:
     """The same question asked of ``vmlab_fast_decide_bytes``."""
     from .native import ffi, lib
     f = ffi.new("vmlab_fastpath *")
     policy.to_native(f)
     buf = ffi.from_buffer(bytes(ram)) if len(ram) else ffi.NULL
-    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rdx, f, buf, len(ram)):
+    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rcx, rdx, f, buf, len(ram)):
         return f.exit_reason, f.exit_len, f.exit_qual
     return None

@@ -1574,7 +1574,30 @@ static int io_bitmap_bit(const vmlab_fastpath *f, const uint8_t *ram, uint64_t r
     return (ram[addr] >> (bit & 7)) & 1;
 }
 
-int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rdx,
+/* Does RDMSR/WRMSR of ECX = msr VM-exit under the MSR bitmaps (SDM Vol. 3C
+ * 25.6.9: read-low at +0, read-high (C0000000H-C0001FFFH) at +400H, then the
+ * write halves at +800H and +C00H; an MSR outside both ranges, or a bitmap
+ * outside RAM, exits)? */
+static int msr_bitmap_exits(const vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t msr,
+                            int write)
+{
+    uint64_t off;
+    uint32_t bit;
+    if (msr <= 0x1fff) {
+        off = 0; bit = msr;
+    } else if (msr >= 0xc0000000u && msr <= 0xc0001fffu) {
+        off = 0x400; bit = msr - 0xc0000000u;
+    } else {
+        return 1;
+    }
+    off += write ? 0x800 : 0;
+    const uint64_t addr = f->msr_bitmap + off + bit / 8;
+    if (addr < f->msr_bitmap || addr >= ram_size)
+        return 1;
+    return (ram[addr] >> (bit & 7)) & 1;
+}
+
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size)
 {
     vmlab_insn c;
@@ -1586,6 +1609,17 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t 
     const uint32_t kind = (uint32_t)c.kind;
     if (kind < VMLAB_TRAP_COUNT && (f->exit_kinds >> kind) & 1) {
         f->exit_reason = f->reason[kind];
+        f->exit_len = c.length;
+        f->exit_qual = 0;
+        f->hits++;
+        return 1;
+    }
+    if ((kind == VMLAB_TRAP_RDMSR || kind == VMLAB_TRAP_WRMSR) && f->msr_mode != VMLAB_FAST_MSR_NONE) {
+        const int write = kind == VMLAB_TRAP_WRMSR;
+        if (f->msr_mode == VMLAB_FAST_MSR_BITMAPS &&
+            !msr_bitmap_exits(f, ram, ram_size, (uint32_t)rcx, write))
+            return 0;
+        f->exit_reason = write ? 32 : 31;   /* WRMSR / RDMSR (SDM Vol. 3C Appendix C) */
         f->exit_len = c.length;
         f->exit_qual = 0;
         f->hits++;
@@ -1646,9 +1680,10 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
     if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
     const uint32_t hf = read_hflags(v, p);
     const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
-    uint64_t rdx;
+    uint64_t rcx, rdx;
+    memcpy(&rcx, v->env + 1 * 8, 8);     /* CPUX86State.regs[R_ECX] */
     memcpy(&rdx, v->env + 2 * 8, 8);     /* CPUX86State.regs[R_EDX] */
-    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rdx, f, v->ram, v->ram_size);
+    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rcx, rdx, f, v->ram, v->ram_size);
 }
 
 /* One exit in one native call (the common path of Vcpu.run): run from r->rip

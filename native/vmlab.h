@@ -365,14 +365,18 @@ int vmlab_classify(const uint8_t *code, uint32_t len, int mode, vmlab_insn *out)
 /* ---- VM-exit fast path (native/hooks.c, "fast path"; Python twin emu/fastpath.py) ----
  * At a trap site, decide in C whether the instruction is a VM exit that needs
  * nothing but its reason, length and qualification -- the policy-only exits of
- * SDM Vol. 3C 26.1: CPUID, HLT, RDTSC... by control, and IN/OUT (not string) by
- * unconditional I/O exiting or the I/O bitmaps (26.1.3).  The VMM fills the
+ * SDM Vol. 3C 26.1: CPUID, HLT, RDTSC... by control, IN/OUT (not string) by
+ * unconditional I/O exiting or the I/O bitmaps, RDMSR/WRMSR by the MSR bitmaps
+ * (26.1.3).  The VMM fills the
  * policy at VM entry; Python then skips decoding the site. */
 typedef struct vmlab_fastpath {
     uint32_t exit_kinds;       /* 1 << VMLAB_TRAP_*: every instance VM-exits with qualification 0 */
     uint32_t io_mode;          /* VMLAB_FAST_IO_* */
     uint64_t io_bitmap_a;      /* guest-physical address of I/O bitmap A (ports 0000-7FFF) */
     uint64_t io_bitmap_b;      /* ... and B (ports 8000-FFFF) */
+    uint32_t msr_mode;         /* VMLAB_FAST_MSR_*: how RDMSR/WRMSR exit (SDM Vol. 3C 26.1.3) */
+    uint32_t pad_msr;
+    uint64_t msr_bitmap;       /* guest-physical address of the 4 KiB MSR bitmaps (25.6.9) */
     uint16_t reason[28];       /* basic exit reason by trap kind (VMLAB_TRAP_COUNT entries) */
     /* ---- the decision (out) ---- */
     uint32_t exit_reason;
@@ -381,10 +385,12 @@ typedef struct vmlab_fastpath {
     uint64_t hits;             /* decisions made here (statistics) */
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
+enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
 
-/* The decision on an instruction's bytes (mode 16/32/64, RDX for IN/OUT DX):
+/* The decision on an instruction's bytes (mode 16/32/64, RCX for RDMSR/WRMSR,
+ * RDX for IN/OUT DX):
  * 1 = a fast VM exit (f->exit_* filled), 0 = not decided here. */
-int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rdx,
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size);
 /* The same at the trap site the vCPU stopped at (fault_vaddr/fault_paddr). */
 int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);

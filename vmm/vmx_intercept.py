@@ -14,7 +14,7 @@ from emu import sensitive, x86
 from emu.cpu import EptFault
 from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
 from emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
-from emu.fastpath import FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, Policy
+from emu.fastpath import FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy
 from emu.trapscan import KIND_BIT
 
 from . import vmcs as F
@@ -219,6 +219,10 @@ class NonRootIntercepts:
             pol.io_mode = FAST_IO_ALL
         else:
             pol.io_mode = FAST_IO_NONE
+        if p & _PP.USE_MSR_BITMAPS:
+            pol.msr_mode, pol.msr_bitmap = FAST_MSR_BITMAPS, self._ctl(F.MSR_BITMAP)
+        else:
+            pol.msr_mode = FAST_MSR_ALL
         return pol
 
     def _io_exits(self, port: int, size: int) -> bool:

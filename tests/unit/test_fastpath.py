@@ -21,7 +21,7 @@ _PLANTED = [
     b"\xe4\x60", b"\xe5\x71", b"\xe6\x80", b"\xe7\xf4",       # IN/OUT imm8
     b"\xec", b"\xed", b"\xee", b"\xef",                       # IN/OUT DX
     b"\x6c", b"\xf3\x6e",                                     # INS/OUTS (never fast)
-    b"\x0f\x32", b"\x0f\x22\xc0",                             # RDMSR, MOV CR0 (never fast)
+    b"\x0f\x32", b"\x0f\x30", b"\x0f\x22\xc0",                # RDMSR, WRMSR, MOV CR0 (never fast)
 ]
 _PREFIXES = [b"", b"\x66", b"\x67", b"\xf0", b"\x2e", b"\xf3", b"\x48", b"\x66\x66", b"\x26\x66"]
 
@@ -37,7 +37,16 @@ def policies(draw):
     return Policy(exit_kinds=mask, io_mode=draw(st.sampled_from([fp.FAST_IO_NONE, fp.FAST_IO_ALL,
                                                                   fp.FAST_IO_BITMAPS])),
                   io_bitmap_a=draw(st.integers(0, 0x3000)), io_bitmap_b=draw(st.integers(0, 0x3000)),
-                  reason=reason)
+                  msr_mode=draw(st.sampled_from([fp.FAST_MSR_NONE, fp.FAST_MSR_ALL, fp.FAST_MSR_BITMAPS])),
+                  msr_bitmap=draw(st.integers(0, 0x2000)), reason=reason)
+
+
+def msr_numbers():
+    """ECX values around both bitmap ranges' edges, and anything."""
+    edges = st.sampled_from([0, 1, 0x10, 0x1B, 0x1FFF, 0x2000, 0xC0000000, 0xC0000080, 0xC0001FFF, 0xC0002000,
+                             0xFFFFFFFF])
+    return st.one_of(edges, st.integers(0, 0x2100), st.integers(0xBFFFFF00, 0xC0002100),
+                     st.integers(0, (1 << 64) - 1))
 
 
 @st.composite
@@ -49,10 +58,10 @@ def codes(draw):
 
 
 @settings(max_examples=1500)
-@given(code=codes(), mode=st.sampled_from([16, 32, 64]), rdx=st.integers(0, (1 << 64) - 1), policy=policies(),
-       ram=st.binary(min_size=0, max_size=0x2000))
-def test_fast_decide_c_and_python_agree(code, mode, rdx, policy, ram):
-    assert decide_bytes_native(code, mode, rdx, policy, ram) == decide_bytes(code, mode, rdx, policy, ram)
+@given(code=codes(), mode=st.sampled_from([16, 32, 64]), rcx=msr_numbers(), rdx=st.integers(0, (1 << 64) - 1),
+       policy=policies(), ram=st.binary(min_size=0, max_size=0x2000))
+def test_fast_decide_c_and_python_agree(code, mode, rcx, rdx, policy, ram):
+    assert decide_bytes_native(code, mode, rcx, rdx, policy, ram) == decide_bytes(code, mode, rcx, rdx, policy, ram)
 
 
 def _policy(**kw):
@@ -64,52 +73,70 @@ def _policy(**kw):
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_cpuid_in_exit_kinds_exits_with_reason_10_length_2(decide):
-    assert decide(b"\x0f\xa2", 64, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") == (10, 2, 0)
+    assert decide(b"\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") == (10, 2, 0)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_unarmed_kind_is_left_to_python(decide):
-    assert decide(b"\xf4", 64, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
+    assert decide(b"\xf4", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_lock_prefix_is_left_to_python_for_ud(decide):
-    assert decide(b"\xf0\x0f\xa2", 64, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
+    assert decide(b"\xf0\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_in_imm8_qualification_matches_table_28_5(decide):
     # in al, 0x60: size 1 (0), IN (bit 3), immediate (bit 6), port 0x60 in 31:16
-    assert decide(b"\xe4\x60", 32, 0, _policy(io_mode=fp.FAST_IO_ALL), b"") == (30, 2, 0x8 | 0x40 | 0x60 << 16)
+    assert decide(b"\xe4\x60", 32, 0, 0, _policy(io_mode=fp.FAST_IO_ALL), b"") == (30, 2, 0x8 | 0x40 | 0x60 << 16)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_out_dx_operand_size_follows_mode_and_66(decide):
     pol = _policy(io_mode=fp.FAST_IO_ALL)
-    assert decide(b"\xef", 16, 0x3F8, pol, b"") == (30, 1, 1 | 0x3F8 << 16)          # out dx, ax
-    assert decide(b"\x66\xef", 16, 0x3F8, pol, b"") == (30, 2, 3 | 0x3F8 << 16)      # out dx, eax
-    assert decide(b"\xef", 64, 0x3F8, pol, b"") == (30, 1, 3 | 0x3F8 << 16)          # out dx, eax
-    assert decide(b"\x66\xef", 64, 0xFFFF3F8, pol, b"") == (30, 2, 1 | 0xF3F8 << 16)  # DX only
+    assert decide(b"\xef", 16, 0, 0x3F8, pol, b"") == (30, 1, 1 | 0x3F8 << 16)          # out dx, ax
+    assert decide(b"\x66\xef", 16, 0, 0x3F8, pol, b"") == (30, 2, 3 | 0x3F8 << 16)      # out dx, eax
+    assert decide(b"\xef", 64, 0, 0x3F8, pol, b"") == (30, 1, 3 | 0x3F8 << 16)          # out dx, eax
+    assert decide(b"\x66\xef", 64, 0, 0xFFFF3F8, pol, b"") == (30, 2, 1 | 0xF3F8 << 16)  # DX only
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_io_bitmaps_exit_only_when_a_port_bit_is_set(decide):
     ram = bytearray(0x3000)
     pol = _policy(io_mode=fp.FAST_IO_BITMAPS, io_bitmap_a=0x1000, io_bitmap_b=0x2000)
-    assert decide(b"\xe6\x80", 64, 0, pol, bytes(ram)) is None
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram)) is None
     ram[0x1000 + 0x80 // 8] |= 1 << (0x80 & 7)
-    assert decide(b"\xe6\x80", 64, 0, pol, bytes(ram)) == (30, 2, 0x40 | 0x80 << 16)
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram)) == (30, 2, 0x40 | 0x80 << 16)
     # a 4-byte access exits when any of its ports' bits is set (SDM 26.1.3), bitmap B above 7FFF
     ram[0x2000 + (0x8003 & 0x7FFF) // 8] |= 1 << (0x8003 & 7)
-    assert decide(b"\xef", 64, 0x8000, pol, bytes(ram)) == (30, 1, 3 | 0x8000 << 16)
+    assert decide(b"\xef", 64, 0, 0x8000, pol, bytes(ram)) == (30, 1, 3 | 0x8000 << 16)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_string_io_needs_instruction_information(decide):
-    assert decide(b"\xf3\x6e", 64, 0x80, _policy(io_mode=fp.FAST_IO_ALL), b"") is None
+    assert decide(b"\xf3\x6e", 64, 0, 0x80, _policy(io_mode=fp.FAST_IO_ALL), b"") is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_bitmap_outside_ram_reads_as_zero(decide):
     pol = _policy(io_mode=fp.FAST_IO_BITMAPS, io_bitmap_a=(1 << 40), io_bitmap_b=(1 << 40))
-    assert decide(b"\xe4\x10", 64, 0, pol, b"\xff" * 64) is None
+    assert decide(b"\xe4\x10", 64, 0, 0, pol, b"\xff" * 64) is None
+
+
+@pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
+def test_fast_decide_msr_bitmaps_follow_sdm_25_6_9(decide):
+    ram = bytearray(0x3000)
+    pol = _policy(msr_mode=fp.FAST_MSR_BITMAPS, msr_bitmap=0x1000)
+    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram)) is None            # bit clear: no exit
+    ram[0x1000 + 0x1B // 8] |= 1 << (0x1B & 7)                                  # read-low bit of 1BH
+    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram)) == (31, 2, 0)
+    assert decide(b"\x0f\x30", 64, 0x1B, 0, pol, bytes(ram)) is None            # write-low bit still clear
+    ram[0x1000 + 0xC00 + 0x80 // 8] |= 1 << (0x80 & 7)                          # write-high bit of C0000080H
+    assert decide(b"\x0f\x30", 64, 0xC0000080, 0, pol, bytes(ram)) == (32, 2, 0)
+    assert decide(b"\x0f\x32", 64, 0x40000000, 0, pol, bytes(ram)) == (31, 2, 0)  # outside both ranges
+
+
+@pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
+def test_fast_decide_msr_without_bitmaps_always_exits(decide):
+    assert decide(b"\x0f\x30", 32, 0x10, 0, _policy(msr_mode=fp.FAST_MSR_ALL), b"") == (32, 2, 0)
