@@ -211,6 +211,7 @@ class Vcpu:
         #: runs the guest under one (emu/fastpath.py), else None
         self.fastpath = None
         self._err = ffi.new("int *")
+        self._counting = False         # the last run was a one-instruction step
         self._scratch_mapped = False
         self._trap_names: frozenset[str] = frozenset()
         self.cpuid = None
@@ -660,6 +661,14 @@ class Vcpu:
         # (with the host clock only the logs need it)
         flags = (1 if single_step else 0) | (2 if self.keep_block_logs else 0)
         r = self.regs
+        if single_step != self._counting:
+            # Unicorn 2.1.4 counts instructions (emu_start's count) with a code
+            # hook compiled only into blocks translated after it was added:
+            # blocks translated while running freely would run whole.  Entering
+            # count mode, drop them (leaving it, Unicorn flushes by itself).
+            if single_step:
+                self.uc.ctl_flush_tb()
+            self._counting = single_step
         if single_step and self.clock != "host":
             v.stop_kind = 0
             v.icount_deadline = deadline

@@ -582,3 +582,21 @@ def test_vmm_write_of_a_non_canonical_guest_rip_after_an_exit_fails_entry():
     g.vmcs.write(F.GUEST_RIP, 0x0000_8000_0000_0000)
     ex = g.run()
     assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_GUEST_STATE
+
+
+def test_monitor_trap_flag_steps_one_instruction_in_a_block_already_translated():
+    """MTF after a free run: blocks translated without instruction counting
+    would run whole in Unicorn's one-instruction mode; each MTF exit must still
+    come after exactly one instruction (SDM 26.5.2)."""
+    g = vmx_guest("mov ecx, 3\n l: inc eax\n inc ebx\n dec ecx\n jnz l\n cpuid\n vmcall")
+    start = g.vmcs.read(F.GUEST_RIP)
+    ex = g.run()                                   # the loop ran freely: its block is translated
+    assert ex.reason == ExitReason.CPUID
+    g.vmcs.write(F.GUEST_RIP, start + 5)           # back to l: inc eax (FF C0), inc ebx (FF C3)
+    g.vmcs.write(F.CPU_BASED_VM_EXEC_CONTROL, g.vmcs.read(F.CPU_BASED_VM_EXEC_CONTROL) | P.MONITOR_TRAP_FLAG)
+    rips = []
+    for _ in range(3):
+        ex = g.run()
+        assert ex.reason == ExitReason.MONITOR_TRAP_FLAG
+        rips.append(g.vmcs.read(F.GUEST_RIP))
+    assert rips == [start + 7, start + 9, start + 11]
