@@ -27,6 +27,9 @@ Benchmarks (``vmlab bench list``):
   debug MIPS with 16 breakpoints on code that never runs / MIPS without a
         debugger: bp_ratio (target >= 0.95); Debugger.step() rate on hello:
         steps_per_s (target >= 20,000) (tools/bench_debug.py)
+  virtio guests/virtio_blk.c reading a 64 MiB raw image over virtio-blk/virtio-mmio:
+        blk_seq_read_mb_s (64 KiB requests, 32 in flight), blk_rand_read_iops
+        (4 KiB, 32 in flight), blk_us_per_request (tools/bench_virtio.py)
 """
 from __future__ import annotations
 
@@ -361,8 +364,13 @@ def bench_debug() -> dict:
     return run()
 
 
+def _bench_virtio() -> dict:
+    from tools.bench_virtio import bench_virtio
+    return bench_virtio()
+
+
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
-           "paging": bench_paging, "churn": bench_churn, "debug": bench_debug}
+           "paging": bench_paging, "churn": bench_churn, "debug": bench_debug, "virtio": _bench_virtio}
 
 
 def main(names, as_json: bool = False) -> int:

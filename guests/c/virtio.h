@@ -43,7 +43,7 @@
 #define DESC_F_WRITE 2
 #define DESC_F_INDIRECT 4
 
-#define QSIZE 64
+#define QSIZE 128
 
 struct vdesc { u64 addr; u32 len; u16 flags; u16 next; };
 struct vavail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
