@@ -19,6 +19,8 @@ How the stops work (emu/debugpoints.py, native/debug.c):
 """
 from __future__ import annotations
 
+import contextlib
+
 import ast
 import operator
 import struct
@@ -460,29 +462,17 @@ class Debugger:
                 # VM entry (VMLAUNCH/VMRESUME) before the guest's first run and
                 # after a VM exit that went back to the VMM.
                 self._vmx_needs_entry = False
-                exit_ = g._enter()
+                exit_ = g.enter()
                 if exit_ is not None:
                     return RunResult(StopReason.VMEXIT, message="VM entry failed", exit=exit_)
-            if g is not None:
-                vm.intercept = g
-                fast = getattr(g, "_fastpath", None)
-                if fast is not None and hasattr(self.cpu, "fastpath"):
-                    self.cpu.fastpath = fast
-            if step and not self._stepping:
-                # Unicorn 2.1.4 counts instructions (emu_start's count) with a
-                # code hook that is only compiled into blocks translated after it
-                # was added; blocks left by a continue would run whole.  Leaving
-                # count mode, Unicorn flushes them itself.
-                self.cpu.uc.ctl_flush_tb()
+            # (Entering one-instruction mode, Vcpu.run drops the blocks a
+            # continue translated, so a step is one instruction.)
             self._stepping = step
-            try:
-                res = vm.run(max_insns=max_insns, timeout=timeout, step=step)
-            finally:
-                if g is not None:
-                    vm.intercept = None
-                    if hasattr(self.cpu, "fastpath"):
-                        self.cpu.fastpath = None
-                    if len(g.trace) > 1000:
+            with g.nonroot() if g is not None else contextlib.nullcontext():
+                try:
+                    res = vm.run(max_insns=max_insns, timeout=timeout, step=step)
+                finally:
+                    if g is not None and len(g.trace) > 1000:
                         del g.trace[:-1000]
             if g is not None and res.reason == StopReason.VMEXIT:
                 self._vmx_needs_entry = True

@@ -23,6 +23,7 @@ vCPU, and handlers read and write them through ``exit.regs``.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -495,17 +496,33 @@ class VmxGuest(NonRootIntercepts):
         failed = self._enter()
         if failed is not None:
             return failed
+        with self.nonroot():
+            res = self.vm.run(max_insns=max_insns)
+        if res.reason == StopReason.VMEXIT:
+            return res.exit
+        return RunStopped(res)
+
+    def enter(self) -> "VmExit | None":
+        """VM entry (VMLAUNCH/VMRESUME) without running: the ch. 27 checks
+        (VMfailValid raises VmEntryFailed), the guest-state load and event
+        injection.  Returns the exit of an entry that failed on guest state.
+        ``run()`` does this itself; tools that drive the loop (the debugger)
+        call it, then run the machine inside ``nonroot()``."""
+        return self._enter()
+
+    @contextlib.contextmanager
+    def nonroot(self):
+        """While the block runs, the machine's run loop treats the vCPU as in
+        VMX non-root operation under this guest's VMCS (this guest is the
+        loop's intercept policy, its fast-path policy installed)."""
         vm = self.vm
         vm.intercept = self
         self.cpu.fastpath = self._fastpath
         try:
-            res = vm.run(max_insns=max_insns)
+            yield self
         finally:
             vm.intercept = None
             self.cpu.fastpath = None
-        if res.reason == StopReason.VMEXIT:
-            return res.exit
-        return RunStopped(res)
 
     def resume(self, max_insns: int | None = None) -> VmExit:
         """VMRESUME after handling a returned exit: same as run()."""
