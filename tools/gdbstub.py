@@ -377,6 +377,23 @@ class GdbServer:
                 return None
             dbg.write(addr, raw)
             self.send("OK")
+        elif c == "X":
+            # Binary write (gdb RSP "X addr,length:XX..."): the data bytes come
+            # after the first ':' of the unescaped packet.  "X addr,0:" is gdb's
+            # probe for the packet's support.
+            colon = pkt.find(b":")
+            if colon < 0:
+                self.send("E01")
+                return None
+            addr, _, length = pkt[1:colon].decode("latin-1").partition(",")
+            addr, length = int(addr, 16), int(length, 16)
+            raw = bytes(pkt[colon + 1:])
+            if len(raw) != length:
+                self.send("E01")
+                return None
+            if raw:
+                dbg.write(addr, raw)
+            self.send("OK")
         elif c in "Zz" and len(text) > 1 and text[1] in "01234":
             self._points(text)
         elif text == "vCont?":

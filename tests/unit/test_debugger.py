@@ -305,3 +305,30 @@ def test_gdb_stepi_across_real_protected_long_switch_and_second_connection():
         p.wait(30)
     finally:
         p.kill()
+
+
+def test_gdbstub_binary_write_x_packet_unescapes_and_writes():
+    """gdb's X packet (binary data, '#', '$', '}' and '*' escaped as } x^0x20):
+    the bytes land in guest memory exactly."""
+    import threading
+    vm, dbg, srv = _server(HELLO)
+    t = threading.Thread(target=srv.serve, kwargs={"start_stopped": True}, daemon=True)
+    t.start()
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    r = PacketReader()
+    data = b"\x23\x24\x7d\x2a\x00\xff"
+    s.sendall(frame(b"X9000,6:" + data))
+    reply = None
+    end = time.monotonic() + 20
+    while reply is None and time.monotonic() < end:
+        for item in r.feed(s.recv(65536)):
+            if isinstance(item, bytes):
+                reply = item
+    assert reply == b"OK"
+    assert _rsp(s, "m9000,6", r) == data.hex().encode()
+    assert _rsp(s, "X9000,0:", r) == b"OK"                      # gdb's probe for X support
+    assert _rsp(s, "X9000,9:ab", r) == b"E01"                   # length mismatch
+    s.sendall(frame(b"k"))
+    s.close()
+    t.join(20)
+    vm.close()
