@@ -48,6 +48,17 @@ TRAP_KINDS = {
 #: (SMAP, which the CPUID model advertises); the default (Haswell) raises #UD
 #: for them.  Measured with Unicorn 2.1.4 for every model (tests/unit/test_cpu_model.py).
 UNICORN_CPU_MODEL = X.UC_CPU_X86_BROADWELL
+
+
+def unicorn_model_id(name: str) -> int:
+    """UC_CPU_X86_* of a model name (emu.cpuprobe.unicorn_models())."""
+    from .cpuprobe import unicorn_models
+    models = unicorn_models()
+    if name not in models:
+        raise ConfigError(f"unknown CPU model {name!r} (vmlab run --cpu help lists them)")
+    return models[name]
+
+
 #: What the machine itself must see to be correct (MSR/CR models, port I/O, TLB).
 _STOP_FAST_EXIT = lib.VMLAB_STOP_FAST_EXIT
 MACHINE_TRAPS = frozenset({"rdmsr", "wrmsr", "cr_write", "clts", "lmsw", "invlpg", "io", "hlt", "invpcid"})
@@ -181,7 +192,7 @@ class Vcpu:
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         # Unicorn's CPU model decides which instructions execute (CLAC/STAC,
         # RDSEED, ADX...); set before the engine initialises. See UNICORN_CPU_MODEL.
-        uc.ctl_set_cpu_model(UNICORN_CPU_MODEL)
+        uc.ctl_set_cpu_model(unicorn_model_id(cpuid.unicorn_model) if cpuid is not None else UNICORN_CPU_MODEL)
         self._uch = ffi.cast("void *", uc._uch.value)
         # This engine's live CPU state, by following its own pointers.
         self.env_address = find_env_address(uc)

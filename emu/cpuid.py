@@ -50,6 +50,11 @@ class CpuidModel:
     #: CPUID.1:EDX.APIC[9]: 0 while IA32_APIC_BASE.EN = 0 (SDM Vol. 3A 11.4.3)
     apic: bool = True
     overrides: dict = field(default_factory=dict)
+    #: the Unicorn CPU model the vCPU runs on (emu.cpuprobe.unicorn_models(); -cpu)
+    unicorn_model: str = "broadwell"
+    #: clear every feature whose instructions fail on that engine model
+    #: (emu.cpuprobe.failing_features: probed once per process and model)
+    probe: bool = True
 
     max_basic: int = 7
     max_ext: int = 0x80000008
@@ -59,7 +64,27 @@ class CpuidModel:
         ecx = _bits(SSE3, SSSE3, CX16, SSE41, SSE42, POPCNT, HYPERVISOR) | (_bits(VMX) if self.vmx else 0)
         edx = _bits(FPU, DE, PSE, TSC, MSR, PAE, CX8, SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH,
                     MMX, FXSR, SSE, SSE2) | (_bits(APIC) if self.apic else 0)
-        return self.signature, ebx, ecx, edx
+        return self._probed(1, 0, (self.signature, ebx, ecx, edx))
+
+    def cleared(self) -> frozenset[str]:
+        """Names of the features the engine probe cleared (emu.cpuprobe)."""
+        if not self.probe:
+            return frozenset()
+        from .cpuprobe import failing_features
+        return failing_features(self.unicorn_model)
+
+    def advertises(self, name: str) -> bool:
+        """Whether CPUID reports the feature ``name`` (emu.cpuprobe.FEATURES)."""
+        from .cpuprobe import BY_NAME, REGS
+        f = BY_NAME[name]
+        return bool(self.lookup(f.leaf, f.sub)[REGS.index(f.reg)] >> f.bit & 1)
+
+    def _probed(self, leaf: int, sub: int, regs):
+        if not self.probe:
+            return regs
+        from .cpuprobe import REGS, cleared_masks
+        masks = cleared_masks(self.unicorn_model)
+        return tuple(r & ~masks.get((leaf, sub, REGS[i]), 0) for i, r in enumerate(regs))
 
     def entries(self):
         """[(leaf, subleaf, subleaf_significant, (eax, ebx, ecx, edx))]."""
@@ -85,6 +110,10 @@ class CpuidModel:
             (0x80000007, None): (0, 0, 0, 0),
             (0x80000008, None): (self.maxphyaddr | (self.linear_bits << 8), 0, 0, 0),
         }
+        for (leaf, sub), regs in table.items():
+            if leaf in (7, 0x80000001):
+                table[(leaf, sub)] = self._probed(leaf, sub or 0, regs)
+        # Overrides are deliberate: they win over the probe.
         for (leaf, sub), regs in self.overrides.items():
             table.pop((leaf, None), None)
             table[(leaf, sub)] = tuple(regs)
@@ -112,7 +141,7 @@ class CpuidModel:
             m |= x86.CR4_VMXE
         if self.smep:
             m |= x86.CR4_SMEP
-        if self.smap:
+        if self.smap and "smap" not in self.cleared():
             m |= x86.CR4_SMAP
         return m
 

@@ -60,6 +60,41 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+class _CpuAction(argparse.Action):
+    """--cpu MODEL; --cpu help prints the models and features and exits 0
+    (while parsing, so no kernel is needed, like QEMU's -cpu help)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from emu.cpuprobe import unicorn_models
+        if values == "help":
+            sys.stdout.write(cpu_help())
+            parser.exit(0)
+        if values not in unicorn_models():
+            parser.error(f"unknown CPU model {values!r} (--cpu help lists them)")
+        setattr(namespace, self.dest, values)
+
+
+def cpu_help(default: str = "broadwell") -> str:
+    """The text of ``vmlab run --cpu help``: every Unicorn CPU model with the
+    features its probe clears, then the CPUID features advertised on the default
+    model (leaf, register, bit, and the test or guest check that proves each)."""
+    from emu.cpuid import CpuidModel
+    from emu.cpuprobe import FEATURES, failing_features, unicorn_models
+    lines = ["CPU models (--cpu MODEL; features whose instructions fail on the model are cleared):"]
+    for name in unicorn_models():
+        bad = sorted(failing_features(name))
+        mark = " (default)" if name == default else ""
+        lines.append(f"  {name:<20} cleared: {' '.join(bad) if bad else 'none'}{mark}")
+    model = CpuidModel(unicorn_model=default)
+    lines.append(f"Advertised CPUID features on {default} (SDM Vol. 2A CPUID):")
+    for f in FEATURES:
+        if model.advertises(f.name):
+            lines.append(f"  {f.name:<10} CPUID.{f.leaf:X}H:{f.reg.upper()}[{f.bit}]  proved by {f.proof}")
+    off = [f.name for f in FEATURES if not model.advertises(f.name)]
+    lines.append(f"Not advertised: {' '.join(off)}")
+    return "\n".join(lines) + "\n"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2
         sys.stderr.write(f"vmlab: error: {message}\n")
@@ -86,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default); host: time is the host's monotonic clock and no instruction is "
                         "counted (--max-insns N then means N ns of host time)")
     r.add_argument("--wall-clock", action="store_true", help="the same as --clock host")
+    r.add_argument("--cpu", "-cpu", dest="cpu", default="broadwell", action=_CpuAction, metavar="MODEL",
+                   help="Unicorn CPU model the guest runs on (default broadwell); features whose "
+                        "instructions fail on it are cleared from CPUID; 'help' lists models and features")
     r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
     r.add_argument("-drive", dest="drives", action="append", default=[], metavar="file=PATH,if=virtio[,...]",
@@ -210,7 +248,9 @@ def cmd_run(args) -> int:
     from vmm.vm import Vm
     try:
         clock = args.clock or ("host" if args.wall_clock else "virtual")
-        vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock)
+        from emu.cpuid import CpuidModel
+        vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock,
+                cpuid=CpuidModel(unicorn_model=args.cpu))
         vm.load(image)
         try:
             virtio_opts.attach(vm, virtio_specs)
