@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-drive", dest="drives", action="append", default=[], metavar="file=PATH,if=virtio[,...]",
                    help="a virtio-blk disk: file=PATH,if=virtio[,format=raw][,readonly=on][,snapshot=on] "
                         "(repeatable; see README.md, virtio)")
+    r.add_argument("-netdev", dest="netdevs", action="append", default=[], metavar="hub|dgram,id=ID,...",
+                   help="a network back-end for -device virtio-net: hub,id=ID or dgram,id=ID,local.type=inet,"
+                        "local.host=H,local.port=P,remote.type=inet,remote.host=H,remote.port=P (QEMU's)")
+    r.add_argument("-object", dest="objects", action="append", default=[], metavar="filter-dump,...",
+                   help="filter-dump,id=ID,netdev=ID,file=PATH[,maxlen=N]: capture a netdev's frames to pcap")
 
     # The debugger (tools/debugcli.py): QEMU's -s/-S/-gdb on run, and `vmlab debug`
     # with every run option (copied, so options added to run appear here too).
@@ -202,7 +207,8 @@ def cmd_run(args) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     from tools import virtio_opts
     try:
-        virtio_specs = virtio_opts.parse(args.drives)
+        virtio_specs = virtio_opts.parse(args.drives, getattr(args, "other_devices", []), args.netdevs,
+                                         args.objects)
     except virtio_opts.OptionError as exc:
         raise CliError(str(exc), exc.status) from None
     sink, sink_file = _serial_sink(args.serial)

@@ -6,6 +6,7 @@ set -u
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v gdb >/dev/null 2>&1 || need+=(gdb)
+command -v tshark >/dev/null 2>&1 || need+=(tshark)       # reads virtio-net's pcap captures
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "install-system-deps: not root or no apt-get; skipping ${need[*]}" >&2

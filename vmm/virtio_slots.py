@@ -2,7 +2,9 @@
 4 KiB slots from 0xd0000000 with their own 8259 input (devices/virtio/mmio.py:
 MMIO_BASE, IRQS), the Firecracker layout.
 
-``attach(vm, device)`` maps the next free slot; ``cmdline(vm)`` is the Linux
+``attach(vm, device)`` maps the next free slot (and, for a network device
+whose back-end is fed by host I/O, arms a timer that polls it every
+:data:`POLL_NS` of machine time); ``cmdline(vm)`` is the Linux
 command line that declares every attached device
 (``virtio_mmio.device=4K@0xd0000000:5 …``); ``close(vm)`` releases the
 back-ends (files, sockets) -- call it before ``Vm.close()``.
@@ -11,6 +13,11 @@ from __future__ import annotations
 
 from devices.irq import line_to
 from devices.virtio.mmio import IRQS, MMIO_SLOT, MmioTransport, linux_cmdline, slot_address
+
+
+POLL_NS = 100_000
+"""How often (machine time) a polled net back-end (UDP) is asked for frames:
+0.1 ms, so a frame waits at most that long before the guest sees it."""
 
 
 class SlotError(Exception):
@@ -35,6 +42,14 @@ def attach(vm, device, name: str | None = None) -> MmioTransport:
     t.base, t.irq_number = base, irq
     vm.mmio.register(base, MMIO_SLOT, t, name or f"virtio-mmio{k}")
     slots.append(t)
+    backend = getattr(device, "backend", None)
+    if getattr(backend, "needs_poll", False):
+        def poll(deadline: int) -> None:
+            backend.poll()
+            timer.arm(deadline + POLL_NS)
+        timer = vm.timers.timer(poll, f"virtio{k}-poll")
+        timer.arm(vm.now_ns() + POLL_NS)
+        t.poll_timer = timer
     return t
 
 

@@ -14,7 +14,9 @@ The front-end reports back through two callbacks the transport installs:
 ``signal_used(index)`` (a used buffer notification, §2.3) and
 ``signal_config()`` (a configuration change notification); a malformed
 request that leaves the device unusable raises :class:`DeviceNeedsReset`, and
-the transport sets DEVICE_NEEDS_RESET (§2.1.2).
+the transport sets DEVICE_NEEDS_RESET (§2.1.2).  A device that finds the
+driver's rings broken outside a notification (virtio-net receiving a frame
+from its back-end) calls ``signal_needs_reset(why)`` instead.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class VirtioDevice:
     def __init__(self) -> None:
         self.signal_used = lambda index: None
         self.signal_config = lambda: None
+        self.signal_needs_reset = lambda why: None
         self.mem = None
         self.queues: list = []
         self.features = 0

@@ -97,6 +97,7 @@ class MmioTransport:
         self.queues = [SplitQueue(mem, device.queue_max_size) for _ in range(device.num_queues)]
         device.signal_used = self._signal_used
         device.signal_config = self._signal_config
+        device.signal_needs_reset = self.needs_reset
         self.config_generation = 0
         #: why the device last set DEVICE_NEEDS_RESET (for logs and tests)
         self.error: str | None = None
