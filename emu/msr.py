@@ -80,14 +80,19 @@ class MsrModel:
             self.store[m] = 0
         #: observers called after a successful write: fn(msr, value)
         self.on_write = []
+        #: MSRs with fixed values that WRMSR refuses (#GP), e.g. the VMX
+        #: capability MSRs when VMX is advertised (SDM Vol. 3C Appendix A)
+        self.read_only: dict[int, int] = {}
 
     def known(self, msr: int) -> bool:
-        return msr in self.store or msr in _FORWARDED or msr in (
+        return msr in self.read_only or msr in self.store or msr in _FORWARDED or msr in (
             IA32_TSC, IA32_EFER, IA32_MTRRCAP, IA32_PLATFORM_ID, IA32_BIOS_SIGN_ID, IA32_MCG_CAP)
 
     def read(self, msr: int) -> int:
         """Value of an MSR; raises MsrFault for MSRs the CPU does not have."""
         v = self.vcpu
+        if msr in self.read_only:
+            return self.read_only[msr]
         if msr == IA32_TSC:
             return (v.icount + v.native.tsc_offset) & 0xFFFFFFFFFFFFFFFF
         if msr == IA32_EFER:
@@ -106,6 +111,8 @@ class MsrModel:
 
     def write(self, msr: int, value: int) -> None:
         """Write an MSR; raises MsrFault for unknown MSRs and bad values."""
+        if msr in self.read_only:
+            raise MsrFault(f"MSR {msr:#x} is read-only")
         v = self.vcpu
         value &= 0xFFFFFFFFFFFFFFFF
         if msr in _CANONICAL and not x86.canonical(value, self.cpuid.linear_bits):

@@ -277,6 +277,13 @@ def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
         case TrapKind.INVPCID:
             # CPUID.(EAX=7,ECX=0):EBX.INVPCID[10] is not advertised: #UD (SDM Vol. 2A INVPCID).
             return Deliver(Event(x86.UD))
+        case TrapKind.VMX:
+            # The guest's own VMX instructions (guest-visible VMX, vmm.nested);
+            # without it VMX is not advertised and they are #UD.
+            nested = getattr(m, "nested", None)
+            if nested is not None:
+                return nested.instruction(ex)
+            return Deliver(Event(x86.UD))
         case _:
             return Stop(StopReason.ERROR, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
 

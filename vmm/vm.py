@@ -140,10 +140,24 @@ class Vm:
         #: the intercept policy consulted before the platform (VMX non-root
         #: operation: vmm.vmx.VmxGuest while it runs), see vmm.runloop
         self.intercept = None
+        #: guest-visible VMX (enable_nested_vmx), else None
+        self.nested = None
 
     # ------------------------------------------------------------------ life cycle
     #: True once close() has run (the instance is then a ClosedVm)
     closed = False
+
+    def enable_nested_vmx(self, caps=None):
+        """Guest-visible VMX (vmm.nested): advertise VMX in CPUID and the
+        capability MSRs, and execute the guest's VMX instructions, so a
+        hypervisor in the guest runs its own guests.  Returns the NestedVmx."""
+        from .nested import NestedVmx
+        self.cpuid.vmx = True
+        self.vcpu.set_cpuid(self.cpuid)
+        self.nested = NestedVmx(self, caps)
+        self.msrs.read_only.update(self.nested.caps.msrs())
+        self.vcpu.set_traps(set(self.vcpu.trap_kinds) | {"vmx"})
+        return self.nested
 
     def close(self) -> None:
         """Free the machine now: the vCPU's native state and its Unicorn engine,

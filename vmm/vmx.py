@@ -243,6 +243,8 @@ class VmxGuest(NonRootIntercepts):
         self._vmcs = TrackedVmcs.wrap(vmcs or self.caps.new_vmcs())
         self.regs = GuestRegs(self.cpu)
         self.handlers: dict[int, Callable] = {}
+        #: called for an exit whose reason has no handler (None: run() returns the exit)
+        self.default_handler: Callable | None = None
         self.trace: list[VmExit] = []
         self.record = False
         self._saved: bool | None = None       # guest state in the vCPU matches the VMCS

@@ -27,6 +27,8 @@ from .qualification import (AddressSize, CrAccessQualification, CrAccessType, Dr
 from .runloop import HALT, HANDLED, Intercepted, Outcome, Stop, StopReason
 
 RESUME, STOP = "resume", "stop"
+#: a handler's action: the exit went to a guest hypervisor (vmm.nested) -- no VM entry follows
+REFLECT = "reflect"
 _REASONS = {int(r): r for r in ExitReason}
 
 
@@ -174,13 +176,15 @@ class NonRootIntercepts:
         exit; so does a failed VM entry."""
         if self.record:
             self.trace.append(ex)
-        fn = self.handlers.get(ex.reason)
+        fn = self.handlers.get(ex.reason) or self.default_handler
         if fn is None:
             return Stop(StopReason.VMEXIT, exit=ex)
         self._halt_requested = False
         fn(ex)
         if ex.action == STOP:
             return Stop(StopReason.VMEXIT, exit=ex)
+        if ex.action == REFLECT:
+            return HANDLED
         failed = self._enter()
         if failed is not None:
             return Stop(StopReason.VMEXIT, exit=failed)

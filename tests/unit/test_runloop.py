@@ -160,8 +160,13 @@ def test_handle_exit_invpcid_without_the_feature_is_invalid_opcode():
 
 
 def test_handle_exit_trap_kind_the_platform_does_not_emulate_stops_with_error():
+    out = handle_exit(FakeMachine(), TrapExit(rip=0x44, insn_len=2, kind=TrapKind.CPUID))
+    assert out.reason is StopReason.ERROR and "cpuid" in out.message
+
+
+def test_handle_exit_vmx_instruction_without_nested_vmx_is_invalid_opcode():
     out = handle_exit(FakeMachine(), TrapExit(rip=0x44, insn_len=3, kind=TrapKind.VMX))
-    assert out.reason is StopReason.ERROR and "vmx" in out.message
+    assert out == Deliver(Event(x86.UD))
 
 
 def test_handle_exit_ept_exit_without_a_vmm_stops_with_error():

@@ -1,0 +1,298 @@
+/* A small hypervisor (L1) that runs its own guest (L2) with the VMX
+ * instructions, on vmlab's guest-visible VMX (vmm/nested.py).  ELF64, entered
+ * in long mode on the loader's identity page tables.  It reports PASS/FAIL
+ * lines on COM1 and ends through isa-debug-exit (status 0 = all passed).
+ *
+ * Build: gcc -m64 -O1 -ffreestanding -nostdlib -static -fno-pie -no-pie
+ *        -mno-red-zone -mgeneral-regs-only -fno-asynchronous-unwind-tables
+ *        -Wl,-Ttext=0x200000 -e _start -o nested_vmx.elf nested_vmx.c
+ *
+ * What it checks (SDM Vol. 3C ch. 24-31):
+ *  - discovery: CPUID.1:ECX.VMX, IA32_VMX_BASIC's revision identifier;
+ *  - VMXON/VMCLEAR/VMPTRLD/VMPTRST and the VMfail conventions: VMREAD of an
+ *    unsupported field is VMfailValid(12), VMLAUNCH of a launched VMCS is
+ *    VMfailValid(4), VMPTRLD of the VMXON region VMfailValid(10);
+ *  - L2 exits with the SDM's reason, instruction length and qualification:
+ *    CPUID (10), HLT (12), OUT (30, Table 28-5), VMCALL (18);
+ *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged.
+ */
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static void putc(char c) { while (!(inb(0x3fd) & 0x20)) {} outb(0x3f8, (u8)c); }
+static void puts(const char *s) { while (*s) putc(*s++); }
+static void puthex(u64 v) { puts("0x"); for (int i = 60; i >= 0; i -= 4) putc("0123456789abcdef"[(v >> i) & 15]); }
+
+static int fails;
+static void check(int ok, const char *what, u64 got) {
+    puts(ok ? "PASS: " : "FAIL: "); puts(what);
+    if (!ok) { puts(" got="); puthex(got); fails++; }
+    putc('\n');
+}
+static __attribute__((noreturn)) void finish(void) {
+    puts("DONE\n");
+    outb(0xf4, fails ? 1 : 0);
+    for (;;) __asm__ volatile("cli; hlt");
+}
+
+static inline u64 rdmsr(u32 msr) { u32 lo, hi; __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr)); return ((u64)hi << 32) | lo; }
+static inline void wrmsr(u32 msr, u64 v) { __asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32))); }
+
+/* RFLAGS after a VMX instruction: CF = VMfailInvalid, ZF = VMfailValid. */
+#define VMX_OK 0
+#define VMX_FAIL_INVALID 1
+#define VMX_FAIL_VALID 2
+static inline int vmx_status(u64 rflags) { return (rflags & 1) ? VMX_FAIL_INVALID : (rflags & 0x40) ? VMX_FAIL_VALID : VMX_OK; }
+
+static int vmxon(u64 *pa) { u64 f; __asm__ volatile("vmxon %1; pushfq; popq %0" : "=r"(f) : "m"(*pa) : "cc", "memory"); return vmx_status(f); }
+static int vmclear(u64 *pa) { u64 f; __asm__ volatile("vmclear %1; pushfq; popq %0" : "=r"(f) : "m"(*pa) : "cc", "memory"); return vmx_status(f); }
+static int vmptrld(u64 *pa) { u64 f; __asm__ volatile("vmptrld %1; pushfq; popq %0" : "=r"(f) : "m"(*pa) : "cc", "memory"); return vmx_status(f); }
+static int vmptrst(u64 *pa) { u64 f; __asm__ volatile("vmptrst %1; pushfq; popq %0" : "=r"(f), "=m"(*pa) :: "cc", "memory"); return vmx_status(f); }
+static int vmwrite(u64 field, u64 value) { u64 f; __asm__ volatile("vmwrite %2, %1; pushfq; popq %0" : "=r"(f) : "r"(field), "r"(value) : "cc"); return vmx_status(f); }
+static u64 vmread(u64 field) { u64 v = 0; __asm__ volatile("vmread %1, %0" : "=r"(v) : "r"(field) : "cc"); return v; }
+static int vmread_status(u64 field, u64 *out) { u64 f, v = 0; __asm__ volatile("vmread %2, %1; pushfq; popq %0" : "=r"(f), "=r"(v) : "r"(field) : "cc"); *out = v; return vmx_status(f); }
+
+/* VMCS field encodings (SDM Vol. 3C Appendix B) */
+enum {
+    GUEST_ES_SELECTOR = 0x800, GUEST_CS_SELECTOR = 0x802, GUEST_SS_SELECTOR = 0x804, GUEST_DS_SELECTOR = 0x806,
+    GUEST_FS_SELECTOR = 0x808, GUEST_GS_SELECTOR = 0x80a, GUEST_LDTR_SELECTOR = 0x80c, GUEST_TR_SELECTOR = 0x80e,
+    HOST_ES_SELECTOR = 0xc00, HOST_CS_SELECTOR = 0xc02, HOST_SS_SELECTOR = 0xc04, HOST_DS_SELECTOR = 0xc06,
+    HOST_FS_SELECTOR = 0xc08, HOST_GS_SELECTOR = 0xc0a, HOST_TR_SELECTOR = 0xc0c,
+    VMCS_LINK_POINTER = 0x2800, GUEST_IA32_EFER = 0x2806,
+    PIN_BASED = 0x4000, PROC_BASED = 0x4002, EXCEPTION_BITMAP = 0x4004, CR3_TARGET_COUNT = 0x400a,
+    EXIT_CONTROLS = 0x400c, EXIT_MSR_STORE_COUNT = 0x400e, EXIT_MSR_LOAD_COUNT = 0x4010,
+    ENTRY_CONTROLS = 0x4012, ENTRY_MSR_LOAD_COUNT = 0x4014, ENTRY_INTR_INFO = 0x4016,
+    VM_INSTRUCTION_ERROR = 0x4400, EXIT_REASON = 0x4402, EXIT_INSTRUCTION_LEN = 0x440c,
+    GUEST_ES_LIMIT = 0x4800, GUEST_CS_LIMIT = 0x4802, GUEST_SS_LIMIT = 0x4804, GUEST_DS_LIMIT = 0x4806,
+    GUEST_FS_LIMIT = 0x4808, GUEST_GS_LIMIT = 0x480a, GUEST_LDTR_LIMIT = 0x480c, GUEST_TR_LIMIT = 0x480e,
+    GUEST_GDTR_LIMIT = 0x4810, GUEST_IDTR_LIMIT = 0x4812,
+    GUEST_ES_AR = 0x4814, GUEST_CS_AR = 0x4816, GUEST_SS_AR = 0x4818, GUEST_DS_AR = 0x481a,
+    GUEST_FS_AR = 0x481c, GUEST_GS_AR = 0x481e, GUEST_LDTR_AR = 0x4820, GUEST_TR_AR = 0x4822,
+    GUEST_INTERRUPTIBILITY = 0x4824, GUEST_ACTIVITY = 0x4826, HOST_SYSENTER_CS = 0x4c00,
+    EXIT_QUALIFICATION = 0x6400,
+    GUEST_CR0 = 0x6800, GUEST_CR3 = 0x6802, GUEST_CR4 = 0x6804,
+    GUEST_ES_BASE = 0x6806, GUEST_CS_BASE = 0x6808, GUEST_SS_BASE = 0x680a, GUEST_DS_BASE = 0x680c,
+    GUEST_FS_BASE = 0x680e, GUEST_GS_BASE = 0x6810, GUEST_LDTR_BASE = 0x6812, GUEST_TR_BASE = 0x6814,
+    GUEST_GDTR_BASE = 0x6816, GUEST_IDTR_BASE = 0x6818, GUEST_DR7 = 0x681a, GUEST_RSP = 0x681c,
+    GUEST_RIP = 0x681e, GUEST_RFLAGS = 0x6820, GUEST_PENDING_DBG = 0x6822,
+    GUEST_SYSENTER_ESP = 0x6824, GUEST_SYSENTER_EIP = 0x6826,
+    HOST_CR0 = 0x6c00, HOST_CR3 = 0x6c02, HOST_CR4 = 0x6c04, HOST_FS_BASE = 0x6c06, HOST_GS_BASE = 0x6c08,
+    HOST_TR_BASE = 0x6c0a, HOST_GDTR_BASE = 0x6c0c, HOST_IDTR_BASE = 0x6c0e,
+    HOST_SYSENTER_ESP = 0x6c10, HOST_SYSENTER_EIP = 0x6c12, HOST_RSP = 0x6c14, HOST_RIP = 0x6c16,
+};
+
+/* Controls (SDM Vol. 3C 25.6, 25.7, 25.8) */
+#define PROC_HLT_EXITING (1u << 7)
+#define PROC_UNCOND_IO (1u << 24)
+#define EXIT_HOST_64 (1u << 9)
+#define ENTRY_IA32E_GUEST (1u << 9)
+
+/* allowed-0 settings in bits 31:0 must be 1, allowed-1 in 63:32 may be 1 (SDM A.3) */
+static u32 adjust(u32 want, u32 msr) { u64 cap = rdmsr(msr); return (want | (u32)cap) & (u32)(cap >> 32); }
+
+/* Our own GDT with a 64-bit TSS (the host TR selector must not be 0, SDM 26.2.3). */
+static u64 gdt[6] __attribute__((aligned(16)));
+static u8 tss[104] __attribute__((aligned(16)));
+static u8 vmxon_region[4096] __attribute__((aligned(4096)));
+static u8 vmcs_region[4096] __attribute__((aligned(4096)));
+static u8 host_stack[8192] __attribute__((aligned(16)));
+static u8 guest_stack[4096] __attribute__((aligned(16)));
+
+struct dtr { u16 limit; u64 base; } __attribute__((packed));
+
+void l2_code(void);
+void vmexit_entry(void);
+__asm__(
+    ".globl l2_code\n"
+    "l2_code:\n"
+    "  movl $1, %eax\n"
+    "  movq $0x1122334455667788, %rbx\n"
+    "  cpuid\n"                       /* exit 10, length 2 */
+    "  hlt\n"                         /* exit 12 (HLT exiting), length 1 */
+    "  movb $0x5a, %al\n"
+    "  outb %al, $0x80\n"             /* exit 30 (unconditional I/O exiting) */
+    "  vmcall\n"                      /* exit 18, length 3 */
+    "1: jmp 1b\n"
+    ".globl vmexit_entry\n"
+    "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
+    "  movq %rbx, l2_rbx(%rip)\n"
+    "  call l1_exit\n"
+    "  testl %eax, %eax\n"
+    "  jz 2f\n"
+    "  vmresume\n"
+    "  call vmresume_failed\n"
+    "2: call finish_checks\n"
+    "  call finish\n"
+);
+
+u64 l2_rbx;
+static u64 host_rsp;
+static int stage;
+
+void finish_checks(void);
+
+void vmresume_failed(void) {
+    check(0, "VMRESUME succeeds", vmread(VM_INSTRUCTION_ERROR));
+    finish();
+}
+
+/* Handles each L2 exit; returns 1 to VMRESUME, 0 when done. */
+int l1_exit(void) {
+    u64 reason = vmread(EXIT_REASON), len = vmread(EXIT_INSTRUCTION_LEN), rip = vmread(GUEST_RIP);
+    u64 qual = vmread(EXIT_QUALIFICATION);
+    switch (stage++) {
+    case 0:
+        check(reason == 10, "L2 CPUID exits with reason 10", reason);
+        check(len == 2, "CPUID exit instruction length 2", len);
+        check(rip == (u64)l2_code + 15, "GUEST_RIP points at the CPUID", rip);   /* after mov eax (5) + movabs rbx (10) */
+        check(l2_rbx == 0x1122334455667788ull, "L2's RBX reaches L1 unchanged", l2_rbx);
+        break;
+    case 1:
+        check(reason == 12, "L2 HLT exits with reason 12 (HLT exiting)", reason);
+        check(len == 1, "HLT exit instruction length 1", len);
+        break;
+    case 2:
+        check(reason == 30, "L2 OUT exits with reason 30", reason);
+        /* Table 28-5: size-1 = 0, direction OUT (bit 3 = 0), immediate (bit 6), port 0x80 */
+        check(qual == ((0x80ull << 16) | 0x40), "I/O exit qualification: OUT imm8 port 0x80", qual);
+        check(len == 2, "OUT imm8 exit instruction length 2", len);
+        break;
+    case 3:
+        check(reason == 18, "L2 VMCALL exits with reason 18", reason);
+        check(len == 3, "VMCALL exit instruction length 3", len);
+        return 0;
+    default:
+        check(0, "no unexpected exit", reason);
+        return 0;
+    }
+    vmwrite(GUEST_RIP, rip + len);
+    return 1;
+}
+
+void l1_main(void) {
+    u32 a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    check(c & (1u << 5), "CPUID.1:ECX.VMX", c);
+
+    /* GDT: null, 64-bit code 0x08, data 0x10, TSS 0x18 (16 bytes). */
+    gdt[1] = 0x00AF9B000000FFFFull;
+    gdt[2] = 0x00CF93000000FFFFull;
+    u64 t = (u64)tss;
+    gdt[3] = 0x67 | ((t & 0xFFFFFF) << 16) | (0x89ull << 40) | (((t >> 24) & 0xFF) << 56);
+    gdt[4] = t >> 32;
+    struct dtr g = { sizeof gdt - 1, (u64)gdt };
+    __asm__ volatile("lgdt %0" :: "m"(g));
+    __asm__ volatile("pushq $0x08; leaq 1f(%%rip), %%rax; pushq %%rax; lretq; 1:\n"
+                     "movw $0x10, %%ax; movw %%ax, %%ds; movw %%ax, %%es; movw %%ax, %%ss; movw %%ax, %%fs; movw %%ax, %%gs\n"
+                     "movw $0x18, %%ax; ltr %%ax" ::: "rax", "memory");
+
+    u64 basic = rdmsr(0x480);
+    u32 rev = (u32)basic & 0x7FFFFFFF;
+    check(rev != 0, "IA32_VMX_BASIC revision identifier", basic);
+    wrmsr(0x3A, rdmsr(0x3A) | 5);                       /* lock + VMX outside SMX */
+    u64 cr0, cr4;
+    __asm__ volatile("mov %%cr0, %0" : "=r"(cr0));
+    cr0 = (cr0 | rdmsr(0x486)) & rdmsr(0x487);          /* CR0 fixed bits (NE) */
+    __asm__ volatile("mov %0, %%cr0" :: "r"(cr0));
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    cr4 = ((cr4 | (1u << 13)) | rdmsr(0x488)) & rdmsr(0x489);   /* CR4.VMXE */
+    __asm__ volatile("mov %0, %%cr4" :: "r"(cr4));
+
+    *(u32 *)vmxon_region = rev;
+    *(u32 *)vmcs_region = rev;
+    u64 on = (u64)vmxon_region, vm = (u64)vmcs_region, cur = 0;
+    check(vmxon(&on) == VMX_OK, "VMXON succeeds", 0);
+    check(vmptrld(&on) == VMX_FAIL_INVALID, "VMPTRLD of the VMXON region with no current VMCS: VMfailInvalid", 0);
+    check(vmclear(&vm) == VMX_OK, "VMCLEAR succeeds", 0);
+    check(vmptrld(&vm) == VMX_OK, "VMPTRLD succeeds", 0);
+    check(vmptrld(&on) == VMX_FAIL_VALID && vmread(VM_INSTRUCTION_ERROR) == 10,
+          "VMPTRLD of the VMXON region: VMfailValid(10)", vmread(VM_INSTRUCTION_ERROR));
+    vmptrst(&cur);
+    check(cur == vm, "VMPTRST stores the current-VMCS pointer", cur);
+    u64 junk;
+    check(vmread_status(0xFFFFFFFFull, &junk) == VMX_FAIL_VALID && vmread(VM_INSTRUCTION_ERROR) == 12,
+          "VMREAD of an unsupported field: VMfailValid(12)", vmread(VM_INSTRUCTION_ERROR));
+
+    /* controls */
+    vmwrite(PIN_BASED, adjust(0, 0x481));
+    vmwrite(PROC_BASED, adjust(PROC_HLT_EXITING | PROC_UNCOND_IO, 0x482));
+    vmwrite(EXIT_CONTROLS, adjust(EXIT_HOST_64, 0x483));
+    vmwrite(ENTRY_CONTROLS, adjust(ENTRY_IA32E_GUEST, 0x484));
+    vmwrite(EXCEPTION_BITMAP, 0);
+    vmwrite(CR3_TARGET_COUNT, 0);
+    vmwrite(EXIT_MSR_STORE_COUNT, 0); vmwrite(EXIT_MSR_LOAD_COUNT, 0); vmwrite(ENTRY_MSR_LOAD_COUNT, 0);
+    vmwrite(ENTRY_INTR_INFO, 0);
+    /* host state: this CPU as it is now */
+    u64 cr3;
+    __asm__ volatile("mov %%cr0, %0" : "=r"(cr0)); __asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+    __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+    struct dtr gd, id;
+    __asm__ volatile("sgdt %0" : "=m"(gd)); __asm__ volatile("sidt %0" : "=m"(id));
+    vmwrite(HOST_CR0, cr0); vmwrite(HOST_CR3, cr3); vmwrite(HOST_CR4, cr4);
+    vmwrite(HOST_CS_SELECTOR, 0x08); vmwrite(HOST_SS_SELECTOR, 0x10); vmwrite(HOST_DS_SELECTOR, 0x10);
+    vmwrite(HOST_ES_SELECTOR, 0x10); vmwrite(HOST_FS_SELECTOR, 0x10); vmwrite(HOST_GS_SELECTOR, 0x10);
+    vmwrite(HOST_TR_SELECTOR, 0x18);
+    vmwrite(HOST_FS_BASE, 0); vmwrite(HOST_GS_BASE, 0); vmwrite(HOST_TR_BASE, (u64)tss);
+    vmwrite(HOST_GDTR_BASE, gd.base); vmwrite(HOST_IDTR_BASE, id.base);
+    vmwrite(HOST_SYSENTER_CS, 0); vmwrite(HOST_SYSENTER_ESP, 0); vmwrite(HOST_SYSENTER_EIP, 0);
+    host_rsp = (u64)(host_stack + sizeof host_stack);
+    vmwrite(HOST_RSP, host_rsp); vmwrite(HOST_RIP, (u64)vmexit_entry);
+    /* guest state: 64-bit, flat, on the same page tables */
+    vmwrite(GUEST_CR0, cr0); vmwrite(GUEST_CR3, cr3); vmwrite(GUEST_CR4, cr4); vmwrite(GUEST_DR7, 0x400);
+    vmwrite(GUEST_RSP, (u64)(guest_stack + sizeof guest_stack)); vmwrite(GUEST_RIP, (u64)l2_code);
+    vmwrite(GUEST_RFLAGS, 2);
+    vmwrite(GUEST_CS_SELECTOR, 0x08); vmwrite(GUEST_CS_BASE, 0); vmwrite(GUEST_CS_LIMIT, 0xFFFFFFFF);
+    vmwrite(GUEST_CS_AR, 0xA09B);
+    static const u32 sels[] = {GUEST_ES_SELECTOR, GUEST_SS_SELECTOR, GUEST_DS_SELECTOR, GUEST_FS_SELECTOR,
+                               GUEST_GS_SELECTOR};
+    static const u32 bases[] = {GUEST_ES_BASE, GUEST_SS_BASE, GUEST_DS_BASE, GUEST_FS_BASE, GUEST_GS_BASE};
+    static const u32 limits[] = {GUEST_ES_LIMIT, GUEST_SS_LIMIT, GUEST_DS_LIMIT, GUEST_FS_LIMIT, GUEST_GS_LIMIT};
+    static const u32 ars[] = {GUEST_ES_AR, GUEST_SS_AR, GUEST_DS_AR, GUEST_FS_AR, GUEST_GS_AR};
+    for (int i = 0; i < 5; i++) {
+        vmwrite(sels[i], 0x10); vmwrite(bases[i], 0); vmwrite(limits[i], 0xFFFFFFFF); vmwrite(ars[i], 0xC093);
+    }
+    vmwrite(GUEST_LDTR_SELECTOR, 0); vmwrite(GUEST_LDTR_BASE, 0); vmwrite(GUEST_LDTR_LIMIT, 0);
+    vmwrite(GUEST_LDTR_AR, 0x10000);                                  /* unusable */
+    vmwrite(GUEST_TR_SELECTOR, 0x18); vmwrite(GUEST_TR_BASE, (u64)tss); vmwrite(GUEST_TR_LIMIT, 0x67);
+    vmwrite(GUEST_TR_AR, 0x8B);                                       /* busy 64-bit TSS */
+    vmwrite(GUEST_GDTR_BASE, gd.base); vmwrite(GUEST_GDTR_LIMIT, gd.limit);
+    vmwrite(GUEST_IDTR_BASE, id.base); vmwrite(GUEST_IDTR_LIMIT, id.limit);
+    vmwrite(GUEST_IA32_EFER, rdmsr(0xC0000080));
+    vmwrite(GUEST_INTERRUPTIBILITY, 0); vmwrite(GUEST_ACTIVITY, 0); vmwrite(GUEST_PENDING_DBG, 0);
+    vmwrite(GUEST_SYSENTER_ESP, 0); vmwrite(GUEST_SYSENTER_EIP, 0);
+    vmwrite(VMCS_LINK_POINTER, ~0ull);
+
+    u64 f;
+    __asm__ volatile("vmlaunch; pushfq; popq %0" : "=r"(f) :: "cc", "memory");
+    /* Only reached if VMLAUNCH failed. */
+    check(0, "VMLAUNCH enters L2", vmread(VM_INSTRUCTION_ERROR));
+    finish();
+}
+
+/* After L2's VMCALL (l1_exit returned 0): the VMfail checks that need a
+ * launched VMCS, then VMXOFF. */
+void finish_checks(void) {
+    u64 f;
+    __asm__ volatile("vmlaunch; pushfq; popq %0" : "=r"(f) :: "cc", "memory");
+    check(vmx_status(f) == VMX_FAIL_VALID && vmread(VM_INSTRUCTION_ERROR) == 4,
+          "VMLAUNCH of a launched VMCS: VMfailValid(4)", vmread(VM_INSTRUCTION_ERROR));
+    __asm__ volatile("vmxoff; pushfq; popq %0" : "=r"(f) :: "cc");
+    check(vmx_status(f) == VMX_OK, "VMXOFF succeeds", f);
+}
+
+__asm__(
+    ".globl _start\n"
+    "_start:\n"
+    "  leaq boot_stack_top(%rip), %rsp\n"
+    "  call l1_main\n"
+    "3: hlt; jmp 3b\n"
+    ".bss\n"
+    ".balign 16\n"
+    "boot_stack: .skip 8192\n"
+    "boot_stack_top:\n"
+    ".text\n"
+);

@@ -1,0 +1,402 @@
+"""Guest-visible VMX: a guest's own hypervisor (L1) runs its guest (L2) on
+vmlab's VMCS model.
+
+vmlab is L0.  With ``Vm.enable_nested_vmx()`` the machine advertises VMX
+(CPUID.1:ECX.VMX[bit 5], the capability MSRs of the same ``VmxCapabilities``
+the Python harness uses, IA32_FEATURE_CONTROL, CR4.VMXE) and traps the guest's
+VMX instructions (trap kind ``vmx``), which :class:`NestedVmx` executes as the
+SDM's pseudo-code says (Vol. 3C ch. 31, "VMX Instruction Reference"): the
+#UD/#GP conditions in their order, then VMsucceed / VMfailInvalid /
+VMfailValid(error number) in RFLAGS and the VM-instruction error field.
+
+VMLAUNCH/VMRESUME run L2 in the machine's one run loop with a
+:class:`vmm.vmx.VmxGuest` over L1's current VMCS as the intercept policy: the
+same VM-entry checks, the same exit decisions by the controls, the same
+exit-information fields as the Python harness.  Every VM exit of L2 is then
+*reflected* to L1 (SDM 28.5): the guest state is stored into L1's VMCS, the
+host-state area is loaded into the vCPU, and L1 resumes at HOST_RIP.  A VM
+entry that fails its guest-state checks is a VM exit with bit 31 set
+(reason 33/34), reflected the same way; control or host-state failures are
+VMfailValid(7/8) and L1 continues after the instruction.
+
+The current VMCS lives in guest memory at the VMPTRLD address, in vmlab's own
+layout (below), cached while current and written back on VMCLEAR or when
+another VMCS is made current -- as real CPUs do.  Layout (SDM 25.2 leaves all
+but the first 8 bytes to the implementation): bytes 0-3 revision identifier
+(bit 31: shadow-VMCS indicator), 4-7 VMX-abort indicator, 8 launch state
+(vmlab: 1 = launched), 16… one 8-byte value per field of ``vmm.vmcs.FIELDS``
+in that order.
+
+How it composes with the Python harness: a ``VmxGuest`` with Python handlers
+over the whole machine is L0-over-L1 only; nested VMX is for a guest that has
+no Python harness around it.  (Using both at once -- L0 handlers seeing L1's
+VMX instructions as exits 18-27, 50, 53 -- is what VmxGuest already does when
+its guest executes VMX instructions; it does not emulate them for L1.)
+"""
+from __future__ import annotations
+
+import struct
+import weakref
+
+from emu import x86
+from emu.cpu import GuestFault
+from emu.decode import mem_operand_address, reg_value, set_reg_value
+from emu.events import Event
+from emu.exits import TrapExit
+
+from . import vmcs as F
+from .capabilities import VmxCapabilities
+from .exit_reasons import VmInstructionError as E
+from .runloop import HANDLED, Deliver, Outcome
+
+#: layout of a VMCS region in guest memory (see the module docstring)
+_OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
+_FIELD_ENCODINGS = tuple(int(f.encoding) for f in F.FIELDS)
+assert _OFF_FIELDS + 8 * len(_FIELD_ENCODINGS) <= 4096, "the VMCS data must fit a 4 KiB region"
+
+IA32_FEATURE_CONTROL = 0x3A
+#: IA32_FEATURE_CONTROL bit 0 (lock) and bit 2 (VMX outside SMX), SDM Vol. 3C 24.7
+FC_LOCK, FC_VMX_OUTSIDE_SMX = 1, 1 << 2
+INVALID_POINTER = (1 << 64) - 1
+
+#: RFLAGS bits VMX instructions report through (SDM Vol. 3C 31.2)
+_CF, _PF, _AF, _ZF, _SF, _OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11
+_ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
+
+#: VM-exit controls used when loading host state (SDM Vol. 3C Table 25-14)
+_EXIT_HOST_64 = 1 << 9
+_EXIT_LOAD_EFER = 1 << 21
+
+
+class NestedVmx:
+    """L1's VMX operation (see the module docstring)."""
+
+    def __init__(self, vm, caps: VmxCapabilities | None = None):
+        self._vm = weakref.ref(vm)
+        self.caps = caps or VmxCapabilities.from_cpuid(vm.cpuid)
+        self.vmxon: int | None = None          # VMXON region address while in VMX operation
+        self.current: int | None = None        # current-VMCS pointer
+        self.vmcs = None                       # the current VMCS (cached while current)
+        self.l2 = None                         # the VmxGuest while L2 runs
+        self._l1_traps = None
+        self.reflected = 0                     # VM exits reflected to L1 (statistics)
+
+    @property
+    def vm(self):
+        return self._vm()
+
+    # ------------------------------------------------------------------ VMfail conventions
+    def _flags(self, set_bits: int) -> None:
+        cpu = self.vm.vcpu
+        cpu.set_rflags((cpu.regs.rflags & ~_ARITH) | set_bits)
+
+    def _succeed(self, ex) -> Outcome:
+        self._flags(0)
+        self.vm.vcpu.skip(ex.insn_len)
+        return HANDLED
+
+    def _fail_invalid(self, ex) -> Outcome:
+        self._flags(_CF)
+        self.vm.vcpu.skip(ex.insn_len)
+        return HANDLED
+
+    def _fail(self, ex, error: int) -> Outcome:
+        """VMfail(error): VMfailValid with the error number in the current
+        VMCS, or VMfailInvalid when there is none (SDM Vol. 3C 31.2)."""
+        if self.vmcs is None:
+            return self._fail_invalid(ex)
+        self.vmcs.set_instruction_error(E(error))
+        self._flags(_ZF)
+        self.vm.vcpu.skip(ex.insn_len)
+        return HANDLED
+
+    # ------------------------------------------------------------------ operands
+    def _mem_u64(self, ex) -> int:
+        cpu = self.vm.vcpu
+        op = ex.insn.operands[0]
+        return cpu.read_linear_int(mem_operand_address(cpu, ex.insn, op), 8)
+
+    def _valid_region(self, addr: int) -> bool:
+        """4 KiB aligned and within the physical-address width (SDM 31.3)."""
+        return not addr & 0xFFF and addr >> self.caps.physical_address_width == 0
+
+    # ------------------------------------------------------------------ VMCS regions
+    def _region_revision(self, addr: int) -> int | None:
+        mem = self.vm.mem
+        if not mem.contains(addr) or not mem.contains(addr + 3):
+            return None
+        return struct.unpack("<I", mem.read(addr, 4))[0]
+
+    def _write_back(self) -> None:
+        """Store the cached current VMCS into its region."""
+        if self.vmcs is None or self.current is None:
+            return
+        v, mem = self.vmcs, self.vm.mem
+        v.materialize()
+        data = bytearray(_OFF_FIELDS + 8 * len(_FIELD_ENCODINGS))
+        struct.pack_into("<I", data, _OFF_REVISION, v.revision_id)
+        data[_OFF_LAUNCHED] = 1 if v.launch_state == F.LaunchState.LAUNCHED else 0
+        vals = v._values
+        for i, enc in enumerate(_FIELD_ENCODINGS):
+            struct.pack_into("<Q", data, _OFF_FIELDS + 8 * i, vals.get(enc, 0))
+        if mem.contains(self.current) and mem.contains(self.current + len(data) - 1):
+            mem.write(self.current, bytes(data))
+
+    def _read_region(self, addr: int):
+        from .vmx import TrackedVmcs
+        mem = self.vm.mem
+        n = _OFF_FIELDS + 8 * len(_FIELD_ENCODINGS)
+        data = mem.read(addr, n) if mem.contains(addr) and mem.contains(addr + n - 1) else bytes(n)
+        v = TrackedVmcs(vmwrite_any_field=self.caps.vmwrite_any_field,
+                        revision_id=struct.unpack_from("<I", data, _OFF_REVISION)[0] & 0x7FFFFFFF)
+        for i, enc in enumerate(_FIELD_ENCODINGS):
+            val = struct.unpack_from("<Q", data, _OFF_FIELDS + 8 * i)[0]
+            if val:
+                v._values[enc] = val
+        v.launch_state = F.LaunchState.LAUNCHED if data[_OFF_LAUNCHED] == 1 else F.LaunchState.CLEAR
+        v.dirty = set(v._values)
+        return v
+
+    # ------------------------------------------------------------------ the instructions
+    def instruction(self, ex: TrapExit) -> Outcome:
+        """Execute one VMX instruction of L1 (SDM Vol. 3C ch. 31 "Operation")."""
+        cpu = self.vm.vcpu
+        r = cpu.regs
+        insn = ex.insn
+        name = insn.mnemonic if insn is not None else ""
+        # Common #UD conditions: not in VMX operation (except VMXON), CR4.VMXE
+        # clear, real/virtual-8086 mode, compatibility mode.
+        if not r.cr0 & x86.CR0_PE or r.rflags & x86.RFLAGS_VM or not r.cr4 & x86.CR4_VMXE:
+            return Deliver(Event(x86.UD))
+        if r.efer & x86.EFER_LMA and not r.hflags & x86.HF_CS64:
+            return Deliver(Event(x86.UD))
+        if name == "vmxon":
+            return self._vmxon(ex)
+        if self.vmxon is None:
+            return Deliver(Event(x86.UD))
+        if name == "vmcall":
+            # VMCALL in VMX root operation without the dual-monitor treatment:
+            # VMfail(VMCALL executed in VMX root operation).
+            return self._fail(ex, E.VMCALL_IN_VMX_ROOT)
+        if cpu.cpl != 0:
+            return Deliver(Event(x86.GP, 0))
+        try:
+            match name:
+                case "vmxoff":
+                    self._write_back()
+                    self.vmxon = self.current = self.vmcs = None
+                    return self._succeed(ex)
+                case "vmclear":
+                    return self._vmclear(ex)
+                case "vmptrld":
+                    return self._vmptrld(ex)
+                case "vmptrst":
+                    op = insn.operands[0]
+                    cpu.write_linear_int(mem_operand_address(cpu, insn, op), 8,
+                                         self.current if self.current is not None else INVALID_POINTER)
+                    return self._succeed(ex)
+                case "vmread":
+                    return self._vmread(ex)
+                case "vmwrite":
+                    return self._vmwrite(ex)
+                case "vmlaunch" | "vmresume":
+                    return self._vmentry(ex, name == "vmresume")
+                case "invept" | "invvpid":
+                    return self._invalidate(ex)
+                case _:
+                    return Deliver(Event(x86.UD))
+        except GuestFault as f:
+            return Deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+
+    def _vmxon(self, ex) -> Outcome:
+        vm = self.vm
+        cpu = vm.vcpu
+        if self.vmxon is not None:
+            if cpu.cpl != 0:
+                return Deliver(Event(x86.GP, 0))
+            return self._fail(ex, E.VMXON_IN_VMX_ROOT)
+        r = cpu.regs
+        caps = self.caps
+        fc = vm.msrs.read(IA32_FEATURE_CONTROL)
+        if (cpu.cpl != 0 or (r.cr0 & caps.cr0_fixed0) != caps.cr0_fixed0 or r.cr0 & ~caps.cr0_fixed1
+                or (r.cr4 & caps.cr4_fixed0) != caps.cr4_fixed0 or r.cr4 & ~caps.cr4_fixed1
+                or not fc & FC_LOCK or not fc & FC_VMX_OUTSIDE_SMX):
+            return Deliver(Event(x86.GP, 0))
+        try:
+            addr = self._mem_u64(ex)
+        except GuestFault as f:
+            return Deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+        if not self._valid_region(addr):
+            return self._fail_invalid(ex)
+        rev = self._region_revision(addr)
+        if rev is None or rev & 0x7FFFFFFF != caps.revision_id or rev >> 31:
+            return self._fail_invalid(ex)
+        self.vmxon, self.current, self.vmcs = addr, None, None
+        return self._succeed(ex)
+
+    def _vmclear(self, ex) -> Outcome:
+        addr = self._mem_u64(ex)
+        if not self._valid_region(addr):
+            return self._fail(ex, E.VMCLEAR_INVALID_ADDRESS)
+        if addr == self.vmxon:
+            return self._fail(ex, E.VMCLEAR_VMXON_POINTER)
+        if addr == self.current:
+            self.vmcs.launch_state = F.LaunchState.CLEAR
+            self._write_back()
+            self.current = self.vmcs = None
+        elif self.vm.mem.contains(addr + _OFF_LAUNCHED):
+            self.vm.mem.write(addr + _OFF_LAUNCHED, b"\0")      # launch state "clear" (SDM 31.3 VMCLEAR)
+        return self._succeed(ex)
+
+    def _vmptrld(self, ex) -> Outcome:
+        addr = self._mem_u64(ex)
+        if not self._valid_region(addr):
+            return self._fail(ex, E.VMPTRLD_INVALID_ADDRESS)
+        if addr == self.vmxon:
+            return self._fail(ex, E.VMPTRLD_VMXON_POINTER)
+        rev = self._region_revision(addr)
+        if rev is None or rev & 0x7FFFFFFF != self.caps.revision_id or rev >> 31:
+            return self._fail(ex, E.VMPTRLD_INCORRECT_REVISION_ID)
+        if addr != self.current:
+            self._write_back()
+            self.current, self.vmcs = addr, self._read_region(addr)
+        return self._succeed(ex)
+
+    def _operand_bits(self) -> int:
+        return 64 if self.vm.vcpu.regs.hflags & x86.HF_CS64 else 32
+
+    def _vmread(self, ex) -> Outcome:
+        cpu = self.vm.vcpu
+        if self.vmcs is None:
+            return self._fail_invalid(ex)
+        dst, src = ex.insn.operands[0], ex.insn.operands[1]
+        bits = self._operand_bits()
+        try:
+            value = self.vmcs.read(reg_value(cpu, src.reg) & 0xFFFFFFFF)
+        except F.VmInstructionFault:
+            return self._fail(ex, E.UNSUPPORTED_VMCS_COMPONENT)
+        value &= (1 << bits) - 1
+        if dst.type == 1:           # capstone X86_OP_REG
+            set_reg_value(cpu, dst.reg, value)
+        else:
+            cpu.write_linear_int(mem_operand_address(cpu, ex.insn, dst), bits // 8, value)
+        return self._succeed(ex)
+
+    def _vmwrite(self, ex) -> Outcome:
+        cpu = self.vm.vcpu
+        if self.vmcs is None:
+            return self._fail_invalid(ex)
+        field_op, src = ex.insn.operands[0], ex.insn.operands[1]
+        bits = self._operand_bits()
+        if src.type == 1:
+            value = reg_value(cpu, src.reg)
+        else:
+            value = cpu.read_linear_int(mem_operand_address(cpu, ex.insn, src), bits // 8)
+        try:
+            self.vmcs.write(reg_value(cpu, field_op.reg) & 0xFFFFFFFF, value & ((1 << bits) - 1))
+        except F.VmInstructionFault as fault:
+            return self._fail(ex, fault.error)
+        return self._succeed(ex)
+
+    def _invalidate(self, ex) -> Outcome:
+        """INVEPT/INVVPID: vmlab's TLB is not tagged, so every supported type
+        flushes everything (SDM 31.3: an unsupported type is VMfail 28)."""
+        cpu = self.vm.vcpu
+        kind = reg_value(cpu, ex.insn.operands[0].reg)
+        allowed = (1, 2) if ex.insn.mnemonic == "invept" else (0, 1, 2, 3)
+        if kind not in allowed:
+            return self._fail(ex, E.INVALID_INVEPT_INVVPID_OPERAND)
+        cpu.invept()
+        return self._succeed(ex)
+
+    # ------------------------------------------------------------------ VM entry / exit
+    def _vmentry(self, ex, resume: bool) -> Outcome:
+        from .vmx import VmEntryFailed, VmxGuest
+        vm = self.vm
+        if self.vmcs is None:
+            return self._fail_invalid(ex)
+        launched = self.vmcs.launch_state == F.LaunchState.LAUNCHED
+        if resume and not launched:
+            return self._fail(ex, E.VMRESUME_NONLAUNCHED_VMCS)
+        if not resume and launched:
+            return self._fail(ex, E.VMLAUNCH_NONCLEAR_VMCS)
+        self._l1_traps = vm.vcpu.trap_kinds
+        g = VmxGuest(vm, self.caps, self.vmcs)
+        g.default_handler = self._reflect
+        try:
+            failed = g.enter()
+        except VmEntryFailed as exc:
+            # VMfailValid(7 or 8): controls or host state invalid; L1 goes on.
+            vm.vcpu.set_traps(self._l1_traps)
+            err = getattr(exc.result, "error", None)
+            return self._fail(ex, int(err) if err is not None else E.ENTRY_INVALID_CONTROL_FIELD)
+        if failed is not None:
+            # Guest-state failure: a VM exit with bit 31 set, host state loaded (SDM 27.8).
+            self._load_host_state(self.vmcs)
+            return HANDLED
+        self.vmcs.launch_state = F.LaunchState.LAUNCHED
+        self.l2 = g
+        vm.intercept = g
+        vm.vcpu.fastpath = g._fastpath
+        return HANDLED
+
+    def _reflect(self, ex) -> None:
+        """A VM exit of L2 goes to L1: store the guest state into L1's VMCS,
+        load the host-state area, resume L1 at HOST_RIP (SDM Vol. 3C 28.3, 28.5)."""
+        from .vmx_intercept import REFLECT
+        vm = self.vm
+        self.reflected += 1
+        vmcs = ex.guest._vmcs
+        vmcs.materialize()                       # the L2 state, before the vCPU changes
+        vm.intercept = None
+        vm.vcpu.fastpath = None
+        self.l2 = None
+        self._load_host_state(vmcs)
+        ex.action = REFLECT
+
+    def _load_host_state(self, v) -> None:
+        """SDM Vol. 3C 28.5.1-28.5.2: control registers, EFER, segment registers
+        with the fixed attributes of host state, descriptor-table bases, RSP,
+        RIP, RFLAGS = 2."""
+        vm = self.vm
+        cpu = vm.vcpu
+        exit_ctls = v.read(F.VM_EXIT_CONTROLS)
+        host64 = bool(exit_ctls & _EXIT_HOST_64)
+        cpu.set_ept(None)
+        cpu.native.tsc_offset = 0
+        cpu.refresh()
+        if exit_ctls & _EXIT_LOAD_EFER:
+            efer = v.read(F.HOST_IA32_EFER)
+        else:
+            efer = cpu.regs.efer & ~(x86.EFER_LMA | x86.EFER_LME)
+            if host64:
+                efer |= x86.EFER_LME
+        if cpu.regs.cr0 & x86.CR0_PG:
+            cpu.write_cr(0, cpu.regs.cr0 & ~x86.CR0_PG)
+        cpu.write_efer(efer & ~x86.EFER_LMA)
+        cpu.write_cr(4, v.read(F.HOST_CR4))
+        cpu.write_cr(3, v.read(F.HOST_CR3))
+        cpu.write_cr(0, v.read(F.HOST_CR0))
+        code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G
+        code |= x86.DESC_L if host64 else x86.DESC_B
+        data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
+        segs = {x86.R_CS: (v.read(F.HOST_CS_SELECTOR), 0, 0xFFFFFFFF, code)}
+        for idx, sel_f in ((x86.R_ES, F.HOST_ES_SELECTOR), (x86.R_SS, F.HOST_SS_SELECTOR),
+                           (x86.R_DS, F.HOST_DS_SELECTOR), (x86.R_FS, F.HOST_FS_SELECTOR),
+                           (x86.R_GS, F.HOST_GS_SELECTOR)):
+            sel = v.read(sel_f)
+            base = v.read(F.HOST_FS_BASE) if idx == x86.R_FS else v.read(F.HOST_GS_BASE) if idx == x86.R_GS else 0
+            # A null selector leaves the register unusable, SS excepted (28.5.2).
+            flags = data if sel & ~3 or idx == x86.R_SS else 0
+            segs[idx] = (sel, base, 0xFFFFFFFF, flags)
+        segs[6] = (0, 0, 0, 0)                                            # LDTR unusable
+        segs[7] = (v.read(F.HOST_TR_SELECTOR), v.read(F.HOST_TR_BASE), 0x67,
+                   x86.DESC_P | (11 << 8))          # busy 64-bit TSS (type in flags bits 11:8)
+        cpu.set_descriptor_tables(gdtr=(v.read(F.HOST_GDTR_BASE), 0xFFFF), idtr=(v.read(F.HOST_IDTR_BASE), 0xFFFF))
+        cpu.set_rflags(2)
+        cpu.set_reg("rsp", v.read(F.HOST_RSP))
+        cpu.set_rip(v.read(F.HOST_RIP))
+        cpu.load_segments(segs, clear_exception=True)
+        if self._l1_traps is not None:
+            cpu.set_traps(self._l1_traps)
+        cpu.flush()
