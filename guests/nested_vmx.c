@@ -13,7 +13,8 @@
  *    unsupported field is VMfailValid(12), VMLAUNCH of a launched VMCS is
  *    VMfailValid(4), VMPTRLD of the VMXON region VMfailValid(10);
  *  - L2 exits with the SDM's reason, instruction length and qualification:
- *    CPUID (10), HLT (12), OUT (30, Table 28-5), VMCALL (18);
+ *    CPUID (10), HLT (12), OUT (30, Table 28-5), RDMSR (31), VMCALL (18);
+ *  - a VM entry with invalid guest state: exit reason 33 with bit 31 (27.8);
  *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged.
  */
 typedef unsigned char u8;
@@ -115,11 +116,14 @@ __asm__(
     "  hlt\n"                         /* exit 12 (HLT exiting), length 1 */
     "  movb $0x5a, %al\n"
     "  outb %al, $0x80\n"             /* exit 30 (unconditional I/O exiting) */
+    "  movl $0x10, %ecx\n"
+    "  rdmsr\n"                       /* exit 31 (no MSR bitmaps: every RDMSR exits) */
     "  vmcall\n"                      /* exit 18, length 3 */
     "1: jmp 1b\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
     "  movq %rbx, l2_rbx(%rip)\n"
+    "  movq %rcx, l2_rcx(%rip)\n"
     "  call l1_exit\n"
     "  testl %eax, %eax\n"
     "  jz 2f\n"
@@ -129,7 +133,8 @@ __asm__(
     "  call finish\n"
 );
 
-u64 l2_rbx;
+u64 l2_rbx, l2_rcx;
+static u64 l2_rcx_msr(void) { return l2_rcx & 0xFFFFFFFF; }
 static u64 host_rsp;
 static int stage;
 
@@ -162,8 +167,20 @@ int l1_exit(void) {
         check(len == 2, "OUT imm8 exit instruction length 2", len);
         break;
     case 3:
+        check(reason == 31, "L2 RDMSR exits with reason 31", reason);
+        check(len == 2, "RDMSR exit instruction length 2", len);
+        check(l2_rcx_msr() == 0x10, "the MSR index is L2's ECX", l2_rcx_msr());
+        break;
+    case 4:
         check(reason == 18, "L2 VMCALL exits with reason 18", reason);
         check(len == 3, "VMCALL exit instruction length 3", len);
+        /* Break the guest state: RFLAGS bit 1 must be 1 (SDM 27.3.1.4). */
+        vmwrite(GUEST_RIP, rip + len);
+        vmwrite(GUEST_RFLAGS, 0);
+        return 1;
+    case 5:
+        /* VM-entry failure due to invalid guest state: exit reason 33 with bit 31 (SDM 27.8) */
+        check(reason == 0x80000021ull, "bad guest RFLAGS: VM-entry failure, reason 33 | bit 31", reason);
         return 0;
     default:
         check(0, "no unexpected exit", reason);
