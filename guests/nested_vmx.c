@@ -14,6 +14,9 @@
  *    VMfailValid(4), VMPTRLD of the VMXON region VMfailValid(10);
  *  - L2 exits with the SDM's reason, instruction length and qualification:
  *    CPUID (10), HLT (12), OUT (30, Table 28-5), RDMSR (31), VMCALL (18);
+ *  - L2 under L1's EPT: a load from an unmapped guest-physical address is an
+ *    EPT violation (48) with the Table 28-7 qualification and both addresses;
+ *  - event injection: L1 injects external interrupt 0x30, L2's IDT handler runs;
  *  - a VM entry with invalid guest state: exit reason 33 with bit 31 (27.8);
  *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged.
  */
@@ -63,6 +66,7 @@ enum {
     GUEST_FS_SELECTOR = 0x808, GUEST_GS_SELECTOR = 0x80a, GUEST_LDTR_SELECTOR = 0x80c, GUEST_TR_SELECTOR = 0x80e,
     HOST_ES_SELECTOR = 0xc00, HOST_CS_SELECTOR = 0xc02, HOST_SS_SELECTOR = 0xc04, HOST_DS_SELECTOR = 0xc06,
     HOST_FS_SELECTOR = 0xc08, HOST_GS_SELECTOR = 0xc0a, HOST_TR_SELECTOR = 0xc0c,
+    EPT_POINTER = 0x201a, GUEST_PHYSICAL_ADDRESS = 0x2400,
     VMCS_LINK_POINTER = 0x2800, GUEST_IA32_EFER = 0x2806,
     PIN_BASED = 0x4000, PROC_BASED = 0x4002, EXCEPTION_BITMAP = 0x4004, CR3_TARGET_COUNT = 0x400a,
     EXIT_CONTROLS = 0x400c, EXIT_MSR_STORE_COUNT = 0x400e, EXIT_MSR_LOAD_COUNT = 0x4010,
@@ -74,7 +78,7 @@ enum {
     GUEST_ES_AR = 0x4814, GUEST_CS_AR = 0x4816, GUEST_SS_AR = 0x4818, GUEST_DS_AR = 0x481a,
     GUEST_FS_AR = 0x481c, GUEST_GS_AR = 0x481e, GUEST_LDTR_AR = 0x4820, GUEST_TR_AR = 0x4822,
     GUEST_INTERRUPTIBILITY = 0x4824, GUEST_ACTIVITY = 0x4826, HOST_SYSENTER_CS = 0x4c00,
-    EXIT_QUALIFICATION = 0x6400,
+    SECONDARY_BASED = 0x401e, EXIT_QUALIFICATION = 0x6400, GUEST_LINEAR_ADDRESS = 0x640a,
     GUEST_CR0 = 0x6800, GUEST_CR3 = 0x6802, GUEST_CR4 = 0x6804,
     GUEST_ES_BASE = 0x6806, GUEST_CS_BASE = 0x6808, GUEST_SS_BASE = 0x680a, GUEST_DS_BASE = 0x680c,
     GUEST_FS_BASE = 0x680e, GUEST_GS_BASE = 0x6810, GUEST_LDTR_BASE = 0x6812, GUEST_TR_BASE = 0x6814,
@@ -89,6 +93,8 @@ enum {
 /* Controls (SDM Vol. 3C 25.6, 25.7, 25.8) */
 #define PROC_HLT_EXITING (1u << 7)
 #define PROC_UNCOND_IO (1u << 24)
+#define PROC_SECONDARY (1u << 31)
+#define PROC2_ENABLE_EPT (1u << 1)
 #define EXIT_HOST_64 (1u << 9)
 #define ENTRY_IA32E_GUEST (1u << 9)
 
@@ -102,10 +108,18 @@ static u8 vmxon_region[4096] __attribute__((aligned(4096)));
 static u8 vmcs_region[4096] __attribute__((aligned(4096)));
 static u8 host_stack[8192] __attribute__((aligned(16)));
 static u8 guest_stack[4096] __attribute__((aligned(16)));
+/* EPT (SDM 29.3): identity map of guest-physical [0, 1 GiB) with 2 MiB pages,
+ * read/write/execute, write-back; nothing above, so 1 GiB is an EPT violation. */
+static u64 ept_pml4[512] __attribute__((aligned(4096)));
+static u64 ept_pdpt[512] __attribute__((aligned(4096)));
+static u64 ept_pd[512] __attribute__((aligned(4096)));
+static u64 l2_idt[2 * 256] __attribute__((aligned(16)));
 
 struct dtr { u16 limit; u64 base; } __attribute__((packed));
 
 void l2_code(void);
+void l2_ept_load(void);
+void l2_isr(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -118,8 +132,15 @@ __asm__(
     "  outb %al, $0x80\n"             /* exit 30 (unconditional I/O exiting) */
     "  movl $0x10, %ecx\n"
     "  rdmsr\n"                       /* exit 31 (no MSR bitmaps: every RDMSR exits) */
+    "  movq $0x40000000, %rbx\n"
+    ".globl l2_ept_load\n"
+    "l2_ept_load:\n"
+    "  movl (%rbx), %eax\n"           /* exit 48: EPT violation (L1 maps no GPA at 1 GiB) */
+    "1: jmp 1b\n"                     /* L1 injects vector 0x30 instead of resuming here */
+    ".globl l2_isr\n"
+    "l2_isr:\n"
     "  vmcall\n"                      /* exit 18, length 3 */
-    "1: jmp 1b\n"
+    "2: jmp 2b\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
     "  movq %rbx, l2_rbx(%rip)\n"
@@ -171,14 +192,34 @@ int l1_exit(void) {
         check(len == 2, "RDMSR exit instruction length 2", len);
         check(l2_rcx_msr() == 0x10, "the MSR index is L2's ECX", l2_rcx_msr());
         break;
-    case 4:
-        check(reason == 18, "L2 VMCALL exits with reason 18", reason);
+    case 4: {
+        /* EPT violation (SDM 28.2.1 Table 28-7): a data read (bit 0), the GPA
+         * not readable/writable/executable (bits 5:3 = 0), linear address
+         * valid (bit 7) and the access was to the final page (bit 8). */
+        u64 gpa = vmread(GUEST_PHYSICAL_ADDRESS), gla = vmread(GUEST_LINEAR_ADDRESS);
+        check(reason == 48, "L2 load from an unmapped GPA: EPT violation, reason 48", reason);
+        check((qual & 0x1bf) == 0x181, "EPT violation qualification: read, not present, linear, final page", qual);
+        check(gpa == 0x40000000ull, "EPT violation guest-physical address", gpa);
+        check(gla == 0x40000000ull, "EPT violation guest-linear address", gla);
+        check(rip == (u64)l2_ept_load, "GUEST_RIP at the faulting load", rip);
+        /* Inject external interrupt 0x30 on the next entry (SDM 26.6: valid,
+         * type 0 external interrupt, vector); L2's IDT sends it to l2_isr. */
+        vmwrite(ENTRY_INTR_INFO, 0x80000030u);
+        vmwrite(GUEST_RIP, rip + 2);
+        /* An external interrupt is injected only into a guest with RFLAGS.IF = 1
+         * (SDM 27.3.1.5); vmlab's entry checks fail the entry otherwise. */
+        vmwrite(GUEST_RFLAGS, vmread(GUEST_RFLAGS) | 0x200);
+        return 1;
+    }
+    case 5:
+        check(reason == 18, "L2 VMCALL exits with reason 18 (from the injected interrupt's handler)", reason);
+        check(rip == (u64)l2_isr, "the injected interrupt ran L2's handler", rip);
         check(len == 3, "VMCALL exit instruction length 3", len);
         /* Break the guest state: RFLAGS bit 1 must be 1 (SDM 27.3.1.4). */
         vmwrite(GUEST_RIP, rip + len);
         vmwrite(GUEST_RFLAGS, 0);
         return 1;
-    case 5:
+    case 6:
         /* VM-entry failure due to invalid guest state: exit reason 33 with bit 31 (SDM 27.8) */
         check(reason == 0x80000021ull, "bad guest RFLAGS: VM-entry failure, reason 33 | bit 31", reason);
         return 0;
@@ -234,9 +275,20 @@ void l1_main(void) {
     check(vmread_status(0xFFFFFFFFull, &junk) == VMX_FAIL_VALID && vmread(VM_INSTRUCTION_ERROR) == 12,
           "VMREAD of an unsupported field: VMfailValid(12)", vmread(VM_INSTRUCTION_ERROR));
 
+    for (int i = 0; i < 512; i++)
+        ept_pd[i] = ((u64)i << 21) | 7 | (6 << 3) | (1 << 7);        /* RWX, WB, 2 MiB page */
+    ept_pdpt[0] = (u64)ept_pd | 7;
+    ept_pml4[0] = (u64)ept_pdpt | 7;
+    /* L2's IDT: vector 0x30 -> l2_isr (64-bit interrupt gate, selector 0x08) */
+    u64 isr = (u64)l2_isr;
+    l2_idt[2 * 0x30] = (isr & 0xFFFF) | (0x08ull << 16) | (0x8Eull << 40) | (((isr >> 16) & 0xFFFF) << 48);
+    l2_idt[2 * 0x30 + 1] = isr >> 32;
+
     /* controls */
     vmwrite(PIN_BASED, adjust(0, 0x481));
-    vmwrite(PROC_BASED, adjust(PROC_HLT_EXITING | PROC_UNCOND_IO, 0x482));
+    vmwrite(PROC_BASED, adjust(PROC_HLT_EXITING | PROC_UNCOND_IO | PROC_SECONDARY, 0x482));
+    vmwrite(SECONDARY_BASED, adjust(PROC2_ENABLE_EPT, 0x48B));
+    vmwrite(EPT_POINTER, (u64)ept_pml4 | (3 << 3) | 6);             /* 4-level walk, WB (SDM 25.6.11) */
     vmwrite(EXIT_CONTROLS, adjust(EXIT_HOST_64, 0x483));
     vmwrite(ENTRY_CONTROLS, adjust(ENTRY_IA32E_GUEST, 0x484));
     vmwrite(EXCEPTION_BITMAP, 0);
@@ -277,7 +329,7 @@ void l1_main(void) {
     vmwrite(GUEST_TR_SELECTOR, 0x18); vmwrite(GUEST_TR_BASE, (u64)tss); vmwrite(GUEST_TR_LIMIT, 0x67);
     vmwrite(GUEST_TR_AR, 0x8B);                                       /* busy 64-bit TSS */
     vmwrite(GUEST_GDTR_BASE, gd.base); vmwrite(GUEST_GDTR_LIMIT, gd.limit);
-    vmwrite(GUEST_IDTR_BASE, id.base); vmwrite(GUEST_IDTR_LIMIT, id.limit);
+    vmwrite(GUEST_IDTR_BASE, (u64)l2_idt); vmwrite(GUEST_IDTR_LIMIT, sizeof l2_idt - 1);
     vmwrite(GUEST_IA32_EFER, rdmsr(0xC0000080));
     vmwrite(GUEST_INTERRUPTIBILITY, 0); vmwrite(GUEST_ACTIVITY, 0); vmwrite(GUEST_PENDING_DBG, 0);
     vmwrite(GUEST_SYSENTER_ESP, 0); vmwrite(GUEST_SYSENTER_EIP, 0);
