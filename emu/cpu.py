@@ -288,6 +288,22 @@ class Vcpu:
             self._v.icount = lib.vmlab_host_now(self._v)
         self.clock = clock
 
+    #: QEMU's -icount shift=N: one instruction is 2^N ns of virtual time
+    #: (virtual clock only; 0 by default: 1 instruction = 1 ns).  QEMU's
+    #: softmmu/icount.c allows 0..10 (MAX_ICOUNT_SHIFT).
+    MAX_ICOUNT_SHIFT = 10
+
+    @property
+    def icount_shift(self) -> int:
+        return self._v.icount_shift
+
+    def set_icount_shift(self, shift: int) -> None:
+        """One guest instruction = 2**shift ns of virtual time from now on (the
+        TSC, the timers and run() deadlines follow virtual time)."""
+        if not 0 <= shift <= self.MAX_ICOUNT_SHIFT:
+            raise ConfigError(f"icount shift {shift} out of range 0..{self.MAX_ICOUNT_SHIFT}")
+        self._v.icount_shift = shift
+
     def set_cpuid(self, model) -> None:
         """Load a CPUID model (emu.cpuid.CpuidModel) into the native table."""
         entries = model.entries()
@@ -686,7 +702,7 @@ class Vcpu:
             start = v.icount
             err = lib.vmlab_run(v, self._uch, r.rip, flags)
             if v.icount == start and not v.stop_kind and not err:
-                v.icount += 1          # a one-instruction step outside a fresh block
+                v.icount += 1 << v.icount_shift    # a one-instruction step outside a fresh block
             if lib.vmlab_regs_read(v, self._uch, r):       # nothing is dirty: flushed above
                 raise NativeError("register read failed")
             kind = v.stop_kind

@@ -197,11 +197,13 @@ typedef struct vmlab_debug {
 
 typedef struct vmlab_vcpu {
     /* ---- virtual time ---- */
-    uint64_t icount;           /* guest instructions counted at block entry */
+    uint64_t icount;           /* virtual time in ns: instructions << icount_shift, counted at block entry */
     uint64_t icount_deadline;  /* block hook stops once icount >= this */
     uint64_t tsc_offset;       /* RDTSC = icount + tsc_offset */
     uint32_t tsc_aux;
     uint32_t irq_window;       /* 1: stop at the next block boundary with IF=1 */
+    uint32_t icount_shift;     /* one instruction = 2^shift ns of virtual time (QEMU -icount shift=N) */
+    uint32_t icount_pad;
 
     /* ---- why we stopped (filled by C, cleared by Python) ---- */
     uint32_t stop_kind;

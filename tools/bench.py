@@ -14,6 +14,7 @@ Benchmarks (``vmlab bench list``):
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
   exit  one VM exit handled by a Python handler: cpuid_python_us, io_python_us;
         a CPUID answered by the native CPU model (no exit): cpuid_native_ns;
+        an RDTSC from virtual time: rdtsc_native_ns; a register add: plain_insn_ns;
         breakdown: the CPUID exit layer by layer (tools/bench_exit.py)
   tlb   cold 2D TLB fills (guest x EPT) in C and in Python: c_fill_ns,
         py_fill_ns, speedup
@@ -261,9 +262,14 @@ def bench_exit(n: int = 20_000) -> dict:
 
     with_cpuid = native("mov r8, rcx\n mov eax, 1\n cpuid\n mov rcx, r8")
     without = native("mov r8, rcx\n mov eax, 1\n nop\n mov rcx, r8")
+    with_rdtsc = native("mov r8, rcx\n mov eax, 1\n rdtsc\n mov rcx, r8")
+    # a plain instruction: 32 more register adds per iteration
+    plain = (native("mov r8, rcx\n mov eax, 1\n" + "add r9, 1\n" * 33 + "mov rcx, r8") - without) / (32 * big)
     from tools.bench_exit import exit_breakdown
     return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
             "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1),
+            "rdtsc_native_ns": round(max(with_rdtsc - without, 0) / big * 1e9, 1),
+            "plain_insn_ns": round(max(plain, 0) * 1e9, 2),
             "breakdown": exit_breakdown()}
 
 

@@ -60,6 +60,22 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
 
 
+def _icount(text: str) -> int:
+    """QEMU's -icount [shift=]N (softmmu/icount.c; N <= MAX_ICOUNT_SHIFT = 10).
+    shift=auto, align and sleep are not modelled (vmlab's virtual time never
+    follows the host)."""
+    val = text[6:] if text.startswith("shift=") else text
+    if "," in val or val == "auto":
+        raise argparse.ArgumentTypeError(f"{text!r}: only shift=N (0..10) is supported")
+    try:
+        shift = int(val, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected shift=N with N in 0..10") from None
+    if not 0 <= shift <= 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: shift must be 0..10")
+    return shift
+
+
 class _CpuAction(argparse.Action):
     """--cpu MODEL; --cpu help prints the models and features and exits 0
     (while parsing, so no kernel is needed, like QEMU's -cpu help)."""
@@ -121,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default); host: time is the host's monotonic clock and no instruction is "
                         "counted (--max-insns N then means N ns of host time)")
     r.add_argument("--wall-clock", action="store_true", help="the same as --clock host")
+    r.add_argument("-icount", "--icount", dest="icount", default=None, type=_icount, metavar="shift=N",
+                   help="as QEMU: one instruction = 2^N ns of virtual time (N = 0..10; default 0)")
     r.add_argument("--cpu", "-cpu", dest="cpu", default="broadwell", action=_CpuAction, metavar="MODEL",
                    help="Unicorn CPU model the guest runs on (default broadwell); features whose "
                         "instructions fail on it are cleared from CPUID; 'help' lists models and features")
@@ -254,9 +272,11 @@ def cmd_run(args) -> int:
     from vmm.vm import Vm
     try:
         clock = args.clock or ("host" if args.wall_clock else "virtual")
+        if args.icount is not None and clock == "host":
+            raise CliError("-icount needs the virtual clock (drop --clock host / --wall-clock)", EXIT_USAGE)
         from emu.cpuid import CpuidModel
         vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock,
-                cpuid=CpuidModel(unicorn_model=args.cpu))
+                cpuid=CpuidModel(unicorn_model=args.cpu), icount_shift=args.icount or 0)
         vm.load(image)
         try:
             virtio_opts.attach(vm, virtio_specs)

@@ -302,7 +302,8 @@ def run(m, max_insns: int | None = None, timeout: float | None = None, one_step:
     v = cpu.native
     m.pending_stop = None
     t0 = time.monotonic()
-    limit = v.icount + max_insns if max_insns is not None else None
+    # max_insns counts instructions; virtual time advances 2^shift ns for each (-icount shift)
+    limit = v.icount + (max_insns << getattr(v, "icount_shift", 0)) if max_insns is not None else None
     idle_since: int | None = None
     log = m.log
     log_exits, log_cpu, log_blocks = log.enabled("exits"), log.enabled("cpu"), m.log_blocks

@@ -79,7 +79,7 @@ class Vm:
 
     def __init__(self, ram_size: int = 64 << 20, *, serial: Callable[[bytes], object] | None = _stdout_sink,
                  cpuid: CpuidModel | None = None, wall_clock: bool = False, log: DebugLog | None = None,
-                 cmdline: str = "", clock: str = "virtual"):
+                 cmdline: str = "", clock: str = "virtual", icount_shift: int = 0):
         self.mem = GuestMemory(ram_size)
         self.cpuid = cpuid or CpuidModel()
         self.vcpu = Vcpu(self.mem, cpuid=self.cpuid)
@@ -94,6 +94,10 @@ class Vm:
         if clock == "host":
             self.vcpu.set_clock("host", self._wall0)
         self.clock = Clock(_weak(self.now_ns))
+        # QEMU's -icount shift=N: one instruction = 2^N ns of virtual time.
+        if icount_shift and self.wall_clock:
+            raise ConfigError("an icount shift needs the virtual clock (not --clock host)")
+        self.vcpu.set_icount_shift(icount_shift)
         self.timers = TimerQueue()
         self.pio = Bus("pio", 0x10000)
         self.mmio = Bus("mmio", 1 << 64)
