@@ -4,6 +4,10 @@ raw image through virtio-blk over virtio-mmio.
 * blk_seq_read_mb_s   sequential 64 KiB reads, 32 in flight (one notify per 32)
 * blk_rand_read_iops  random 4 KiB reads, 32 in flight
 * blk_us_per_request  wall time per 4 KiB request (guest + exit + device)
+* net_frames_per_s    1514-byte frames (1500-byte payload) VM<->VM over an
+                      in-process hub: guests/virtio_net.c ping sends 64 at a
+                      time, pong echoes them; frames moved (both ways) / wall s
+* net_us_device_per_frame  of which the virtio-net device and hub (Python)
 * qemu_*              the same guest image on QEMU's microvm machine with a
                       virtio-mmio disk, when qemu-system-x86_64 is installed
 """
@@ -57,8 +61,58 @@ def _qemu(kernel: str, image: str, cmd: str) -> float | None:
     return dt if p.returncode == 1 else None
 
 
+def _net(kernel: str, count: int, depth: int = 64) -> tuple[float, float]:
+    """(wall seconds, seconds inside the device's transmit path, which
+    includes the hub and the peer's receive) for ``count`` echoed frames."""
+    from devices.backends.net import Hub
+    from devices.virtio.net import VirtioNet
+    from emu.loaders import load
+    from vmm import virtio_slots
+    from vmm.together import run_together
+    from vmm.vm import Vm
+
+    hub = Hub()
+    vms, devs = [], []
+    inside = [0.0]
+    for k, cmd in enumerate((f"mode=pong count={count} bench",
+                             f"mode=ping count={count} size=1514 depth={depth} bench")):
+        vm = Vm(64 << 20, serial=None, cmdline=cmd)
+        dev = VirtioNet(hub.port(), mac=bytes((0x52, 0x54, 0, 0, 0, k + 1)))
+        tx = dev._transmit
+
+        def timed(tx=tx):
+            t = time.perf_counter()
+            tx()
+            inside[0] += time.perf_counter() - t
+        dev._transmit = timed
+        virtio_slots.attach(vm, dev)
+        vm.load(load(kernel, ram_size=64 << 20, cmdline=cmd))
+        vms.append(vm)
+        devs.append(dev)
+    t = time.perf_counter()
+    res = run_together(vms, timeout=120)
+    dt = time.perf_counter() - t
+    outs = [vm.serial_output.decode(errors="replace") for vm in vms]
+    for vm in vms:
+        virtio_slots.close(vm)
+        vm.close()
+    if any(r.status != 1 for r in res) or any("FAIL" in o for o in outs):
+        raise RuntimeError(f"net bench guests failed: {res}\n{outs}")
+    return dt, inside[0]
+
+
+def bench_net(count: int = 40000) -> dict:
+    from tools.cguest import build
+    kernel = str(build(ROOT / "guests" / "virtio_net.c"))
+    dt, inside = min(_net(kernel, count) for _ in range(2))
+    frames = 2 * count
+    return {"net_frames_per_s": round(frames / dt), "net_us_per_frame": round(dt / frames * 1e6, 2),
+            "net_us_device_per_frame": round(inside / frames * 1e6, 2)}
+
+
 def bench_virtio(seq_count: int = 4000, rand_count: int = 40000) -> dict:
     from tools.cguest import build
+    out_net = bench_net()
     kernel = str(build(ROOT / "guests" / "virtio_blk.c"))
     with tempfile.TemporaryDirectory() as d:
         image = os.path.join(d, "bench.img")
@@ -80,4 +134,5 @@ def bench_virtio(seq_count: int = 4000, rand_count: int = 40000) -> dict:
             if q is not None:
                 out["qemu_rand_read_iops"] = round(rand_count / q)
                 out["ratio_rand_iops"] = round(out["blk_rand_read_iops"] / out["qemu_rand_read_iops"], 2)
+    out.update(out_net)
     return out
