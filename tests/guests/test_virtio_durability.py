@@ -60,7 +60,13 @@ def test_virtio_blk_flush_acked_blocks_survive_sigkill(tmp_path):
         pid = os.fork()
         if pid == 0:
             _child(kernel, str(image), str(serial))
-        time.sleep(rng.uniform(0.03, 0.11))   # the first ACK comes ~50 ms after the fork
+        # Kill at a random point after the guest got going: wait for its first
+        # ACK (bounded; a loaded machine is slow to start it), then a random
+        # further 0-60 ms, so every run kills mid-stream whatever the load.
+        deadline = time.monotonic() + 10
+        while b"ACK " not in serial.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.06))
         os.kill(pid, signal.SIGKILL)
         _, st = os.waitpid(pid, 0)
         assert os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGKILL, f"run {run}: the child ended on its own"
