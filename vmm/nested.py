@@ -346,6 +346,9 @@ class NestedVmx:
         from .vmx_intercept import REFLECT
         vm = self.vm
         self.reflected += 1
+        if vm.log.enabled("exits"):
+            vm.log("exits", f"L2 VM exit {ex.reason.name} ({int(ex.reason)}) qualification={ex.qualification:#x} "
+                            f"length={ex.instruction_length} -> L1 at HOST_RIP {ex.vmcs.read(F.HOST_RIP):#x}")
         vmcs = ex.guest._vmcs
         vmcs.materialize()                       # the L2 state, before the vCPU changes
         vm.intercept = None

@@ -384,7 +384,10 @@ def run(m, max_insns: int | None = None, timeout: float | None = None, one_step:
         if log_blocks:
             m.flush_block_logs()
         if log_exits:
-            log("exits", f"{v.icount}: {type(ex).__name__} {describe(ex)}")
+            # With guest-visible VMX the level the exit came from: L2 while a
+            # guest hypervisor's guest runs, L1 otherwise.
+            level = ("L2 " if m.intercept is not None else "L1 ") if getattr(m, "nested", None) else ""
+            log("exits", f"{v.icount}: {level}{type(ex).__name__} {describe(ex)}")
         if log_cpu:
             log("cpu", m.format_regs())
         try:

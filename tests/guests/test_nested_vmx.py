@@ -47,3 +47,21 @@ def test_nested_vmx_off_the_guest_sees_no_vmx_and_vmxon_faults(hypervisor):
     assert "FAIL: CPUID.1:ECX.VMX" in out
     # VMXON without VMX is #UD; with no IDT the machine shuts down
     assert res.reason == "shutdown", (res, out)
+
+
+def test_nested_vmx_exit_log_names_the_level(hypervisor):
+    """-d exits: machine exits carry L1/L2, and each reflected VM exit is a line."""
+    import io
+
+    from emu.loaders import load
+    from vmm.log import DebugLog
+    from vmm.vm import Vm
+    buf = io.StringIO()
+    with Vm(64 << 20, serial=None, log=DebugLog(["exits"], buf)) as vm:
+        vm.enable_nested_vmx()
+        vm.load(load(str(hypervisor), fmt="elf64", ram_size=64 << 20))
+        assert vm.run(max_insns=20_000_000).status == 1
+    text = buf.getvalue()
+    assert " L1 " in text and " L2 " in text
+    assert "L2 VM exit CPUID (10) qualification=0x0 length=2 -> L1 at HOST_RIP" in text
+    assert "L2 VM exit EPT_VIOLATION (48)" in text
