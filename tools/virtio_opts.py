@@ -211,9 +211,27 @@ def parse_object(text: str, netdevs: dict) -> DumpSpec:
     return DumpSpec(kv["id"], kv["netdev"], kv["file"], int(maxlen))
 
 
+@dataclasses.dataclass
+class PcTestdevSpec:
+    """``-device pc-testdev``: QEMU's test device (devices/pc_testdev.py); not
+    a virtio device, it takes no slot."""
+
+
+def parse_pc_testdev(text: str) -> PcTestdevSpec:
+    """``-device pc-testdev`` (QEMU's hw/misc/pc-testdev.c has no properties)."""
+    if text != "pc-testdev":
+        raise OptionError(f"-device {text!r}: pc-testdev takes no parameters")
+    return PcTestdevSpec()
+
+
 def parse(drives: list[str], devices: list[str] = (), netdevs: list[str] = (), objects: list[str] = ()) -> list:
-    """Every device spec, in slot order; OptionError for a bad value.
-    ``devices`` are the -device values other parsers did not take."""
+    """Every device spec, in slot order (a pc-testdev last: it takes no slot);
+    OptionError for a bad value.  ``devices`` are the -device values other
+    parsers did not take."""
+    testdevs = [parse_pc_testdev(t) for t in devices if t.split(",")[0] == "pc-testdev"]
+    if len(testdevs) > 1:
+        raise OptionError("-device pc-testdev: given more than once")
+    devices = [t for t in devices if t.split(",")[0] != "pc-testdev"]
     specs = [parse_drive(d) for d in drives]
     nds: dict = {}
     for text in netdevs:
@@ -235,12 +253,13 @@ def parse(drives: list[str], devices: list[str] = (), netdevs: list[str] = (), o
     specs += nics
     if len(specs) > len(IRQS):
         raise OptionError(f"at most {len(IRQS)} virtio devices")
-    return specs
+    return specs + testdevs
 
 
 def cmdline(specs: list) -> str:
     """``virtio_mmio.device=4K@ADDR:IRQ`` for each device, slot order."""
-    return " ".join(linux_cmdline(slot_address(k), IRQS[k]) for k in range(len(specs)))
+    n = sum(not isinstance(s, PcTestdevSpec) for s in specs)
+    return " ".join(linux_cmdline(slot_address(k), IRQS[k]) for k in range(n))
 
 
 def attach(vm, specs: list) -> None:
@@ -252,6 +271,9 @@ def attach(vm, specs: list) -> None:
     hubs: dict = {}
     captured: set = set()
     for spec in specs:
+        if isinstance(spec, PcTestdevSpec):
+            from devices.pc_testdev import attach as attach_testdev
+            attach_testdev(vm)
         if isinstance(spec, NicSpec):
             _attach_nic(vm, spec, hubs, captured)
         if isinstance(spec, DriveSpec):
