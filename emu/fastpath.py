@@ -49,28 +49,40 @@ class Policy:
             out.reason[i] = r
 
 
-def _bitmap_bit(policy: Policy, ram, port: int) -> int:
-    base = policy.io_bitmap_a if port < 0x8000 else policy.io_bitmap_b
+def io_bitmap_location(bitmap_a: int, bitmap_b: int, port: int) -> tuple[int, int]:
+    """(byte address, bit) of ``port``'s bit in the I/O bitmaps: A covers ports
+    0000-7FFFH, B 8000-FFFFH (SDM Vol. 3C 25.6.4)."""
+    base = bitmap_a if port < 0x8000 else bitmap_b
     bit = port & 0x7FFF
-    addr = base + bit // 8
-    if addr >= len(ram):
-        return 0
-    return (ram[addr] >> (bit & 7)) & 1
+    return base + bit // 8, bit & 7
 
 
-def _msr_bitmap_exits(policy: Policy, ram, msr: int, write: bool) -> bool:
-    """SDM Vol. 3C 25.6.9: read-low, read-high (C0000000H-C0001FFFH), write-low,
-    write-high; an MSR outside both ranges, or a bitmap outside RAM, exits."""
+def msr_bitmap_location(bitmap: int, msr: int, write: bool) -> tuple[int, int] | None:
+    """(byte address, bit) of ``msr``'s bit in the MSR bitmaps (SDM Vol. 3C
+    25.6.9: read-low, read-high for C0000000H-C0001FFFH, then the write
+    halves at +800H), or None for an MSR outside both ranges (it always exits)."""
     if msr <= 0x1FFF:
         off, bit = 0, msr
     elif 0xC0000000 <= msr <= 0xC0001FFF:
         off, bit = 0x400, msr - 0xC0000000
     else:
-        return True
-    addr = policy.msr_bitmap + off + (0x800 if write else 0) + bit // 8
+        return None
+    return bitmap + off + (0x800 if write else 0) + bit // 8, bit & 7
+
+
+def _bitmap_bit(policy: Policy, ram, port: int) -> int:
+    addr, bit = io_bitmap_location(policy.io_bitmap_a, policy.io_bitmap_b, port)
     if addr >= len(ram):
+        return 0
+    return (ram[addr] >> bit) & 1
+
+
+def _msr_bitmap_exits(policy: Policy, ram, msr: int, write: bool) -> bool:
+    """An MSR outside both ranges, or a bitmap outside RAM, exits."""
+    loc = msr_bitmap_location(policy.msr_bitmap, msr, write)
+    if loc is None or loc[0] >= len(ram):
         return True
-    return bool(ram[addr] >> (bit & 7) & 1)
+    return bool(ram[loc[0]] >> loc[1] & 1)
 
 
 def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:

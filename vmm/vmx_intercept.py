@@ -14,7 +14,8 @@ from emu import sensitive, x86
 from emu.cpu import EptFault
 from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
 from emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
-from emu.fastpath import FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy
+from emu.fastpath import (FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy,
+                          io_bitmap_location, msr_bitmap_location)
 from emu.trapscan import KIND_BIT
 
 from . import vmcs as F
@@ -232,12 +233,13 @@ class NonRootIntercepts:
     def _io_exits(self, port: int, size: int) -> bool:
         p = self._primary()
         if p & _PP.USE_IO_BITMAPS:
-            # Bitmap A covers ports 0-7FFF, B 8000-FFFF; any byte of the access set exits (SDM 26.1.3).
+            # Any port of the access whose bit is set exits (SDM 26.1.3); a
+            # bitmap outside RAM reads as 0 (the native fast path agrees).
+            mem = self.vm.mem
+            a, b = self._ctl(F.IO_BITMAP_A), self._ctl(F.IO_BITMAP_B)
             for q in range(port, port + size):
-                q &= 0xFFFF
-                base = self._ctl(F.IO_BITMAP_A) if q < 0x8000 else self._ctl(F.IO_BITMAP_B)
-                bit = q & 0x7FFF
-                if self.vm.mem.contains(base + bit // 8) and self.vm.mem.read(base + bit // 8, 1)[0] >> (bit & 7) & 1:
+                addr, bit = io_bitmap_location(a, b, q & 0xFFFF)
+                if mem.contains(addr) and mem.read(addr, 1)[0] >> bit & 1:
                     return True
             return False
         return bool(p & _PP.UNCONDITIONAL_IO_EXITING)
@@ -245,16 +247,9 @@ class NonRootIntercepts:
     def _msr_exits(self, msr: int, is_write: bool) -> bool:
         if not self._primary() & _PP.USE_MSR_BITMAPS:
             return True
-        base = self._ctl(F.MSR_BITMAP)      # SDM 25.6.9: read-low, read-high, write-low, write-high
-        if msr <= 0x1FFF:
-            off, bit = 0, msr
-        elif 0xC0000000 <= msr <= 0xC0001FFF:
-            off, bit = 0x400, msr - 0xC0000000
-        else:
-            return True
-        off += 0x800 if is_write else 0
-        addr = base + off + bit // 8
-        return not self.vm.mem.contains(addr) or bool(self.vm.mem.read(addr, 1)[0] >> (bit & 7) & 1)
+        loc = msr_bitmap_location(self._ctl(F.MSR_BITMAP), msr, is_write)
+        mem = self.vm.mem
+        return loc is None or not mem.contains(loc[0]) or bool(mem.read(loc[0], 1)[0] >> loc[1] & 1)
 
     def _cr_access(self, mex: CrExit) -> Outcome:
         p = self._primary()
@@ -338,7 +333,6 @@ class NonRootIntercepts:
             self._armed_for = None
             return HANDLED
         if mex.kind == "dr":
-            from capstone import x86_const as C
             from emu.decode import _reg_table
             ops = mex.insn.operands
             from_dr = mex.insn.reg_name(ops[1].reg).startswith("dr")
