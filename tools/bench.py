@@ -12,6 +12,8 @@ Benchmarks (``vmlab bench list``):
         counting on: raw_unicorn_mips, vmlab_mips, ratio
   smc   the smc guest's patch-and-run loop: vmlab_s, and with QEMU installed
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
+  nested an L2 CPUID loop handled by a guest hypervisor on guest-visible VMX:
+        l2_cpuid_us (tools/bench_nested.py)
   exit  one VM exit handled by a Python handler: cpuid_python_us, io_python_us;
         a CPUID answered by the native CPU model (no exit): cpuid_native_ns;
         an RDTSC from virtual time: rdtsc_native_ns; a register add: plain_insn_ns;
@@ -376,7 +378,8 @@ def _bench_virtio() -> dict:
 
 
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
-           "paging": bench_paging, "churn": bench_churn, "debug": bench_debug, "virtio": _bench_virtio}
+           "paging": bench_paging, "churn": bench_churn, "debug": bench_debug, "virtio": _bench_virtio,
+           "nested": lambda: __import__("tools.bench_nested", fromlist=["bench_nested"]).bench_nested()}
 
 
 def main(names, as_json: bool = False) -> int:

@@ -48,6 +48,7 @@ from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome
+from .vmx import load_paging_state
 
 #: layout of a VMCS region in guest memory (see the module docstring)
 _OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
@@ -79,6 +80,7 @@ class NestedVmx:
         self.vmcs = None                       # the current VMCS (cached while current)
         self.l2 = None                         # the VmxGuest while L2 runs
         self._l1_traps = None
+        self._guest = None                     # the VmxGuest over the current VMCS (reused)
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
 
     @property
@@ -184,7 +186,7 @@ class NestedVmx:
             match name:
                 case "vmxoff":
                     self._write_back()
-                    self.vmxon = self.current = self.vmcs = None
+                    self.vmxon = self.current = self.vmcs = self._guest = None
                     return self._succeed(ex)
                 case "vmclear":
                     return self._vmclear(ex)
@@ -321,8 +323,12 @@ class NestedVmx:
         if not resume and launched:
             return self._fail(ex, E.VMLAUNCH_NONCLEAR_VMCS)
         self._l1_traps = vm.vcpu.trap_kinds
-        g = VmxGuest(vm, self.caps, self.vmcs)
-        g.default_handler = self._reflect
+        g = self._guest
+        if g is None or g._vmcs is not self.vmcs:
+            # One VmxGuest per current VMCS: what it learnt (the entry checks
+            # passed, the trap sites armed) carries over to the next VMRESUME.
+            g = self._guest = VmxGuest(vm, self.caps, self.vmcs)
+            g.default_handler = self._reflect
         try:
             failed = g.enter()
         except VmEntryFailed as exc:
@@ -355,6 +361,11 @@ class NestedVmx:
         vm.vcpu.fastpath = None
         self.l2 = None
         self._load_host_state(vmcs)
+        # The vCPU holds L1 now: the next entry loads the guest state in full
+        # and re-arms the trap sites.
+        g = ex.guest
+        g._saved = None
+        g._armed_for = None
         ex.action = REFLECT
 
     def _load_host_state(self, v) -> None:
@@ -374,12 +385,7 @@ class NestedVmx:
             efer = cpu.regs.efer & ~(x86.EFER_LMA | x86.EFER_LME)
             if host64:
                 efer |= x86.EFER_LME
-        if cpu.regs.cr0 & x86.CR0_PG:
-            cpu.write_cr(0, cpu.regs.cr0 & ~x86.CR0_PG)
-        cpu.write_efer(efer & ~x86.EFER_LMA)
-        cpu.write_cr(4, v.read(F.HOST_CR4))
-        cpu.write_cr(3, v.read(F.HOST_CR3))
-        cpu.write_cr(0, v.read(F.HOST_CR0))
+        load_paging_state(cpu, v.read(F.HOST_CR0), v.read(F.HOST_CR3), v.read(F.HOST_CR4), efer)
         code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G
         code |= x86.DESC_L if host64 else x86.DESC_B
         data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B

@@ -49,6 +49,22 @@ from .vmx_intercept import _ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _SP, RESUME,
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
 
+def load_paging_state(cpu, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+    """Put CR0/CR3/CR4/EFER into the vCPU as a VM entry or exit does, in the
+    order a CPU entering a mode would (paging off, EFER, CR4, CR3, CR0).  When
+    all four already hold those values (L1 and L2 on one address space) nothing
+    is written: the cached translations depend on nothing else."""
+    r = cpu.regs
+    if (r.cr0, r.cr3, r.cr4, r.efer & ~x86.EFER_LMA) == (cr0, cr3, cr4, efer & ~x86.EFER_LMA):
+        return
+    if r.cr0 & x86.CR0_PG:
+        cpu.write_cr(0, r.cr0 & ~x86.CR0_PG)
+    cpu.write_efer(efer & ~x86.EFER_LMA)
+    cpu.write_cr(4, cr4)
+    cpu.write_cr(3, cr3)
+    cpu.write_cr(0, cr0)
+
+
 def ar_to_flags(ar: int) -> int:
     """VMX access rights (SDM Vol. 3C Table 25-2) -> QEMU SegmentCache.flags."""
     if ar & (1 << 16):                     # unusable
@@ -325,13 +341,8 @@ class VmxGuest(NonRootIntercepts):
         v, cpu = self.vmcs, self.cpu
         v.materialize()
         cpu.refresh()
-        # Order as a CPU entering a mode would: paging off, EFER, CR4, CR3, CR0.
-        if cpu.regs.cr0 & x86.CR0_PG:
-            cpu.write_cr(0, cpu.regs.cr0 & ~x86.CR0_PG)
-        cpu.write_efer(v.read(F.GUEST_IA32_EFER) & ~x86.EFER_LMA)
-        cpu.write_cr(4, v.read(F.GUEST_CR4))
-        cpu.write_cr(3, v.read(F.GUEST_CR3))
-        cpu.write_cr(0, v.read(F.GUEST_CR0))
+        load_paging_state(cpu, v.read(F.GUEST_CR0), v.read(F.GUEST_CR3), v.read(F.GUEST_CR4),
+                          v.read(F.GUEST_IA32_EFER))
         segs = {}
         for i, idx in enumerate(_SEG_ORDER):
             segs[idx] = (v.read(F.GUEST_ES_SELECTOR + 2 * i), v.read(F.GUEST_ES_BASE + 2 * i),
@@ -398,6 +409,23 @@ class VmxGuest(NonRootIntercepts):
         """VMLAUNCH semantics: checks (VMfailValid raises VmEntryFailed), then load."""
         self._enter()
 
+    def _rip_only_valid(self) -> bool:
+        """Since the last entry that passed the checks, the VMM wrote nothing
+        but GUEST_RIP/GUEST_RSP (a hypervisor advancing past an instruction):
+        the only checks those fields have (SDM Vol. 3C 27.3.1.4: RIP bits 63:32
+        zero unless IA-32e mode guest with CS.L, then canonical; RSP none) are
+        made here instead of all of ch. 27."""
+        dirty = self._vmcs.dirty
+        if not self._checked or not dirty or not dirty <= _RIP_RSP:
+            return False
+        vals = self._vmcs._values
+        rip = vals.get(_E_RIP, 0)
+        long_cs = vals.get(_E_ENTRY_CTLS, 0) & (1 << 9) and vals.get(_E_CS_AR, 0) & (1 << 13)
+        if not long_cs:
+            return rip >> 32 == 0
+        top = rip >> (self.caps.linear_address_width - 1)
+        return top in (0, (1 << (65 - self.caps.linear_address_width)) - 1)
+
     def _needs_checks(self) -> bool:
         """Rerun the ch. 27 checks unless nothing but exit information was
         written (VMWRITE) since the last entry that passed them.  State the CPU
@@ -425,7 +453,7 @@ class VmxGuest(NonRootIntercepts):
             if self._preempt_deadline is not None or self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER:
                 self._arm_preemption_timer()
             return None
-        if not self._needs_checks():
+        if not self._needs_checks() or self._rip_only_valid():
             result = EntryOk()
         else:
             result = check_vm_entry(self.vmcs, self.caps)
@@ -668,6 +696,8 @@ _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUES
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
 _E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
+_E_ENTRY_CTLS, _E_CS_AR = int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_ACCESS_RIGHTS)
+_RIP_RSP = frozenset({_E_RIP, _E_RSP})
 _X_REASON, _X_QUAL, _X_INTR_INFO, _X_IDT_INFO = (int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION),
                                                  int(F.VM_EXIT_INTR_INFO), int(F.IDT_VECTORING_INFO))
 _X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LEN), int(F.VM_EXIT_INSTRUCTION_INFO),

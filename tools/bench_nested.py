@@ -1,0 +1,52 @@
+"""``vmlab bench nested``: an L2 CPUID loop handled by a guest hypervisor (L1)
+on vmlab's guest-visible VMX (guests/nested_vmx.c built with -DBENCH_LOOPS).
+
+  l2_cpuid_us   wall time per L2 CPUID exit handled by L1 (three VMREADs, a
+                VMWRITE and a VMRESUME of L1's own, each trapped and executed
+                by vmm/nested.py), over the difference between two loop counts
+                (the guest's setup cancels out)
+  reflected     VM exits reflected to L1 in the longer run (a check that the
+                loop ran)
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CFLAGS = ["-m64", "-O1", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-mno-red-zone",
+          "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wl,-Ttext=0x200000", "-e", "_start"]
+
+
+def _build(loops: int, out: pathlib.Path) -> pathlib.Path:
+    subprocess.run(["gcc", *CFLAGS, f"-DBENCH_LOOPS={loops}", "-o", str(out), str(ROOT / "guests" / "nested_vmx.c")],
+                   check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _run(image: pathlib.Path) -> tuple[float, int]:
+    from emu.loaders import load
+    from vmm.vm import Vm
+    with Vm(64 << 20, serial=None) as vm:
+        nested = vm.enable_nested_vmx()
+        vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))
+        t = time.perf_counter()
+        res = vm.run(max_insns=2_000_000_000)
+        dt = time.perf_counter() - t
+        if res.reason != "debug-exit" or res.status != 1:
+            raise RuntimeError(f"nested bench guest failed: {res}\n{vm.serial_output.decode(errors='replace')}")
+        return dt, nested.reflected
+
+
+def bench_nested(short: int = 50, long: int = 550) -> dict:
+    if shutil.which("gcc") is None:
+        return {"skipped": "gcc is not installed"}
+    with tempfile.TemporaryDirectory() as d:
+        a = _build(short, pathlib.Path(d) / "short.elf")
+        b = _build(long, pathlib.Path(d) / "long.elf")
+        t_short, _ = _run(a)
+        t_long, reflected = _run(b)
+    return {"l2_cpuid_us": round((t_long - t_short) / (long - short) * 1e6, 1), "reflected": reflected}
