@@ -22,6 +22,10 @@ SYSCALL, NX, PDPE1GB, RDTSCP, LM = 11, 20, 26, 27, 29
 LAHF_LM = 0
 
 
+#: the TSC's rate: virtual time counts 1 ns per instruction (vmm/vm.py)
+TSC_HZ = 1_000_000_000
+
+
 def _bits(*ns: int) -> int:
     out = 0
     for n in ns:
@@ -47,6 +51,8 @@ class CpuidModel:
     smep: bool = True
     smap: bool = True
     has_pdpe1gb: bool = True
+    #: CPUID.(EAX=7,ECX=0):EDX[29] and the IA32_ARCH_CAPABILITIES MSR (emu/msr.py)
+    arch_capabilities: bool = True
     #: CPUID.1:EDX.APIC[9]: 0 while IA32_APIC_BASE.EN = 0 (SDM Vol. 3A 11.4.3)
     apic: bool = True
     overrides: dict = field(default_factory=dict)
@@ -56,7 +62,7 @@ class CpuidModel:
     #: (emu.cpuprobe.failing_features: probed once per process and model)
     probe: bool = True
 
-    max_basic: int = 7
+    max_basic: int = 0x16
     max_ext: int = 0x80000008
 
     def leaf1(self) -> tuple[int, int, int, int]:
@@ -99,7 +105,17 @@ class CpuidModel:
             (4, 0): (0, 0, 0, 0),
             (5, None): (0, 0, 0, 0),
             (6, None): (0, 0, 0, 0),
-            (7, 0): (0, leaf7_ebx, 0, 0),
+            # EDX[29]: IA32_ARCH_CAPABILITIES exists (emu/msr.py): it says the CPU
+            # is not affected by the speculative-execution bugs Linux otherwise
+            # patches around (the ITS return thunks, MDS buffer clearing...).
+            (7, 0): (0, leaf7_ebx, 0, 1 << 29 if self.arch_capabilities else 0),
+            # Time Stamp Counter and Nominal Core Crystal Clock (SDM Vol. 2A CPUID
+            # leaf 15H): TSC = crystal * EBX / EAX = 1 GHz, the rate of virtual
+            # time (1 instruction = 1 ns); Linux then needs no PIT calibration
+            # and takes the LAPIC timer rate (also 1 GHz) from ECX.
+            (0x15, None): (1, 1, TSC_HZ, 0),
+            # Processor Frequency Information (leaf 16H): base/max/bus in MHz.
+            (0x16, None): (TSC_HZ // 10**6, TSC_HZ // 10**6, TSC_HZ // 10**6, 0),
             (0x80000000, None): (self.max_ext, 0, 0, 0),
             (0x80000001, None): (0, 0, _bits(LAHF_LM), ext1_edx),
             (0x80000002, None): _regs_of_string(brand[0:16]),

@@ -106,6 +106,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("smep", 7, 0, "ebx", 7, None, _TWIN + "test_walk_smep_supervisor_fetch_from_user_page_faults_with_p_id"),
     Feature("smap", 7, 0, "ebx", 20, ".byte 0x0f, 0x01, 0xcb; .byte 0x0f, 0x01, 0xca",     # STAC; CLAC
             _TWIN + "test_walk_smap_with_ac_allows_explicit_supervisor_access"),
+    Feature("arch_capabilities", 7, 0, "edx", 29, None,
+            "tests/unit/test_cpu_linux.py::test_arch_capabilities_msr_reports_the_not_affected_bits"),
     # CPUID.80000001H:ECX / EDX
     Feature("lahf_lm", 0x80000001, 0, "ecx", 0, "xor eax, eax; stc; lahf; shr eax, 8; and eax, 1; sahf",
             _MODEL + "test_cpu_model_advertised_feature_runs_without_ud", 1),

@@ -17,6 +17,13 @@ IA32_APIC_BASE = 0x1B
 IA32_FEATURE_CONTROL = 0x3A
 IA32_BIOS_SIGN_ID = 0x8B
 IA32_MTRRCAP = 0xFE
+IA32_ARCH_CAPABILITIES = 0x10A
+#: IA32_ARCH_CAPABILITIES (SDM Vol. 4 Table 2-2): the "not affected" bits of
+#: an emulated CPU that has none of the speculative-execution flaws: RDCL_NO
+#: (0), SKIP_L1DFL_VMENTRY (3), SSB_NO (4), MDS_NO (5), PSCHANGE_MC_NO (6),
+#: TAA_NO (8), SBDR_SSDP_NO (13), FBSDP_NO (14), PSDP_NO (15), BHI_NO (20),
+#: PBRSB_NO (24), GDS_NO (26), RFDS_NO (27), ITS_NO (62).
+ARCH_CAPABILITIES_VALUE = sum(1 << b for b in (0, 3, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
 IA32_SYSENTER_CS, IA32_SYSENTER_ESP, IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
 IA32_MCG_CAP, IA32_MCG_STATUS = 0x179, 0x17A
 IA32_MISC_ENABLE = 0x1A0
@@ -83,6 +90,8 @@ class MsrModel:
         #: MSRs with fixed values that WRMSR refuses (#GP), e.g. the VMX
         #: capability MSRs when VMX is advertised (SDM Vol. 3C Appendix A)
         self.read_only: dict[int, int] = {}
+        if getattr(cpuid, "arch_capabilities", False):
+            self.read_only[IA32_ARCH_CAPABILITIES] = ARCH_CAPABILITIES_VALUE
 
     def known(self, msr: int) -> bool:
         return msr in self.read_only or msr in self.store or msr in _FORWARDED or msr in (

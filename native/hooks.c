@@ -833,6 +833,20 @@ static int rescan_written(vmlab_vcpu *v, struct priv *p, uint64_t addr, uint32_t
     uint64_t added[64];
     int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
     for (uint32_t i = 0; i < p->nrescan; i++) {
+        /* The page was written through rescan[i].vpage, which need not be a
+         * linear address code runs from: Linux's text_poke() writes kernel
+         * text through a second, non-executable (XD) mapping.  Trap sites
+         * belong to the linear pages code is fetched from; those come back
+         * through the fetch fill after the TLB flush below and are rescanned
+         * there (the page generation changed).  Scanning a non-executable
+         * alias would also make Unicorn's TB removal translate it as a fetch
+         * (get_page_addr_code), which the fill refuses: a bogus #PF with a
+         * fetch error code.  So only executable linear pages are scanned here;
+         * the walk sets no A/D bits. */
+        vmlab_walk xw;
+        uint32_t xacc = VMLAB_ACC_FETCH | (current_cpl(v, p) == 3 ? VMLAB_ACC_USER : 0);
+        if ((v->cr0 & (1ull << 31)) && vmlab_walk_do(v, p->rescan[i].vpage, xacc, 0, &xw) != VMLAB_OK)
+            continue;
         int n = scan_exec_page(v, p, p->rescan[i].vpage, p->rescan[i].ppage, mode64, added, 64);
         for (int k = 0; k < n; k++) {
             api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), added[k], added[k] + 1);

@@ -379,7 +379,8 @@ def _bench_virtio() -> dict:
 
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
            "paging": bench_paging, "churn": bench_churn, "debug": bench_debug, "virtio": _bench_virtio,
-           "nested": lambda: __import__("tools.bench_nested", fromlist=["bench_nested"]).bench_nested()}
+           "nested": lambda: __import__("tools.bench_nested", fromlist=["bench_nested"]).bench_nested(),
+           "linux": lambda: __import__("tools.bench_linux", fromlist=["bench_linux"]).bench_linux()}
 
 
 def main(names, as_json: bool = False) -> int:

@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="boot a kernel", description="Boot a kernel image and run it.")
     r.add_argument("kernel", help="kernel image, or a guest source (.asm) that is assembled first")
-    r.add_argument("--format", default="auto", choices=["auto", "bootsector", "flat", "multiboot", "elf64"])
+    r.add_argument("--format", default="auto", choices=["auto", "bootsector", "flat", "multiboot", "elf64", "bzimage", "pvh"])
     r.add_argument("-m", "--memory", default="64M", help="guest RAM (number = MiB; K/M/G suffix), default 64M")
     r.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
     r.add_argument("--append", default="", help="kernel command line (Multiboot, fw_cfg)")

@@ -38,10 +38,13 @@ def attach(vm, device, name: str | None = None) -> MmioTransport:
     if k >= len(IRQS):
         raise SlotError(f"at most {len(IRQS)} virtio devices (one free 8259 input each)")
     base, irq = slot_address(k), IRQS[k]
-    t = MmioTransport(device, vm.mem, line_to(vm.pic, irq, f"virtio{k}"))
+    t = MmioTransport(device, vm.mem, line_to(vm.isa_irqs, irq, f"virtio{k}"))
     t.base, t.irq_number = base, irq
     vm.mmio.register(base, MMIO_SLOT, t, name or f"virtio-mmio{k}")
     slots.append(t)
+    image = getattr(vm, "image", None)
+    if image is not None and image.firmware:
+        vm.install_firmware_tables()    # the DSDT lists the virtio slots (devices/acpi.py)
     backend = getattr(device, "backend", None)
     if getattr(backend, "needs_poll", False):
         def poll(deadline: int) -> None:

@@ -24,6 +24,9 @@ from devices.irq import line_to
 from devices.lapic import APIC_LVT_LINT0, APIC_LVT_LINT1, DM_EXTINT, DM_NMI, LVT_DELIVERY_MODE_SHIFT, LocalApic
 from devices.pic8259 import Pic8259Pair
 from devices.pit8254 import Pit8254
+from devices.acpi import SLEEP_CONTROL_PORT, SleepControl
+from devices.ioapic import IOAPIC_BASE, IoApic, IsaIrqRouter
+from devices.rtc import RTC_PORT, CmosRtc
 from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 from emu import sensitive, x86
 from emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
@@ -106,20 +109,31 @@ class Vm:
 
         self.pic = Pic8259Pair()
         self.pic.attach(self.pio)
-        self.pit = Pit8254(self.clock, self.timers, line_to(self.pic, 0))
+        # ISA interrupt lines reach both the 8259 pair and the I/O APIC
+        # (devices/ioapic.py; IRQ 0 -> pin 2, as the MADT says).
+        self.ioapic = IoApic(_weak(self._on_ioapic_message))
+        self.mmio.register(IOAPIC_BASE, 0x1000, self.ioapic, "ioapic")
+        self.isa_irqs = IsaIrqRouter(self.pic, self.ioapic)
+        self.pit = Pit8254(self.clock, self.timers, line_to(self.isa_irqs, 0))
         self.pit.attach(self.pio)
-        self.uart = Uart16550(_weak(self._on_serial), line_to(self.pic, COM1_IRQ))
+        self.uart = Uart16550(_weak(self._on_serial), line_to(self.isa_irqs, COM1_IRQ))
         self.pio.register(COM1_PORT, 8, self.uart, "uart0")
         self.debug_exit = DebugExit(_weak(self._on_debug_exit))
         self.pio.register(DEBUG_EXIT_PORT, 4, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(ram_size, cmdline)
         self.pio.register(FW_CFG_PORT, 2, self.fw_cfg, "fw_cfg")
+        # CMOS RTC/NVRAM on virtual time (devices/rtc.py) and the ACPI sleep
+        # control register Linux powers off through (devices/acpi.py).
+        self.rtc = CmosRtc(_weak(self.now_ns))
+        self.pio.register(RTC_PORT, 2, self.rtc, "rtc")
+        self.pio.register(SLEEP_CONTROL_PORT, 2, SleepControl(_weak(self._on_poweroff)), "acpi-sleep")
         self.nmi_pending = False
         #: run the next slice as one instruction (the IRET that unblocks NMIs)
         self.step_next = False
         self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
         self.init_pending = False
-        self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init))
+        self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init),
+                               eoi_broadcast=_weak(self._on_lapic_eoi))
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
         # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
@@ -201,10 +215,14 @@ class Vm:
         if image.mode == "real":
             cpu.enter_real(0, image.entry)
         elif image.mode == "protected32":
-            # The loader's GDT (emu.loaders.x86) has 32-bit code at 0x18, data at 0x10.
-            cpu.enter_protected32(image.entry, cs=0x18 if image.gdt is not None else 0x08)
+            # The loader's GDT (emu.loaders.x86) has 32-bit code at 0x18, data at 0x10;
+            # a boot protocol may name its own (Linux: __BOOT_CS 0x10, __BOOT_DS 0x18).
+            cs, ds = image.selectors or (0x18 if image.gdt is not None else 0x08, 0x10)
+            cpu.enter_protected32(image.entry, cs=cs, ds=ds)
         elif image.mode == "long64":
             cpu.enter_long64(image.entry, image.cr3, image.gdt)
+            if image.selectors is not None:
+                self._reload_selectors(*image.selectors)
         else:
             raise UnsupportedError(f"unknown entry mode {image.mode!r}")
         if image.gdt is not None:
@@ -219,7 +237,30 @@ class Vm:
             else:
                 cpu.set_reg(n, value)
         cpu.flush()
+        if image.firmware:
+            self.install_firmware_tables()
         self.image = image
+
+    def _reload_selectors(self, cs: int, ds: int) -> None:
+        """The same flat 64-bit code and data segments under other selectors."""
+        r = self.vcpu.regs
+        segs = {x86.R_CS: (cs,) + tuple(getattr(r.seg[x86.R_CS], f) for f in ("base", "limit", "flags"))}
+        for i in (0, 2, 3, 4, 5):
+            segs[i] = (ds,) + tuple(getattr(r.seg[i], f) for f in ("base", "limit", "flags"))
+        self.vcpu.load_segments(segs)
+
+    def install_firmware_tables(self) -> None:
+        """Write the ACPI tables (devices.acpi) describing this machine into the
+        BIOS area, where the loader told the kernel the RSDP is."""
+        from devices.acpi import build_tables
+        from emu.loaders.linux import ACPI_AREA
+        from vmm.virtio_slots import transports
+        virtio = [(t.base, t.irq_number) for t in transports(self)]
+        blob = build_tables(ACPI_AREA[0], virtio=virtio)
+        if len(blob) > ACPI_AREA[1] - ACPI_AREA[0]:
+            raise ConfigError("ACPI tables do not fit the BIOS area")
+        if ACPI_AREA[1] <= self.mem.size:
+            self.mem.write(ACPI_AREA[0], blob)
 
     # ------------------------------------------------------------------ devices
     def _on_serial(self, data: bytes) -> None:
@@ -230,6 +271,27 @@ class Vm:
     def _on_debug_exit(self, status: int) -> None:
         self.pending_stop = Stop(StopReason.DEBUG_EXIT, f"guest wrote to the debug-exit port (status {status})",
                                  status)
+
+    def _on_poweroff(self, why: str) -> None:
+        self.pending_stop = Stop(StopReason.HALTED, f"the guest powered the machine off: {why}")
+
+    def _on_ioapic_message(self, dest: int, logical: bool, mode: int, vector: int, level: bool) -> None:
+        """An I/O APIC interrupt message to the one local APIC: fixed and
+        lowest-priority (SDM Vol. 3A 11.6.2) to its IRR when it is a
+        destination (dest 0xFF: broadcast), NMI and INIT to the CPU; SMI and
+        ExtINT (the 8259 path) are not delivered here."""
+        lapic = self.lapic
+        if not lapic.hw_enabled or not (dest == 0xFF or lapic._is_destination(dest, logical)):
+            return
+        if mode in (0, 1):
+            lapic.deliver(vector, level)
+        elif mode == 4:
+            self._on_nmi()
+        elif mode == 5:
+            self._on_init()
+
+    def _on_lapic_eoi(self, vector: int) -> None:
+        self.ioapic.eoi(vector)
 
     def _on_nmi(self) -> None:
         self.nmi_pending = True

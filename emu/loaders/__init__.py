@@ -28,6 +28,7 @@ from emu.loaders.errors import LoaderConfigError, LoaderError, LoaderFileError, 
 from emu.loaders.flat import load_flat
 from emu.loaders.image import FORMATS, MODES, BootImage
 from emu.loaders.layout import MiB, fmt_size
+from emu.loaders.linux import load_bzimage, load_pvh, pvh_entry
 from emu.loaders.multiboot import find_header, load_multiboot
 
 __all__ = [
@@ -84,13 +85,16 @@ def detect_format(data: bytes) -> str:
     * a non-ELF file with a valid Multiboot header whose flags have bit 16
       (a.out kludge) -> ``multiboot``; with bit 16 clear it cannot be loaded
       as Multiboot and is refused (``fmt="flat"`` loads it as raw bytes).
+    * an ELF64 with a PVH entry note (Xen note type 18) -> ``pvh`` (Linux's
+      vmlinux; :mod:`emu.loaders.linux`).
+    * a Linux bzImage ("HdrS" at 0x202) -> ``bzimage``.
     * exactly 512 bytes ending in 0x55 0xAA -> ``bootsector``.
     * anything else -> ``flat``.
     """
     if is_elf(data):
         check_ident(data)
         if elf_class(data) == 64:
-            return "elf64"
+            return "pvh" if pvh_entry(data) is not None else "elf64"
         hdr, reason = find_header(data)
         if hdr is None:
             raise LoaderFormatError(
@@ -104,6 +108,8 @@ def detect_format(data: bytes) -> str:
             f"file has a Multiboot header at offset {hdr.offset:#x} without address fields "
             f"(flags bit 16) and is not an ELF file; load it with the flat format if it is "
             f"raw code")
+    if data[0x202:0x206] == b"HdrS":         # Linux boot protocol setup header
+        return "bzimage"
     if has_boot_signature(data):
         return "bootsector"
     return "flat"
@@ -118,9 +124,11 @@ def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
             (``bytes``, ``bytearray``, ``memoryview``).
         fmt: ``"auto"`` (see :func:`detect_format`) or one of :data:`FORMATS`.
         ram_size: guest RAM in bytes; everything loaded lies in [0, ram_size).
-        cmdline: kernel command line (multiboot and elf64 only).  The kernel
-            sees "<path> <cmdline>" ("vmlab <cmdline>" for bytes), like QEMU.
-        modules: ``(bytes, cmdline)`` pairs (multiboot and elf64 only).
+        cmdline: kernel command line (multiboot, elf64, bzimage, pvh).  A
+            Multiboot or ELF64 kernel sees "<path> <cmdline>" ("vmlab
+            <cmdline>" for bytes), like QEMU; Linux sees it as given.
+        modules: ``(bytes, cmdline)`` pairs (multiboot and elf64); for
+            bzimage and pvh at most one, the initrd.
         flat_addr, flat_mode: where and in which mode a flat image starts.
 
     Raises:
@@ -153,7 +161,9 @@ def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
         if cmdline or modules:
             raise LoaderConfigError(
                 f"a {fmt} image cannot receive a command line or modules; "
-                f"only multiboot and elf64 kernels can")
+                f"only multiboot, elf64 and Linux (bzimage, pvh) kernels can")
+    if fmt in ("bzimage", "pvh"):
+        return _load_linux(fmt, data, ram_size, cmdline, modules)
     if fmt == "multiboot":
         return load_multiboot(data, ram_size=ram_size, cmdline=cmdline, modules=modules,
                               name=name)
@@ -162,3 +172,25 @@ def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
     if fmt == "bootsector":
         return load_bootsector(data, ram_size=ram_size)
     return load_flat(data, ram_size=ram_size, addr=flat_addr, mode=flat_mode)
+
+
+def _load_linux(fmt: str, data: bytes, ram_size: int, cmdline: str, modules) -> BootImage:
+    """bzImage or PVH: the command line as given (Linux would take an image
+    path for a parameter), at most one module, the initrd (its own command
+    line, if any, is ignored: Linux has no place for it)."""
+    try:
+        mods = list(modules)
+    except TypeError as exc:
+        raise LoaderConfigError("modules must be a sequence of (bytes, cmdline) pairs") from exc
+    if len(mods) > 1:
+        raise LoaderConfigError(f"a Linux kernel takes one initrd, not {len(mods)} files")
+    initrd = None
+    if mods:
+        item = mods[0]
+        if not (isinstance(item, (tuple, list)) and len(item) == 2
+                and isinstance(item[0], (bytes, bytearray, memoryview))):
+            raise LoaderConfigError("module 0 is not a (bytes, cmdline) pair")
+        initrd = bytes(item[0])
+    if fmt == "bzimage":
+        return load_bzimage(data, ram_size=ram_size, cmdline=cmdline, initrd=initrd)
+    return load_pvh(data, ram_size=ram_size, cmdline=cmdline, initrd=initrd)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 __all__ = ["BootImage", "FORMATS", "MODES"]
 
 #: Image formats a loader can produce, in the order auto-detection tries them.
-FORMATS = ("multiboot", "elf64", "bootsector", "flat")
+FORMATS = ("multiboot", "elf64", "bzimage", "pvh", "bootsector", "flat")
 
 #: CPU modes at entry.
 MODES = ("real", "protected32", "long64")
@@ -22,7 +22,7 @@ class BootImage:
     """How to start a guest.
 
     Attributes:
-        format: ``"bootsector" | "flat" | "multiboot" | "elf64"``.
+        format: ``"bootsector" | "flat" | "multiboot" | "elf64" | "bzimage" | "pvh"``.
         mode: CPU mode at entry, ``"real" | "protected32" | "long64"``.
         entry: in real mode the linear address reached with CS:IP = 0:entry
             (so it is below 0x10000); otherwise EIP/RIP.
@@ -37,6 +37,11 @@ class BootImage:
         gdt: ``(base, limit)`` of the GDT the loader wrote, if any; its
             selectors are in :mod:`emu.loaders.x86` (0x08 64-bit code,
             0x10 flat data, 0x18 32-bit code).
+        selectors: ``(cs, ds)`` selectors in ``gdt`` the CPU enters with,
+            when the boot protocol names them (Linux: __BOOT_CS 0x10 and
+            __BOOT_DS 0x18); None for the machine's defaults.
+        firmware: the kernel expects firmware tables (ACPI) from the machine,
+            as Linux does on a machine without a BIOS.
         info: human-readable facts for ``-d`` logs (segments, modules, where
             the loader put its structures, warnings).
     """
@@ -49,4 +54,6 @@ class BootImage:
     zero: list[tuple[int, int]]
     cr3: int | None = None
     gdt: tuple[int, int] | None = None
+    selectors: tuple[int, int] | None = None
+    firmware: bool = False
     info: dict = field(default_factory=dict)

@@ -137,6 +137,20 @@ class GuestLayout:
                 addr = align_up(end, align)
         return addr if addr + size <= hi else None
 
+    def find_free_top(self, size: int, align: int, lo: int, hi: int) -> int | None:
+        """Highest ``align``-aligned address >= ``lo`` where ``size`` bytes fit
+        below ``min(hi, ram_size)``, clear of placed regions and avoided ranges
+        (where an initrd goes: as high as the kernel allows).  None when none."""
+        hi = min(hi, self.ram_size)
+        blockers = sorted([(r.start, r.end) for r in self._regions] + self._avoid, reverse=True)
+        addr = (hi - size) & ~(align - 1)
+        for start, end in blockers:        # by descending start: one pass
+            if addr < lo:
+                break
+            if start < addr + size and addr < end:
+                addr = (start - size) & ~(align - 1)
+        return addr if addr >= lo and addr + size <= hi else None
+
     def find_room(self, name: str, size: int, align: int, preferred: int,
                   low_end: int, high_limit: int) -> int:
         """Address for a loader structure of ``size`` bytes (not yet claimed).
