@@ -178,15 +178,22 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     insn = vcpu.fetch_insn()
     if insn is None:
         return InternalErrorExit(rip=r.rip, message="undecodable instruction accessing MMIO")
-    mem = [op for op in insn.operands if op.type == C.X86_OP_MEM]
-    if len(mem) != 1:
-        return InternalErrorExit(
-            rip=r.rip, message=f"unsupported instruction on MMIO at {ppage:#x}: {insn.mnemonic} {insn.op_str}")
+    from .strmmio import is_string
+    if is_string(insn):
+        # MOVS/CMPS (two memory operands), or any string instruction with REP.
+        return MmioExit(rip=r.rip, insn_len=insn.size, gpa=ppage, gla=vpage, is_write=bool(access & 2),
+                        insn=insn, string=True)
+    mem = [op for op in insn.operands if op.type == C.X86_OP_MEM
+           and insn.mnemonic not in ("lea", "nop") and not insn.mnemonic.startswith("prefetch")]
+    gla = mem_operand_address(vcpu, insn, mem[0]) if len(mem) == 1 else None
+    if gla is None or (gla & ~0xFFF) != (vpage & ~0xFFF) or (gla & 0xFFF) + mem[0].size > 4096:
+        # The access is not (only) the instruction's one memory operand: a
+        # descriptor-table read, a stack push, an operand straddling into the
+        # page.  Replayed with the page as open bus (all ones, writes dropped).
+        return MmioExit(rip=r.rip, insn_len=insn.size, gpa=ppage & ~0xFFF, gla=vpage & ~0xFFF,
+                        is_write=bool(access & 2), insn=insn, implicit=True)
     op = mem[0]
-    gla = mem_operand_address(vcpu, insn, op)
     gpa = ppage | (gla & 0xFFF)
-    if (gla & 0xFFF) + op.size > 4096:
-        return InternalErrorExit(rip=r.rip, message=f"MMIO access straddles a page at {gpa:#x}")
     simple = insn.mnemonic in ("mov", "movzx", "movsx", "movsxd", "movabs") and all(
         o.type != C.X86_OP_REG or o.reg in _reg_table() for o in insn.operands)
     if not simple:

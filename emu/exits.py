@@ -88,6 +88,13 @@ class MmioExit(Exit):
     #: operand and is completed by replaying it (Vcpu.replay_mmio)
     replay: bool = False
     needs_read: bool = False
+    #: a string instruction (MOVS/CMPS/STOS/LODS/SCAS, REP or not): completed
+    #: element by element by emu.strmmio.emulate_string
+    string: bool = False
+    #: no operand of the instruction is on the page (a descriptor-table read,
+    #: an implicit stack access): replayed with the page as open bus
+    #: (emu.strmmio.replay_open_bus); ``gla`` is then the page
+    implicit: bool = False
 
 
 @dataclass(slots=True)

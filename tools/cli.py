@@ -6,7 +6,8 @@ collide with a guest's isa-debug-exit status, which is always odd
 ((value << 1) | 1, QEMU's convention):
 
 ====  ==============================================================
- 0    the guest halted for good (HLT with nothing left to wake it)
+ 0    the user quit at the console (Ctrl-A x), or the guest reset the
+      machine under -no-reboot (as QEMU)
  odd  the guest wrote to the isa-debug-exit port (port 0xf4)
  2    bad command line (unknown option, bad -m size, unknown -d item)
  4    the kernel file (or a module) is missing or unreadable
@@ -15,17 +16,23 @@ collide with a guest's isa-debug-exit status, which is always odd
  10   the guest triple-faulted (the machine shut down)
  12   the instruction limit (--max-insns) was reached
  14   vmlab cannot continue (a feature it does not model, internal error)
+ 16   the guest halted with nothing left to wake it
  124  the --timeout expired (like timeout(1))
+ 130  interrupted (SIGINT, or Ctrl-C at a -serial stdio console)
 ====  ==============================================================
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 EXIT_HALTED, EXIT_USAGE, EXIT_FILE, EXIT_FORMAT, EXIT_CONFIG = 0, 2, 4, 6, 8
 EXIT_TRIPLE_FAULT, EXIT_LIMIT, EXIT_ERROR, EXIT_TIMEOUT = 10, 12, 14, 124
+EXIT_HALTED_FOREVER, EXIT_INTERRUPTED, EXIT_QUIT = 16, 130, 0
+#: reboots (the guest's resets without -no-reboot) before vmlab gives up
+MAX_REBOOTS = 1000
 
 
 class CliError(Exception):
@@ -37,20 +44,13 @@ class CliError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """QEMU-style -m: a number is MiB; suffixes K, M, G (binary)."""
-    t = text.strip().upper().removesuffix("B")
-    mult = 1 << 20
-    if t and t[-1] in "KMG":
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[t[-1]]
-        t = t[:-1]
+    """QEMU-style -m (tools.qemu_opts.parse_size), within what the machine takes."""
+    from emu.memory import MAX_RAM
+    from tools.qemu_opts import OptionError, parse_size as qsize
     try:
-        val = float(t)
-    except ValueError:
-        raise CliError(f"bad memory size {text!r} (use e.g. 64M or 1G)", EXIT_USAGE) from None
-    size = int(val * mult)
-    if size <= 0:
-        raise CliError(f"bad memory size {text!r}", EXIT_USAGE)
-    return size
+        return qsize(text, MAX_RAM)
+    except OptionError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _int(text: str) -> int:
@@ -111,27 +111,58 @@ def cpu_help(default: str = "broadwell") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _say(line: str) -> None:
+    """One line on stderr, whatever it holds (a non-UTF-8 argument comes back
+    as surrogates) and whether or not stderr is still open."""
+    try:
+        sys.stderr.buffer.write(line.encode("utf-8", "backslashreplace") + b"\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, status 2
-        sys.stderr.write(f"vmlab: error: {message}\n")
+        _say(f"vmlab: error: {message.splitlines()[0] if message else 'bad command line'}")
         sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="vmlab", description="Run, step and test x86 guest code (see README.md).")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = _Parser(prog="vmlab", description="Run, step and test x86 guest code (see README.md).",
+                allow_abbrev=False)
+    p.add_argument("--version", action="store_true", help="print vmlab's version and exit")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
 
-    r = sub.add_parser("run", help="boot a kernel", description="Boot a kernel image and run it.")
-    r.add_argument("kernel", help="kernel image, or a guest source (.asm) that is assembled first")
+    r = sub.add_parser("run", help="boot a kernel", description="Boot a kernel image and run it. "
+                       "QEMU's spellings work too: vmlab -kernel K -serial stdio -m 64M ... (see README.md).",
+                       allow_abbrev=False)
+    r.add_argument("kernel", nargs="?", default=None,
+                   help="kernel image, or a guest source (.asm) that is assembled first")
+    r.add_argument("-kernel", dest="kernel_opt", default=None, metavar="KERNEL", help="the kernel, as QEMU")
     r.add_argument("--format", default="auto", choices=["auto", "bootsector", "flat", "multiboot", "elf64", "bzimage", "pvh"])
-    r.add_argument("-m", "--memory", default="64M", help="guest RAM (number = MiB; K/M/G suffix), default 64M")
-    r.add_argument("--serial", default="stdio", help="stdio | file:PATH | none (default stdio)")
-    r.add_argument("--append", default="", help="kernel command line (Multiboot, fw_cfg)")
-    r.add_argument("--initrd", default="", help='Multiboot modules: "file arg,file2 arg2" (like QEMU)')
-    r.add_argument("--flat-addr", type=_int, default=0x7C00, help="load address of a flat binary (0x7c00)")
-    r.add_argument("--flat-mode", default="real", choices=["real", "protected32", "long64"])
-    r.add_argument("--max-insns", type=_int, default=None, help="stop after about N guest instructions")
-    r.add_argument("--timeout", type=float, default=None, help="stop after SECONDS of wall time")
+    r.add_argument("-m", "--memory", default="64M",
+                   help="guest RAM: N (MiB) or N with a B/K/M/G/T suffix, [size=]N[,...] as QEMU; default 64M")
+    r.add_argument("--serial", "-serial", dest="serial", action="append", default=[],
+                   help="stdio | mon:stdio | file:PATH | none (default stdio)")
+    r.add_argument("-nographic", action="store_true", help="as QEMU: the serial port on stdio (mon:stdio)")
+    r.add_argument("-no-reboot", dest="no_reboot", action="store_true",
+                   help="end the run (status 0) when the guest resets the machine, instead of rebooting")
+    r.add_argument("-no-shutdown", dest="no_shutdown", action="store_true", help="accepted for QEMU (no effect)")
+    for opt in ("-display", "-vga", "-monitor", "-parallel"):
+        r.add_argument(opt, dest="ignored_" + opt[1:], choices=["none"], default=None,
+                       help=f"accepted for QEMU: only {opt} none (vmlab has no display or monitor)")
+    r.add_argument("-nodefaults", action="store_true", help="accepted for QEMU (no effect)")
+    r.add_argument("-device", dest="devices", action="append", default=[], metavar="DEVICE,...",
+                   help="isa-debug-exit,iobase=N,iosize=N (moves the debug-exit port), or a virtio device")
+    r.add_argument("--append", "-append", dest="append", default="", help="kernel command line (Multiboot, fw_cfg)")
+    r.add_argument("--initrd", "-initrd", dest="initrd", default="",
+                   help='Multiboot modules: "file arg,file2 arg2" (like QEMU)')
+    r.add_argument("--flat-addr", type=_int, default=None, help="load address of a flat binary (0x7c00); "
+                   "implies --format flat")
+    r.add_argument("--flat-mode", default=None, choices=["real", "protected32", "long64"],
+                   help="entry mode of a flat binary (real); implies --format flat")
+    r.add_argument("--max-insns", default=None, help="stop after about N guest instructions")
+    r.add_argument("--timeout", default=None, help="stop after SECONDS of wall time (a host timer)")
     r.add_argument("--clock", choices=["virtual", "host"], default=None,
                    help="virtual: time is the instruction count, 1 instruction = 1 ns, deterministic "
                         "(default); host: time is the host's monotonic clock and no instruction is "
@@ -142,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cpu", "-cpu", dest="cpu", default="broadwell", action=_CpuAction, metavar="MODEL",
                    help="Unicorn CPU model the guest runs on (default broadwell); features whose "
                         "instructions fail on it are cleared from CPUID; 'help' lists models and features")
-    r.add_argument("-d", dest="log_items", default="", help="log items, comma-separated (-d help lists them)")
+    r.add_argument("-d", dest="log_items", action="append", default=[],
+                   help="log items, comma-separated, repeatable (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
     r.add_argument("-drive", dest="drives", action="append", default=[], metavar="file=PATH,if=virtio[,...]",
                    help="a virtio-blk disk: file=PATH,if=virtio[,format=raw][,readonly=on][,snapshot=on] "
@@ -171,17 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _serial_sink(spec: str):
-    if spec == "stdio":
+def _serial_sink(spec: str, append: bool = False):
+    if spec in ("stdio", "mon:stdio"):
+        from tools.qemu_opts import SafeStream
+        stream = SafeStream(sys.stdout.buffer)
+
         def sink(data: bytes) -> None:
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+            stream.write(data)
+        sink.stream = stream
         return sink, None
     if spec == "none":
         return None, None
     if spec.startswith("file:") and len(spec) > 5:
         try:
-            f = open(spec[5:], "wb")
+            f = open(spec[5:], "ab" if append else "wb")
         except OSError as exc:
             raise CliError(f"cannot open serial output {spec[5:]!r}: {exc.strerror}", EXIT_FILE) from None
 
@@ -208,10 +243,13 @@ def cmd_run(args) -> int:
     from emu.loaders.errors import LoaderConfigError, LoaderFileError
     from vmm.log import ITEMS, DebugLog, LogError
 
-    if args.log_items.strip() == "help":
+    from tools import qemu_opts
+    items = ",".join(args.log_items)
+    if "help" in (i.strip() for i in items.split(",")):
         for name, text in ITEMS.items():
-            print(f"{name:<8} {text}")
+            print(f"{name:<12} {text}")
         return 0
+    _check_run_args(args)
     ram = parse_size(args.memory)
     log_stream = None
     if args.log_file:
@@ -220,7 +258,7 @@ def cmd_run(args) -> int:
         except OSError as exc:
             raise CliError(f"cannot open log file {args.log_file!r}: {exc.strerror}", EXIT_FILE) from None
     try:
-        log = DebugLog.parse(args.log_items, log_stream)
+        log = DebugLog.parse(items, log_stream)
     except LogError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     from tools import virtio_opts
@@ -229,7 +267,7 @@ def cmd_run(args) -> int:
                                          args.objects)
     except virtio_opts.OptionError as exc:
         raise CliError(str(exc), exc.status) from None
-    sink, sink_file = _serial_sink(args.serial)
+    sink, sink_file = _serial_sink(args.serial, append=getattr(args, "boots", 0) > 0)
     kernel = args.kernel
     try:
         if kernel.endswith(".asm"):
@@ -282,45 +320,128 @@ def cmd_run(args) -> int:
             virtio_opts.attach(vm, virtio_specs)
         except virtio_opts.OptionError as exc:
             raise CliError(str(exc), exc.status) from None
-        _attach_stdin(vm, args.serial)
+        try:
+            qemu_opts.attach_debug_exits(vm, args.debug_exit_ports)
+        except qemu_opts.OptionError as exc:
+            raise CliError(str(exc), exc.status) from None
+        vm.warn = lambda text: _say(f"vmlab: warning: {text}")
+        console = _attach_stdin(vm, args)
         if args.cmd == "debug" or args.gdb is not None:
             from tools.debugcli import debug_session
             result = debug_session(vm, args, args.kernel)
             if isinstance(result, int):
                 return result
         else:
-            result = vm.run(max_insns=args.max_insns, timeout=args.timeout)
+            try:
+                result = _run_vm(vm, args)
+            finally:
+                if console is not None:
+                    console.close()
     except EmuError as exc:
         raise CliError(str(exc), EXIT_CONFIG if "RAM size" in str(exc) else EXIT_ERROR) from None
     finally:
         if sink_file:
             sink_file.close()
-    if result.reason == "debug-exit":
+    if sink is not None and getattr(sink, "stream", None) is not None and sink.stream.broken:
+        _say("vmlab: note: stdout was closed (broken pipe); the guest's later serial output was dropped")
+    return _status(result, args)
+
+
+def _status(result, args) -> int:
+    """The process status of a run's RunResult (README, Exit status), with the
+    one line that says why for vmlab's own statuses."""
+    reason = result.reason
+    if reason == "debug-exit":
         return result.status & 0xFF
-    if result.reason == "halted":
-        return EXIT_HALTED
+    if reason == "reset":
+        if args.no_reboot:
+            _say(f"vmlab: {result.message}; -no-reboot: exit")
+            return EXIT_QUIT
+        return REBOOT
+    if reason == "stopped" and result.message.startswith(("terminated", "interrupted")):
+        _say(f"vmlab: {result.message}")
+        return EXIT_QUIT if result.message.startswith("terminated") else EXIT_INTERRUPTED
+    if reason == "halted":
+        _say(f"vmlab: {result.message} (nothing can wake it: status {EXIT_HALTED_FOREVER})")
+        return EXIT_HALTED_FOREVER
     msg = {"shutdown": EXIT_TRIPLE_FAULT, "limit": EXIT_LIMIT, "timeout": EXIT_TIMEOUT}
-    status = msg.get(result.reason, EXIT_ERROR)
-    sys.stderr.write(f"vmlab: {result.message}\n")
+    status = msg.get(reason, EXIT_ERROR)
+    _say(f"vmlab: {result.message}")
     return status
 
 
-def _attach_stdin(vm, serial: str) -> None:
-    """Feed host stdin to the UART when it is an interactive terminal."""
-    if serial != "stdio" or not sys.stdin.isatty():
-        return
-    import threading
+#: cmd_run's answer when the guest reset the machine without -no-reboot
+REBOOT = object()
 
-    def reader():
-        while True:
+
+def _run_vm(vm, args):
+    """vm.run with what is left of --max-insns and --timeout across reboots."""
+    import time
+    timeout = None
+    if args.timeout is not None:
+        timeout = max(0.0, args.deadline - time.monotonic())
+    res = vm.run(max_insns=args.insns_left, timeout=timeout)
+    if args.insns_left is not None:
+        args.insns_left = max(1, args.insns_left - res.icount)
+    return res
+
+
+def _check_run_args(args) -> None:
+    """Turn the QEMU spellings into vmlab's and validate what argparse cannot
+    (one line, status 2 on error)."""
+    import time
+    from tools import qemu_opts
+    if getattr(args, "checked", False):      # a reboot runs cmd_run again
+        return
+    args.checked = True
+    try:
+        if args.kernel_opt is not None:
+            if args.kernel is not None and args.kernel != args.kernel_opt:
+                raise qemu_opts.OptionError(f"two kernels given: {args.kernel!r} and -kernel {args.kernel_opt!r}")
+            args.kernel = args.kernel_opt
+        if args.kernel is None:
+            raise qemu_opts.OptionError("no kernel given (vmlab run KERNEL, or -kernel KERNEL)")
+        for text in (args.kernel, args.append, args.initrd):
             try:
-                data = os.read(0, 256)
-            except OSError:
-                return
-            if not data:
-                return
-            vm.post_input(data)
-    threading.Thread(target=reader, daemon=True).start()
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise qemu_opts.OptionError(f"argument {text.encode('utf-8', 'backslashreplace').decode()!r} "
+                                            f"is not valid UTF-8") from None
+        args.serial = qemu_opts.parse_serial(args.serial, args.nographic)
+        if not isinstance(args.timeout, (float, type(None))):
+            args.timeout = qemu_opts.parse_positive("--timeout", args.timeout)
+        if not isinstance(args.max_insns, (int, type(None))):
+            args.max_insns = qemu_opts.parse_positive("--max-insns", args.max_insns, integer=True)
+        args.debug_exit_ports, args.other_devices = qemu_opts.split_devices(args.devices)
+        rest = args.other_devices
+        from tools import virtio_opts
+        if rest and not hasattr(virtio_opts, "parse_device"):   # virtio -device specs are virtio_opts
+            raise qemu_opts.OptionError(f"-device {rest[0]!r}: unknown device "
+                                        f"(vmlab has isa-debug-exit and the virtio devices)")
+    except qemu_opts.OptionError as exc:
+        raise CliError(str(exc), exc.status) from None
+    if not hasattr(args, "deadline"):
+        args.deadline = time.monotonic() + args.timeout if args.timeout is not None else None
+        args.insns_left = args.max_insns
+    if args.format == "auto" and (args.flat_addr is not None or args.flat_mode is not None):
+        args.format = "flat"
+
+
+def _attach_stdin(vm, args):
+    """The interactive console (tools.qemu_opts.Console) when stdin is a
+    terminal and the serial port is on stdio; returns it (or None)."""
+    if args.serial not in ("stdio", "mon:stdio") or args.cmd == "debug":
+        return None
+    try:
+        if not os.isatty(0):
+            return None
+    except OSError:
+        return None
+    from tools.qemu_opts import Console
+    try:
+        return Console(vm, 0, ctrl_c_to_guest=args.serial == "mon:stdio")
+    except OSError:
+        return None
 
 
 def cmd_bench(args) -> int:
@@ -328,19 +449,75 @@ def cmd_bench(args) -> int:
     return bench.main(args.names, as_json=args.json)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def version() -> str:
     try:
+        from importlib.metadata import version as v
+        return v("vmlab")
+    except Exception:           # not installed (run from a checkout)
+        return "unknown"
+
+
+def _unknown_option(parser, argv: list[str]) -> str | None:
+    """The first token that looks like an option but is none of ``run``'s
+    (QEMU-style single-dash words included), skipping option values.
+    argparse alone would read ``-smp`` as ``-s -m p`` or ``-machine`` as
+    ``-m achine``."""
+    if not argv or argv[0] not in ("run", "debug"):
+        return None
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+    opts = sub._option_string_actions
+    i = 1
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return None
+        name = tok.split("=", 1)[0] if tok.startswith("--") else tok
+        if name in opts:
+            action = opts[name]
+            i += 1 if action.nargs == 0 or "=" in tok else 2
+            continue
+        if tok.startswith("-") and len(tok) > 1 and not re.fullmatch(r"-[\d.]+", tok):
+            return tok
+        i += 1
+    return None
+
+
+def main(argv=None) -> int:
+    from tools.qemu_opts import normalize_argv, silence_broken_stdio
+    argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
+    if not argv:
+        parser.print_help()
+        return EXIT_USAGE
+    bad = _unknown_option(parser, argv)
+    if bad is not None:
+        _say(f"vmlab: error: unknown option {bad} (not supported by vmlab; see vmlab {argv[0]} --help)")
+        return EXIT_USAGE
+    try:
+        args = parser.parse_args(argv)
+        if args.version:
+            print(f"vmlab {version()}")
+            return 0
         if args.cmd in ("run", "debug"):
-            return cmd_run(args)
+            while True:
+                status = cmd_run(args)
+                if status is not REBOOT:
+                    return status
+                args.boots = getattr(args, "boots", 0) + 1
+                if args.boots > MAX_REBOOTS:
+                    _say(f"vmlab: the guest reset the machine {MAX_REBOOTS} times; giving up")
+                    return EXIT_ERROR
         if args.cmd == "bench":
             return cmd_bench(args)
+        parser.print_help()
     except CliError as exc:
-        sys.stderr.write(f"vmlab: error: {exc}\n")
+        _say(f"vmlab: error: {exc}")
         return exc.status
     except KeyboardInterrupt:
-        sys.stderr.write("vmlab: interrupted\n")
-        return 130
+        _say("vmlab: interrupted")
+        return EXIT_INTERRUPTED
+    finally:
+        silence_broken_stdio()
     return EXIT_USAGE
 
 

@@ -1,6 +1,7 @@
 """QEMU-style debug logging (``-d item,item -D file``).
 
-Items (see ``vmlab run -d help``): exits, int, cpu, unimp, io, mmio, in_asm, exec, tb.  Logging is
+Items (see ``vmlab run -d help``): exits, int, cpu, unimp, io, mmio, in_asm, exec, tb,
+guest_errors.  Logging is
 off by default and costs nothing then: callers test ``log.enabled(item)``
 before formatting anything.
 """
@@ -19,6 +20,8 @@ ITEMS = {
     "in_asm": "each new translation block's disassembly, once (like QEMU -d in_asm)",
     "exec": "each translation block executed (slow: logs every block)",
     "tb": "translation-block invalidations by stores to code (self-modifying code)",
+    "guest_errors": "what the guest got wrong: accesses to unbacked memory (open bus), BIOS calls "
+                    "without a BIOS (like QEMU -d guest_errors)",
 }
 
 
@@ -45,7 +48,15 @@ class DebugLog:
     def enabled(self, item: str) -> bool:
         return item in self.items
 
+    #: set when the stream broke (a closed pipe): logging stops, the run goes on
+    broken = False
+
     def __call__(self, item: str, text: str) -> None:
-        if item in self.items:
-            self.stream.write(text + "\n")
-            self.stream.flush()
+        if item in self.items and not self.broken:
+            try:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                # A closed stderr pipe (| head) must not change the guest's
+                # status: the log ends, the run does not.
+                self.broken = True

@@ -24,6 +24,7 @@ machine, without Unicorn (tests/unit/test_runloop.py).
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -54,6 +55,7 @@ class StopReason(StrEnum):
     TIMEOUT = "timeout"          # the wall-clock limit was reached
     ERROR = "error"              # vmlab cannot continue (unmodelled feature, internal error)
     STOPPED = "stopped"          # Vm.stop() was called
+    RESET = "reset"              # the guest asked for a reset (port 0x64 <- 0xFE, port 0xCF9 bit 2)
     VMEXIT = "vmexit"            # VMX: a VM exit with no handler, or a handler stopped
     # debugger stops (tools/debugger.py); the machine can always be resumed
     BREAKPOINT = "breakpoint"    # before an instruction with a breakpoint (exit: BreakpointExit)
@@ -288,6 +290,88 @@ def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
             return Stop(StopReason.ERROR, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
 
 
+# ---------------------------------------------------------------------- asynchronous requests
+# Another thread (the --timeout alarm, the console's input reader, a signal
+# handler) makes a running vCPU come back to the loop through the debugger's
+# block-boundary stop flag (emu.debugpoints.DebugPoints.request_stop): the C
+# block hook tests it before each translation block, so the engine stops
+# between instructions.  uc_emu_stop from another thread is not safe with
+# Unicorn 2.1.4 (its request is also honoured after a guest store, which is
+# then executed twice).  ``m.async_requests`` says why the flag was set; an
+# interrupt stop with no reason there is the debugger's own (Ctrl-C, gdb).
+
+def enable_async(m):
+    """The DebugPoints whose stop flag asynchronous requests use (created on
+    the calling thread, which must be the one that runs the vCPU)."""
+    cpu = m.vcpu
+    dp = getattr(cpu, "debug_points", None)
+    if dp is None:
+        from emu.debugpoints import DebugPoints
+        dp = DebugPoints(cpu)
+    if getattr(m, "async_requests", None) is None:
+        m.async_requests = set()
+        m.async_lock = threading.Lock()
+    m.async_points = dp
+    return dp
+
+
+def request_async(m, reason: str) -> None:
+    """Make the running vCPU return to the loop soon (any thread): ``reason``
+    is "timeout" (the run ends with TIMEOUT), "stop" (``m.pending_stop`` is
+    taken) or "input" (host input to feed).  Needs :func:`enable_async`."""
+    dp = getattr(m, "async_points", None)
+    if dp is None:
+        return
+    with m.async_lock:
+        m.async_requests.add(reason)
+        dp.request_stop()
+    waiter = getattr(m, "input_event", None)
+    if waiter is not None:
+        waiter.set()                    # a halted loop waiting for input wakes up
+
+
+def _take_async(m) -> set:
+    reqs = getattr(m, "async_requests", None)
+    if not reqs:
+        return set()
+    with m.async_lock:
+        out = set(reqs)
+        reqs.clear()
+        m.async_points.clear_stop()
+    return out
+
+
+class _Alarm:
+    """The --timeout: a host timer that stops the engine ``seconds`` from now
+    whatever the guest does (not a check between slices)."""
+
+    def __init__(self, m, seconds: float):
+        self.m = m
+        self.fired = False
+        enable_async(m)
+        self.timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        request_async(self.m, "timeout")
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+        self.timer.join()
+        reqs = getattr(self.m, "async_requests", None)
+        if self.fired and reqs is not None:
+            with self.m.async_lock:
+                reqs.discard("timeout")
+                if not reqs:
+                    self.m.async_points.clear_stop()
+
+
+def _timeout_stop(t0: float, timeout: float) -> Stop:
+    return Stop(StopReason.TIMEOUT, f"timeout after {time.monotonic() - t0:.2f} s (--timeout {timeout:g})")
+
+
 # ---------------------------------------------------------------------- the loop
 def run(m, max_insns: int | None = None, timeout: float | None = None, one_step: bool = False) -> RunResult:
     """Run the machine until the guest exits, halts for good, faults fatally, a
@@ -297,7 +381,21 @@ def run(m, max_insns: int | None = None, timeout: float | None = None, one_step:
     StopReason.STEP.  As with QEMU's gdbstub defaults (SSTEP_NOIRQ), no
     interrupt is taken before the instruction; an exception it raises is
     delivered (the step ends at the handler), and a HLT ends the step when the
-    CPU wakes up."""
+    CPU wakes up.
+
+    ``timeout`` (seconds of host time) is a host timer that stops the engine at
+    the next block boundary (:class:`_Alarm`), so it holds within a few
+    milliseconds whatever the guest runs."""
+    if timeout is not None and not one_step:
+        alarm = _Alarm(m, timeout)
+        try:
+            return _run(m, max_insns, timeout, one_step)
+        finally:
+            alarm.cancel()
+    return _run(m, max_insns, timeout, one_step)
+
+
+def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> RunResult:
     cpu = m.vcpu
     v = cpu.native
     m.pending_stop = None
@@ -347,20 +445,36 @@ def run(m, max_insns: int | None = None, timeout: float | None = None, one_step:
             nxt = _earliest(m.timers.next_deadline(), policy.deadline() if policy is not None else None)
             if idle_since is None:
                 idle_since = m.now_ns()
-            if nxt is None or m.now_ns() - idle_since > IDLE_LIMIT_NS:
-                return _result(m, Stop(StopReason.HALTED,
-                                       f"guest halted with no interrupt pending at rip={cpu.regs.rip:#x}"))
             if timeout is not None and time.monotonic() - t0 > timeout:
-                return _result(m, Stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s"))
+                return _result(m, _timeout_stop(t0, timeout))
+            waiter = getattr(m, "input_event", None)
+            if nxt is None or m.now_ns() - idle_since > IDLE_LIMIT_NS:
+                if waiter is None:
+                    return _result(m, Stop(StopReason.HALTED,
+                                           f"guest halted with no interrupt pending at rip={cpu.regs.rip:#x}"))
+                # An interactive console is attached: the guest waits for
+                # typed input (the UART interrupt), as long as it takes.
+                _take_async(m)
+                waiter.wait(0.2 if timeout is None else max(0.0, min(0.2, t0 + timeout - time.monotonic())))
+                waiter.clear()
+                idle_since = None
+                continue
             if m.wall_clock:
-                time.sleep(max(0, nxt - m.now_ns()) / 1e9)
+                pause = max(0, nxt - m.now_ns()) / 1e9
+                if timeout is not None:
+                    pause = min(pause, max(0.0, t0 + timeout - time.monotonic()))
+                if waiter is not None:
+                    waiter.wait(pause)
+                    waiter.clear()
+                else:
+                    time.sleep(pause)
             else:
                 v.icount = max(v.icount, nxt)
             continue
         if limit is not None and v.icount >= limit:
             return _result(m, Stop(StopReason.LIMIT, f"instruction limit reached ({max_insns})"))
         if timeout is not None and time.monotonic() - t0 > timeout:
-            return _result(m, Stop(StopReason.TIMEOUT, f"timeout after {timeout:g} s"))
+            return _result(m, _timeout_stop(t0, timeout))
         if m.wall_clock and cpu.clock != "host":
             deadline = v.icount + 1_000_000
         else:
@@ -390,6 +504,15 @@ def run(m, max_insns: int | None = None, timeout: float | None = None, one_step:
             log("exits", f"{v.icount}: {level}{type(ex).__name__} {describe(ex)}")
         if log_cpu:
             log("cpu", m.format_regs())
+        if type(ex) is DebugStopExit and ex.why != "mode":
+            reqs = _take_async(m)
+            if reqs:
+                # Our own asynchronous request, not the debugger's interrupt.
+                if "timeout" in reqs and timeout is not None:
+                    return _result(m, _timeout_stop(t0, timeout))
+                if m.pending_stop is not None:
+                    return _result(m, m.pending_stop)
+                continue
         try:
             out = handle_exit(m, ex)
         except Exception as exc:   # a bug in vmlab must not become a traceback for the user

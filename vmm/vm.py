@@ -27,6 +27,7 @@ from devices.pit8254 import Pit8254
 from devices.acpi import SLEEP_CONTROL_PORT, SleepControl
 from devices.ioapic import IOAPIC_BASE, IoApic, IsaIrqRouter
 from devices.rtc import RTC_PORT, CmosRtc
+from devices.reset import KBC_COMMAND_PORT, RESET_CONTROL_PORT, Kbc8042Reset, ResetControl
 from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 from emu import sensitive, x86
 from emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
@@ -127,6 +128,14 @@ class Vm:
         self.rtc = CmosRtc(_weak(self.now_ns))
         self.pio.register(RTC_PORT, 2, self.rtc, "rtc")
         self.pio.register(SLEEP_CONTROL_PORT, 2, SleepControl(_weak(self._on_poweroff)), "acpi-sleep")
+        # The reset paths (devices/reset.py): the run ends with StopReason.RESET
+        # and its owner (the CLI) reboots the machine or, under -no-reboot, exits.
+        self.pio.register(KBC_COMMAND_PORT, 1, Kbc8042Reset(_weak(self._on_reset)), "i8042-reset")
+        self.pio.register(RESET_CONTROL_PORT, 1, ResetControl(_weak(self._on_reset)), "reset-control")
+        #: warn(text): one-time notes about what the guest expected and vmlab
+        #: lacks (a BIOS call); None: only the -d unimp log
+        self.warn: Callable[[str], object] | None = None
+        self._warned: set = set()
         self.nmi_pending = False
         #: run the next slice as one instruction (the IRET that unblocks NMIs)
         self.step_next = False
@@ -272,6 +281,9 @@ class Vm:
         self.pending_stop = Stop(StopReason.DEBUG_EXIT, f"guest wrote to the debug-exit port (status {status})",
                                  status)
 
+    def _on_reset(self, why: str) -> None:
+        self.pending_stop = Stop(StopReason.RESET, f"the guest reset the machine: {why}")
+
     def _on_poweroff(self, why: str) -> None:
         self.pending_stop = Stop(StopReason.HALTED, f"the guest powered the machine off: {why}")
 
@@ -327,8 +339,19 @@ class Vm:
         self.host_input.append(bytes(data))
 
     def feed_input(self) -> None:
-        while self.host_input:
-            self.uart.feed(self.host_input.popleft())
+        """Move queued host input into the UART, no more than its receiver has
+        room for: the rest waits until the guest drains it (a terminal's typed
+        line must not overrun a 16-byte FIFO, or a 1-byte RBR)."""
+        q, uart = self.host_input, self.uart
+        while q:
+            room = uart.rx_room()
+            if room <= 0:
+                return
+            chunk = q.popleft()
+            if len(chunk) > room:
+                q.appendleft(chunk[room:])
+                chunk = chunk[:room]
+            uart.feed(chunk)
 
     def stop(self, message: str = "stopped") -> None:
         self.pending_stop = Stop(StopReason.STOPPED, message)
@@ -425,6 +448,8 @@ class Vm:
                             f"rsp={r.gpr[4]:#x} {'sw' if ev.software else 'ext' if ev.external else 'hw'}")
         if self.intercept is not None:
             return self.intercept.deliver(ev)
+        if ev.software and not (self.vcpu.regs.cr0 & x86.CR0_PE):
+            self._check_bios_call(ev.vector)
         try:
             deliver(self.vcpu, ev)
         except TripleFault as exc:
@@ -515,7 +540,11 @@ class Vm:
 
     def mmio_access(self, ex: MmioExit) -> None:
         """A load/store outside RAM: to the MMIO bus, completing the instruction."""
+        if ex.string or ex.implicit:
+            self._mmio_special(ex)
+            return
         self._unclaimed(self.mmio, ex.gpa, "mmio")
+        self._open_bus(ex.gpa, ex.is_write)
         if ex.replay:
             old = self.mmio.read(ex.gpa, ex.size) if ex.needs_read else 0
             new = self.vcpu.replay_mmio(ex, old)
@@ -533,6 +562,70 @@ class Vm:
         if self.log.enabled("mmio"):
             self.log("mmio", f"{'write' if ex.is_write else 'read '} gpa={ex.gpa:#x} size={ex.size} value={val:#x}")
         sensitive.complete_mmio(self.vcpu, ex, val)
+
+    #: BIOS services tutorial boot sectors call (Ralf Brown's Interrupt List)
+    BIOS_SERVICES = {0x10: "video", 0x11: "equipment list", 0x12: "memory size", 0x13: "disk",
+                     0x14: "serial", 0x15: "system services", 0x16: "keyboard", 0x19: "bootstrap",
+                     0x1A: "time of day"}
+
+    def _check_bios_call(self, vector: int) -> None:
+        """A real-mode INT n to a BIOS service whose IVT entry is 0000:0000
+        (vmlab has no BIOS): say so once, rather than let the guest run off
+        into address 0 in silence."""
+        what = self.BIOS_SERVICES.get(vector)
+        if what is None or vector in self._warned:
+            return
+        try:
+            entry = self.mem.read_u32(vector * 4)
+        except Exception:          # RAM always covers the IVT; never fail a delivery on it
+            return
+        if entry:
+            return
+        self._warned.add(vector)
+        r = self.vcpu.regs
+        text = (f"the guest called int {vector:#04x} (BIOS {what}) at {r.seg[x86.R_CS].selector:04x}:"
+                f"{(r.rip - 2) & 0xFFFF:04x}, but vmlab has no BIOS (the IVT entry is 0000:0000)")
+        self.log("unimp", text)
+        if self.warn is not None:
+            self.warn(text)
+
+    def _mmio_special(self, ex: MmioExit) -> None:
+        """String instructions and implicit accesses outside RAM (emu.strmmio):
+        the former element by element through the MMIO bus (unclaimed
+        addresses read all ones and drop writes), the latter replayed with the
+        page as open bus."""
+        from emu import strmmio
+        if ex.implicit:
+            if self.log.enabled("guest_errors") or self.log.enabled("unimp"):
+                self.log("guest_errors" if self.log.enabled("guest_errors") else "unimp",
+                         f"{ex.insn.mnemonic} {ex.insn.op_str} at rip={ex.rip:#x}: implicit access to "
+                         f"unbacked memory page {ex.gpa:#x} (open bus: reads all ones, writes dropped)")
+            strmmio.replay_open_bus(self.vcpu, ex.gla, ex.insn_len)
+            return
+        bus, log = self.mmio, self.log
+        logging = log.enabled("mmio") or log.enabled("guest_errors") or log.enabled("unimp")
+
+        def rd(gpa: int, size: int) -> int:
+            val = bus.read(gpa, size)
+            if logging:
+                self._unclaimed(bus, gpa, "mmio")
+                self._open_bus(gpa, False)
+                log("mmio", f"read  gpa={gpa:#x} size={size} value={val:#x} ({ex.insn.mnemonic})")
+            return val
+
+        def wr(gpa: int, size: int, val: int) -> None:
+            if logging:
+                self._unclaimed(bus, gpa, "mmio")
+                self._open_bus(gpa, True)
+                log("mmio", f"write gpa={gpa:#x} size={size} value={val:#x} ({ex.insn.mnemonic})")
+            bus.write(gpa, size, val)
+        strmmio.emulate_string(self.vcpu, ex.insn, rd, wr)
+
+    def _open_bus(self, gpa: int, is_write: bool) -> None:
+        """-d guest_errors: an access to physical memory nothing backs."""
+        if self.log.enabled("guest_errors") and self.mmio.find(gpa) is None:
+            self.log("guest_errors", f"{'write to' if is_write else 'read from'} unbacked memory at "
+                                     f"{gpa:#x} (open bus: {'dropped' if is_write else 'all ones'})")
 
     def _unclaimed(self, bus: Bus, addr: int, what: str) -> None:
         if self.log.enabled("unimp") and bus.find(addr) is None:

@@ -53,7 +53,10 @@ def read_image(path: str | os.PathLike, what: str = "kernel image") -> bytes:
     """
     shown = os.fsdecode(path)
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO (or a tty) for reading must not wait for
+        # a writer; such a file is then refused as not regular.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise LoaderFileError(f"{what} {shown!r} is not a regular file")
@@ -75,21 +78,28 @@ def read_image(path: str | os.PathLike, what: str = "kernel image") -> bytes:
     return data
 
 
+#: Offset and value of the Linux boot protocol's header signature ("HdrS",
+#: Documentation/x86/boot.rst, "The Real-Mode Kernel Header").
+BZIMAGE_MAGIC_OFFSET, BZIMAGE_MAGIC = 0x202, b"HdrS"
+
+
 def detect_format(data: bytes) -> str:
-    """Pick the loader for ``data``.
+    """Pick the loader for ``data``; refuse what is not recognisably a kernel.
 
     * ELF magic: ELFCLASS64 -> ``elf64`` (its loader refuses machines other
       than x86-64); ELFCLASS32 -> ``multiboot``, which requires a Multiboot
       header in the first 8192 bytes, so an ELF32 file without one is an
       error rather than a flat binary.
-    * a non-ELF file with a valid Multiboot header whose flags have bit 16
-      (a.out kludge) -> ``multiboot``; with bit 16 clear it cannot be loaded
-      as Multiboot and is refused (``fmt="flat"`` loads it as raw bytes).
+    * a non-ELF file with a valid Multiboot header (magic and checksum, inside
+      the first 8192 bytes) whose flags have bit 16 (a.out kludge) ->
+      ``multiboot``; with bit 16 clear it cannot be loaded as Multiboot and is
+      refused (``fmt="flat"`` loads it as raw bytes).
+    * exactly 512 bytes ending in 0x55 0xAA -> ``bootsector``.
     * an ELF64 with a PVH entry note (Xen note type 18) -> ``pvh`` (Linux's
       vmlinux; :mod:`emu.loaders.linux`).
     * a Linux bzImage ("HdrS" at 0x202) -> ``bzimage``.
-    * exactly 512 bytes ending in 0x55 0xAA -> ``bootsector``.
-    * anything else -> ``flat``.
+    * anything else raises LoaderFormatError saying why (as QEMU refuses a
+      -kernel it cannot identify); raw code needs ``fmt="flat"``.
     """
     if is_elf(data):
         check_ident(data)
@@ -100,7 +110,7 @@ def detect_format(data: bytes) -> str:
             raise LoaderFormatError(
                 f"ELF32 file is not a Multiboot kernel: {reason[0].lower()}{reason[1:]}")
         return "multiboot"
-    hdr, _ = find_header(data)
+    hdr, mb_reason = find_header(data)
     if hdr is not None:
         if hdr.aout_kludge:
             return "multiboot"
@@ -108,28 +118,40 @@ def detect_format(data: bytes) -> str:
             f"file has a Multiboot header at offset {hdr.offset:#x} without address fields "
             f"(flags bit 16) and is not an ELF file; load it with the flat format if it is "
             f"raw code")
-    if data[0x202:0x206] == b"HdrS":         # Linux boot protocol setup header
+    if data[BZIMAGE_MAGIC_OFFSET:BZIMAGE_MAGIC_OFFSET + 4] == BZIMAGE_MAGIC:
         return "bzimage"
     if has_boot_signature(data):
         return "bootsector"
-    return "flat"
+    if "no Multiboot header" not in mb_reason:
+        raise LoaderFormatError(f"not a kernel vmlab recognises: {mb_reason[0].lower()}{mb_reason[1:]}")
+    if len(data) == 512:
+        why = f"a 512-byte file without the boot signature 55 aa at offset 510 (it ends in {data[-2:].hex(' ')})"
+    elif len(data) < 1024 and data[-2:] == b"\x55\xaa":
+        why = f"a boot sector must be exactly 512 bytes, this file is {len(data)}"
+    else:
+        why = f"{len(data)} bytes with no ELF header, no Multiboot header in the first 8 KiB and no boot signature"
+    raise LoaderFormatError(
+        f"unrecognised kernel format: {why}; use the flat format for raw code")
 
 
 def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
-         modules=(), flat_addr: int = 0x7C00, flat_mode: str = "real") -> BootImage:
+         modules=(), flat_addr: int | None = None, flat_mode: str | None = None) -> BootImage:
     """Load a kernel image and return its boot plan.
 
     Args:
         path_or_bytes: a path (``str`` or ``os.PathLike``) or the image itself
             (``bytes``, ``bytearray``, ``memoryview``).
         fmt: ``"auto"`` (see :func:`detect_format`) or one of :data:`FORMATS`.
+            With ``"auto"``, giving ``flat_addr`` or ``flat_mode`` selects
+            ``flat`` (raw code is never guessed).
         ram_size: guest RAM in bytes; everything loaded lies in [0, ram_size).
         cmdline: kernel command line (multiboot, elf64, bzimage, pvh).  A
             Multiboot or ELF64 kernel sees "<path> <cmdline>" ("vmlab
             <cmdline>" for bytes), like QEMU; Linux sees it as given.
         modules: ``(bytes, cmdline)`` pairs (multiboot and elf64); for
             bzimage and pvh at most one, the initrd.
-        flat_addr, flat_mode: where and in which mode a flat image starts.
+        flat_addr, flat_mode: where and in which mode a flat image starts
+            (default 0x7c00, real mode).
 
     Raises:
         LoaderFileError, LoaderFormatError, LoaderConfigError (all
@@ -152,7 +174,7 @@ def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
         raise LoaderFormatError("kernel image is empty")
 
     if fmt == "auto":
-        fmt = detect_format(data)
+        fmt = "flat" if flat_addr is not None or flat_mode is not None else detect_format(data)
     if fmt in ("bootsector", "flat"):
         try:
             modules = list(modules)
@@ -171,7 +193,8 @@ def load(path_or_bytes, *, fmt: str = "auto", ram_size: int, cmdline: str = "",
         return load_elf64(data, ram_size=ram_size, cmdline=cmdline, modules=modules, name=name)
     if fmt == "bootsector":
         return load_bootsector(data, ram_size=ram_size)
-    return load_flat(data, ram_size=ram_size, addr=flat_addr, mode=flat_mode)
+    return load_flat(data, ram_size=ram_size, addr=0x7C00 if flat_addr is None else flat_addr,
+                     mode=flat_mode or "real")
 
 
 def _load_linux(fmt: str, data: bytes, ram_size: int, cmdline: str, modules) -> BootImage:

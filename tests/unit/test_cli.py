@@ -77,28 +77,28 @@ def test_guest_triple_fault_is_status_10(tmp_path):
 def test_instruction_limit_is_status_12(tmp_path):
     k = tmp_path / "k.bin"
     k.write_bytes(b"\xeb\xfe")                      # jmp $
-    status, _, err = vmlab("run", k, "--max-insns", "100000")
+    status, _, err = vmlab("run", k, "--format", "flat", "--max-insns", "100000")
     assert status == 12 and "limit" in one_line_error(err)
 
 
 def test_timeout_is_status_124(tmp_path):
     k = tmp_path / "k.bin"
     k.write_bytes(b"\xeb\xfe")
-    status, _, err = vmlab("run", k, "--timeout", "0.3")
+    status, _, err = vmlab("run", k, "--format", "flat", "--timeout", "0.3")
     assert status == 124 and "timeout" in one_line_error(err)
 
 
-def test_cli_halt_with_interrupts_off_is_status_0(tmp_path):
+def test_cli_halt_with_interrupts_off_is_status_16(tmp_path):
     k = tmp_path / "k.bin"
     k.write_bytes(b"\xfa\xf4")                      # cli; hlt
-    status, _, err = vmlab("run", k)
-    assert status == 0
+    status, _, err = vmlab("run", k, "--format", "flat")
+    assert status == 16 and "halted" in one_line_error(err)
 
 
 def test_debug_exit_status_follows_qemu_convention(tmp_path):
     k = tmp_path / "k.bin"
     k.write_bytes(bytes.fromhex("b02ae6f4"))        # mov al, 42; out 0xf4, al
-    status, _, _ = vmlab("run", k)
+    status, _, _ = vmlab("run", k, "--format", "flat")
     assert status == (42 << 1) | 1
 
 
@@ -117,7 +117,7 @@ def test_bad_serial_spec_is_status_2(tmp_path):
     k = tmp_path / "k.bin"
     k.write_bytes(b"\xf4")
     status, _, err = vmlab("run", k, "--serial", "tcp:1234")
-    assert status == 2 and "--serial" in one_line_error(err)
+    assert status == 2 and "-serial" in one_line_error(err)
 
 
 def test_bench_unknown_name_is_status_2():

@@ -14,7 +14,7 @@ RAM = 16 << 20
 
 def test_flat_default_real_mode_at_7c00_sets_no_registers():
     data = b"\xb8\x34\x12\xf4" * 3
-    image = load(data, ram_size=RAM)
+    image = load(data, ram_size=RAM, fmt="flat")
     assert (image.format, image.mode, image.entry) == ("flat", "real", 0x7C00)
     assert image.writes == [(0x7C00, data)]
     assert image.regs == {} and image.zero == []
@@ -22,7 +22,7 @@ def test_flat_default_real_mode_at_7c00_sets_no_registers():
 
 
 def test_flat_512_bytes_without_signature_is_not_a_bootsector():
-    image = load(bytes(512), ram_size=RAM)
+    image = load(bytes(512), ram_size=RAM, fmt="flat")
     assert image.format == "flat"
 
 

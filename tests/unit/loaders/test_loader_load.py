@@ -52,7 +52,7 @@ def test_load_empty_file_raises_format_error(tmp_path):
 def test_load_flat_file_from_path_reads_it(tmp_path):
     path = tmp_path / "payload.bin"
     path.write_bytes(b"\xeb\xfe")
-    assert load(path, ram_size=RAM).writes == [(0x7C00, b"\xeb\xfe")]
+    assert load(path, ram_size=RAM, fmt="flat").writes == [(0x7C00, b"\xeb\xfe")]
 
 
 def test_load_unknown_format_raises_config_error():
@@ -105,7 +105,32 @@ def test_detect_big_endian_elf_raises_format_error():
         load(bytes(data), ram_size=RAM)
 
 
-def test_detect_signed_512_bytes_is_bootsector_and_other_sizes_flat():
+def test_detect_signed_512_bytes_is_bootsector_and_other_sizes_refused():
     assert detect_format(bytes(510) + b"\x55\xaa") == "bootsector"
-    assert detect_format(bytes(511) + b"\x55\xaa") == "flat"
-    assert detect_format(bytes(509) + b"\x55\xaa") == "flat"
+    with pytest.raises(LoaderFormatError, match="exactly 512 bytes"):
+        detect_format(bytes(511) + b"\x55\xaa")
+    with pytest.raises(LoaderFormatError, match="exactly 512 bytes"):
+        detect_format(bytes(509) + b"\x55\xaa")
+    with pytest.raises(LoaderFormatError, match="without the boot signature"):
+        detect_format(bytes(512))
+
+
+def test_detect_unknown_bytes_refused_unless_flat_options_given():
+    with pytest.raises(LoaderFormatError, match="unrecognised kernel format"):
+        load(b"\xeb\xfe", ram_size=RAM)
+    assert load(b"\xeb\xfe", ram_size=RAM, flat_mode="real").format == "flat"
+    assert load(b"\xeb\xfe", ram_size=RAM, flat_addr=0x8000).format == "flat"
+
+
+def test_detect_bzimage_is_recognised():
+    data = bytearray(0x400)
+    data[0x202:0x206] = b"HdrS"
+    data[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    assert detect_format(bytes(data)) == "bzimage"
+
+
+def test_detect_bad_multiboot_checksum_refused_with_reason():
+    import struct
+    data = b"\x90" * 64 + struct.pack("<III", 0x1BADB002, 0x10000, 0) + bytes(64)
+    with pytest.raises(LoaderFormatError, match="bad checksum"):
+        detect_format(data)
