@@ -2,7 +2,7 @@
 
 It advertises nothing the machine does not emulate (no AVX/XSAVE, no x2APIC, no
 PCID, no TSC-deadline), because Unicorn's default Haswell model does (leaf 0xD
-claims AVX state while leaf 1 has no AVX; ../shared/platform-notes.md).  The
+claims AVX state while leaf 1 has no AVX; docs/platform-notes.md).  The
 table is loaded into the native CPUID hook, so CPUID costs no Python.
 Bit positions: SDM Vol. 2A, CPUID, Tables 3-8 .. 3-20.
 """

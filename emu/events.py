@@ -1,6 +1,6 @@
 """Event delivery: everything Unicorn does not do.
 
-Unicorn never walks the IVT/IDT (../shared/platform-notes.md): it reports an
+Unicorn never walks the IVT/IDT (docs/platform-notes.md): it reports an
 exception or INT n through UC_HOOK_INTR and resumes as if nothing happened.
 ``deliver`` does what the CPU does (SDM Vol. 3A chapter 6, "Interrupt and
 Exception Handling"): real-mode IVT (20.1.4), protected-mode IDT interrupt and

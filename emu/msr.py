@@ -1,7 +1,7 @@
 """MSR model: what RDMSR/WRMSR do on vmlab's CPU.
 
 Unicorn reads unknown MSRs as 0 and drops writes, accepts non-canonical bases and
-reads IA32_APIC_BASE as 0 (../shared/platform-notes.md).  vmlab traps RDMSR and
+reads IA32_APIC_BASE as 0 (docs/platform-notes.md).  vmlab traps RDMSR and
 WRMSR and answers here instead: unknown MSRs and reserved or non-canonical
 values raise #GP(0) like hardware (SDM Vol. 2B, RDMSR/WRMSR; Vol. 4, Table 2-2).
 MSRs that Unicorn itself consumes (SYSENTER_*, STAR/LSTAR/CSTAR/FMASK, FS/GS

@@ -3,7 +3,7 @@
 The C code is compiled against the headers shipped inside the unicorn wheel and
 does not link libunicorn: the Unicorn (and Capstone) entry points are handed over
 as pointers at run time by emu/native.py, from the libraries the Python bindings
-already loaded.  See ../shared/platform-notes.md, "Building the native module".
+already loaded.  See docs/platform-notes.md, "Building the native module".
 """
 import os
 import pathlib

@@ -6,7 +6,7 @@
  *
  * Nothing here links against libunicorn: Python hands over the Unicorn entry
  * points as raw pointers (vmlab_set_api) taken from the library the binding
- * already loaded (see ../shared/platform-notes.md, "Building the native module").
+ * already loaded (see docs/platform-notes.md, "Building the native module").
  */
 #ifndef VMLAB_H
 #define VMLAB_H

@@ -20,7 +20,7 @@ def machine():
     m.close()
 
 
-# The `vmx` and `vm` fixtures come from vmlab's pytest plugin (vmm/pytest_plugin.py,
+# The `vmx` and `vm` fixtures come from vmlab's pytest plugin (tools/pytest_plugin.py,
 # registered through the pytest11 entry point when vmlab is installed).
 
 

@@ -25,6 +25,7 @@ import struct
 import weakref
 
 from .entry_checks import baseline_vmcs
+from .errors import VmmError
 from .vm import Vm
 from .vmx import VmxGuest
 from . import vmcs as F
@@ -46,8 +47,14 @@ def close_guests() -> int:
 
 
 def _assemble(text: str, base: int, bits: int) -> bytes:
-    from tools.asm import assemble
-    return assemble(text, bits, base)
+    """Intel-syntax text to bytes with Keystone (``;`` starts a comment)."""
+    from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks, KsError
+    src = "\n".join(line.split(";", 1)[0] for line in text.splitlines())
+    try:
+        enc, _ = Ks(KS_ARCH_X86, {16: KS_MODE_16, 32: KS_MODE_32, 64: KS_MODE_64}[bits]).asm(src, base)
+    except KsError as exc:
+        raise VmmError(f"cannot assemble the guest code: {exc}") from exc
+    return bytes(enc or b"")
 
 
 def vmx_guest(code: str | bytes, mode: str = "long64", *, ram: int = 32 << 20, caps=None,

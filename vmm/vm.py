@@ -97,11 +97,11 @@ class Vm:
         self._wall0 = time.monotonic_ns()
         if clock == "host":
             self.vcpu.set_clock("host", self._wall0)
-        self.clock = Clock(_weak(self.now_ns))
         # QEMU's -icount shift=N: one instruction = 2^N ns of virtual time.
         if icount_shift and self.wall_clock:
             raise ConfigError("an icount shift needs the virtual clock (not --clock host)")
         self.vcpu.set_icount_shift(icount_shift)
+        self.clock = Clock(_weak(self.now_ns))
         self.timers = TimerQueue()
         self.pio = Bus("pio", 0x10000)
         self.mmio = Bus("mmio", 1 << 64)

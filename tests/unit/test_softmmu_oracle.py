@@ -10,7 +10,7 @@ address (through the data the load returned and the byte the store changed,
 RAM being filled with a non-repeating pattern), FAULT_BUS against Unicorn's
 "unmapped" errors, and the A/D bits left in RAM.
 
-How the harness reaches what the API does not expose (shared/platform-notes.md):
+How the harness reaches what the API does not expose (docs/platform-notes.md):
 * the #PF error code is read from the saved context (emu.qemu_state), and CR2
   with it, inside UC_HOOK_INTR -- after the hook Unicorn may overwrite both;
 * CPL 3 is set by patching hflags in the saved context;
