@@ -21,8 +21,10 @@ CFLAGS = ["-m64", "-O1", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "
           "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wl,-Ttext=0x200000", "-e", "_start"]
 
 
-def _build(loops: int, out: pathlib.Path) -> pathlib.Path:
-    subprocess.run(["gcc", *CFLAGS, f"-DBENCH_LOOPS={loops}", "-o", str(out), str(ROOT / "guests" / "nested_vmx.c")],
+def build(out: pathlib.Path, loops: int | None = None) -> pathlib.Path:
+    """Compile guests/nested_vmx.c into ``out`` (with -DBENCH_LOOPS when ``loops``)."""
+    extra = [f"-DBENCH_LOOPS={loops}"] if loops else []
+    subprocess.run(["gcc", *CFLAGS, *extra, "-o", str(out), str(ROOT / "guests" / "nested_vmx.c")],
                    check=True, capture_output=True, timeout=120)
     return out
 
@@ -45,8 +47,8 @@ def bench_nested(short: int = 50, long: int = 550) -> dict:
     if shutil.which("gcc") is None:
         return {"skipped": "gcc is not installed"}
     with tempfile.TemporaryDirectory() as d:
-        a = _build(short, pathlib.Path(d) / "short.elf")
-        b = _build(long, pathlib.Path(d) / "long.elf")
+        a = build(pathlib.Path(d) / "short.elf", short)
+        b = build(pathlib.Path(d) / "long.elf", long)
         t_short, _ = _run(a)
         t_long, reflected = _run(b)
     return {"l2_cpuid_us": round((t_long - t_short) / (long - short) * 1e6, 1), "reflected": reflected}

@@ -4,24 +4,16 @@ every exit field and VMfail convention it meets (vmm/nested.py)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-SRC = ROOT / "guests" / "nested_vmx.c"
-CFLAGS = ["-m64", "-O1", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-mno-red-zone",
-          "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wl,-Ttext=0x200000", "-e", "_start"]
 
 
 @pytest.fixture(scope="module")
 def hypervisor(tmp_path_factory):
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
-    out = tmp_path_factory.mktemp("nested") / "nested_vmx.elf"
-    subprocess.run(["gcc", *CFLAGS, "-o", str(out), str(SRC)], check=True, capture_output=True, timeout=120)
-    return out
+    from tools.bench_nested import build
+    return build(tmp_path_factory.mktemp("nested") / "nested_vmx.elf")
 
 
 def _run(image, nested: bool):
