@@ -29,7 +29,7 @@ import collections
 import dataclasses
 from typing import Callable, Protocol, runtime_checkable
 
-from devices.errors import BusError
+from vmlab.devices.errors import BusError
 
 IO_LIMIT = 0x10000
 """Size of the x86 port-I/O space (16-bit port numbers)."""

@@ -25,7 +25,7 @@ import heapq
 import itertools
 from typing import Callable
 
-from devices.errors import DeviceError
+from vmlab.devices.errors import DeviceError
 
 NANOSECONDS_PER_SECOND = 1_000_000_000
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 
-from devices.errors import DeviceError
+from vmlab.devices.errors import DeviceError
 
 FW_CFG_PORT_SEL = 0x510
 FW_CFG_PORT_DATA = 0x511

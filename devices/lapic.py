@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from devices.clock import Clock, TimerQueue
+from vmlab.devices.clock import Clock, TimerQueue
 
 APIC_DEFAULT_BASE = 0xFEE00000
 APIC_PAGE_SIZE = 0x1000

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Callable
 
-from devices.bus import read_bytewise, write_bytewise
-from devices.errors import DeviceError
-from devices.irq import IrqLine
+from vmlab.devices.bus import read_bytewise, write_bytewise
+from vmlab.devices.errors import DeviceError
+from vmlab.devices.irq import IrqLine
 
 MASTER_PORT = 0x20
 SLAVE_PORT = 0xA0

@@ -30,9 +30,9 @@ Simplifications (each documented where it happens):
 
 from __future__ import annotations
 
-from devices.bus import read_bytewise, write_bytewise
-from devices.clock import NANOSECONDS_PER_SECOND, Clock, TimerQueue
-from devices.irq import IrqLine
+from vmlab.devices.bus import read_bytewise, write_bytewise
+from vmlab.devices.clock import NANOSECONDS_PER_SECOND, Clock, TimerQueue
+from vmlab.devices.irq import IrqLine
 
 PIT_FREQ = 1193182
 """Counter input clock in Hz (QEMU's PIT_FREQ; nominally 105/88 MHz / 1)."""

@@ -26,8 +26,8 @@ from __future__ import annotations
 import collections
 from typing import Callable
 
-from devices.bus import read_bytewise, write_bytewise
-from devices.irq import IrqLine
+from vmlab.devices.bus import read_bytewise, write_bytewise
+from vmlab.devices.irq import IrqLine
 
 COM1_PORT = 0x3F8
 """Base port of COM1."""

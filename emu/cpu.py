@@ -845,6 +845,11 @@ class Vcpu:
             self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
             v.stop_kind = 0
         self.refresh()
+        if err == ucc.UC_ERR_INSN_INVALID:
+            # An encoding Capstone decodes but the CPU model rejects (e.g. the
+            # F6 /1 alias of TEST with a memory operand): #UD, as the guest gets
+            # for it anywhere else.
+            raise GuestFault(x86.UD)
         if err:
             raise NativeError(f"replaying the MMIO instruction at {lin:#x} failed ({err})")
         if ex.is_write:

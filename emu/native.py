@@ -12,7 +12,7 @@ import ctypes
 from .errors import NativeError
 
 try:
-    from native._vmlab_native import ffi, lib  # type: ignore[import-not-found]
+    from vmlab.native._vmlab_native import ffi, lib  # type: ignore[import-not-found]
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise NativeError(
         "the native module native/_vmlab_native is not built: "

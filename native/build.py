@@ -30,7 +30,7 @@ def _cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
-    "native._vmlab_native",
+    "vmlab.native._vmlab_native",
     '#include "vmlab.h"\n',
     sources=[os.path.relpath(HERE / "mmu.c"), os.path.relpath(HERE / "hooks.c"),
              os.path.relpath(HERE / "debug.c")],
@@ -39,4 +39,13 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False)
+    # A rebuild in place (after editing the C): cffi writes the module under
+    # vmlab/native/ for the dotted name; it belongs in native/ (the folder the
+    # install maps to vmlab.native).
+    import shutil
+
+    built = pathlib.Path(ffibuilder.compile(tmpdir=str(HERE.parent), verbose=False))
+    for old in HERE.glob("_vmlab_native*.so"):
+        old.unlink()
+    shutil.move(str(built), HERE / built.name)
+    shutil.rmtree(HERE.parent / "vmlab", ignore_errors=True)

@@ -29,5 +29,5 @@ def _close_harness_guests():
     """Close the VMs vmm.harness.vmx_guest made during the test (the vmx fixture's
     and direct calls alike): their engines and guest RAM go when the test ends."""
     yield
-    from vmm import harness
+    from vmlab.vmm import harness
     harness.close_guests()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from emu import softmmu as sm
+from vmlab.emu import softmmu as sm
 
 MODE_NONE = "none"
 MODE_32 = "32-bit"

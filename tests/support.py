@@ -33,7 +33,7 @@ class Machine:
     """A Vm plus helpers for inline-assembly tests."""
 
     def __init__(self, ram=16 << 20):
-        from vmm.vm import Vm
+        from vmlab.vmm.vm import Vm
         self.vm = Vm(ram, serial=None)
         self.mem = self.vm.mem
         self.cpu = self.vm.vcpu
@@ -43,7 +43,7 @@ class Machine:
         self.vm.close()
 
     def boot(self, code: bytes, addr: int, mode: str):
-        from emu.loaders import load
+        from vmlab.emu.loaders import load
         self.vm.load(load(code, fmt="flat", ram_size=self.mem.size, flat_addr=addr, flat_mode=mode))
 
     def run(self, **kw):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 
-from devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from emu.memory import GuestMemory
+from vmlab.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vmlab.emu.memory import GuestMemory
 
 
 class RecordingMemory:

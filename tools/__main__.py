@@ -1,6 +1,6 @@
-"""``python -m tools`` is the ``vmlab`` command."""
+"""``python -m vmlab.tools`` is the ``vmlab`` command."""
 import sys
 
-from tools.cli import main
+from vmlab.tools.cli import main
 
 sys.exit(main())

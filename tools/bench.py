@@ -99,7 +99,7 @@ def bench_mips(n: int = 20_000_000, reps: int = 3) -> dict:
 def bench_tb(n: int = 20_000_000) -> dict:
     """The mips loop with the block registry counting executions and every trap
     kind armed: what the TB cache's bookkeeping costs."""
-    from emu.cpu import TRAP_KINDS
+    from vmlab.emu.cpu import TRAP_KINDS
     raw, vml, ratio = _mips_pair(_COMPUTE, n, INSNS_PER_ITER,
                                  setup=lambda vm: (vm.vcpu.set_traps(TRAP_KINDS),
                                                    vm.tbs.set_exec_counting(True)))
@@ -139,8 +139,8 @@ def _raw_run(body: str, n: int) -> float:
 
 def _vm_run(body: str, n: int, clock: str, setup=None) -> float:
     """Seconds vmlab's Vm takes for the same loop (ended by isa-debug-exit)."""
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
 
     code = compute_code(n, "mov al, 0\n out 0xf4, al", body)
     vm = Vm(16 << 20, serial=None, clock=clock)
@@ -160,7 +160,7 @@ def _vm_run(body: str, n: int, clock: str, setup=None) -> float:
 
 def _vmlab_cmd() -> list[str]:
     exe = pathlib.Path(sys.executable).with_name("vmlab")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "tools"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "vmlab.tools"]
 
 
 def bench_boot(runs: int = 5) -> dict:
@@ -182,7 +182,7 @@ def bench_boot(runs: int = 5) -> dict:
 def _smc_image(n: int, tmpdir: pathlib.Path) -> pathlib.Path:
     """guests/smc.asm with its patch-and-run loop set to n iterations."""
     import struct
-    from tools.asm import build
+    from vmlab.tools.asm import build
     data = bytearray(build(ROOT / "guests" / "smc.asm").read_bytes())
     marker = struct.pack("<II", 2000, 2001000)
     i = data.find(marker)
@@ -232,8 +232,8 @@ def bench_exit(n: int = 20_000) -> dict:
     """Cost of one VM exit handled in Python (CPUID and OUT loops under a VMCS,
     handler = skip / emulate), and of a CPUID answered by the native policy path
     (the CPU model in C, no exit), same process."""
-    from vmm.exit_reasons import ExitReason
-    from vmm.harness import vmx_guest
+    from vmlab.vmm.exit_reasons import ExitReason
+    from vmlab.vmm.harness import vmx_guest
 
     def per_exit(code: str, reason, handler) -> float:
         g = vmx_guest(code.format(n=n))
@@ -250,8 +250,8 @@ def bench_exit(n: int = 20_000) -> dict:
     io = per_exit("mov ecx, {n}\n l: out 0x80, al\n dec ecx\n jnz l\n vmcall",
                   ExitReason.IO_INSTRUCTION, lambda ex: ex.skip())
 
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     big = 2_000_000
 
     def native(body: str) -> float:
@@ -267,7 +267,7 @@ def bench_exit(n: int = 20_000) -> dict:
     with_rdtsc = native("mov r8, rcx\n mov eax, 1\n rdtsc\n mov rcx, r8")
     # a plain instruction: 32 more register adds per iteration
     plain = (native("mov r8, rcx\n mov eax, 1\n" + "add r9, 1\n" * 33 + "mov rcx, r8") - without) / (32 * big)
-    from tools.bench_exit import exit_breakdown
+    from vmlab.tools.bench_exit import exit_breakdown
     return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
             "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1),
             "rdtsc_native_ns": round(max(with_rdtsc - without, 0) / big * 1e9, 1),
@@ -277,7 +277,7 @@ def bench_exit(n: int = 20_000) -> dict:
 
 def bench_tlb() -> dict:
     """Cold 2D TLB fills (4-level guest x 4-level EPT) in C and in the Python twin."""
-    from tools.bench_tlb import bench_tlb as run
+    from vmlab.tools.bench_tlb import bench_tlb as run
     return run()
 
 
@@ -316,8 +316,8 @@ def bench_paging(n: int = 4_000_000) -> dict:
     uc.emu_start(CODE_ADDR, CODE_ADDR + len(code))
     raw_s = time.perf_counter() - t
 
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     code = compute_code(n, "mov al, 0\n out 0xf4, al", _HOP)
     vm = Vm(64 << 20, serial=None)
     vm.load(load(code, fmt="flat", ram_size=64 << 20, flat_addr=CODE_ADDR, flat_mode="long64"))
@@ -344,9 +344,9 @@ def bench_churn(n: int = 50) -> dict:
     state) or a per-VM cost that grows with the dead VMs shows as last_ms above
     first_ms or as RSS growth.  The first VM also pays the once-per-process
     CPU-state self-test (a few ms)."""
-    from emu.loaders import load, read_image
-    from tools.asm import build
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load, read_image
+    from vmlab.tools.asm import build
+    from vmlab.vmm.vm import Vm
 
     ram = 64 << 20
     data = read_image(str(build(ROOT / "guests" / "hello.asm")))
@@ -368,19 +368,19 @@ def bench_churn(n: int = 50) -> dict:
 
 
 def bench_debug() -> dict:
-    from tools.bench_debug import bench_debug as run
+    from vmlab.tools.bench_debug import bench_debug as run
     return run()
 
 
 def _bench_virtio() -> dict:
-    from tools.bench_virtio import bench_virtio
+    from vmlab.tools.bench_virtio import bench_virtio
     return bench_virtio()
 
 
 BENCHES = {"mips": bench_mips, "boot": bench_boot, "tb": bench_tb, "smc": bench_smc, "exit": bench_exit, "tlb": bench_tlb,
            "paging": bench_paging, "churn": bench_churn, "debug": bench_debug, "virtio": _bench_virtio,
-           "nested": lambda: __import__("tools.bench_nested", fromlist=["bench_nested"]).bench_nested(),
-           "linux": lambda: __import__("tools.bench_linux", fromlist=["bench_linux"]).bench_linux()}
+           "nested": lambda: __import__("vmlab.tools.bench_nested", fromlist=["bench_nested"]).bench_nested(),
+           "linux": lambda: __import__("vmlab.tools.bench_linux", fromlist=["bench_linux"]).bench_linux()}
 
 
 def main(names, as_json: bool = False) -> int:

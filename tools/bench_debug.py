@@ -13,10 +13,10 @@ import time
 
 
 def bench_debug(n: int = 20_000_000, reps: int = 3, steps: int = 5000) -> dict:
-    from tools.bench import _COMPUTE, CODE_ADDR, INSNS_PER_ITER, _vm_run
+    from vmlab.tools.bench import _COMPUTE, CODE_ADDR, INSNS_PER_ITER, _vm_run
 
     def with_breaks(vm):
-        from tools.debugger import Debugger
+        from vmlab.tools.debugger import Debugger
         dbg = Debugger(vm)
         for k in range(16):                   # far from the loop: never executed
             dbg.break_at(CODE_ADDR + 0x8000 + 0x40 * k)
@@ -32,10 +32,10 @@ def bench_debug(n: int = 20_000_000, reps: int = 3, steps: int = 5000) -> dict:
 
 
 def _steps_per_s(steps: int) -> float:
-    from emu.loaders import load
-    from tools.asm import build
-    from tools.debugger import Debugger
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.tools.asm import build
+    from vmlab.tools.debugger import Debugger
+    from vmlab.vmm.vm import Vm
     from pathlib import Path
 
     hello = Path(__file__).resolve().parent.parent / "guests" / "hello.asm"

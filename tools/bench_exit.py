@@ -24,8 +24,8 @@ import timeit
 
 
 def _cpuid_guest(n: int):
-    from vmm.exit_reasons import ExitReason
-    from vmm.harness import vmx_guest
+    from vmlab.vmm.exit_reasons import ExitReason
+    from vmlab.vmm.harness import vmx_guest
 
     g = vmx_guest(f"mov ecx, {n}\n l: mov eax, 1\n push rcx\n cpuid\n pop rcx\n dec ecx\n jnz l\n vmcall")
     g.handler(ExitReason.CPUID)(lambda ex: ex.skip())
@@ -33,9 +33,9 @@ def _cpuid_guest(n: int):
 
 
 def exit_breakdown(n: int = 20_000) -> dict:
-    from emu.native import lib
-    from vmm import runloop
-    from vmm.exit_reasons import ExitReason
+    from vmlab.emu.native import lib
+    from vmlab.vmm import runloop
+    from vmlab.vmm.exit_reasons import ExitReason
 
     out = {}
     # full loop

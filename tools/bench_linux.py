@@ -18,15 +18,15 @@ import subprocess
 import tempfile
 import time
 
-from tools.initramfs import USERSPACE_MARKER, busybox_initramfs, find_busybox, find_kernel
+from vmlab.tools.initramfs import USERSPACE_MARKER, busybox_initramfs, find_busybox, find_kernel
 
 CMDLINE = "console=ttyS0"
 RAM = 256 << 20
 
 
 def _vmlab(kernel, initrd: bytes, timeout: float, clock: str = "virtual") -> dict:
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     seen = bytearray()
     vm = Vm(RAM, serial=None, clock=clock)
     try:

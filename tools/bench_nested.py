@@ -30,8 +30,8 @@ def build(out: pathlib.Path, loops: int | None = None) -> pathlib.Path:
 
 
 def _run(image: pathlib.Path) -> tuple[float, int]:
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     with Vm(64 << 20, serial=None) as vm:
         nested = vm.enable_nested_vmx()
         vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))

@@ -9,7 +9,7 @@ same process, without A/D updates so that every walk does the same work.  The
 C side runs ``vmlab_walk_bench`` (the loop is in C, so cffi's per-call cost is
 not measured); the two checksums must agree.
 
-``python -m tools.bench_tlb`` prints the numbers as JSON.
+``python -m vmlab.tools.bench_tlb`` prints the numbers as JSON.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import random
 import struct
 import time
 
-from emu import softmmu as sm
-from emu.native import ffi, lib
+from vmlab.emu import softmmu as sm
+from vmlab.emu.native import ffi, lib
 
 _PAGE = 4096
 #: Guest-physical layout: the guest's tables in [0, 1 MiB), data pages above.

@@ -25,11 +25,11 @@ IMAGE_MB = 64
 
 
 def _run(kernel: str, image: str, cmd: str) -> float:
-    from devices.backends.block import RawFile
-    from devices.virtio.blk import VirtioBlk
-    from emu.loaders import load
-    from vmm import virtio_slots
-    from vmm.vm import Vm
+    from vmlab.devices.backends.block import RawFile
+    from vmlab.devices.virtio.blk import VirtioBlk
+    from vmlab.emu.loaders import load
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.vm import Vm
 
     with Vm(64 << 20, serial=None, cmdline=cmd) as vm:
         virtio_slots.attach(vm, VirtioBlk(RawFile(image)))
@@ -64,12 +64,12 @@ def _qemu(kernel: str, image: str, cmd: str) -> float | None:
 def _net(kernel: str, count: int, depth: int = 64) -> tuple[float, float]:
     """(wall seconds, seconds inside the device's transmit path, which
     includes the hub and the peer's receive) for ``count`` echoed frames."""
-    from devices.backends.net import Hub
-    from devices.virtio.net import VirtioNet
-    from emu.loaders import load
-    from vmm import virtio_slots
-    from vmm.together import run_together
-    from vmm.vm import Vm
+    from vmlab.devices.backends.net import Hub
+    from vmlab.devices.virtio.net import VirtioNet
+    from vmlab.emu.loaders import load
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.together import run_together
+    from vmlab.vmm.vm import Vm
 
     hub = Hub()
     vms, devs = [], []
@@ -102,7 +102,7 @@ def _net(kernel: str, count: int, depth: int = 64) -> tuple[float, float]:
 
 
 def bench_net(count: int = 40000) -> dict:
-    from tools.cguest import build
+    from vmlab.tools.cguest import build
     kernel = str(build(ROOT / "guests" / "virtio_net.c"))
     dt, inside = min(_net(kernel, count) for _ in range(2))
     frames = 2 * count
@@ -111,7 +111,7 @@ def bench_net(count: int = 40000) -> dict:
 
 
 def bench_virtio(seq_count: int = 4000, rand_count: int = 40000) -> dict:
-    from tools.cguest import build
+    from vmlab.tools.cguest import build
     out_net = bench_net()
     kernel = str(build(ROOT / "guests" / "virtio_blk.c"))
     with tempfile.TemporaryDirectory() as d:

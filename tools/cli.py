@@ -45,8 +45,8 @@ class CliError(Exception):
 
 def parse_size(text: str) -> int:
     """QEMU-style -m (tools.qemu_opts.parse_size), within what the machine takes."""
-    from emu.memory import MAX_RAM
-    from tools.qemu_opts import OptionError, parse_size as qsize
+    from vmlab.emu.memory import MAX_RAM
+    from vmlab.tools.qemu_opts import OptionError, parse_size as qsize
     try:
         return qsize(text, MAX_RAM)
     except OptionError as exc:
@@ -81,7 +81,7 @@ class _CpuAction(argparse.Action):
     (while parsing, so no kernel is needed, like QEMU's -cpu help)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from emu.cpuprobe import unicorn_models
+        from vmlab.emu.cpuprobe import unicorn_models
         if values == "help":
             sys.stdout.write(cpu_help())
             parser.exit(0)
@@ -94,8 +94,8 @@ def cpu_help(default: str = "broadwell") -> str:
     """The text of ``vmlab run --cpu help``: every Unicorn CPU model with the
     features its probe clears, then the CPUID features advertised on the default
     model (leaf, register, bit, and the test or guest check that proves each)."""
-    from emu.cpuid import CpuidModel
-    from emu.cpuprobe import FEATURES, failing_features, unicorn_models
+    from vmlab.emu.cpuid import CpuidModel
+    from vmlab.emu.cpuprobe import FEATURES, failing_features, unicorn_models
     lines = ["CPU models (--cpu MODEL; features whose instructions fail on the model are cleared):"]
     for name in unicorn_models():
         bad = sorted(failing_features(name))
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # The debugger (tools/debugcli.py): QEMU's -s/-S/-gdb on run, and `vmlab debug`
     # with every run option (copied, so options added to run appear here too).
-    from tools.debugcli import add_debug_options, add_gdb_options
+    from vmlab.tools.debugcli import add_debug_options, add_gdb_options
     add_gdb_options(r)
     d = sub.add_parser("debug", help="boot a kernel stopped in the debugger REPL",
                        description="Boot a kernel stopped before its first instruction and debug it "
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serial_sink(spec: str, append: bool = False):
     if spec in ("stdio", "mon:stdio"):
-        from tools.qemu_opts import SafeStream
+        from vmlab.tools.qemu_opts import SafeStream
         stream = SafeStream(sys.stdout.buffer)
 
         def sink(data: bytes) -> None:
@@ -228,7 +228,7 @@ def _serial_sink(spec: str, append: bool = False):
 
 
 def _modules(spec: str):
-    from emu.loaders import read_image
+    from vmlab.emu.loaders import read_image
     mods = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         path, _, arg = item.partition(" ")
@@ -238,12 +238,12 @@ def _modules(spec: str):
 
 
 def cmd_run(args) -> int:
-    from emu.errors import EmuError, LoaderError
-    from emu.loaders import load, read_image
-    from emu.loaders.errors import LoaderConfigError, LoaderFileError
-    from vmm.log import ITEMS, DebugLog, LogError
+    from vmlab.emu.errors import EmuError, LoaderError
+    from vmlab.emu.loaders import load, read_image
+    from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFileError
+    from vmlab.vmm.log import ITEMS, DebugLog, LogError
 
-    from tools import qemu_opts
+    from vmlab.tools import qemu_opts
     items = ",".join(args.log_items)
     if "help" in (i.strip() for i in items.split(",")):
         for name, text in ITEMS.items():
@@ -261,7 +261,7 @@ def cmd_run(args) -> int:
         log = DebugLog.parse(items, log_stream)
     except LogError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
-    from tools import virtio_opts
+    from vmlab.tools import virtio_opts
     try:
         virtio_specs = virtio_opts.parse(args.drives, getattr(args, "other_devices", []), args.netdevs,
                                          args.objects)
@@ -271,14 +271,14 @@ def cmd_run(args) -> int:
     kernel = args.kernel
     try:
         if kernel.endswith(".asm"):
-            from tools.asm import AsmError, build
+            from vmlab.tools.asm import AsmError, build
             if not os.path.isfile(kernel):
                 raise CliError(f"guest source {kernel!r} not found", EXIT_FILE)
             try:
                 kernel = str(build(kernel))
                 # A guest source may name its command line and modules in its
                 # header (; vmlab-cmdline:, ; vmlab-module:); options override.
-                from tools.guestbuild import boot_config
+                from vmlab.tools.guestbuild import boot_config
                 config = boot_config(args.kernel)
             except AsmError as exc:
                 raise CliError(f"cannot assemble {args.kernel}: {exc}", EXIT_FORMAT) from None
@@ -287,7 +287,7 @@ def cmd_run(args) -> int:
             if not args.initrd and config.modules:
                 args.initrd = ",".join(line for _, line in config.modules)
         if kernel.endswith(".c"):
-            from tools.cguest import CGuestError, build as cbuild
+            from vmlab.tools.cguest import CGuestError, build as cbuild
             if not os.path.isfile(kernel):
                 raise CliError(f"guest source {kernel!r} not found", EXIT_FILE)
             try:
@@ -307,12 +307,12 @@ def cmd_run(args) -> int:
     except LoaderError as exc:
         raise CliError(str(exc), EXIT_FORMAT) from None
 
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
     try:
         clock = args.clock or ("host" if args.wall_clock else "virtual")
         if args.icount is not None and clock == "host":
             raise CliError("-icount needs the virtual clock (drop --clock host / --wall-clock)", EXIT_USAGE)
-        from emu.cpuid import CpuidModel
+        from vmlab.emu.cpuid import CpuidModel
         vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock,
                 cpuid=CpuidModel(unicorn_model=args.cpu), icount_shift=args.icount or 0)
         vm.load(image)
@@ -327,7 +327,7 @@ def cmd_run(args) -> int:
         vm.warn = lambda text: _say(f"vmlab: warning: {text}")
         console = _attach_stdin(vm, args)
         if args.cmd == "debug" or args.gdb is not None:
-            from tools.debugcli import debug_session
+            from vmlab.tools.debugcli import debug_session
             result = debug_session(vm, args, args.kernel)
             if isinstance(result, int):
                 return result
@@ -390,7 +390,7 @@ def _check_run_args(args) -> None:
     """Turn the QEMU spellings into vmlab's and validate what argparse cannot
     (one line, status 2 on error)."""
     import time
-    from tools import qemu_opts
+    from vmlab.tools import qemu_opts
     if getattr(args, "checked", False):      # a reboot runs cmd_run again
         return
     args.checked = True
@@ -414,7 +414,7 @@ def _check_run_args(args) -> None:
             args.max_insns = qemu_opts.parse_positive("--max-insns", args.max_insns, integer=True)
         args.debug_exit_ports, args.other_devices = qemu_opts.split_devices(args.devices)
         rest = args.other_devices
-        from tools import virtio_opts
+        from vmlab.tools import virtio_opts
         if rest and not hasattr(virtio_opts, "parse_device"):   # virtio -device specs are virtio_opts
             raise qemu_opts.OptionError(f"-device {rest[0]!r}: unknown device "
                                         f"(vmlab has isa-debug-exit and the virtio devices)")
@@ -437,7 +437,7 @@ def _attach_stdin(vm, args):
             return None
     except OSError:
         return None
-    from tools.qemu_opts import Console
+    from vmlab.tools.qemu_opts import Console
     try:
         return Console(vm, 0, ctrl_c_to_guest=args.serial == "mon:stdio")
     except OSError:
@@ -445,7 +445,7 @@ def _attach_stdin(vm, args):
 
 
 def cmd_bench(args) -> int:
-    from tools import bench
+    from vmlab.tools import bench
     return bench.main(args.names, as_json=args.json)
 
 
@@ -483,7 +483,7 @@ def _unknown_option(parser, argv: list[str]) -> str | None:
 
 
 def main(argv=None) -> int:
-    from tools.qemu_opts import normalize_argv, silence_broken_stdio
+    from vmlab.tools.qemu_opts import normalize_argv, silence_broken_stdio
     argv = normalize_argv(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     if not argv:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 
-from vmm.runloop import StopReason
+from vmlab.vmm.runloop import StopReason
 
 
 def add_gdb_options(p) -> None:
@@ -40,7 +40,7 @@ def exit_status(res) -> int:
 
 def parse_gdb_device(spec: str) -> int:
     """QEMU's -gdb device: tcp::PORT or tcp:127.0.0.1:PORT (port 0: any free port)."""
-    from tools.cli import EXIT_USAGE, CliError
+    from vmlab.tools.cli import EXIT_USAGE, CliError
     m = re.fullmatch(r"tcp:(?:127\.0\.0\.1|localhost)?:(\d{1,5})", spec.strip())
     if not m or int(m.group(1)) > 65535:
         raise CliError(f"bad -gdb device {spec!r} (use tcp::PORT; vmlab listens on 127.0.0.1 only)", EXIT_USAGE)
@@ -50,13 +50,13 @@ def parse_gdb_device(spec: str) -> int:
 def debug_session(vm, args, kernel: str):
     """Run the REPL (``vmlab debug``) or the gdbstub (``-s``/``-gdb``).  Returns
     the final RunResult (mapped to a status by the caller) or a status."""
-    from tools.cli import EXIT_USAGE, CliError
-    from tools.debugger import Debugger, DebuggerError
-    from tools.symbols import load_symbols
+    from vmlab.tools.cli import EXIT_USAGE, CliError
+    from vmlab.tools.debugger import Debugger, DebuggerError
+    from vmlab.tools.symbols import load_symbols
 
     dbg = Debugger(vm, load_symbols(kernel))
     if args.cmd == "debug":
-        from tools.debugrepl import run_repl
+        from vmlab.tools.debugrepl import run_repl
         if args.batch and not args.script and sys.stdin.isatty():
             raise CliError("--batch needs -x FILE (or commands on stdin)", EXIT_USAGE)
         sys.stdout.write(f"{dbg._where(dbg.cpu.linear_rip())}\n{dbg.format_insn_line(dbg.cpu.linear_rip(), True)}\n")
@@ -68,7 +68,7 @@ def debug_session(vm, args, kernel: str):
         if dbg.final is not None and dbg.final.result is not None:
             return exit_status(dbg.final.result)
         return 0
-    from tools.gdbstub import GdbServer
+    from vmlab.tools.gdbstub import GdbServer
     port = parse_gdb_device(args.gdb)
     try:
         server = GdbServer(dbg, "127.0.0.1", port)

@@ -27,12 +27,12 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
-from emu import x86
-from emu.cpu import GPR_INDEX, GPR_NAMES, GuestFault, EptFault, _cs
-from emu.debugpoints import WATCH_READ, WATCH_WRITE, DebugPointError, DebugPoints
-from vmm.runloop import RunResult, StopReason
+from vmlab.emu import x86
+from vmlab.emu.cpu import GPR_INDEX, GPR_NAMES, GuestFault, EptFault, _cs
+from vmlab.emu.debugpoints import WATCH_READ, WATCH_WRITE, DebugPointError, DebugPoints
+from vmlab.vmm.runloop import RunResult, StopReason
 
-from tools.symbols import Symbols
+from vmlab.tools.symbols import Symbols
 
 
 class DebuggerError(Exception):
@@ -352,7 +352,7 @@ class Debugger:
             if not mem.contains(addr, len(data)):
                 raise DebuggerError(f"Cannot access memory at physical address {addr:#x}")
             mem.write(addr, data)
-            from emu.native import lib
+            from vmlab.emu.native import lib
             for page in range(addr & ~0xFFF, addr + len(data), 0x1000):
                 lib.vmlab_code_page_written(self.cpu.native, page)
             self.cpu.uc.ctl_flush_tb()
@@ -721,7 +721,7 @@ class Debugger:
         return m
 
     def info_mode(self) -> list[str]:
-        from emu.softmmu import paging_mode
+        from vmlab.emu.softmmu import paging_mode
         r = self.cpu.regs
         lines = [f"mode: {self.mode_name()}, CPL {r.hflags & 3}",
                  f"paging: {paging_mode(r.cr0, r.cr4, r.efer) or 'off'}",
@@ -732,8 +732,8 @@ class Debugger:
 
     def walk(self, addr: int, access: str = "read", user: bool | None = None) -> str:
         """The whole 2D translation of a linear address, level by level."""
-        from emu.softmmu import WalkResult, paging_mode
-        from emu.cpu import ACC_FETCH, ACC_READ, ACC_WRITE
+        from vmlab.emu.softmmu import WalkResult, paging_mode
+        from vmlab.emu.cpu import ACC_FETCH, ACC_READ, ACC_WRITE
         acc = {"read": ACC_READ, "write": ACC_WRITE, "fetch": ACC_FETCH, "exec": ACC_FETCH}.get(access)
         if acc is None:
             raise DebuggerError(f"bad access {access!r} (read, write or fetch)")
@@ -750,7 +750,7 @@ class Debugger:
 
     def info_tlb(self, limit: int = 64) -> list[str]:
         """The current page-table mappings (QEMU's ``info tlb``) and soft-MMU statistics."""
-        from emu.softmmu import paging_mode
+        from vmlab.emu.softmmu import paging_mode
         r = self.cpu.regs
         mode = paging_mode(r.cr0, r.cr4, r.efer)
         lines = []
@@ -955,7 +955,7 @@ class Debugger:
     def vmcs_fields(self, names=()) -> list[str]:
         if self.vmx is None:
             raise DebuggerError("not a VMX guest (no VMCS)")
-        from vmm import vmcs as F
+        from vmlab.vmm import vmcs as F
         v = self.vmx.vmcs
         lines = []
         if names:

@@ -16,7 +16,7 @@ import re
 import shlex
 import sys
 
-from tools.debugger import Debugger, DebuggerError, type_size, write_register
+from vmlab.tools.debugger import Debugger, DebuggerError, type_size, write_register
 
 HELP = """\
 Running:      stepi|si [N]  nexti|ni [N]  continue|c  finish  until|u [LOC]  kill  quit|q
@@ -240,7 +240,7 @@ class Repl(cmd.Cmd):
             self.dbg.set_break_exit(None)
             self.say("break-exit off")
             return
-        from vmm.exit_reasons import ExitReason
+        from vmlab.vmm.exit_reasons import ExitReason
         w = words[0].upper()
         if w in ExitReason.__members__:
             reason = int(ExitReason[w])
@@ -444,7 +444,7 @@ class Repl(cmd.Cmd):
 
     def do_log(self, arg):
         """log ITEMS: turn on -d log items (comma-separated; 'log none' turns them off)."""
-        from vmm.log import ITEMS, DebugLog, LogError
+        from vmlab.vmm.log import ITEMS, DebugLog, LogError
         items = arg.strip()
         if items in ("", "help"):
             for name, text in ITEMS.items():

@@ -21,9 +21,9 @@ import select
 import socket
 import threading
 
-from vmm.runloop import StopReason
+from vmlab.vmm.runloop import StopReason
 
-from tools.debugger import Debugger, DebuggerError, read_register, write_register
+from vmlab.tools.debugger import Debugger, DebuggerError, read_register, write_register
 
 #: largest packet accepted (qSupported PacketSize; longer input is dropped)
 MAX_PACKET = 0x4000
@@ -553,7 +553,7 @@ class GdbServer:
             res = st.result
             if res is not None and res.reason == StopReason.DEBUG_EXIT and res.status is not None:
                 return f"W{res.status & 0xFF:02x}"
-            from tools.debugcli import exit_status
+            from vmlab.tools.debugcli import exit_status
             return f"W{exit_status(res) & 0xFF:02x}"
         if st.reason == StopReason.INTERRUPTED:
             return f"T{SIGINT:02x}thread:01;"
@@ -565,7 +565,7 @@ class GdbServer:
         return f"T{SIGTRAP:02x}thread:01;"
 
     def _monitor(self, command: str) -> None:
-        from tools.debugrepl import execute
+        from vmlab.tools.debugrepl import execute
         out = execute(self.dbg, command)
         for i in range(0, len(out), 1024):
             self.send("O" + out[i:i + 1024].encode("latin-1", "replace").hex())

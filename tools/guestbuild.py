@@ -1,7 +1,7 @@
 """Build vmlab's test guests and run them on QEMU, the reference emulator.
 
-    python -m tools.guestbuild                 # build every guests/*.asm
-    python -m tools.guestbuild --qemu [GUEST]  # build and run under QEMU
+    python -m vmlab.tools.guestbuild                 # build every guests/*.asm
+    python -m vmlab.tools.guestbuild --qemu [GUEST]  # build and run under QEMU
 
 (elf64 guests run on QEMU through guests/shim/elf64_shim.asm.)
 
@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools import asm
+from vmlab.tools import asm
 
 QEMU = "qemu-system-x86_64"
 QEMU_BASE_ARGS = (

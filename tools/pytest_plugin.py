@@ -38,8 +38,8 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.when != "call" or not rep.failed or not item.config.getoption("--vmlab-repl"):
         return
-    from tools.debugger import Debugger
-    from tools.debugrepl import run_repl
+    from vmlab.tools.debugger import Debugger
+    from vmlab.tools.debugrepl import run_repl
     for target in item.stash.get(_MACHINES, []):
         print(f"\n[vmlab] test failed: debugger on {type(target).__name__} "
               f"(quit or end of input to go on)", file=sys.stdout, flush=True)
@@ -57,7 +57,7 @@ def _remember(request, target) -> None:
 def vmx(request):
     """The vmx_guest factory (guest code + VMCS controls -> VmxGuest); the
     guests it made are closed when the test ends."""
-    from vmm.harness import vmx_guest
+    from vmlab.vmm.harness import vmx_guest
 
     made = []
 
@@ -76,7 +76,7 @@ def vmx(request):
 def vm(request):
     """A fresh 64 MiB Vm with no devices on stdout (serial output is kept in
     ``vm.serial_output``), closed when the test ends."""
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
 
     with Vm(64 << 20, serial=None) as machine:
         _remember(request, machine)
@@ -87,5 +87,5 @@ def vm(request):
 def debugger():
     """``debugger(target)``: a Debugger on a Vm or VmxGuest (the REPL's
     commands as methods: step, walk, break…)."""
-    from tools.debugger import Debugger
+    from vmlab.tools.debugger import Debugger
     return Debugger

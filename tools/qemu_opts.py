@@ -163,8 +163,8 @@ def attach_debug_exits(vm, ports: list[tuple[int, int]]) -> None:
     -device's ports; further ones share its behaviour at their own ports."""
     if not ports:
         return
-    from devices.debug_exit import DebugExit
-    from devices.errors import BusError
+    from vmlab.devices.debug_exit import DebugExit
+    from vmlab.devices.errors import BusError
     vm.pio.unregister(vm.debug_exit)
     for k, (base, size) in enumerate(ports):
         dev = vm.debug_exit if k == 0 else DebugExit(vm.debug_exit._on_exit)
@@ -196,7 +196,7 @@ class Console:
     def __init__(self, vm, fd: int = 0, ctrl_c_to_guest: bool = False, out=None):
         import atexit
         import termios
-        from vmm import runloop
+        from vmlab.vmm import runloop
         self.vm, self.fd, self.ctrl_c_to_guest = vm, fd, ctrl_c_to_guest
         self.out = out or sys.stdout
         self.quit_reason: str | None = None
@@ -228,8 +228,8 @@ class Console:
             pass
 
     def _reader(self) -> None:
-        from vmm import runloop
-        from vmm.runloop import Stop, StopReason
+        from vmlab.vmm import runloop
+        from vmlab.vmm.runloop import Stop, StopReason
         while not self._closed:
             try:
                 data = os.read(self.fd, 256)

@@ -88,7 +88,7 @@ def load_symbols(kernel: str | Path) -> Symbols:
     labels (``.asm``).  Never raises for a file that has none."""
     path = Path(kernel)
     if path.suffix == ".asm":
-        from tools.asm import AsmError, compile_guest
+        from vmlab.tools.asm import AsmError, compile_guest
         try:
             return Symbols(compile_guest(path).labels)
         except (AsmError, OSError):

@@ -25,7 +25,7 @@ import dataclasses
 import os
 import socket
 
-from devices.virtio.mmio import IRQS, linux_cmdline, slot_address
+from vmlab.devices.virtio.mmio import IRQS, linux_cmdline, slot_address
 
 
 class OptionError(Exception):
@@ -159,7 +159,7 @@ NET_DEVICES = ("virtio-net", "virtio-net-device")
 def parse_device(text: str, netdevs: dict | None = None, index: int = 0) -> NicSpec:
     """``-device virtio-net,netdev=ID[,mac=…]`` (``netdevs``: id -> NetdevSpec;
     ``index`` picks the default MAC 52:54:00:12:34:56+index, as QEMU counts)."""
-    from devices.virtio.net import parse_mac
+    from vmlab.devices.virtio.net import parse_mac
     name, _, rest = text.partition(",")
     if name not in NET_DEVICES:
         raise OptionError(f"-device {name!r}: unknown device (vmlab has isa-debug-exit, virtio-net; "
@@ -264,15 +264,15 @@ def cmdline(specs: list) -> str:
 
 def attach(vm, specs: list) -> None:
     """Build the devices and put them in ``vm``'s virtio-mmio slots."""
-    from devices.backends.block import BlockIOError, open_image
-    from devices.virtio.blk import VirtioBlk, serial_for
-    from vmm import virtio_slots
+    from vmlab.devices.backends.block import BlockIOError, open_image
+    from vmlab.devices.virtio.blk import VirtioBlk, serial_for
+    from vmlab.vmm import virtio_slots
 
     hubs: dict = {}
     captured: set = set()
     for spec in specs:
         if isinstance(spec, PcTestdevSpec):
-            from devices.pc_testdev import attach as attach_testdev
+            from vmlab.devices.pc_testdev import attach as attach_testdev
             attach_testdev(vm)
         if isinstance(spec, NicSpec):
             _attach_nic(vm, spec, hubs, captured)
@@ -286,9 +286,9 @@ def attach(vm, specs: list) -> None:
 
 
 def _attach_nic(vm, spec: NicSpec, hubs: dict, captured: set) -> None:
-    from devices.backends.net import Capture, Hub, NetBackendError, UdpSocket
-    from devices.virtio.net import VirtioNet
-    from vmm import virtio_slots
+    from vmlab.devices.backends.net import Capture, Hub, NetBackendError, UdpSocket
+    from vmlab.devices.virtio.net import VirtioNet
+    from vmlab.vmm import virtio_slots
 
     nd = spec.netdev
     try:

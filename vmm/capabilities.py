@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from emu import x86
+from vmlab.emu import x86
 
 from .controls import (ENTRY_DEFAULT1, ENTRY_DEFAULT1_CONTROLS, EPT_MEMTYPE_UC, EPT_MEMTYPE_WB, EXIT_DEFAULT1,
                        EXIT_DEFAULT1_CONTROLS, PIN_DEFAULT1, PROC_DEFAULT1, PROC_DEFAULT1_CONTROLS, PinBasedControls,

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
-from emu import x86
+from vmlab.emu import x86
 
 from .capabilities import CONTROL_CLASSES, VmxCapabilities
 from .controls import (EPT_MEMTYPE_WB, EPTP_AD_ENABLE, EPTP_MEMTYPE_MASK, EPTP_RESERVED_11_8, EPTP_SSS_ENABLE,

@@ -1,6 +1,6 @@
 """Test harness: a guest under a VMCS in a few lines, for pytest or plain Python.
 
-    from vmm.harness import vmx_guest
+    from vmlab.vmm.harness import vmx_guest
     g = vmx_guest('''
         mov eax, 1
         cpuid

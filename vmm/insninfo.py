@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from capstone import x86_const as C
 
-from emu import x86
-from emu.decode import _STACK_BASES, _reg_table
+from vmlab.emu import x86
+from vmlab.emu.decode import _STACK_BASES, _reg_table
 
 from .qualification import (AddressSize, DescriptorTableInfo, DescriptorTableInstruction, Gpr,
                             InvalidationInfo, LdtrTrInfo, LdtrTrInstruction, OperandSize, RdrandRdseedInfo,

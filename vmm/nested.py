@@ -38,11 +38,11 @@ from __future__ import annotations
 import struct
 import weakref
 
-from emu import x86
-from emu.cpu import GuestFault
-from emu.decode import mem_operand_address, reg_value, set_reg_value
-from emu.events import Event
-from emu.exits import TrapExit
+from vmlab.emu import x86
+from vmlab.emu.cpu import GuestFault
+from vmlab.emu.decode import mem_operand_address, reg_value, set_reg_value
+from vmlab.emu.events import Event
+from vmlab.emu.exits import TrapExit
 
 from . import vmcs as F
 from .capabilities import VmxCapabilities

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, Union
 
-from emu import sensitive, x86
-from emu.cpu import EptFault, GuestFault
-from emu.events import Event
-from emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
-from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
+from vmlab.emu import sensitive, x86
+from vmlab.emu.cpu import EptFault, GuestFault
+from vmlab.emu.events import Event
+from vmlab.emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
+from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
 
 #: A halted guest with nothing able to wake it within this much virtual time stops.
@@ -306,7 +306,7 @@ def enable_async(m):
     cpu = m.vcpu
     dp = getattr(cpu, "debug_points", None)
     if dp is None:
-        from emu.debugpoints import DebugPoints
+        from vmlab.emu.debugpoints import DebugPoints
         dp = DebugPoints(cpu)
     if getattr(m, "async_requests", None) is None:
         m.async_requests = set()

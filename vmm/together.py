@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from vmm.runloop import RunResult, StopReason
+from vmlab.vmm.runloop import RunResult, StopReason
 
 SLICE_INSNS = 5_000_000
 """Instructions a machine runs before the next one gets the CPU."""

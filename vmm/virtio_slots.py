@@ -11,8 +11,8 @@ back-ends (files, sockets) -- call it before ``Vm.close()``.
 """
 from __future__ import annotations
 
-from devices.irq import line_to
-from devices.virtio.mmio import IRQS, MMIO_SLOT, MmioTransport, linux_cmdline, slot_address
+from vmlab.devices.irq import line_to
+from vmlab.devices.virtio.mmio import IRQS, MMIO_SLOT, MmioTransport, linux_cmdline, slot_address
 
 
 POLL_NS = 100_000

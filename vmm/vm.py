@@ -16,30 +16,30 @@ import time
 import weakref
 from typing import Callable
 
-from devices.bus import Bus
-from devices.clock import Clock, TimerQueue
-from devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
-from devices.fw_cfg import FwCfg
-from devices.irq import line_to
-from devices.lapic import APIC_LVT_LINT0, APIC_LVT_LINT1, DM_EXTINT, DM_NMI, LVT_DELIVERY_MODE_SHIFT, LocalApic
-from devices.pic8259 import Pic8259Pair
-from devices.pit8254 import Pit8254
-from devices.acpi import SLEEP_CONTROL_PORT, SleepControl
-from devices.ioapic import IOAPIC_BASE, IoApic, IsaIrqRouter
-from devices.rtc import RTC_PORT, CmosRtc
-from devices.reset import KBC_COMMAND_PORT, RESET_CONTROL_PORT, Kbc8042Reset, ResetControl
-from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
-from emu import sensitive, x86
-from emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
-from emu.cpu import Closed
-from emu.errors import ClosedError, ConfigError
-from emu.cpuid import CpuidModel
-from emu.errors import UnsupportedError
-from emu.events import Event, TripleFault, deliver
-from emu.exits import CrExit, IoExit, MmioExit, MsrExit
-from emu.memory import GuestMemory
-from emu.tbcache import TbCache
-from emu.msr import IA32_APIC_BASE, MsrModel
+from vmlab.devices.bus import Bus
+from vmlab.devices.clock import Clock, TimerQueue
+from vmlab.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from vmlab.devices.fw_cfg import FwCfg
+from vmlab.devices.irq import line_to
+from vmlab.devices.lapic import APIC_LVT_LINT0, APIC_LVT_LINT1, DM_EXTINT, DM_NMI, LVT_DELIVERY_MODE_SHIFT, LocalApic
+from vmlab.devices.pic8259 import Pic8259Pair
+from vmlab.devices.pit8254 import Pit8254
+from vmlab.devices.acpi import SLEEP_CONTROL_PORT, SleepControl
+from vmlab.devices.ioapic import IOAPIC_BASE, IoApic, IsaIrqRouter
+from vmlab.devices.rtc import RTC_PORT, CmosRtc
+from vmlab.devices.reset import KBC_COMMAND_PORT, RESET_CONTROL_PORT, Kbc8042Reset, ResetControl
+from vmlab.devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
+from vmlab.emu import sensitive, x86
+from vmlab.emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
+from vmlab.emu.cpu import Closed
+from vmlab.emu.errors import ClosedError, ConfigError
+from vmlab.emu.cpuid import CpuidModel
+from vmlab.emu.errors import UnsupportedError
+from vmlab.emu.events import Event, TripleFault, deliver
+from vmlab.emu.exits import CrExit, IoExit, MmioExit, MsrExit
+from vmlab.emu.memory import GuestMemory
+from vmlab.emu.tbcache import TbCache
+from vmlab.emu.msr import IA32_APIC_BASE, MsrModel
 
 from . import runloop
 from .log import DebugLog
@@ -261,9 +261,9 @@ class Vm:
     def install_firmware_tables(self) -> None:
         """Write the ACPI tables (devices.acpi) describing this machine into the
         BIOS area, where the loader told the kernel the RSDP is."""
-        from devices.acpi import build_tables
-        from emu.loaders.linux import ACPI_AREA
-        from vmm.virtio_slots import transports
+        from vmlab.devices.acpi import build_tables
+        from vmlab.emu.loaders.linux import ACPI_AREA
+        from vmlab.vmm.virtio_slots import transports
         virtio = [(t.base, t.irq_number) for t in transports(self)]
         blob = build_tables(ACPI_AREA[0], virtio=virtio)
         if len(blob) > ACPI_AREA[1] - ACPI_AREA[0]:
@@ -594,7 +594,7 @@ class Vm:
         the former element by element through the MMIO bus (unclaimed
         addresses read all ones and drop writes), the latter replayed with the
         page as open bus."""
-        from emu import strmmio
+        from vmlab.emu import strmmio
         if ex.implicit:
             if self.log.enabled("guest_errors") or self.log.enabled("unimp"):
                 self.log("guest_errors" if self.log.enabled("guest_errors") else "unimp",

@@ -28,11 +28,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable
 
-from emu import x86
-from emu.cpu import GuestFault
-from emu.events import Event, TripleFault, deliver
-from emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
-from emu.native import ffi
+from vmlab.emu import x86
+from vmlab.emu.cpu import GuestFault
+from vmlab.emu.events import Event, TripleFault, deliver
+from vmlab.emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
+from vmlab.emu.native import ffi
 
 from . import runloop
 from . import vmcs as F
@@ -321,7 +321,7 @@ class VmxGuest(NonRootIntercepts):
 
     def _arm_traps(self) -> None:
         """Trap sites follow the controls: only what may exit is armed."""
-        from emu.cpu import MACHINE_TRAPS
+        from vmlab.emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
         if self.vm.nmi_blocked or self.virtual_nmi_blocked:

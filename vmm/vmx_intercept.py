@@ -10,13 +10,13 @@ controls as SDM Vol. 3C ch. 26 ("VMX Non-Root Operation") specifies.
 """
 from __future__ import annotations
 
-from emu import sensitive, x86
-from emu.cpu import EptFault
-from emu.events import DeliveryIntercepted, Event, TripleFault, deliver
-from emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
-from emu.fastpath import (FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy,
+from vmlab.emu import sensitive, x86
+from vmlab.emu.cpu import EptFault
+from vmlab.emu.events import DeliveryIntercepted, Event, TripleFault, deliver
+from vmlab.emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
+from vmlab.emu.fastpath import (FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy,
                           io_bitmap_location, msr_bitmap_location)
-from emu.trapscan import KIND_BIT
+from vmlab.emu.trapscan import KIND_BIT
 
 from . import vmcs as F
 from .controls import (InterruptionInfo, PinBasedControls, PrimaryProcBasedControls,
@@ -333,7 +333,7 @@ class NonRootIntercepts:
             self._armed_for = None
             return HANDLED
         if mex.kind == "dr":
-            from emu.decode import _reg_table
+            from vmlab.emu.decode import _reg_table
             ops = mex.insn.operands
             from_dr = mex.insn.reg_name(ops[1].reg).startswith("dr")
             dr_op, gpr_op = (ops[1], ops[0]) if from_dr else (ops[0], ops[1])
@@ -349,7 +349,7 @@ class NonRootIntercepts:
             val = (cpu.regs.cr0 & ~mask) | (shadow & mask)
             op = mex.insn.operands[0]
             from capstone import x86_const as C
-            from emu.decode import mem_operand_address, set_reg_value
+            from vmlab.emu.decode import mem_operand_address, set_reg_value
             if op.type == C.X86_OP_MEM:
                 cpu.write_linear_int(mem_operand_address(cpu, mex.insn, op), 2, val)
             else:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import os
 import struct
 
-from devices.backends.block import BlockBackend, BlockIOError
+from vmlab.devices.backends.block import BlockBackend, BlockIOError
 
 from .device import VIRTIO_ID_BLOCK, DeviceNeedsReset, VirtioDevice
 from .queue import Chain, ChainError

@@ -13,7 +13,7 @@ writes are dropped.  The configuration space at 0x100 takes any width.
 """
 from __future__ import annotations
 
-from emu.errors import GuestMemoryError
+from vmlab.emu.errors import GuestMemoryError
 
 from .device import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
                      VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, DeviceNeedsReset, VirtioDevice)

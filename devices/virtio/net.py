@@ -41,7 +41,7 @@ from __future__ import annotations
 import collections
 import struct
 
-from emu.errors import GuestMemoryError
+from vmlab.emu.errors import GuestMemoryError
 
 from .device import VIRTIO_ID_NET, DeviceNeedsReset, VirtioDevice
 from .queue import ChainError, QueueError

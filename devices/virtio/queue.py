@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import struct
 
-from emu.errors import GuestMemoryError
+from vmlab.emu.errors import GuestMemoryError
 
 # virtio 1.2 §2.7.5 "The Virtqueue Descriptor Table"
 VIRTQ_DESC_F_NEXT = 1

@@ -21,15 +21,15 @@ valid image, or does not fit the machine/options.
 import os
 import stat
 
-from emu.loaders.bootsector import has_boot_signature, load_bootsector
-from emu.loaders.elf import check_ident, elf_class, is_elf
-from emu.loaders.elf64 import load_elf64
-from emu.loaders.errors import LoaderConfigError, LoaderError, LoaderFileError, LoaderFormatError
-from emu.loaders.flat import load_flat
-from emu.loaders.image import FORMATS, MODES, BootImage
-from emu.loaders.layout import MiB, fmt_size
-from emu.loaders.linux import load_bzimage, load_pvh, pvh_entry
-from emu.loaders.multiboot import find_header, load_multiboot
+from vmlab.emu.loaders.bootsector import has_boot_signature, load_bootsector
+from vmlab.emu.loaders.elf import check_ident, elf_class, is_elf
+from vmlab.emu.loaders.elf64 import load_elf64
+from vmlab.emu.loaders.errors import LoaderConfigError, LoaderError, LoaderFileError, LoaderFormatError
+from vmlab.emu.loaders.flat import load_flat
+from vmlab.emu.loaders.image import FORMATS, MODES, BootImage
+from vmlab.emu.loaders.layout import MiB, fmt_size
+from vmlab.emu.loaders.linux import load_bzimage, load_pvh, pvh_entry
+from vmlab.emu.loaders.multiboot import find_header, load_multiboot
 
 __all__ = [
     "load", "detect_format", "read_image", "BootImage", "FORMATS", "MODES",

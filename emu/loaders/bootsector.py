@@ -18,9 +18,9 @@ SP depending on the SeaBIOS build.  vmlab uses SP = 0x7000 (``esp``): the same
 stack area, below the sector, and no guest may depend on the exact value.
 """
 
-from emu.loaders.errors import LoaderFormatError
-from emu.loaders.image import BootImage
-from emu.loaders.layout import GuestLayout
+from vmlab.emu.loaders.errors import LoaderFormatError
+from vmlab.emu.loaders.image import BootImage
+from vmlab.emu.loaders.layout import GuestLayout
 
 __all__ = ["load_bootsector", "BOOT_SECTOR_ADDR", "BOOT_SECTOR_SIZE", "BOOT_DRIVE",
            "BOOT_STACK_TOP"]

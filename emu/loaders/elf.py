@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
-from emu.loaders.errors import LoaderFormatError
-from emu.loaders.layout import GuestLayout, fmt_range
+from vmlab.emu.loaders.errors import LoaderFormatError
+from vmlab.emu.loaders.layout import GuestLayout, fmt_range
 
 __all__ = ["ElfImage", "ElfSegment", "check_ident", "parse_elf", "is_elf", "elf_class",
            "physical_entry", "place_segments"]

@@ -33,13 +33,13 @@ CR4.PAE, EFER.LME|LMA, CR3, GDTR, CS = 0x08, DS/ES/SS = 0x10, IF = 0):
 * all other general-purpose registers are zero.
 """
 
-from emu.loaders.elf import parse_elf, physical_entry, place_segments
-from emu.loaders.errors import LoaderConfigError
-from emu.loaders.image import BootImage
-from emu.loaders.layout import GuestLayout
-from emu.loaders.mbinfo import (MULTIBOOT_BOOTLOADER_MAGIC, encode_modules, kernel_command_line,
+from vmlab.emu.loaders.elf import parse_elf, physical_entry, place_segments
+from vmlab.emu.loaders.errors import LoaderConfigError
+from vmlab.emu.loaders.image import BootImage
+from vmlab.emu.loaders.layout import GuestLayout
+from vmlab.emu.loaders.mbinfo import (MULTIBOOT_BOOTLOADER_MAGIC, encode_modules, kernel_command_line,
                                 place_boot_info)
-from emu.loaders.x86 import IDENTITY_MAP_END, place_cpu_structures, reserve_firmware_areas
+from vmlab.emu.loaders.x86 import IDENTITY_MAP_END, place_cpu_structures, reserve_firmware_areas
 
 __all__ = ["load_elf64"]
 

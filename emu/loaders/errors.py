@@ -14,7 +14,7 @@ apart to choose its exit status:
   given for a format that cannot receive them, an unknown format name).
 """
 
-from emu.errors import LoaderError
+from vmlab.emu.errors import LoaderError
 
 __all__ = ["LoaderError", "LoaderFileError", "LoaderFormatError", "LoaderConfigError"]
 

@@ -16,10 +16,10 @@ The GDT, stack and page tables go where :mod:`emu.loaders.x86` describes
 that memory.
 """
 
-from emu.loaders.errors import LoaderConfigError
-from emu.loaders.image import BootImage, MODES
-from emu.loaders.layout import GiB, GuestLayout
-from emu.loaders.x86 import place_cpu_structures, reserve_firmware_areas
+from vmlab.emu.loaders.errors import LoaderConfigError
+from vmlab.emu.loaders.image import BootImage, MODES
+from vmlab.emu.loaders.layout import GiB, GuestLayout
+from vmlab.emu.loaders.x86 import place_cpu_structures, reserve_firmware_areas
 
 __all__ = ["load_flat", "REAL_MODE_ENTRY_LIMIT"]
 

@@ -12,7 +12,7 @@ collide with the kernel whatever addresses the kernel chose.
 import bisect
 from dataclasses import dataclass
 
-from emu.loaders.errors import LoaderConfigError, LoaderFormatError
+from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFormatError
 
 __all__ = ["GuestLayout", "align_up", "fmt_range", "fmt_size", "KiB", "MiB", "GiB"]
 

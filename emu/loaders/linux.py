@@ -47,11 +47,11 @@ IOAPIC, the UART and the virtio-mmio devices through them.
 
 import struct
 
-from emu.loaders.elf import parse_elf, place_segments
-from emu.loaders.errors import LoaderConfigError, LoaderFormatError
-from emu.loaders.image import BootImage
-from emu.loaders.layout import GiB, MiB, GuestLayout, align_up, fmt_range, fmt_size
-from emu.loaders.x86 import (BOOT_STACK_PREFERRED, BOOT_STACK_SIZE, BOOT_STRUCT_LIMIT, GDT_PREFERRED,
+from vmlab.emu.loaders.elf import parse_elf, place_segments
+from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFormatError
+from vmlab.emu.loaders.image import BootImage
+from vmlab.emu.loaders.layout import GiB, MiB, GuestLayout, align_up, fmt_range, fmt_size
+from vmlab.emu.loaders.x86 import (BOOT_STACK_PREFERRED, BOOT_STACK_SIZE, BOOT_STRUCT_LIMIT, GDT_PREFERRED,
                              IDENTITY_MAP_END, LOW_MEM_END, PAGE_TABLES_PREFERRED, PAGE_TABLES_SIZE,
                              build_identity_page_tables, reserve_firmware_areas)
 

@@ -28,9 +28,9 @@ QEMU's option ROM also ignores memory above 4 GiB when computing it.
 
 import struct
 
-from emu.loaders.errors import LoaderConfigError
-from emu.loaders.layout import GiB, KiB, MiB, GuestLayout, align_up, fmt_size
-from emu.loaders.x86 import BOOT_STRUCT_LIMIT, LOW_MEM_END
+from vmlab.emu.loaders.errors import LoaderConfigError
+from vmlab.emu.loaders.layout import GiB, KiB, MiB, GuestLayout, align_up, fmt_size
+from vmlab.emu.loaders.x86 import BOOT_STRUCT_LIMIT, LOW_MEM_END
 
 __all__ = [
     "MULTIBOOT_BOOTLOADER_MAGIC", "MBI_SIZE", "MMAP_ENTRY_SIZE", "BOOT_LOADER_NAME",

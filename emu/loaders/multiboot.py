@@ -47,14 +47,14 @@ for an image given as bytes), exactly as QEMU builds it (``"%s %s"`` of the
 import struct
 from dataclasses import dataclass
 
-from emu.loaders.elf import (ElfImage, check_ident, elf_class, is_elf, parse_elf, physical_entry,
+from vmlab.emu.loaders.elf import (ElfImage, check_ident, elf_class, is_elf, parse_elf, physical_entry,
                              place_segments)
-from emu.loaders.errors import LoaderConfigError, LoaderFormatError
-from emu.loaders.image import BootImage
-from emu.loaders.layout import GiB, GuestLayout, fmt_range
-from emu.loaders.mbinfo import (MULTIBOOT_BOOTLOADER_MAGIC, encode_modules, kernel_command_line,
+from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFormatError
+from vmlab.emu.loaders.image import BootImage
+from vmlab.emu.loaders.layout import GiB, GuestLayout, fmt_range
+from vmlab.emu.loaders.mbinfo import (MULTIBOOT_BOOTLOADER_MAGIC, encode_modules, kernel_command_line,
                                 place_boot_info)
-from emu.loaders.x86 import place_cpu_structures, reserve_firmware_areas
+from vmlab.emu.loaders.x86 import place_cpu_structures, reserve_firmware_areas
 
 __all__ = ["MultibootHeader", "find_header", "load_multiboot", "MULTIBOOT_HEADER_MAGIC",
            "MULTIBOOT_SEARCH"]

@@ -21,7 +21,7 @@ the same EBX under vmlab and under ``qemu -kernel``.
 import struct
 from dataclasses import dataclass
 
-from emu.loaders.layout import GiB, MiB, GuestLayout
+from vmlab.emu.loaders.layout import GiB, MiB, GuestLayout
 
 __all__ = [
     "GDT_SEL_CODE64", "GDT_SEL_DATA", "GDT_SEL_CODE32", "GDT_ENTRIES",

@@ -20,10 +20,7 @@ from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_IMM, X86_OP_MEM, X86_REG_RIP
 
 ROOT = Path(__file__).resolve().parents[2]
-if importlib.util.find_spec("tools") is None:  # pytest without the repo on sys.path
-    sys.path.insert(0, str(ROOT))
-
-from tools import asm, guestbuild  # noqa: E402
+from vmlab.tools import asm, guestbuild
 
 GUESTS = guestbuild.guest_sources(ROOT / "guests")
 QEMU_TIMEOUT_S = 20

@@ -25,7 +25,7 @@ def test_guest_list_is_not_empty():
 
 @pytest.mark.parametrize("guest", GUESTS)
 def test_guest_passes_through_cli(guest, tmp_path):
-    cmd = [sys.executable, "-m", "tools", "run", str(ROOT / "guests" / guest), "--timeout", "120"]
+    cmd = [sys.executable, "-m", "vmlab.tools", "run", str(ROOT / "guests" / guest), "--timeout", "120"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
     out = p.stdout.decode(errors="replace")
     _check_transcript(out)
@@ -34,11 +34,11 @@ def test_guest_passes_through_cli(guest, tmp_path):
 
 @pytest.mark.parametrize("guest", GUESTS)
 def test_guest_passes_through_python_api(guest, tmp_path):
-    from emu.loaders import load
-    from tools.asm import build
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.tools.asm import build
+    from vmlab.vmm.vm import Vm
 
-    from tools.guestbuild import boot_config
+    from vmlab.tools.guestbuild import boot_config
     config = boot_config(ROOT / "guests" / guest)
     cmdline = config.cmdline
     modules = [(pathlib.Path(path).read_bytes(), line) for path, line in config.modules]

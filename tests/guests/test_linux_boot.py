@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from tools.initramfs import USERSPACE_MARKER, busybox_initramfs, find_busybox, find_kernel
+from vmlab.tools.initramfs import USERSPACE_MARKER, busybox_initramfs, find_busybox, find_kernel
 
 KERNEL = find_kernel()
 BUSYBOX = find_busybox()
@@ -27,8 +27,8 @@ RAM = 256 << 20
 
 
 def _boot(cmdline: str, max_insns: int, initrd: bytes | None = None):
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     vm = Vm(RAM, serial=None)
     modules = [(initrd, "")] if initrd else []
     vm.load(load(str(KERNEL), ram_size=RAM, cmdline=cmdline, modules=modules))

@@ -12,13 +12,13 @@ import pytest
 def hypervisor(tmp_path_factory):
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
-    from tools.bench_nested import build
+    from vmlab.tools.bench_nested import build
     return build(tmp_path_factory.mktemp("nested") / "nested_vmx.elf")
 
 
 def _run(image, nested: bool):
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     with Vm(64 << 20, serial=None) as vm:
         n = vm.enable_nested_vmx() if nested else None
         vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))
@@ -45,9 +45,9 @@ def test_nested_vmx_exit_log_names_the_level(hypervisor):
     """-d exits: machine exits carry L1/L2, and each reflected VM exit is a line."""
     import io
 
-    from emu.loaders import load
-    from vmm.log import DebugLog
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.log import DebugLog
+    from vmlab.vmm.vm import Vm
     buf = io.StringIO()
     with Vm(64 << 20, serial=None, log=DebugLog(["exits"], buf)) as vm:
         vm.enable_nested_vmx()

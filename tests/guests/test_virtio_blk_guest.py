@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tools.cguest import build, have_gcc
+from vmlab.tools.cguest import build, have_gcc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SECTORS = 64
@@ -21,11 +21,11 @@ def make_image(path, sectors=SECTORS):
 
 
 def run_blk(image, cmdline, read_only=False, snapshot=False, max_insns=200_000_000):
-    from devices.backends.block import open_image
-    from devices.virtio.blk import VirtioBlk
-    from emu.loaders import load
-    from vmm import virtio_slots
-    from vmm.vm import Vm
+    from vmlab.devices.backends.block import open_image
+    from vmlab.devices.virtio.blk import VirtioBlk
+    from vmlab.emu.loaders import load
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.vm import Vm
 
     kernel = build(ROOT / "guests" / "virtio_blk.c")
     with Vm(64 << 20, serial=None, cmdline=cmdline) as vm:

@@ -18,12 +18,12 @@ import time
 
 import pytest
 
-from devices.backends.block import RawFile
-from devices.virtio.blk import VirtioBlk
-from emu.loaders import load
-from tools.cguest import build, have_gcc
-from vmm import virtio_slots
-from vmm.vm import Vm
+from vmlab.devices.backends.block import RawFile
+from vmlab.devices.virtio.blk import VirtioBlk
+from vmlab.emu.loaders import load
+from vmlab.tools.cguest import build, have_gcc
+from vmlab.vmm import virtio_slots
+from vmlab.vmm.vm import Vm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CAP = 64

@@ -8,17 +8,17 @@ import sys
 
 import pytest
 
-from tools.cguest import build, have_gcc
+from vmlab.tools.cguest import build, have_gcc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not have_gcc(), reason="gcc is not installed (C guests)")
 
 
 def machine(kernel, cmdline, backend, mac):
-    from devices.virtio.net import VirtioNet
-    from emu.loaders import load
-    from vmm import virtio_slots
-    from vmm.vm import Vm
+    from vmlab.devices.virtio.net import VirtioNet
+    from vmlab.emu.loaders import load
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.vm import Vm
 
     vm = Vm(64 << 20, serial=None, cmdline=cmdline)
     t = virtio_slots.attach(vm, VirtioNet(backend, mac=mac))
@@ -32,9 +32,9 @@ def check(out):
 
 @pytest.mark.parametrize("size,depth", [(1514, 1), (60, 8)])
 def test_virtio_net_guests_hub_ping_pong_pass(size, depth):
-    from devices.backends.net import Hub
-    from vmm import virtio_slots
-    from vmm.together import run_together
+    from vmlab.devices.backends.net import Hub
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.together import run_together
 
     kernel = build(ROOT / "guests" / "virtio_net.c")
     hub = Hub()
@@ -59,9 +59,9 @@ def test_virtio_net_guests_hub_ping_pong_pass(size, depth):
 def test_virtio_net_guests_hub_pong_alone_ends_halted():
     """Nobody to talk to: the machine waits in HLT and run_together ends it
     (no frame can ever arrive), instead of spinning."""
-    from devices.backends.net import Hub
-    from vmm import virtio_slots
-    from vmm.together import run_together
+    from vmlab.devices.backends.net import Hub
+    from vmlab.vmm import virtio_slots
+    from vmlab.vmm.together import run_together
 
     kernel = build(ROOT / "guests" / "virtio_net.c")
     vm, _ = machine(kernel, "mode=pong count=4", Hub().port(), bytes.fromhex("525400000001"))
@@ -84,8 +84,8 @@ def _free_port():
 def _cli_has_device_option() -> bool:
     """QEMU's -device spelling lands with the CLI work of issue 10."""
     import inspect
-    import tools.cli
-    return '"-device"' in inspect.getsource(tools.cli)
+    import vmlab.tools.cli
+    return '"-device"' in inspect.getsource(vmlab.tools.cli)
 
 
 @pytest.mark.skipif(not _cli_has_device_option(), reason="the CLI has no -device option yet (issue 10)")
@@ -96,7 +96,7 @@ def test_virtio_net_guests_udp_two_processes_pass():
     def args(mode, local, remote, mac):
         nd = (f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={local},"
               f"remote.type=inet,remote.host=127.0.0.1,remote.port={remote}")
-        return [sys.executable, "-m", "tools", "run", "guests/virtio_net.c", "--format", "multiboot", "-netdev", nd,
+        return [sys.executable, "-m", "vmlab.tools", "run", "guests/virtio_net.c", "--format", "multiboot", "-netdev", nd,
                 "-device", f"virtio-net,netdev=n0,mac={mac}", "--append", f"{mode} count=16 wait=poll",
                 "--timeout", "60"]
 

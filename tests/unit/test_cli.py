@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def vmlab(*args, cwd=ROOT):
-    p = subprocess.run([sys.executable, "-m", "tools", *map(str, args)], cwd=cwd, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", *map(str, args)], cwd=cwd, capture_output=True,
                        timeout=120)
     return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
 

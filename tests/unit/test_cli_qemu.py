@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tools import cli
+from vmlab.tools import cli
 
 from .loaders.elfbuild import Seg, build_elf, multiboot_header
 
@@ -52,9 +52,9 @@ def test_cli_qemu_command_line_runs_unchanged(capfd):
 
 
 def test_cli_version_and_bare_usage_print_and_return():
-    p = subprocess.run([sys.executable, "-m", "tools", "--version"], cwd=ROOT, capture_output=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "--version"], cwd=ROOT, capture_output=True, timeout=60)
     assert p.returncode == 0 and p.stdout.startswith(b"vmlab ")
-    p = subprocess.run([sys.executable, "-m", "tools"], cwd=ROOT, capture_output=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools"], cwd=ROOT, capture_output=True, timeout=60)
     assert p.returncode == 2 and b"usage: vmlab" in p.stdout and p.stderr == b""
 
 
@@ -141,8 +141,8 @@ def test_cli_table_row_12_limit_and_16_halt(capfd, tmp_path):
 
 
 def test_cli_table_row_14_cannot_continue(capfd, tmp_path, monkeypatch):
-    from vmm.runloop import RunResult, StopReason
-    from vmm.vm import Vm
+    from vmlab.vmm.runloop import RunResult, StopReason
+    from vmlab.vmm.vm import Vm
     monkeypatch.setattr(Vm, "run", lambda self, **kw: RunResult(StopReason.ERROR, message="unsupported thing"))
     status, _, err = run_cli(capfd, "run", HELLO, "--serial", "none")
     assert status == 14 and "unsupported thing" in one_line(err)
@@ -182,7 +182,7 @@ def test_runloop_timeout_on_fresh_code_fires_within_half_a_second():
 
 def test_cli_table_row_130_sigint(tmp_path):
     k = flat(tmp_path, b"\xeb\xfe")
-    p = subprocess.Popen([sys.executable, "-m", "tools", "run", str(k), "--format", "flat", "--timeout", "30"],
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", str(k), "--format", "flat", "--timeout", "30"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.5)
     p.send_signal(2)
@@ -192,7 +192,7 @@ def test_cli_table_row_130_sigint(tmp_path):
 
 # ---------------------------------------------------------------------- broken pipes (issue 11 item 8)
 def test_cli_closed_stdout_does_not_change_guest_status():
-    p = subprocess.Popen([sys.executable, "-m", "tools", "run", HELLO], cwd=ROOT, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", HELLO], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     p.stdout.read(1)
     p.stdout.close()
@@ -204,7 +204,7 @@ def test_cli_closed_stdout_does_not_change_guest_status():
 def test_cli_closed_stderr_while_logging_does_not_change_guest_status():
     r, w = os.pipe()
     os.close(r)
-    p = subprocess.run([sys.executable, "-m", "tools", "run", HELLO, "--serial", "none", "-d", "exits"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", HELLO, "--serial", "none", "-d", "exits"], cwd=ROOT,
                        stdout=subprocess.DEVNULL, stderr=w, timeout=60)
     os.close(w)
     assert p.returncode == 1
@@ -299,7 +299,7 @@ def test_open_bus_gdt_beyond_ram_loads_all_ones_descriptor():
 
 # ---------------------------------------------------------------------- console input pacing
 def test_vm_feed_input_paces_to_the_receiver_room():
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
     with Vm(16 << 20, serial=None) as vm:
         vm.post_input(b"ab\r")
         vm.feed_input()
@@ -442,7 +442,7 @@ def _pty_run(tmp_path, keys: list[bytes], *extra):
     k = flat(tmp_path, asm(ECHO_GUEST, 0x100000), "echo.bin")
     master, slave = pty.openpty()
     before = termios.tcgetattr(slave)[3]
-    p = subprocess.Popen([sys.executable, "-m", "tools", "run", str(k), "--flat-addr", "0x100000",
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", str(k), "--flat-addr", "0x100000",
                           "--flat-mode", "protected32", "--timeout", "60", *extra],
                          cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
     out = b""

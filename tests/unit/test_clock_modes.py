@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from emu.errors import ConfigError
-from emu.exits import DeadlineExit, HltExit
+from vmlab.emu.errors import ConfigError
+from vmlab.emu.exits import DeadlineExit, HltExit
 from support import Machine, asm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -181,7 +181,7 @@ def test_switching_back_to_the_virtual_clock_counts_again(machine):
 
 
 def test_unknown_clock_is_refused(machine):
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
     with pytest.raises(ConfigError):
         machine.cpu.set_clock("tsc")
     with pytest.raises(ConfigError):
@@ -189,8 +189,8 @@ def test_unknown_clock_is_refused(machine):
 
 
 def test_vm_host_clock_max_insns_is_a_time_budget():
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     vm = Vm(16 << 20, serial=None, clock="host")
     try:
         code = asm("l: inc rax\n jmp l", CODE, 64)
@@ -205,9 +205,9 @@ def test_vm_host_clock_max_insns_is_a_time_budget():
 
 def test_host_clock_block_logs_still_see_blocks():
     import io
-    from emu.loaders import load
-    from vmm.log import DebugLog
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.log import DebugLog
+    from vmlab.vmm.vm import Vm
     out = io.StringIO()
     vm = Vm(16 << 20, serial=None, log=DebugLog.parse("in_asm", out), clock="host")
     try:
@@ -223,9 +223,9 @@ def test_host_clock_block_logs_still_see_blocks():
 @pytest.mark.parametrize("clock", ["virtual", "host"])
 @pytest.mark.parametrize("guest", ["smc.asm", "modes.asm", "timer.asm"])
 def test_guest_passes_on_both_clocks(guest, clock):
-    from emu.loaders import load
-    from tools.asm import build
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.tools.asm import build
+    from vmlab.vmm.vm import Vm
     vm = Vm(64 << 20, serial=None, clock=clock)
     try:
         vm.load(load(str(build(ROOT / "guests" / guest)), ram_size=64 << 20))
@@ -239,7 +239,7 @@ def test_guest_passes_on_both_clocks(guest, clock):
 
 @pytest.mark.parametrize("option", [["--clock", "host"], ["--wall-clock"]])
 def test_cli_clock_host_runs_the_smc_guest(option):
-    cmd = [sys.executable, "-m", "tools", "run", str(ROOT / "guests" / "smc.asm"), "--timeout", "120"] + option
+    cmd = [sys.executable, "-m", "vmlab.tools", "run", str(ROOT / "guests" / "smc.asm"), "--timeout", "120"] + option
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
     assert p.returncode == 1, (p.returncode, p.stdout.decode()[-500:], p.stderr.decode()[-500:])
     assert b"FAIL" not in p.stdout and b"DONE" in p.stdout

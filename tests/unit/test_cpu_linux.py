@@ -1,8 +1,8 @@
 """What the CPU model tells Linux (issue 13): the TSC rate in CPUID 15H/16H
 and IA32_ARCH_CAPABILITIES with the "not affected" bits, so the kernel needs
 no PIT calibration and patches in no mitigation (the ITS return thunks)."""
-from emu.cpuid import TSC_HZ, CpuidModel
-from emu.msr import IA32_ARCH_CAPABILITIES, MsrFault, MsrModel
+from vmlab.emu.cpuid import TSC_HZ, CpuidModel
+from vmlab.emu.msr import IA32_ARCH_CAPABILITIES, MsrFault, MsrModel
 
 ITS_NO, MDS_NO, RDCL_NO = 1 << 62, 1 << 5, 1 << 0
 

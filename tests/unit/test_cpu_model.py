@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from emu import cpuid as C
-from emu import cpuprobe as P
+from vmlab.emu import cpuid as C
+from vmlab.emu import cpuprobe as P
 from tests.support import Machine, asm, gate64
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_cpu_model_advertised_feature_runs_without_ud(f):
 def test_cpu_model_probe_on_haswell_engine_clears_smap_from_cpuid_and_cr4():
     """Unicorn's Haswell model raises #UD for CLAC/STAC: the probe clears
     CPUID.(7,0):EBX.SMAP[20] and CR4.SMAP becomes reserved."""
-    from emu import x86
+    from vmlab.emu import x86
     assert "smap" in P.failing_features("haswell")
     model = C.CpuidModel(unicorn_model="haswell")
     assert not model.advertises("smap") and model.advertises("smep")
@@ -93,8 +93,8 @@ def test_cpu_model_probe_on_haswell_engine_clears_smap_from_cpuid_and_cr4():
 
 def _cpuid_guest(leaf: int, model) -> int:
     """EBX/ECX of CPUID(leaf, 0) as a long-mode guest on a Vm with this model sees it."""
-    from emu.loaders import load
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.vmm.vm import Vm
     code = asm(f"mov eax, {leaf}; xor ecx, ecx; cpuid; hlt", 0x100000, 64)
     with Vm(16 << 20, serial=None, cpuid=model) as vm:
         vm.load(load(code, fmt="flat", ram_size=16 << 20, flat_addr=0x100000, flat_mode="long64"))
@@ -143,7 +143,7 @@ def test_cpu_model_mtrr_msrs_follow_mtrrcap():
     """CPUID.1:EDX.MTRR: IA32_MTRRCAP reports 8 variable ranges, fixed ranges
     and WC (SDM Vol. 3A 12.11.2.1); the variable and fixed MTRRs and
     IA32_MTRR_DEF_TYPE exist and round-trip; MTRRCAP is read-only."""
-    from emu.msr import IA32_MTRR_DEF_TYPE, IA32_MTRR_FIX64K_00000, IA32_MTRR_PHYSBASE0, IA32_MTRRCAP, MsrFault
+    from vmlab.emu.msr import IA32_MTRR_DEF_TYPE, IA32_MTRR_FIX64K_00000, IA32_MTRR_PHYSBASE0, IA32_MTRRCAP, MsrFault
     m = Machine()
     try:
         msrs = m.vm.msrs
@@ -162,7 +162,7 @@ def test_cpu_model_mtrr_msrs_follow_mtrrcap():
 
 
 def test_cli_cpu_help_lists_models_cleared_features_and_advertised_bits():
-    p = subprocess.run([sys.executable, "-m", "tools", "run", "--cpu", "help"], cwd=ROOT, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", "--cpu", "help"], cwd=ROOT, capture_output=True,
                        timeout=120, text=True)
     assert p.returncode == 0, p.stderr
     out = p.stdout
@@ -175,6 +175,6 @@ def test_cli_cpu_help_lists_models_cleared_features_and_advertised_bits():
 
 
 def test_cli_cpu_unknown_model_is_usage_status_2():
-    p = subprocess.run([sys.executable, "-m", "tools", "run", "--cpu", "pentium9", "guests/hello.asm"], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", "--cpu", "pentium9", "guests/hello.asm"], cwd=ROOT,
                        capture_output=True, timeout=120, text=True)
     assert p.returncode == 2 and "unknown CPU model 'pentium9'" in p.stderr

@@ -16,13 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu.loaders import load
-from tools.asm import build
-from tools.debugger import Debugger
-from tools.debugrepl import execute, run_repl
-from tools.gdbstub import GdbServer, PacketReader, frame
-from tools.symbols import load_symbols
-from vmm.vm import Vm
+from vmlab.emu.loaders import load
+from vmlab.tools.asm import build
+from vmlab.tools.debugger import Debugger
+from vmlab.tools.debugrepl import execute, run_repl
+from vmlab.tools.gdbstub import GdbServer, PacketReader, frame
+from vmlab.tools.symbols import load_symbols
+from vmlab.vmm.vm import Vm
 
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = ROOT / "guests" / "hello.asm"
@@ -44,7 +44,7 @@ def repl(dbg, script: str) -> str:
 def test_repl_stdin_batch_hello_breakpoint_step_registers_stable_output():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     script = "b puts\nc\ninfo registers rip\nsi\nx/2xb 0x7c00\ninfo breakpoints\ndelete\nc\n"
-    p = subprocess.run([sys.executable, "-m", "tools", "debug", str(HELLO), "--serial", "none"], input=script,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "debug", str(HELLO), "--serial", "none"], input=script,
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert p.returncode == 1, p.stderr          # the guest's own status after the last continue
     assert p.stdout.splitlines() == [
@@ -155,7 +155,7 @@ def _spin_image(tmp_path) -> str:
 
 
 def test_vmx_harness_break_exit_exits_and_vmcs(vmx):
-    from vmm.exit_reasons import ExitReason
+    from vmlab.vmm.exit_reasons import ExitReason
     g = vmx("mov eax, 1\ncpuid\nmov eax, 2\ncpuid\nvmcall\n", mode="long64")
     g.use_default_handlers()
     dbg = Debugger(g)
@@ -255,7 +255,7 @@ needs_gdb = pytest.mark.skipif(GDB is None, reason="gdb is not installed (tools/
 
 def _vmlab_gdb(src: Path, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "tools", "run", str(src), "--serial", "none", "-gdb", "tcp::0",
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", str(src), "--serial", "none", "-gdb", "tcp::0",
                           "-S", *extra], cwd=ROOT, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                          text=True)
     line = p.stderr.readline()

@@ -33,7 +33,7 @@ def elf_kernel(tmp_path_factory):
 
 def test_debugger_elf_symbols_break_on_a_function_and_print_func_plus_offset(elf_kernel):
     script = "b helper\nc\ninfo symbol $pc\nc\nx/2i $pc\ninfo breakpoints\nquit\n"
-    proc = subprocess.run([sys.executable, "-m", "tools", "debug", str(elf_kernel), "--format", "elf64", "--batch"],
+    proc = subprocess.run([sys.executable, "-m", "vmlab.tools", "debug", str(elf_kernel), "--format", "elf64", "--batch"],
                           input=script, capture_output=True, text=True, timeout=60)
     out = proc.stdout
     assert "Breakpoint 1 at 0x200000 <helper>" in out, out + proc.stderr

@@ -23,11 +23,11 @@ import collections
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from emu import softmmu as sm
-from emu.native import ffi, lib
+from vmlab.emu import softmmu as sm
+from vmlab.emu.native import ffi, lib
 from tests.strategies import (MODE_32, MODE_4LEVEL, MODE_NONE, MODE_PAE, MODES, control_regs,
                               map_path, nested_setups, put)
-from vmm.qualification import EptViolationQualification as Qual
+from vmlab.vmm.qualification import EptViolationQualification as Qual
 
 RAM_SIZE = 64 * 4096
 TOP = 0x1000            # guest top-level table; lower levels at 0x2000, 0x3000...
@@ -586,6 +586,6 @@ def test_ept_violation_describe_names_the_access_and_ept_entries():
 
 # ------------------------------------------------------------------ benchmark helper
 def test_bench_tlb_times_both_walkers_on_the_same_walks():
-    from tools.bench_tlb import bench_tlb
+    from vmlab.tools.bench_tlb import bench_tlb
     out = bench_tlb(n_c=2000, n_py=40)     # raises if C and Python disagree
     assert out["c_fill_ns"] > 0 and out["py_fill_ns"] > 0 and out["speedup"] > 1

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu import fastpath as fp
-from emu import trapscan
-from emu.fastpath import Policy, decide_bytes, decide_bytes_native
+from vmlab.emu import fastpath as fp
+from vmlab.emu import trapscan
+from vmlab.emu.fastpath import Policy, decide_bytes, decide_bytes_native
 
 KINDS = trapscan.KIND_BIT
 

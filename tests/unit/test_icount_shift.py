@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from emu.errors import ConfigError
-from emu.loaders import load
+from vmlab.emu.errors import ConfigError
+from vmlab.emu.loaders import load
 from tests.support import asm
-from vmm.vm import Vm
+from vmlab.vmm.vm import Vm
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BASE = 0x100000
@@ -85,7 +85,7 @@ def test_icount_shift_out_of_range_is_a_config_error():
 @pytest.mark.parametrize("value,ok", [("shift=7", True), ("3", True), ("shift=11", False), ("auto", False),
                                       ("shift=2,sleep=off", False)])
 def test_cli_icount_shift_values_run_or_give_status_2(value, ok):
-    p = subprocess.run([sys.executable, "-m", "tools", "run", "guests/hello.asm", "--serial", "none",
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", "guests/hello.asm", "--serial", "none",
                         "-icount", value], cwd=ROOT, capture_output=True, text=True, timeout=120)
     if ok:
         assert p.returncode == 1, p.stderr

@@ -2,7 +2,7 @@
 import gzip
 import stat
 
-from tools.initramfs import CpioWriter, busybox_initramfs, default_init
+from vmlab.tools.initramfs import CpioWriter, busybox_initramfs, default_init
 
 
 def parse_newc(data: bytes) -> dict:

@@ -285,7 +285,7 @@ def test_machine_runs_without_the_located_cpu_state():
     """Without the live CPU-state pointer (env NULL), native code falls back to
     context saves: same results."""
     from support import Machine, asm
-    import emu.cpu as cpu_mod
+    import vmlab.emu.cpu as cpu_mod
     m = Machine()
     m.cpu.native.env = cpu_mod.ffi.NULL
     m.boot(asm("mov ecx, 1000\n l: dec ecx\n jnz l\n int3", 0x100000, 64), 0x100000, "long64")

@@ -12,10 +12,10 @@ import unicorn
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn.x86_const import UC_X86_REG_RAX
 
-from emu import qemu_state as qs
-from emu.errors import ClosedError, NativeError
-from emu.memory import GuestMemory
-from vmm.vm import Vm
+from vmlab.emu import qemu_state as qs
+from vmlab.emu.errors import ClosedError, NativeError
+from vmlab.emu.memory import GuestMemory
+from vmlab.vmm.vm import Vm
 
 
 def _release(uc: Uc) -> None:
@@ -135,7 +135,7 @@ def test_vm_on_another_unicorn_release_refuses_to_start(monkeypatch):
 
 
 def test_cli_on_another_unicorn_release_prints_one_line(monkeypatch, capsys):
-    from tools import cli
+    from vmlab.tools import cli
     monkeypatch.setattr(unicorn, "__version__", "2.0.1")
     status = cli.main(["run", "guests/hello.asm", "--serial", "none"])
     err = capsys.readouterr().err
@@ -185,8 +185,8 @@ def test_with_statement_closes_the_vm_on_exit_and_on_error():
 
 
 def test_dropped_vm_without_close_frees_ram_with_gc_disabled():
-    from emu.loaders import load, read_image
-    from tools.asm import build
+    from vmlab.emu.loaders import load, read_image
+    from vmlab.tools.asm import build
     data = read_image(str(build("guests/hello.asm")))
     was_enabled = gc.isenabled()
     gc.disable()
@@ -203,8 +203,8 @@ def test_dropped_vm_without_close_frees_ram_with_gc_disabled():
 
 
 def test_vcpu_close_frees_native_state_and_engine():
-    from emu.cpu import Vcpu
-    from emu.native import ffi
+    from vmlab.emu.cpu import Vcpu
+    from vmlab.emu.native import ffi
     mem = GuestMemory(4 << 20)
     cpu = Vcpu(mem)
     v, uc = cpu.native, cpu.uc
@@ -216,7 +216,7 @@ def test_vcpu_close_frees_native_state_and_engine():
 
 
 def test_harness_close_guests_closes_what_vmx_guest_made():
-    from vmm import harness
+    from vmlab.vmm import harness
     g = harness.vmx_guest("hlt")
     mem = g.vm.mem
     assert harness.close_guests() >= 1

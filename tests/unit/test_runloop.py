@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from emu import x86
-from emu.cpu import EptFault, GuestFault
-from emu.events import Event
-from emu import exits as E
-from emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, HltExit, InternalErrorExit, IoExit,
+from vmlab.emu import x86
+from vmlab.emu.cpu import EptFault, GuestFault
+from vmlab.emu.events import Event
+from vmlab.emu import exits as E
+from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, ShutdownExit, TrapExit, TrapKind)
-from vmm import runloop
-from vmm.runloop import (HALT, HANDLED, Deliver, Handled, Intercepted, Stop, StopReason, _apply, handle_exit,
+from vmlab.vmm import runloop
+from vmlab.vmm.runloop import (HALT, HANDLED, Deliver, Handled, Intercepted, Stop, StopReason, _apply, handle_exit,
                          platform)
 
 
@@ -261,6 +261,6 @@ def test_stop_reasons_are_the_documented_words():
 
 
 def test_trap_kinds_match_the_native_bit_numbers():
-    from emu.cpu import TRAP_KINDS
+    from vmlab.emu.cpu import TRAP_KINDS
     assert {k.value for k in TrapKind} == set(TRAP_KINDS)
     assert runloop.IDLE_LIMIT_NS > 0

@@ -53,8 +53,8 @@ from unicorn.x86_const import (UC_CPU_X86_BROADWELL, UC_X86_REG_CR0, UC_X86_REG_
                                UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_EAX, UC_X86_REG_EBX,
                                UC_X86_REG_EFLAGS, UC_X86_REG_MSR, UC_X86_REG_RAX, UC_X86_REG_RBX)
 
-from emu import softmmu as sm
-from emu.qemu_state import verified_layout
+from vmlab.emu import softmmu as sm
+from vmlab.emu.qemu_state import verified_layout
 from tests.strategies import (LAYOUT, MODE_32, MODE_32_PSE, MODE_4LEVEL, MODE_5LEVEL, MODE_PAE,
                               PATTERN, PagingSetup, control_regs, map_path, paging_setups)
 from tests.unit.test_softmmu_twin import c_walk

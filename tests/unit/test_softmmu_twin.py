@@ -25,9 +25,9 @@ import collections
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from emu import softmmu as sm
-from emu.memory import GuestMemory
-from emu.native import ffi, lib
+from vmlab.emu import softmmu as sm
+from vmlab.emu.memory import GuestMemory
+from vmlab.emu.native import ffi, lib
 from tests.strategies import (MODE_32, MODE_32_PSE, MODE_4LEVEL, MODE_5LEVEL, MODE_NONE, MODE_PAE,
                               MODES, control_regs, map_path, paging_setups, put)
 

@@ -3,7 +3,7 @@ invalidation by stores to code, mode-keyed entries, -d in_asm/exec/tb logs."""
 import io
 
 from support import Machine, asm
-from vmm.log import DebugLog
+from vmlab.vmm.log import DebugLog
 
 
 def _boot64(m, body):
@@ -63,8 +63,8 @@ def test_same_bytes_in_16_32_64_bit_mode_are_three_blocks():
 
 def test_in_asm_and_tb_logs_print_blocks_and_invalidations():
     out = io.StringIO()
-    from vmm.vm import Vm
-    from emu.loaders import load
+    from vmlab.vmm.vm import Vm
+    from vmlab.emu.loaders import load
     vm = Vm(16 << 20, serial=None, log=DebugLog.parse("in_asm,tb", out))
     code = asm("""
         mov rbx, patch
@@ -86,9 +86,9 @@ def test_modes_guest_registers_one_block_per_mode_for_the_same_bytes():
     """guests/modes.asm runs one byte string as 16-, 32- and 64-bit code: the
     registry holds three blocks at that physical address, decoded three ways."""
     import pathlib
-    from emu.loaders import load
-    from tools.asm import build
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.tools.asm import build
+    from vmlab.vmm.vm import Vm
     root = pathlib.Path(__file__).resolve().parents[2]
     image = build(root / "guests" / "modes.asm")
     data = image.read_bytes()

@@ -11,8 +11,8 @@ from capstone import x86_const as CX
 from hypothesis import HealthCheck, given, settings, strategies as st
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
 
-from emu import trapscan as T
-from emu.native import ffi, lib
+from vmlab.emu import trapscan as T
+from vmlab.emu.native import ffi, lib
 
 MODES = (16, 32, 64)
 LEGACY_PREFIXES = (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3)
@@ -28,12 +28,12 @@ def native_scan(code: bytes, length: int, limit: int, mode64: bool, kinds: int, 
 
 # ---------------------------------------------------------------- one source
 def test_trap_table_header_matches_generator_output():
-    assert T.TABLE_PATH.read_text() == T.c_table(), "native/trap_table.h is stale: python -m emu.trapscan --write"
+    assert T.TABLE_PATH.read_text() == T.c_table(), "native/trap_table.h is stale: python -m vmlab.emu.trapscan --write"
 
 
 def test_trap_kind_numbering_is_the_same_in_c_python_and_exits():
-    from emu.cpu import TRAP_KINDS
-    from emu.exits import TrapKind
+    from vmlab.emu.cpu import TRAP_KINDS
+    from vmlab.emu.exits import TrapKind
     assert TRAP_KINDS == T.KIND_BIT
     assert {str(k) for k in TrapKind} == set(T.KIND_NAMES)
     for name, bit in T.KIND_BIT.items():
@@ -438,7 +438,7 @@ def _boot32(code: bytes):
 
 
 def test_trap_exit_stale_site_is_dropped_and_returns_retry_exit():
-    from emu.exits import HltExit, MsrExit, RetryExit
+    from vmlab.emu.exits import HltExit, MsrExit, RetryExit
     m = _boot32(bytes.fromhex("b910000000" "0f32" "f4"))      # mov ecx, 0x10; rdmsr; hlt
     cpu = m.cpu
     ex = cpu.run(cpu.icount + 10_000)
@@ -453,7 +453,7 @@ def test_trap_exit_stale_site_is_dropped_and_returns_retry_exit():
 
 
 def test_trap_exit_site_that_is_no_trap_in_16_bit_code_returns_retry_exit():
-    from emu.exits import RetryExit
+    from vmlab.emu.exits import RetryExit
     from support import Machine
     m = Machine(ram=4 << 20)
     m.boot(bytes.fromhex("c5f832f4"), 0x7C00, "real")          # VEX RDMSR in 32-bit code, LDS here
@@ -466,7 +466,7 @@ def test_trap_exit_site_that_is_no_trap_in_16_bit_code_returns_retry_exit():
 @pytest.mark.parametrize("hexcode", ["f00f32", "c5f832", "c4e17832", "f00f22c0", "f0ec"])
 def test_trap_exit_lock_or_vex_form_raises_ud_instead_of_running(hexcode):
     # Unicorn 2.1.4 runs these (RDMSR, MOV CR0, IN) natively; the CPU raises #UD.
-    from emu.exits import ExceptionExit
+    from vmlab.emu.exits import ExceptionExit
     m = _boot32(bytes.fromhex("b910000000" + hexcode + "f4"))
     ex = m.cpu.run(m.cpu.icount + 10_000)
     assert isinstance(ex, ExceptionExit) and ex.vector == 6 and ex.rip == 0x100005, ex
@@ -476,7 +476,7 @@ def test_trap_exit_lock_or_vex_form_raises_ud_instead_of_running(hexcode):
                                   "invept eax, [0x1234]"])
 def test_decode_site_invept_family_in_16_bit_code_gets_operands_despite_capstone_gap(text):
     from types import SimpleNamespace
-    from emu.decode import decode_site, site_exit
+    from vmlab.emu.decode import decode_site, site_exit
     enc = bytes(_KS[16].asm(text, 0x7C00)[0])
     cpu = SimpleNamespace(mode_bits=16, regs=SimpleNamespace(rip=0x7C00), trap_kinds=frozenset({"vmx", "invpcid"}),
                           read_linear=lambda lin, n, implicit=False: (enc + b"\x90" * 15)[:n])

@@ -4,7 +4,7 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from devices.acpi import SleepControl, aml_pkglength, build_tables, eisa_id
+from vmlab.devices.acpi import SleepControl, aml_pkglength, build_tables, eisa_id
 
 BASE = 0xE0000
 

@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from devices.bus import IO_LIMIT, MMIO_LIMIT, UNCLAIMED_TRACK_LIMIT, Bus, BusDevice
-from devices.errors import BusError
+from vmlab.devices.bus import IO_LIMIT, MMIO_LIMIT, UNCLAIMED_TRACK_LIMIT, Bus, BusDevice
+from vmlab.devices.errors import BusError
 
 
 class Recorder:

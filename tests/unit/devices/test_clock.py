@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from devices.clock import Clock, ManualClock, TimerQueue
-from devices.errors import DeviceError
+from vmlab.devices.clock import Clock, ManualClock, TimerQueue
+from vmlab.devices.errors import DeviceError
 
 
 def test_clock_now_reads_source():

@@ -2,8 +2,8 @@
 
 import pytest
 
-from devices.bus import IO_LIMIT, Bus
-from devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
+from vmlab.devices.bus import IO_LIMIT, Bus
+from vmlab.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE, DebugExit
 
 
 def make():

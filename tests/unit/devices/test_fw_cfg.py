@@ -4,9 +4,9 @@ import struct
 
 import pytest
 
-from devices.bus import IO_LIMIT, Bus
-from devices.errors import DeviceError
-from devices.fw_cfg import (FW_CFG_CMDLINE_DATA, FW_CFG_CMDLINE_SIZE,
+from vmlab.devices.bus import IO_LIMIT, Bus
+from vmlab.devices.errors import DeviceError
+from vmlab.devices.fw_cfg import (FW_CFG_CMDLINE_DATA, FW_CFG_CMDLINE_SIZE,
                             FW_CFG_FILE_DIR, FW_CFG_ID, FW_CFG_IO_BASE,
                             FW_CFG_IO_SIZE, FW_CFG_MAX_CPUS, FW_CFG_NB_CPUS,
                             FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE, FwCfg)

@@ -1,5 +1,5 @@
 """I/O APIC register model (devices/ioapic.py; Intel 82093AA datasheet §3)."""
-from devices.ioapic import IOAPIC_PINS, IoApic, IsaIrqRouter
+from vmlab.devices.ioapic import IOAPIC_PINS, IoApic, IsaIrqRouter
 
 LEVEL, MASKED, LOW, RIRR = 1 << 15, 1 << 16, 1 << 13, 1 << 14
 

@@ -2,9 +2,9 @@
 
 from hypothesis import given, settings, strategies as st
 
-from devices.bus import MMIO_LIMIT, Bus
-from devices.clock import ManualClock, TimerQueue
-from devices.lapic import APIC_DEFAULT_BASE, LocalApic
+from vmlab.devices.bus import MMIO_LIMIT, Bus
+from vmlab.devices.clock import ManualClock, TimerQueue
+from vmlab.devices.lapic import APIC_DEFAULT_BASE, LocalApic
 
 BASE = 0xFEE00000
 ID, VER, TPR, APR, PPR, EOI, LDR, DFR, SVR = (0x20, 0x30, 0x80, 0x90, 0xA0,

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from devices.pc_testdev import IOMEM_BASE, IOMEM_LEN, PcTestdev
-from devices.bus import Bus
-from tools import virtio_opts
+from vmlab.devices.pc_testdev import IOMEM_BASE, IOMEM_LEN, PcTestdev
+from vmlab.devices.bus import Bus
+from vmlab.tools import virtio_opts
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 GUEST = ROOT / "guests" / "devices" / "pc_testdev.asm"
@@ -62,9 +62,9 @@ def test_pc_testdev_flush_port_accepts_writes_and_reads_zero(dev):
 
 
 def _run_guest(with_device: bool):
-    from emu.loaders import load
-    from tools.asm import build
-    from vmm.vm import Vm
+    from vmlab.emu.loaders import load
+    from vmlab.tools.asm import build
+    from vmlab.vmm.vm import Vm
     with Vm(64 << 20, serial=None) as vm:
         specs = virtio_opts.parse([], ["pc-testdev"] if with_device else [])
         virtio_opts.attach(vm, specs)
@@ -96,19 +96,19 @@ def test_pc_testdev_spec_takes_no_slot_and_no_parameters():
 @pytest.mark.qemu
 @pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not on PATH")
 def test_pc_testdev_guest_passes_on_qemu():
-    from tools import guestbuild
+    from vmlab.tools import guestbuild
     run = guestbuild.run_qemu(GUEST, timeout=20, extra_args=("-device", "pc-testdev"))
     assert run.status == 1 and not run.fails and len(run.passes) == 14, run.output[-3000:]
 
 
 def _cli_has_device_option() -> bool:
-    from tools.cli import build_parser
+    from vmlab.tools.cli import build_parser
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     return any("-device" in a.option_strings for a in run._actions)
 
 
 @pytest.mark.skipif(not _cli_has_device_option(), reason="this vmlab run has no -device option yet")
 def test_cli_device_pc_testdev_guest_passes():
-    p = subprocess.run([sys.executable, "-m", "tools", "run", str(GUEST), "-device", "pc-testdev", "--timeout", "60"],
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", str(GUEST), "-device", "pc-testdev", "--timeout", "60"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "FAIL" not in p.stdout, (p.stdout[-2000:], p.stderr)

@@ -2,9 +2,9 @@
 
 from hypothesis import given, settings, strategies as st
 
-from devices.bus import IO_LIMIT, Bus
-from devices.irq import IrqLine, line_to
-from devices.pic8259 import Pic8259Pair
+from vmlab.devices.bus import IO_LIMIT, Bus
+from vmlab.devices.irq import IrqLine, line_to
+from vmlab.devices.pic8259 import Pic8259Pair
 
 
 class Machine:

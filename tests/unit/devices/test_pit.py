@@ -4,10 +4,10 @@ import math
 
 from hypothesis import given, settings, strategies as st
 
-from devices.bus import IO_LIMIT, Bus
-from devices.clock import ManualClock, TimerQueue
-from devices.irq import IrqLine
-from devices.pit8254 import PIT_FREQ, Pit8254
+from vmlab.devices.bus import IO_LIMIT, Bus
+from vmlab.devices.clock import ManualClock, TimerQueue
+from vmlab.devices.irq import IrqLine
+from vmlab.devices.pit8254 import PIT_FREQ, Pit8254
 
 NS = 1_000_000_000
 

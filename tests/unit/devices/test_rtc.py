@@ -1,7 +1,7 @@
 """CMOS RTC/NVRAM (devices/rtc.py; MC146818A registers) on a fake clock."""
 import calendar
 
-from devices.rtc import DEFAULT_EPOCH, CmosRtc
+from vmlab.devices.rtc import DEFAULT_EPOCH, CmosRtc
 
 
 class Clock:

@@ -2,9 +2,9 @@
 
 from hypothesis import given, settings, strategies as st
 
-from devices.bus import IO_LIMIT, Bus
-from devices.irq import IrqLine
-from devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
+from vmlab.devices.bus import IO_LIMIT, Bus
+from vmlab.devices.irq import IrqLine
+from vmlab.devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
 
 BASE = 0x3F8
 RBR = THR = DLL = BASE

@@ -2,8 +2,8 @@
 
 import pytest
 
-from emu.loaders import LoaderConfigError, LoaderFormatError, load
-from emu.loaders.bootsector import load_bootsector
+from vmlab.emu.loaders import LoaderConfigError, LoaderFormatError, load
+from vmlab.emu.loaders.bootsector import load_bootsector
 
 RAM = 1 << 20
 

@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from emu.loaders import LoaderConfigError, LoaderFormatError, load
-from emu.loaders.x86 import GDT_SEL_CODE32, GDT_SEL_CODE64, GDT_SEL_DATA
+from vmlab.emu.loaders import LoaderConfigError, LoaderFormatError, load
+from vmlab.emu.loaders.x86 import GDT_SEL_CODE32, GDT_SEL_CODE64, GDT_SEL_DATA
 
 from .elfbuild import (EM_AARCH64, ET_DYN, PF_R, PF_W, GuestView, Seg, assert_plan_sane,
                        build_elf, decode_mbi, multiboot_header)

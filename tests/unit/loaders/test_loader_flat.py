@@ -4,8 +4,8 @@ import struct
 
 import pytest
 
-from emu.loaders import LoaderConfigError, load
-from emu.loaders.x86 import GDT_ENTRIES
+from vmlab.emu.loaders import LoaderConfigError, load
+from vmlab.emu.loaders.x86 import GDT_ENTRIES
 
 from .elfbuild import GuestView, assert_plan_sane
 

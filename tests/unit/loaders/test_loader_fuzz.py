@@ -5,8 +5,8 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu.errors import LoaderError
-from emu.loaders import BootImage, load
+from vmlab.emu.errors import LoaderError
+from vmlab.emu.loaders import BootImage, load
 
 from .elfbuild import PF_R, PF_W, Seg, assert_plan_sane, build_elf, multiboot_header
 

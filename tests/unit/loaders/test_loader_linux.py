@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emu.loaders import LoaderConfigError, LoaderError, LoaderFormatError, detect_format, load
-from emu.loaders.linux import (ACPI_RSDP_ADDR, BOOT_CS, BOOT_DS, HVM_START_MAGIC, e820_map, load_bzimage,
+from vmlab.emu.loaders import LoaderConfigError, LoaderError, LoaderFormatError, detect_format, load
+from vmlab.emu.loaders.linux import (ACPI_RSDP_ADDR, BOOT_CS, BOOT_DS, HVM_START_MAGIC, e820_map, load_bzimage,
                                load_pvh, pvh_entry)
 
 from .elfbuild import GuestView, Seg, build_elf
@@ -199,7 +199,7 @@ def test_load_linux_two_initrds_is_config_error():
 # --------------------------------------------------------------------------- entry state on a Vm
 
 def test_bzimage_entry_state_on_the_machine_matches_the_64bit_protocol():
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
     img = load(bzimage(), ram_size=RAM, cmdline="x")
     with Vm(RAM, serial=None) as vm:
         vm.load(img)
@@ -213,7 +213,7 @@ def test_bzimage_entry_state_on_the_machine_matches_the_64bit_protocol():
 
 
 def test_pvh_entry_state_on_the_machine_is_flat_32bit_paging_off():
-    from vmm.vm import Vm
+    from vmlab.vmm.vm import Vm
     img = load(pvh_elf(), ram_size=RAM)
     with Vm(RAM, serial=None) as vm:
         vm.load(img)

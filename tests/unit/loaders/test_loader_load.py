@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from emu.errors import EmuError, LoaderError
-from emu.loaders import (LoaderConfigError, LoaderFileError, LoaderFormatError, detect_format,
+from vmlab.emu.errors import EmuError, LoaderError
+from vmlab.emu.loaders import (LoaderConfigError, LoaderFileError, LoaderFormatError, detect_format,
                          load)
 
 from .elfbuild import Seg, build_elf, multiboot_header

@@ -2,8 +2,8 @@
 
 import pytest
 
-from emu.errors import LoaderError
-from emu.loaders import LoaderConfigError, LoaderFormatError, load
+from vmlab.emu.errors import LoaderError
+from vmlab.emu.loaders import LoaderConfigError, LoaderFormatError, load
 
 from .elfbuild import (EM_X86_64, PT_NOTE, GuestView, Seg, assert_plan_sane, build_elf,
                        decode_mbi, multiboot_header)

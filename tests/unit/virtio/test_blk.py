@@ -6,14 +6,14 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from devices.backends.block import Overlay, RawFile, open_image
-from devices.virtio.blk import (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+from vmlab.devices.backends.block import Overlay, RawFile, open_image
+from vmlab.devices.virtio.blk import (VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
                                 VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
                                 VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
                                 VIRTIO_BLK_T_WRITE_ZEROES, VirtioBlk)
-from devices.virtio.device import DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1
-from devices.virtio.mmio import MmioTransport
-from emu.memory import GuestMemory
+from vmlab.devices.virtio.device import DEVICE_NEEDS_RESET, VIRTIO_F_VERSION_1
+from vmlab.devices.virtio.mmio import MmioTransport
+from vmlab.emu.memory import GuestMemory
 from virtio_driver import FakeIrq, MockDriver, RecordingMemory, mmio_init
 
 SECTORS = 64

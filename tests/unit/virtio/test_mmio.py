@@ -3,10 +3,10 @@ negotiation, the status state machine, queues, notifications and interrupts,
 DEVICE_NEEDS_RESET on a broken ring."""
 import pytest
 
-from devices.virtio.device import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK,
+from vmlab.devices.virtio.device import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK,
                                    VIRTIO_F_VERSION_1, VirtioDevice)
-from devices.virtio.mmio import MAGIC, MmioTransport
-from emu.memory import GuestMemory
+from vmlab.devices.virtio.mmio import MAGIC, MmioTransport
+from vmlab.emu.memory import GuestMemory
 from virtio_driver import FakeIrq, MockDriver, mmio_init
 
 

@@ -8,13 +8,13 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from devices.backends.net import Hub, NetBackend
-from devices.virtio.device import DEVICE_NEEDS_RESET
-from devices.virtio.mmio import MmioTransport
-from devices.virtio.net import (HDR_LEN, RX_BACKLOG, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+from vmlab.devices.backends.net import Hub, NetBackend
+from vmlab.devices.virtio.device import DEVICE_NEEDS_RESET
+from vmlab.devices.virtio.mmio import MmioTransport
+from vmlab.devices.virtio.net import (HDR_LEN, RX_BACKLOG, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
                                 VIRTIO_NET_F_STATUS, VirtioNet, format_mac, parse_mac)
-from devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from emu.memory import GuestMemory
+from vmlab.devices.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from vmlab.emu.memory import GuestMemory
 from virtio_driver import FakeIrq, MockDriver, RecordingMemory, mmio_init
 
 RAM = 1 << 20
@@ -292,7 +292,7 @@ def _recv(backend, want, seconds=5.0):
 def test_udp_backend_pair_exchanges_raw_frames():
     """QEMU's -netdev dgram wire format: one datagram = one whole frame, nothing else."""
     import socket
-    from devices.backends.net import UdpSocket
+    from vmlab.devices.backends.net import UdpSocket
     pa, pb = _free_udp_port(), _free_udp_port()
     a = UdpSocket(("127.0.0.1", pa), ("127.0.0.1", pb))
     b = UdpSocket(("127.0.0.1", pb), ("127.0.0.1", pa))
@@ -309,7 +309,7 @@ def test_udp_backend_pair_exchanges_raw_frames():
 
 
 def test_udp_backend_bad_address_one_error():
-    from devices.backends.net import NetBackendError, UdpSocket
+    from vmlab.devices.backends.net import NetBackendError, UdpSocket
     with pytest.raises(NetBackendError, match="cannot resolve"):
         UdpSocket(("no such host.invalid", 1), ("127.0.0.1", 2))
 
@@ -320,7 +320,7 @@ def test_udp_backend_through_qemu_dgram_hub_arrives_intact():
     second vmlab UdpSocket, byte for byte, both ways."""
     import shutil
     import subprocess
-    from devices.backends.net import UdpSocket
+    from vmlab.devices.backends.net import UdpSocket
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed (tools/install-system-deps.sh)")
@@ -362,7 +362,7 @@ def _pcap_records(path):
 
 
 def test_capture_writes_both_directions_to_pcap(ram, tmp_path):
-    from devices.backends.net import Capture
+    from vmlab.devices.backends.net import Capture
     cap = Capture(Sink(), str(tmp_path / "n.pcap"), maxlen=100)
     r = Rig(ram, backend=cap)
     r.give_rx(1)
@@ -376,7 +376,7 @@ def test_capture_writes_both_directions_to_pcap(ram, tmp_path):
 def test_capture_tshark_reads_frames(ram, tmp_path):
     import shutil
     import subprocess
-    from devices.backends.net import Capture
+    from vmlab.devices.backends.net import Capture
     tshark = shutil.which("tshark")
     if tshark is None:
         pytest.skip("tshark is not installed (tools/install-system-deps.sh)")

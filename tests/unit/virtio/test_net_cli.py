@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tools import virtio_opts
-from tools.virtio_opts import DriveSpec, NicSpec, OptionError
+from vmlab.tools import virtio_opts
+from vmlab.tools.virtio_opts import DriveSpec, NicSpec, OptionError
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 DGRAM = ("dgram,id=n1,local.type=inet,local.host=127.0.0.1,local.port=5555,remote.type=inet,"
@@ -35,8 +35,8 @@ def _cli_has_device_option() -> bool:
     """QEMU's -device spelling lands with the CLI work of issue 10; until the
     CLI parses it, the -device cases cannot run."""
     import inspect
-    import tools.cli
-    return '"-device"' in inspect.getsource(tools.cli)
+    import vmlab.tools.cli
+    return '"-device"' in inspect.getsource(vmlab.tools.cli)
 
 
 needs_device = pytest.mark.skipif(not _cli_has_device_option(),
@@ -75,7 +75,7 @@ def test_net_opts_bad_value_one_clear_error(devices, netdevs, objects, text):
     (["-netdev", "hub,id=h", "-object", "filter-dump,id=f,netdev=h"], "file= is required"),
 ])
 def test_cli_netdev_bad_value_one_line_status_2(extra, text):
-    p = subprocess.run([sys.executable, "-m", "tools", "run", "guests/hello.asm", *extra], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "run", "guests/hello.asm", *extra], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and text in p.stderr and "Traceback" not in p.stderr

@@ -7,10 +7,10 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from devices.virtio.queue import (MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
+from vmlab.devices.virtio.queue import (MAX_INDIRECT, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
                                   VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Chain, ChainError, QueueError,
                                   SplitQueue, vring_need_event)
-from emu.memory import GuestMemory
+from vmlab.emu.memory import GuestMemory
 from virtio_driver import MockDriver, RecordingMemory
 
 RAM = 1 << 20

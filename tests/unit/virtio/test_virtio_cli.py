@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from tools.cguest import have_gcc
+from vmlab.tools.cguest import have_gcc
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 def vmlab(*args):
-    return subprocess.run([sys.executable, "-m", "tools", "run", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vmlab.tools", "run", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 

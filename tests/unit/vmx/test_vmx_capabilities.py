@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 from hypothesis import given, strategies as st
 
-from emu.cpuid import CpuidModel
-from vmm import capabilities as C
-from vmm.capabilities import VmxCapabilities
-from vmm.controls import (ENTRY_DEFAULT1, EXIT_DEFAULT1, PIN_DEFAULT1, PROC_DEFAULT1, PinBasedControls,
+from vmlab.emu.cpuid import CpuidModel
+from vmlab.vmm import capabilities as C
+from vmlab.vmm.capabilities import VmxCapabilities
+from vmlab.vmm.controls import (ENTRY_DEFAULT1, EXIT_DEFAULT1, PIN_DEFAULT1, PROC_DEFAULT1, PinBasedControls,
                           PrimaryProcBasedControls, SecondaryProcBasedControls, VmEntryControls, VmExitControls)
-from vmm.vmcs import MAX_FIELD_INDEX, VmInstructionFault
+from vmlab.vmm.vmcs import MAX_FIELD_INDEX, VmInstructionFault
 
 P, PP, S, X, N = PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls, VmExitControls, VmEntryControls
 LEGACY = {"pin": 0x481, "proc": 0x482, "exit": 0x483, "entry": 0x484, "proc2": 0x48B}

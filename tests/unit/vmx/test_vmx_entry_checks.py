@@ -3,16 +3,16 @@
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from emu import x86
-from vmm.capabilities import VmxCapabilities
-from vmm.controls import (EptPointer, InterruptionInfo, InterruptionType, PinBasedControls,
+from vmlab.emu import x86
+from vmlab.vmm.capabilities import VmxCapabilities
+from vmlab.vmm.controls import (EptPointer, InterruptionInfo, InterruptionType, PinBasedControls,
                           PrimaryProcBasedControls, SecondaryProcBasedControls, VmEntryControls, VmExitControls)
-from vmm.entry_checks import (MODES, EntryFailure, EntryOk, VmfailValid, baseline_vmcs, check_vm_entry,
+from vmlab.vmm.entry_checks import (MODES, EntryFailure, EntryOk, VmfailValid, baseline_vmcs, check_vm_entry,
                               fill_entry_failure)
-from vmm.errors import VmConfigError
-from vmm.exit_reasons import ExitReason, ExitReasonField, VmInstructionError
-from vmm.qualification import EntryFailureQualification
-from vmm.vmcs import FIELDS, AR_DB, AR_DPL_SHIFT, AR_G, AR_P, AR_UNUSABLE, Interruptibility, Vmcs, VmcsField
+from vmlab.vmm.errors import VmConfigError
+from vmlab.vmm.exit_reasons import ExitReason, ExitReasonField, VmInstructionError
+from vmlab.vmm.qualification import EntryFailureQualification
+from vmlab.vmm.vmcs import FIELDS, AR_DB, AR_DPL_SHIFT, AR_G, AR_P, AR_UNUSABLE, Interruptibility, Vmcs, VmcsField
 
 F = VmcsField
 P, PP, S, X, N = PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls, VmExitControls, VmEntryControls

@@ -2,10 +2,10 @@
 EPT-misconfiguration exits with SDM Table 28-7 qualifications (SDM Vol. 3C 29.3)."""
 import struct
 
-from vmm import vmcs as F
-from vmm.exit_reasons import ExitReason
-from vmm.harness import vmx_guest
-from vmm.qualification import EptViolationQualification as Q
+from vmlab.vmm import vmcs as F
+from vmlab.vmm.exit_reasons import ExitReason
+from vmlab.vmm.harness import vmx_guest
+from vmlab.vmm.qualification import EptViolationQualification as Q
 
 
 def split_first_2m(g):

@@ -5,12 +5,12 @@ import struct
 import pytest
 
 from support import gate64
-from vmm import vmcs as F
-from vmm.controls import InterruptionInfo, InterruptionType, PinBasedControls, PrimaryProcBasedControls as P
-from vmm.exit_reasons import ExitReason
-from vmm.harness import vmx_guest
-from vmm.qualification import CrAccessQualification, CrAccessType, Gpr, IoQualification
-from vmm.vmx import VmEntryFailed
+from vmlab.vmm import vmcs as F
+from vmlab.vmm.controls import InterruptionInfo, InterruptionType, PinBasedControls, PrimaryProcBasedControls as P
+from vmlab.vmm.exit_reasons import ExitReason
+from vmlab.vmm.harness import vmx_guest
+from vmlab.vmm.qualification import CrAccessQualification, CrAccessType, Gpr, IoQualification
+from vmlab.vmm.vmx import VmEntryFailed
 
 
 def run(g, n=100_000):
@@ -245,7 +245,7 @@ def test_injecting_an_external_interrupt_with_if_clear_fails_entry():
 
 
 def test_mov_dr_exiting_qualification_is_sdm_table_28_4():
-    from vmm.qualification import DrAccessQualification
+    from vmlab.vmm.qualification import DrAccessQualification
     g = vmx_guest("mov rdx, 0x400\n mov dr7, rdx\n hlt", proc=(P.MOV_DR_EXITING, 0))
     ex = run(g)
     assert ex.reason == ExitReason.DR_ACCESS
@@ -254,7 +254,7 @@ def test_mov_dr_exiting_qualification_is_sdm_table_28_4():
 
 
 def test_rdrand_exiting_and_wbinvd_exiting():
-    from vmm.controls import SecondaryProcBasedControls as S
+    from vmlab.vmm.controls import SecondaryProcBasedControls as S
     g = vmx_guest("wbinvd\n rdrand eax\n hlt", proc2=(S.WBINVD_EXITING | S.RDRAND_EXITING, 0))
     ex = run(g)
     assert ex.reason == ExitReason.WBINVD and ex.instruction_length == 2
@@ -295,7 +295,7 @@ def test_monitor_trap_flag_exits_after_each_instruction():
 
 
 def test_rep_outsb_exit_has_ins_outs_instruction_information_and_linear_address():
-    from vmm.qualification import AddressSize, InsOutsInfo, SegmentReg
+    from vmlab.vmm.qualification import AddressSize, InsOutsInfo, SegmentReg
     g = vmx_guest("mov rsi, 0x200010\n mov ecx, 4\n mov dx, 0x3f8\n .byte 0x64, 0xf3, 0x6e\n hlt")   # fs rep outsb
     ex = run(g)
     assert ex.reason == ExitReason.IO_INSTRUCTION
@@ -369,7 +369,7 @@ def test_baseline_modes_enter_and_exit(mode, code, rip, bits):
 
 
 def test_invpcid_exits_with_invlpg_exiting_and_enable_invpcid():
-    from vmm.controls import SecondaryProcBasedControls as S
+    from vmlab.vmm.controls import SecondaryProcBasedControls as S
     g = vmx_guest("xor eax, eax\n sub rsp, 16\n invpcid rax, [rsp]\n hlt",
                   proc=(P.INVLPG_EXITING, 0), proc2=(S.ENABLE_INVPCID, 0))
     ex = run(g)
@@ -377,8 +377,8 @@ def test_invpcid_exits_with_invlpg_exiting_and_enable_invpcid():
 
 
 def test_lgdt_exit_has_descriptor_table_instruction_information():
-    from vmm.controls import SecondaryProcBasedControls as S
-    from vmm.qualification import AddressSize, DescriptorTableInfo, DescriptorTableInstruction, SegmentReg
+    from vmlab.vmm.controls import SecondaryProcBasedControls as S
+    from vmlab.vmm.qualification import AddressSize, DescriptorTableInfo, DescriptorTableInstruction, SegmentReg
     g = vmx_guest("mov rbx, 0x200000\n mov rcx, 2\n lgdt [rbx + rcx*4 + 0x10]\n hlt", proc2=(S.DESCRIPTOR_TABLE_EXITING, 0))
     ex = run(g)
     assert ex.reason == ExitReason.GDTR_IDTR_ACCESS and ex.qualification == 0x10
@@ -390,8 +390,8 @@ def test_lgdt_exit_has_descriptor_table_instruction_information():
 
 
 def test_str_register_operand_and_rdrand_instruction_information():
-    from vmm.controls import SecondaryProcBasedControls as S
-    from vmm.qualification import LdtrTrInfo, LdtrTrInstruction, OperandSize, RdrandRdseedInfo
+    from vmlab.vmm.controls import SecondaryProcBasedControls as S
+    from vmlab.vmm.qualification import LdtrTrInfo, LdtrTrInstruction, OperandSize, RdrandRdseedInfo
     g = vmx_guest("str dx\n rdrand r9\n hlt", proc2=(S.DESCRIPTOR_TABLE_EXITING | S.RDRAND_EXITING, 0))
     ex = run(g)
     assert ex.reason == ExitReason.LDTR_TR_ACCESS
@@ -405,7 +405,7 @@ def test_str_register_operand_and_rdrand_instruction_information():
 
 
 def test_vmptrld_and_invept_exits_carry_memory_operand_information():
-    from vmm.qualification import InvalidationInfo, VmxMemoryOperandInfo
+    from vmlab.vmm.qualification import InvalidationInfo, VmxMemoryOperandInfo
     g = vmx_guest("mov rsi, 0x200000\n vmptrld [rsi + 8]\n mov eax, 1\n invept rax, [rsi - 0x20]\n hlt")
     ex = run(g)
     assert ex.reason == ExitReason.VMPTRLD and ex.qualification == 8
@@ -477,7 +477,7 @@ def test_nmis_are_blocked_until_iret():
     g = vmx_guest("mov rbx, 0xfee00000\n mov dword ptr [rbx + 0x310], 0\n" + self_nmi +
                   "l: cmp r12, 2\n jne l\n vmcall",
                   pin=(0, PinBasedControls.NMI_EXITING | PinBasedControls.VIRTUAL_NMIS))
-    from tools.asm import assemble
+    from vmlab.tools.asm import assemble
     handler = assemble("inc r12\n cmp r12, 1\n jne skip\n mov dword ptr [rbx + 0x300], 0x400\n"
                        "mov ecx, 1000\n w: dec ecx\n jnz w\n mov r13, r12\n skip: iretq", 64, 0x180000)
     _nmi_handler(g, handler)
@@ -488,7 +488,7 @@ def test_nmis_are_blocked_until_iret():
 
 def test_virtual_nmi_window_opens_after_the_guest_irets():
     g = vmx_guest("nop\n hlt", proc=(P.NMI_WINDOW_EXITING, 0))
-    from tools.asm import assemble
+    from vmlab.tools.asm import assemble
     _nmi_handler(g, assemble("mov r8, 0x77\n iretq", 64, 0x180000))
     g.vmcs["VM_ENTRY_INTR_INFO"] = InterruptionInfo.nmi().encode()
     ex = run(g)
@@ -558,16 +558,16 @@ def test_l2_fetch_outside_ram_without_an_idt_triple_faults_into_an_exit():
 
 
 def test_run_instruction_limit_returns_a_result_not_an_exception():
-    from vmm.runloop import StopReason
-    from vmm.vmx import RunStopped
+    from vmlab.vmm.runloop import StopReason
+    from vmlab.vmm.vmx import RunStopped
     res = vmx_guest("l: jmp l").run(max_insns=10_000)
     assert isinstance(res, RunStopped) and res.reason is None
     assert res.result.reason == StopReason.LIMIT and res.result.icount >= 10_000
 
 
 def test_run_machine_stop_in_non_root_operation_returns_a_result():
-    from vmm.runloop import StopReason
-    from vmm.vmx import RunStopped
+    from vmlab.vmm.runloop import StopReason
+    from vmlab.vmm.vmx import RunStopped
     res = vmx_guest("mov al, 3\n out 0xf4, al\n hlt",
                     proc=(0, P.UNCONDITIONAL_IO_EXITING | P.USE_IO_BITMAPS)).run(max_insns=100_000)
     assert isinstance(res, RunStopped)

@@ -6,9 +6,9 @@ from enum import IntEnum
 import pytest
 from hypothesis import given, strategies as st
 
-from vmm import qualification as Q
-from vmm.controls import (EPT_MEMTYPE_UC, EPT_MEMTYPE_WB, EptPointer, InterruptionInfo, InterruptionType)
-from vmm.qualification import (RECORDS, AddressSize, CrAccessQualification, CrAccessType, DescriptorTableInfo,
+from vmlab.vmm import qualification as Q
+from vmlab.vmm.controls import (EPT_MEMTYPE_UC, EPT_MEMTYPE_WB, EptPointer, InterruptionInfo, InterruptionType)
+from vmlab.vmm.qualification import (RECORDS, AddressSize, CrAccessQualification, CrAccessType, DescriptorTableInfo,
                                DescriptorTableInstruction, DrAccessQualification, EptViolationQualification, Gpr,
                                InsOutsInfo, InvalidationInfo, IoQualification, LdtrTrInfo, LdtrTrInstruction,
                                OperandSize, RdrandRdseedInfo, SegmentReg, TaskSwitchQualification,

@@ -3,11 +3,11 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from vmm import vmcs as V
-from vmm.errors import VmmError
-from vmm.exit_reasons import (ENTRY_FAILURE_REASONS, EXIT_REASON_ENTRY_FAILURE, EXIT_REASON_GAPS, ExitReason,
+from vmlab.vmm import vmcs as V
+from vmlab.vmm.errors import VmmError
+from vmlab.vmm.exit_reasons import (ENTRY_FAILURE_REASONS, EXIT_REASON_ENTRY_FAILURE, EXIT_REASON_GAPS, ExitReason,
                               ExitReasonField, VmInstructionError, basic_exit_reason_name)
-from vmm.vmcs import (FIELDS, FIELDS_BY_ENCODING, MAX_FIELD_INDEX, Field, FieldKind, FieldWidth, LaunchState, Vmcs,
+from vmlab.vmm.vmcs import (FIELDS, FIELDS_BY_ENCODING, MAX_FIELD_INDEX, Field, FieldKind, FieldWidth, LaunchState, Vmcs,
                       VmcsField, VmInstructionFault)
 
 W16, W64, W32, WN = FieldWidth.BITS16, FieldWidth.BITS64, FieldWidth.BITS32, FieldWidth.NATURAL
@@ -262,8 +262,8 @@ def test_vmcs_set_exit_info_clears_event_valid_bits_it_is_not_given():
 
 
 def test_vmcs_set_exit_info_accepts_value_objects():
-    from vmm.controls import InterruptionInfo
-    from vmm.qualification import CrAccessQualification, CrAccessType, Gpr
+    from vmlab.vmm.controls import InterruptionInfo
+    from vmlab.vmm.qualification import CrAccessQualification, CrAccessType, Gpr
     vmcs = Vmcs()
     reason = ExitReasonField(ExitReason.ENTRY_FAIL_GUEST_STATE, entry_failure=True)
     vmcs.set_exit_info(reason, CrAccessQualification(4, CrAccessType.MOV_TO_CR, gpr=Gpr.RBX),
