@@ -3,6 +3,7 @@
  * in long mode on the loader's identity page tables.  It reports PASS/FAIL
  * lines on COM1 and ends through isa-debug-exit (status 0 = all passed).
  *
+ * vmlab-target: elf64 (tools/cguest.py builds it so: vmlab run -cpu broadwell,+vmx guests/nested_vmx.c)
  * Build: gcc -m64 -O1 -ffreestanding -nostdlib -static -fno-pie -no-pie
  *        -mno-red-zone -mgeneral-regs-only -fno-asynchronous-unwind-tables
  *        -Wl,-Ttext=0x200000 -e _start -o nested_vmx.elf nested_vmx.c

@@ -17,8 +17,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CFLAGS = ["-m64", "-O1", "-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-mno-red-zone",
-          "-mgeneral-regs-only", "-fno-asynchronous-unwind-tables", "-Wl,-Ttext=0x200000", "-e", "_start"]
+from vmlab.tools.cguest import CFLAGS_ELF64 as CFLAGS   # the flags `vmlab run guests/nested_vmx.c` uses
 
 
 def build(out: pathlib.Path, loops: int | None = None) -> pathlib.Path:

@@ -76,18 +76,38 @@ def _icount(text: str) -> int:
     return shift
 
 
+#: -cpu MODEL,+FLAG / -FLAG / FLAG=on|off: the CPU flags vmlab can switch (QEMU's spelling)
+CPU_FLAGS = {"vmx": "nested_vmx"}
+
+
 class _CpuAction(argparse.Action):
-    """--cpu MODEL; --cpu help prints the models and features and exits 0
-    (while parsing, so no kernel is needed, like QEMU's -cpu help)."""
+    """--cpu MODEL[,+vmx|,-vmx|,vmx=on|off]; --cpu help prints the models and
+    features and exits 0 (while parsing, so no kernel is needed, like QEMU's
+    -cpu help).  ``+vmx`` is guest-visible VMX (vmm/nested.py), as QEMU's
+    ``-cpu ...,+vmx``; --nested-vmx is the same."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         from vmlab.emu.cpuprobe import unicorn_models
         if values == "help":
             sys.stdout.write(cpu_help())
             parser.exit(0)
-        if values not in unicorn_models():
-            parser.error(f"unknown CPU model {values!r} (--cpu help lists them)")
-        setattr(namespace, self.dest, values)
+        model, *flags = values.split(",")
+        if model not in unicorn_models():
+            parser.error(f"unknown CPU model {model!r} (--cpu help lists them)")
+        for flag in flags:
+            name, on = flag, True
+            if flag[:1] in "+-" and flag:
+                name, on = flag[1:], flag[0] == "+"
+            elif "=" in flag:
+                name, val = flag.split("=", 1)
+                if val not in ("on", "off"):
+                    parser.error(f"CPU flag {flag!r}: the value must be on or off")
+                on = val == "on"
+            if name not in CPU_FLAGS:
+                parser.error(f"unsupported CPU flag {flag!r} (vmlab switches only: "
+                             f"{', '.join('+' + n for n in CPU_FLAGS)})")
+            setattr(namespace, CPU_FLAGS[name], on)
+        setattr(namespace, self.dest, model)
 
 
 def cpu_help(default: str = "broadwell") -> str:
@@ -172,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as QEMU: one instruction = 2^N ns of virtual time (N = 0..10; default 0)")
     r.add_argument("--cpu", "-cpu", dest="cpu", default="broadwell", action=_CpuAction, metavar="MODEL",
                    help="Unicorn CPU model the guest runs on (default broadwell); features whose "
-                        "instructions fail on it are cleared from CPUID; 'help' lists models and features")
+                        "instructions fail on it are cleared from CPUID; 'help' lists models and features; "
+                        "MODEL,+vmx gives the guest VMX (as QEMU; see README.md, Nested VMX)")
+    r.add_argument("--nested-vmx", dest="nested_vmx", action="store_true", default=False,
+                   help="guest-visible VMX: the guest's own hypervisor runs its guest (the same as -cpu MODEL,+vmx)")
     r.add_argument("-d", dest="log_items", action="append", default=[],
                    help="log items, comma-separated, repeatable (-d help lists them)")
     r.add_argument("-D", dest="log_file", default=None, help="write -d logs to this file (default stderr)")
@@ -315,6 +338,8 @@ def cmd_run(args) -> int:
         from vmlab.emu.cpuid import CpuidModel
         vm = Vm(ram, serial=sink, log=log, cmdline=args.append, clock=clock,
                 cpuid=CpuidModel(unicorn_model=args.cpu), icount_shift=args.icount or 0)
+        if args.nested_vmx:
+            vm.enable_nested_vmx()
         vm.load(image)
         try:
             virtio_opts.attach(vm, virtio_specs)

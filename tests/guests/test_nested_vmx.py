@@ -57,3 +57,43 @@ def test_nested_vmx_exit_log_names_the_level(hypervisor):
     assert " L1 " in text and " L2 " in text
     assert "L2 VM exit CPUID (10) qualification=0x0 length=2 -> L1 at HOST_RIP" in text
     assert "L2 VM exit EPT_VIOLATION (48)" in text
+
+
+# ---------------------------------------------------------------------- the CLI switch
+def _cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "vmlab.tools", *args], capture_output=True, text=True, timeout=300)
+
+
+NESTED_SRC = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "guests" / "nested_vmx.c")
+
+
+@pytest.mark.parametrize("switch", [["-cpu", "broadwell,+vmx"], ["--nested-vmx"], ["-cpu", "broadwell,vmx=on"]])
+def test_cli_switch_runs_the_guest_hypervisor_from_its_source(switch):
+    """QEMU's spelling (-cpu MODEL,+vmx) or --nested-vmx: vmlab run builds
+    guests/nested_vmx.c (vmlab-target: elf64) and every check passes; the
+    guest's isa-debug-exit status 0 is vmlab's status 1, as QEMU's."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    p = _cli("run", *switch, NESTED_SRC)
+    assert "FAIL" not in p.stdout, p.stdout + p.stderr
+    assert p.stdout.count("PASS:") == 32 and p.stdout.rstrip().endswith("DONE"), p.stdout + p.stderr
+    assert p.returncode == 1, (p.returncode, p.stderr)
+
+
+def test_cli_without_the_switch_or_with_minus_vmx_the_guest_sees_no_vmx():
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    for switch in ([], ["--nested-vmx", "-cpu", "broadwell,-vmx"]):
+        p = _cli("run", *switch, NESTED_SRC)
+        assert "FAIL: CPUID.1:ECX.VMX" in p.stdout, (switch, p.stdout, p.stderr)
+        assert "DONE" not in p.stdout
+
+
+@pytest.mark.parametrize("spec, message", [("broadwell,+svm", "unsupported CPU flag '+svm'"),
+                                           ("broadwell,vmx=maybe", "must be on or off"),
+                                           ("nosuchcpu,+vmx", "unknown CPU model 'nosuchcpu'")])
+def test_cli_cpu_flags_refused_with_one_line(spec, message):
+    p = _cli("run", "-cpu", spec, NESTED_SRC)
+    assert p.returncode == 2 and message in p.stderr, (p.returncode, p.stderr)
