@@ -19,7 +19,9 @@
  *    EPT violation (48) with the Table 28-7 qualification and both addresses;
  *  - event injection: L1 injects external interrupt 0x30, L2's IDT handler runs;
  *  - a VM entry with invalid guest state: exit reason 33 with bit 31 (27.8);
- *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged.
+ *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged;
+ *  - CR0/CR4 fixed bits in VMX operation (24.8, A.7-A.8): MOV to CR4 clearing
+ *    VMXE and MOV to CR0 clearing NE are #GP(0) after VMXON, fine after VMXOFF.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -170,6 +172,45 @@ __asm__(
     "  call finish\n"
 );
 
+/* L1's #GP handler (vector 13): counts the fault and resumes at gp_recover. */
+void gp_stub(void);
+__asm__(
+    ".globl gp_stub\n"
+    "gp_stub:\n"
+    "  addq $8, %rsp\n"              /* the error code */
+    "  cmpq $0, gp_recover(%rip)\n"
+    "  je unexpected_gp\n"           /* a #GP outside try_mov_cr*: report it and stop */
+    "  incl gp_count(%rip)\n"
+    "  pushq %rax\n"
+    "  movq gp_recover(%rip), %rax\n"
+    "  movq %rax, 8(%rsp)\n"         /* the saved RIP */
+    "  popq %rax\n"
+    "  iretq\n"
+);
+volatile int gp_count;
+volatile u64 gp_recover;
+static u64 l1_idt[2 * 256] __attribute__((aligned(16)));
+static __attribute__((noreturn)) void finish(void);
+void unexpected_gp(void) { check(0, "no unexpected #GP in L1", 13); finish(); }
+
+/* MOV to CR0/CR4 with the #GP handler armed; returns the number of #GPs (0 or 1). */
+static int try_mov_cr0(u64 v) {
+    gp_count = 0;
+    __asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, gp_recover(%%rip); movq %0, %%cr0; 1:"
+                     :: "r"(v) : "rax", "memory");
+    gp_recover = 0;
+    return gp_count;
+}
+static int try_mov_cr4(u64 v) {
+    gp_count = 0;
+    __asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, gp_recover(%%rip); movq %0, %%cr4; 1:"
+                     :: "r"(v) : "rax", "memory");
+    gp_recover = 0;
+    return gp_count;
+}
+static u64 read_cr0(void) { u64 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); return v; }
+static u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+
 u64 l2_rbx, l2_rcx;
 static u64 l2_rcx_msr(void) { return l2_rcx & 0xFFFFFFFF; }
 static u64 host_rsp;
@@ -272,6 +313,13 @@ void l1_main(void) {
                      "movw $0x10, %%ax; movw %%ax, %%ds; movw %%ax, %%es; movw %%ax, %%ss; movw %%ax, %%fs; movw %%ax, %%gs\n"
                      "movw $0x18, %%ax; ltr %%ax" ::: "rax", "memory");
 
+    /* L1's IDT: #GP -> gp_stub (64-bit interrupt gate, selector 0x08) */
+    u64 gp = (u64)gp_stub;
+    l1_idt[2 * 13] = (gp & 0xFFFF) | (0x08ull << 16) | (0x8Eull << 40) | (((gp >> 16) & 0xFFFF) << 48);
+    l1_idt[2 * 13 + 1] = gp >> 32;
+    struct dtr li = { sizeof l1_idt - 1, (u64)l1_idt };
+    __asm__ volatile("lidt %0" :: "m"(li));
+
     u64 basic = rdmsr(0x480);
     u32 rev = (u32)basic & 0x7FFFFFFF;
     check(rev != 0, "IA32_VMX_BASIC revision identifier", basic);
@@ -288,6 +336,12 @@ void l1_main(void) {
     *(u32 *)vmcs_region = rev;
     u64 on = (u64)vmxon_region, vm = (u64)vmcs_region, cur = 0;
     check(vmxon(&on) == VMX_OK, "VMXON succeeds", 0);
+    /* SDM Vol. 3C 24.8: CR4.VMXE (IA32_VMX_CR4_FIXED0 bit 13) and CR0.NE
+     * (IA32_VMX_CR0_FIXED0 bit 5) are fixed to 1 in VMX operation. */
+    check(try_mov_cr4(cr4 & ~(1ull << 13)) == 1 && (read_cr4() & (1u << 13)),
+          "MOV to CR4 clearing VMXE in VMX operation: #GP(0), CR4 unchanged", read_cr4());
+    check(try_mov_cr0(cr0 & ~(1ull << 5)) == 1 && (read_cr0() & (1u << 5)),
+          "MOV to CR0 clearing NE (fixed 1) in VMX operation: #GP(0)", read_cr0());
     check(vmptrld(&on) == VMX_FAIL_INVALID, "VMPTRLD of the VMXON region with no current VMCS: VMfailInvalid", 0);
     check(vmclear(&vm) == VMX_OK, "VMCLEAR succeeds", 0);
     check(vmptrld(&vm) == VMX_OK, "VMPTRLD succeeds", 0);
@@ -375,6 +429,9 @@ void finish_checks(void) {
           "VMLAUNCH of a launched VMCS: VMfailValid(4)", vmread(VM_INSTRUCTION_ERROR));
     __asm__ volatile("vmxoff; pushfq; popq %0" : "=r"(f) :: "cc");
     check(vmx_status(f) == VMX_OK, "VMXOFF succeeds", f);
+    u64 cr4 = read_cr4();
+    check(try_mov_cr4(cr4 & ~(1ull << 13)) == 0 && !(read_cr4() & (1u << 13)),
+          "after VMXOFF, MOV to CR4 may clear VMXE", read_cr4());
 }
 
 __asm__(

@@ -236,6 +236,26 @@ class NestedVmx:
         self.vmxon, self.current, self.vmcs = addr, None, None
         return self._succeed(ex)
 
+    # ------------------------------------------------------------------ CR0/CR4 in VMX operation
+    def cr_value_supported(self, cr: int, value: int) -> bool:
+        """May MOV to CR0/CR4 load ``value`` in VMX operation?  SDM Vol. 3C 24.8
+        "Restrictions on VMX Operation": "Any attempt to set one of these bits
+        to an unsupported value while in VMX operation (including VMX root
+        operation) using any of the CLTS, LMSW, or MOV CR instructions causes a
+        general-protection exception."  The supported values are those of
+        IA32_VMX_CR0_FIXED0/FIXED1 and IA32_VMX_CR4_FIXED0/FIXED1 (App. A.7,
+        A.8): a bit 1 in FIXED0 must be 1, a bit 0 in FIXED1 must be 0.  CR4.VMXE
+        is fixed to 1 in FIXED0, so it cannot be cleared in VMX operation.
+        (LMSW cannot clear PE and CLTS clears only TS, neither fixed here.)
+        Outside VMX operation every value the MOV itself allows is fine."""
+        if self.vmxon is None or cr not in (0, 4):
+            return True
+        caps = self.caps
+        f0, f1 = (caps.cr0_fixed0, caps.cr0_fixed1) if cr == 0 else (caps.cr4_fixed0, caps.cr4_fixed1)
+        if cr == 0:
+            value |= x86.CR0_ET                  # hardwired to 1 (the MOV sets it)
+        return (value & f0) == f0 and not value & ~f1 & 0xFFFFFFFF
+
     def _vmclear(self, ex) -> Outcome:
         addr = self._mem_u64(ex)
         if not self._valid_region(addr):

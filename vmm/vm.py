@@ -495,6 +495,12 @@ class Vm:
         if ex.cr == 8 and ex.access_type in (0, 1):
             self._cr8_access(ex)
             return
+        nested = self.nested
+        if nested is not None and nested.vmxon is not None and ex.access_type == 0 and ex.cr in (0, 4):
+            # In VMX operation the CR0/CR4 fixed bits hold (vmm.nested, SDM Vol. 3C 24.8).
+            value = ex.value if self.vcpu.mode_bits == 64 else ex.value & 0xFFFFFFFF
+            if not nested.cr_value_supported(ex.cr, value):
+                raise GuestFault(x86.GP, 0)
         sensitive.emulate_cr(self.vcpu, ex, self.cpuid)
 
     def _cr8_access(self, ex: CrExit) -> None:

@@ -181,3 +181,69 @@ def test_vmptrst_stores_the_current_pointer():
 
 def test_vmcall_in_vmx_root_operation_is_vmfail():
     assert run_l1(ENABLE + VMXON + "vmcall\n") == 0x80 | CF       # no current VMCS: VMfailInvalid
+
+
+# ---------------------------------------------------------------------- CR0/CR4 fixed bits (SDM Vol. 3C 24.8, A.7-A.8)
+CLEAR_VMXE = """
+    mov rax, cr4
+    and eax, 0xffffdfff
+    mov cr4, rax
+"""
+CLEAR_NE = """
+    mov rax, cr0
+    and eax, 0xffffffdf
+    mov cr0, rax
+"""
+
+
+def test_in_vmx_operation_clearing_cr4_vmxe_is_general_protection():
+    assert run_l1(ENABLE + VMXON + CLEAR_VMXE) == GP
+
+
+def test_in_vmx_operation_clearing_cr0_ne_is_general_protection():
+    assert run_l1(ENABLE + VMXON + CLEAR_NE) == GP
+
+
+def test_in_vmx_operation_a_cr4_write_keeping_the_fixed_bits_is_fine():
+    body = ENABLE + VMXON + """
+        mov rax, cr4
+        xor eax, 0x80
+        mov cr4, rax
+        xor eax, 0x80
+        mov cr4, rax
+    """
+    assert run_l1(body) == 0x80                  # PGE toggled twice: not a fixed bit
+
+
+def test_outside_vmx_operation_the_fixed_bits_do_not_apply():
+    assert run_l1(ENABLE + CLEAR_NE + CLEAR_VMXE) == 0x80
+    assert run_l1(ENABLE + VMXON + "vmxoff\n" + CLEAR_NE + CLEAR_VMXE) == 0x80
+
+
+def test_cr4_bit_outside_fixed1_at_vmxon_is_general_protection():
+    """VMXON's #GP(0) when CR4 holds a bit IA32_VMX_CR4_FIXED1 says must be 0
+    (narrowed capabilities: PGE, which the guest sets, is not allowed-1)."""
+    import dataclasses
+
+    from vmlab.emu import x86
+    from vmlab.vmm.capabilities import VmxCapabilities
+    caps = VmxCapabilities()
+    narrow = dataclasses.replace(caps, cr4_fixed1=caps.cr4_fixed1 & ~x86.CR4_PGE)
+    set_pge = ENABLE.replace("or rax, 0x2000", "or rax, 0x2080")
+    assert run_l1(set_pge + VMXON, caps=narrow) == GP
+    assert run_l1(set_pge + VMXON, caps=caps) == 0x80
+
+
+def test_cr4_fixed1_narrowed_in_vmx_operation_setting_the_bit_is_general_protection():
+    import dataclasses
+
+    from vmlab.emu import x86
+    from vmlab.vmm.capabilities import VmxCapabilities
+    caps = VmxCapabilities()
+    narrow = dataclasses.replace(caps, cr4_fixed1=caps.cr4_fixed1 & ~x86.CR4_PGE)
+    body = ENABLE + VMXON + """
+        mov rax, cr4
+        or eax, 0x80
+        mov cr4, rax
+    """
+    assert run_l1(body, caps=narrow) == GP
