@@ -400,4 +400,38 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 enum { VMLAB_STOP_FAST_EXIT = 100 };
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err);
+/* ---- split virtqueue fast paths (virtq.c; Python twins in devices/virtio/virtq.py) ---- */
+enum { VMLAB_VQ_MAX_INDIRECT = 1024, VMLAB_VQ_MAX_SEGS = 512 };
+/* Why a batch ended: the ring had nothing more, a chain (or the ring) the
+ * Python device model must handle, or out of room (frames / output). */
+enum { VMLAB_VQ_STOP_EMPTY = 0, VMLAB_VQ_STOP_PUNT = 1, VMLAB_VQ_STOP_FULL = 2 };
+typedef struct vmlab_vq {
+    uint64_t desc;             /* guest-physical Descriptor Table (§2.7.5) */
+    uint64_t avail;            /* Available Ring (§2.7.6) */
+    uint64_t used;             /* Used Ring (§2.7.8) */
+    uint32_t size;             /* Queue Size */
+    uint32_t max_size;
+    uint32_t ready;
+    uint32_t event_idx;        /* VIRTIO_F_EVENT_IDX negotiated */
+    uint16_t last_avail;       /* next available ring entry to take */
+    uint16_t used_idx;         /* next used ring index to write */
+    uint32_t pad;
+} vmlab_vq;
+typedef struct vmlab_vq_result {
+    uint32_t done;             /* chains completed (used elements written) */
+    uint32_t ok;               /* blk: requests with VIRTIO_BLK_S_OK */
+    uint32_t errors;           /* blk: IOERR; net: frames dropped */
+    uint32_t wrote;            /* blk: OUT requests carried out */
+    uint32_t frames;           /* net: frames moved */
+    uint32_t consumed;         /* net rx: input frames used up (moved or dropped) */
+    uint32_t stop;             /* VMLAB_VQ_STOP_* */
+    uint32_t pad;
+    uint64_t bytes;            /* data bytes moved */
+} vmlab_vq_result;
+int vmlab_vq_blk(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
+                 vmlab_vq_result *res);
+int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, uint8_t *out,
+                    uint64_t out_cap, uint32_t *lens, uint32_t max_frames, vmlab_vq_result *res);
+int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
+                    const uint32_t *lens, uint32_t nframes, const uint8_t *hdr, vmlab_vq_result *res);
 #endif

@@ -43,6 +43,7 @@ import struct
 
 from vmlab.emu.errors import GuestMemoryError
 
+from . import virtq
 from .device import VIRTIO_ID_NET, DeviceNeedsReset, VirtioDevice
 from .queue import ChainError, QueueError
 
@@ -135,6 +136,9 @@ class VirtioNet(VirtioDevice):
     def activate(self, mem, queues, features) -> None:
         super().activate(mem, queues, features)
         self.broken = False
+        # The batch fast path (devices/virtio/virtq.py) for guest RAM with a
+        # host address; memory wrappers (tests) take the Python path below.
+        self._fast = virtq.FAST if getattr(mem, "address", None) is not None else None
 
     def reset(self) -> None:
         super().reset()
@@ -172,8 +176,28 @@ class VirtioNet(VirtioDevice):
         mem = self.mem
         st = self.stats
         max_frame = self.max_frame
+        fast = getattr(self, "_fast", None)
         while True:
-            chains = q.pop_all()
+            if fast is not None:
+                r, frames = fast.net_tx(mem, q, max_frame)
+                if r.done:
+                    st["tx_dropped"] += r.errors
+                    if frames:
+                        if self.link_up:
+                            st["tx_frames"] += r.frames
+                            st["tx_bytes"] += r.bytes
+                            self.backend.send(frames)
+                        else:
+                            st["tx_dropped"] += r.frames
+                    if q.needs_notification():
+                        self.signal_used(TX_QUEUE)
+                if r.stop == virtq.STOP_FULL:
+                    continue
+                if r.stop == virtq.STOP_EMPTY:
+                    return
+                chains = q.pop_all(limit=1)     # the chain the fast path left to us
+            else:
+                chains = q.pop_all()
             if not chains:
                 return
             used = []
@@ -238,7 +262,23 @@ class VirtioNet(VirtioDevice):
         st = self.stats
         max_frame = self.max_frame
         hdr = _RX_HDR
+        fast = getattr(self, "_fast", None)
         while backlog:
+            if fast is not None and not self._spare:
+                frames = list(backlog)
+                r = fast.net_rx(mem, q, max_frame, frames, hdr)
+                if r.consumed == len(frames):
+                    backlog.clear()
+                else:
+                    for _ in range(r.consumed):
+                        backlog.popleft()
+                st["rx_frames"] += r.frames
+                st["rx_bytes"] += r.bytes
+                st["rx_dropped"] += r.errors
+                if r.done and q.needs_notification():
+                    self.signal_used(RX_QUEUE)
+                if r.stop != virtq.STOP_PUNT:
+                    return                  # no buffers left, or no frames left
             chains = self._spare
             self._spare = []
             want = len(backlog) - len(chains)
