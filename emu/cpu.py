@@ -22,7 +22,7 @@ from .errors import ClosedError, ConfigError, NativeError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
-                    RetryExit, TrapExit)
+                    RetryExit, TaskSwitchExit, TrapExit)
 from .memory import GuestMemory
 from .native import ensure_api, ffi, lib
 from .qemu_state import find_env_address, verified_layout
@@ -207,6 +207,7 @@ class Vcpu:
         v.maxphyaddr = maxphyaddr
         v.env = ffi.cast("uint8_t *", self.env_address)
         v.env_hflags = lay.hflags - lay.env
+        v.env_cs_flags = lay.segs + 24 + 20 - lay.env  # CPUX86State.segs[R_CS].flags
         err = lib.vmlab_attach(v, self._uch)
         if err:
             raise NativeError(f"registering native hooks failed (code {err})")
@@ -745,6 +746,8 @@ class Vcpu:
                            misconfig=kind == 11)
         if kind == 9:
             return ExceptionExit(rip=r.rip, vector=noncanonical_vector(self), error_code=0)
+        if kind == 13:                      # native task switch to finish (emu/taskswitch.py)
+            return TaskSwitchExit(rip=r.rip)
         if kind == 12:
             # SYSCALL/SYSENTER: Unicorn only stepped past it; rewind so that the
             # instruction has not run (emu.sensitive completes it).

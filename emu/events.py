@@ -5,7 +5,7 @@ exception or INT n through UC_HOOK_INTR and resumes as if nothing happened.
 ``deliver`` does what the CPU does (SDM Vol. 3A chapter 6, "Interrupt and
 Exception Handling"): real-mode IVT (20.1.4), protected-mode IDT interrupt and
 trap gates with privilege change through the TSS (6.12.1), IA-32e 64-bit gates
-with IST (6.14), error codes (6.13), and #DF / triple fault by the rules of
+with IST (6.14), task gates (6.12.2, through emu/taskswitch.py), error codes (6.13), and #DF / triple fault by the rules of
 Table 6-5.  Every table walk is bounded by its limit; a bad guest gets a fault,
 never a Python traceback.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import x86
+from . import taskswitch, x86
 from .cpu import EptFault, GuestFault
 from .errors import UnsupportedError
 
@@ -215,9 +215,7 @@ def _gate(vcpu, ev: Event, size: int) -> tuple[int, int, int]:
     if size == 16:
         if gtype not in (0x0E, 0x0F):
             raise GuestFault(x86.GP, idt_err)
-    elif gtype == 0x05:
-        raise UnsupportedError(f"task gate in IDT entry {ev.vector} (task switches are not supported)")
-    elif gtype not in (0x06, 0x07, 0x0E, 0x0F):
+    elif gtype not in (0x05, 0x06, 0x07, 0x0E, 0x0F):
         raise GuestFault(x86.GP, idt_err)
     if not (hi & x86.DESC_P):
         raise GuestFault(x86.NP, idt_err)
@@ -237,6 +235,15 @@ def _deliver_protected(vcpu, ev: Event) -> None:
     cpl = vcpu.cpl
     lo, hi, ext = _gate(vcpu, ev, 8)
     gtype = (hi >> 8) & 0x1F
+    if gtype == 0x05:
+        # Task gate (SDM Vol. 3A 6.12.2 "Interrupt Tasks", 8.3): a nested task
+        # switch; the error code goes on the new task's stack.
+        sel, addr, dlo, dhi = taskswitch.task_gate_target(vcpu, lo, ext)
+        taskswitch.switch_to_task(vcpu, sel, addr, dlo, dhi, ext=ext, next_eip=r.rip,
+                                  saved_eflags=_pushed_flags(r, ev), error_code=ev.error_code)
+        vcpu.clear_exception_state()
+        vcpu.flush()
+        return
     gsize = 4 if gtype & 0x08 else 2
     sel = lo >> 16
     offset = (lo & 0xFFFF) | (hi & 0xFFFF0000) if gsize == 4 else lo & 0xFFFF

@@ -181,6 +181,13 @@ class RetryExit(Exit):
 
 
 @dataclass(slots=True)
+class TaskSwitchExit(Exit):
+    """A task switch Unicorn began (JMP/CALL far to a TSS or task gate, IRET
+    with NT = 1) stopped after loading the new task's registers and selectors
+    and before their descriptors: emu/taskswitch.finish_native completes it."""
+
+
+@dataclass(slots=True)
 class IrqWindowExit(Exit):
     """The guest can take an interrupt now (IF=1 at a block boundary)."""
 

@@ -584,6 +584,20 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
     uint32_t flags = VMLAB_WALK_SET_AD;
     vmlab_walk w;
     v->stat_fills++;
+    if (__builtin_expect(v->env_cs_flags != 0 && v->env != NULL, 1)) {
+        /* A task switch Unicorn runs itself (JMP/CALL to a TSS or task gate, IRET
+         * with NT) loads the new task's selectors with empty caches, then their
+         * descriptors.  A fill in between (after its CR3 load flushed the TLB)
+         * makes Unicorn 2.1.4 re-execute the switching instruction in the new
+         * task (docs/platform-notes.md).  CS with no flags in protected mode
+         * happens nowhere else: stop, and emu/taskswitch.py finishes the switch. */
+        uint32_t csf;
+        memcpy(&csf, v->env + v->env_cs_flags, 4);
+        if (__builtin_expect(csf == 0, 0) && (v->cr0 & 1)) {
+            v->stop_kind = VMLAB_STOP_TASK_SWITCH;
+            return false;
+        }
+    }
     if (v->cr0 & (1ull << 31)) {
         int cpl = current_cpl(v, p);
         if (cpl == 3)

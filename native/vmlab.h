@@ -67,6 +67,7 @@ enum {
     VMLAB_STOP_NONCANONICAL = 9, /* long-mode access to a non-canonical address (#GP/#SS) */
     VMLAB_STOP_EPT_VIOLATION = 10, /* TLB fill: EPT violation (fault_ept_* fields) */
     VMLAB_STOP_EPT_MISCONFIG = 11, /* TLB fill: EPT misconfiguration (fault_ept_gpa) */
+    VMLAB_STOP_TASK_SWITCH = 13, /* a fill inside a task switch Unicorn runs (emu/taskswitch.py) */
     VMLAB_STOP_SYSINSN = 12,   /* SYSCALL (intno 0) or SYSENTER (intno 1) reached; Unicorn skips
                                   them, so RIP is past it and fault_vaddr is its address */
 };
@@ -223,7 +224,7 @@ typedef struct vmlab_vcpu {
      * touches goes through the 4-level EPT rooted at eptp (bit 6: EPT A/D flags). */
     uint64_t eptp;
     uint32_t ept_enabled;
-    uint32_t pad3;
+    int32_t env_cs_flags;      /* offset of segs[R_CS].flags from env (0: unknown; hooks.c task switch) */
     uint64_t fault_ept_gpa;            /* VMLAB_STOP_EPT_*: guest-physical address that faulted */
     uint64_t fault_ept_qualification;  /* VMLAB_STOP_EPT_VIOLATION: exit qualification */
 

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol, Union
 
-from vmlab.emu import sensitive, x86
+from vmlab.emu import sensitive, taskswitch, x86
 from vmlab.emu.cpu import EptFault, GuestFault
 from vmlab.emu.events import Event
 from vmlab.emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
 from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
-                       IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TrapExit, TrapKind)
+                       IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TaskSwitchExit,
+                       TrapExit, TrapKind)
 
 #: A halted guest with nothing able to wake it within this much virtual time stops.
 IDLE_LIMIT_NS = 10 * 1_000_000_000
@@ -229,6 +230,9 @@ def platform(m: Machine, ex: Exit) -> Outcome:
             return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
         case TrapExit():
             return _platform_trap(m, ex)
+        case TaskSwitchExit():
+            taskswitch.finish_native(m.vcpu)
+            return HANDLED
         case DeadlineExit() | IrqWindowExit() | RetryExit():
             return HANDLED
         case ShutdownExit():

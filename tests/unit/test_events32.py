@@ -201,9 +201,3 @@ def test_trap_gate_keeps_if_set(machine):
     res = machine.run()
     assert res.reason == "debug-exit", res
     assert machine.cpu.regs.rflags & 0x200
-
-
-def test_task_gate_is_reported_unsupported(machine):
-    setup(machine, "int 0x30\n hlt", {0x30: {"kind": 0x5}})
-    res = machine.run()
-    assert res.reason == "error" and "task gate" in res.message
