@@ -841,7 +841,7 @@ class Vcpu:
         lin = self.linear_rip()
         self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
         try:
-            err = lib.vmlab_emu_step(self._uch, self.regs.rip)
+            err = lib.vmlab_emu_step(v, self._uch, self.regs.rip)
         finally:
             v.redirect_on = 0
             self._flush_translations()

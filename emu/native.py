@@ -35,6 +35,13 @@ def ensure_api() -> None:
     import capstone
 
     cs = capstone._cs
+    # The C side walks cs_disasm's array of cs_insn itself (a block's instruction
+    # starts): its layout must be the one of the Capstone library loaded here.
+    insn = capstone._cs_insn
+    layout = (ctypes.sizeof(insn), insn.address.offset, insn.size.offset)
+    if layout != (lib.VMLAB_CS_INSN_SIZE, lib.VMLAB_CS_INSN_ADDRESS, lib.VMLAB_CS_INSN_LEN):
+        raise NativeError(f"Capstone {capstone.__version__}: cs_insn layout {layout} is not the one "
+                          "native/vmlab.h was written for (Capstone 5.x); pin capstone<6")
     names_uc = ["uc_hook_add", "uc_hook_del", "uc_reg_read", "uc_reg_write", "uc_reg_read_batch",
                 "uc_reg_write_batch", "uc_emu_stop", "uc_ctl", "uc_context_alloc",
                 "uc_context_save", "uc_context_restore", "uc_context_free"]

@@ -7,8 +7,8 @@ instruction is decided by :data:`FORMS` below and nowhere else:
 
 * ``python -m vmlab.emu.trapscan --write`` turns FORMS into native/trap_table.h,
   which native/hooks.c compiles into ``vmlab_classify`` (one instruction) and
-  ``vmlab_scan_page`` (every instruction start of a code page);
-* :func:`classify` and :func:`scan_page` here are their pure-Python twins, with
+  ``vmlab_block_sites`` (the instruction starts of one block);
+* :func:`classify` and :func:`block_sites` here are their pure-Python twins, with
   the same arguments and the same results (tests/unit/test_trapscan.py runs
   both on random bytes and compares them field by field);
 * at a stop, emu/decode.py asks the C classifier (``classify_native``) what the
@@ -35,12 +35,11 @@ Decoding rules shared by both matchers:
   When the bytes run out earlier the answer is *truncated*, with the mask of
   the kinds the instruction may still turn out to be.
 
-The scanner (``scan_page``) does not know instruction boundaries: it asks the
-classifier at every byte offset, and the hook costs nothing at an offset that
-is not an instruction start.  It only knows whether the code is 64-bit; 16-
-and 32-bit code share one scan (the page does not know its code segment), so a
-non-64-bit offset is a site if it is one in either (they differ only where the
-address size makes an instruction longer than 15 bytes).
+Sites are armed per block, at the block's first run (native/hooks.c
+``block_icount``): Capstone gives the instruction starts of the bytes the block
+covers, and ``block_sites`` classifies each in the mode the block runs in.
+Only real instruction starts become sites (Unicorn walks its list of code
+hooks for every instruction it translates, so the list must stay short).
 """
 from __future__ import annotations
 
@@ -162,8 +161,6 @@ FORMS: tuple[Form, ...] = (
 # ---- classification results (native/vmlab.h VMLAB_CLASS_*, VMLAB_PFX_*)
 CLASS_NONE, CLASS_TRAP, CLASS_TRUNCATED = 0, 1, 2
 PFX_LOCK, PFX_REPNE, PFX_REP, PFX_OPSIZE, PFX_ADSIZE, PFX_SEG, PFX_REX, PFX_VEX = 1, 2, 4, 8, 16, 32, 64, 128
-#: scan_page's kind for an offset whose instruction runs past the bytes given
-SITE_UNKNOWN = 255
 NO_SEG = 255
 MAX_INSN = 15
 
@@ -377,43 +374,19 @@ def classify(code: bytes, mode: int) -> Insn:
     return out
 
 
-def _site_kind(r: Insn, kinds: int) -> int | None:
-    if r.status == CLASS_TRAP:
-        return r.kind if kinds >> r.kind & 1 else None
-    if r.status == CLASS_TRUNCATED and r.maybe & kinds:
-        return SITE_UNKNOWN
-    return None
-
-
-def _could_start(b: int, mode64: bool) -> bool:
-    return b in START_OPCODES or b in _LEGACY or (mode64 and 0x40 <= b <= 0x4F)
-
-
-def scan_page(code: bytes, length: int, limit: int, mode64: bool, kinds: int,
-              max_sites: int) -> list[tuple[int, int]]:
-    """The sites among offsets ``0 <= s < min(limit, length)`` of ``code``
-    (``length`` bytes are valid; bytes past ``limit`` are look-ahead into the
-    next page): ``(offset, kind)`` in offset order, at most ``max_sites``.
-    ``kind`` is a KIND_NAMES index, or SITE_UNKNOWN when the instruction at
-    the offset runs past ``length`` and may still be of an armed kind.  The
-    twin of native ``vmlab_scan_page``."""
+def block_sites(code: bytes, starts, mode: int, kinds: int, max_sites: int) -> list[tuple[int, int]]:
+    """The sites of one block: ``(offset, kind)`` for each offset of ``starts``
+    (its instruction starts, ascending) where an instruction of a kind in
+    ``kinds`` begins in ``mode`` (16, 32 or 64) code, at most ``max_sites``.
+    ``code`` is the block's bytes and up to 15 bytes past it.  The twin of
+    native ``vmlab_block_sites``."""
     out: list[tuple[int, int]] = []
-    for s in range(min(limit, length)):
-        if len(out) >= max_sites:
+    for s in starts:
+        if len(out) >= max_sites or s >= len(code):
             break
-        if not _could_start(code[s], mode64):
-            continue
-        window = bytes(code[s:min(length, s + MAX_INSN)])
-        if mode64:
-            k = _site_kind(classify(window, 64), kinds)
-        else:
-            k = _site_kind(classify(window, 32), kinds)
-            if k is None or k == SITE_UNKNOWN:
-                k16 = _site_kind(classify(window, 16), kinds)
-                if k16 is not None and (k is None or k16 != SITE_UNKNOWN):
-                    k = k16
-        if k is not None:
-            out.append((s, k))
+        r = classify(bytes(code[s:s + MAX_INSN]), mode)
+        if r.status == CLASS_TRAP and kinds >> r.kind & 1:
+            out.append((s, r.kind))
     return out
 
 

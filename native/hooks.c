@@ -71,7 +71,6 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 
 /* ---- private per-vCPU state ------------------------------------------------- */
 #define ICACHE_SIZE 8192   /* direct-mapped block -> instruction-count cache */
-#define SCANNED_SIZE 4096  /* direct-mapped (linear page, phys page) scan cache */
 #define EXITSET_BITS 14
 #define RESCAN_MAX 16
 #define STLB_SIZE 8192   /* software TLB of completed walks (direct-mapped) */
@@ -80,14 +79,12 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 struct stlb_entry { uint64_t tag; uint64_t paddr; uint32_t perms, pad; };
 
 struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t hf; };
-struct scanned_entry { uint64_t vpage, ppage; uint32_t gen, mode_kinds; };
 
 struct priv {
     uc_engine *uc;
     uc_context *ctx;
     size_t cs_handle[3];        /* capstone handles: 16, 32, 64-bit */
     struct icache_entry icache[ICACHE_SIZE];
-    struct scanned_entry scanned[SCANNED_SIZE];
     uint64_t *exitset;          /* open-addressing hash set of armed linear addresses */
     uint32_t exitset_cap, exitset_used;
     uc_hook *site_hooks;        /* parallel to v->exits */
@@ -333,65 +330,31 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
 }
 #undef NEED
 
-/* Site kind of one classification: the kind if armed, VMLAB_SITE_UNKNOWN if
- * the bytes ran out while an armed kind was still possible, else -1. */
-static int site_kind(const vmlab_insn *r, uint32_t kinds)
+/* The sites among a block's instruction starts (vmlab.h). */
+int vmlab_block_sites(const uint8_t *code, uint32_t len, const uint32_t *starts, uint32_t nstarts, int mode,
+                      uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites)
 {
-    if (r->status == VMLAB_CLASS_TRAP)
-        return (kinds >> r->kind) & 1 ? r->kind : -1;
-    if (r->status == VMLAB_CLASS_TRUNCATED && (r->maybe & kinds))
-        return VMLAB_SITE_UNKNOWN;
-    return -1;
-}
-
-/* Scan code[0..len) (len may include look-ahead past the page) for offsets
- * s < limit where an instruction of an armed kind would start.  The scanner
- * does not know instruction boundaries, so every offset is classified; a hook
- * at an offset that is not an instruction start costs nothing.  16- and 32-bit
- * code share one scan (mode64 == 0): an offset is a site if it is one in
- * either.  Writes offsets (and kinds, if site_kinds is not NULL) in offset
- * order; returns their number. */
-int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
-                    int mode64, uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites)
-{
-    (void)v;
     uint32_t n = 0;
     vmlab_insn r;
-    const uint32_t end = limit < len ? limit : len;
-    for (uint32_t s = 0; s < end && n < max_sites; s++) {
+    for (uint32_t i = 0; i < nstarts && n < max_sites; i++) {
+        const uint32_t s = starts[i];
+        if (s >= len)
+            break;
         /* Shortcut (exact): after the prefixes, the first byte must start a form. */
-        const uint8_t pfx_class = mode64 ? TT_BC_LEGACY | TT_BC_REX : TT_BC_LEGACY;
-        if (!(trap_byte_class[code[s]] & (pfx_class | TT_BC_START)))
-            continue;
+        const uint8_t pfx_class = mode == 64 ? TT_BC_LEGACY | TT_BC_REX : TT_BC_LEGACY;
         const uint32_t lim = len - s < 15 ? len : s + 15;
         uint32_t j = s;
         while (j < lim && (trap_byte_class[code[j]] & pfx_class))
             j++;
         if (j < lim && !(trap_byte_class[code[j]] & TT_BC_START))
             continue;
-        const uint32_t avail = lim - s;
-        int k;
-        if (mode64) {
-            vmlab_classify(code + s, avail, 64, &r);
-            k = site_kind(&r, kinds);
-        } else {
-            vmlab_classify(code + s, avail, 32, &r);
-            k = site_kind(&r, kinds);
-            /* 16-bit code differs from 32-bit code only in the address size (the
-             * length of a memory operand) and in having no VEX: only a truncated
-             * answer or a memory ModRM can change. */
-            if ((k < 0 || k == VMLAB_SITE_UNKNOWN)
-                && (r.status == VMLAB_CLASS_TRUNCATED || (r.has_modrm && (r.modrm >> 6) != 3))) {
-                vmlab_classify(code + s, avail, 16, &r);
-                const int k16 = site_kind(&r, kinds);
-                if (k16 >= 0 && (k < 0 || k16 != VMLAB_SITE_UNKNOWN))
-                    k = k16;
-            }
-        }
-        if (k < 0)
+        vmlab_classify(code + s, lim - s, mode, &r);
+        /* An instruction start inside the block is complete in it: a truncated
+         * answer means bytes the CPU itself could not decode as a trap form. */
+        if (r.status != VMLAB_CLASS_TRAP || !((kinds >> r.kind) & 1))
             continue;
         if (site_kinds)
-            site_kinds[n] = (uint8_t)k;
+            site_kinds[n] = (uint8_t)r.kind;
         sites[n++] = s;
     }
     return (int)n;
@@ -446,12 +409,18 @@ static void exitset_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
 }
 
 static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud);
+static int run_sites(vmlab_vcpu *v, void *uc, uint64_t begin, size_t count);
 
 /* Trap sites are one-address UC_HOOK_CODE hooks, not Unicorn "exits": at the end
  * of every emu_start Unicorn invalidates the translated block of every exit
  * address, which costs O(#exits) per run and refills the TLB outside the CPU
  * loop, where a failing fill would longjmp into a dead frame.  A bounded code
- * hook is only compiled into the one instruction it covers. */
+ * hook is only compiled into the one instruction it covers.  But Unicorn walks
+ * its whole list of code hooks for every instruction it translates, and again
+ * in every hooked instruction it runs, so the list must stay short: only real
+ * instruction starts of blocks that ran are armed (block_icount), never every
+ * byte offset of a code page that could start one (Linux's text has ~70,000
+ * such offsets for the machine's kinds against a few hundred real sites). */
 static int exit_add(vmlab_vcpu *v, struct priv *p, uint64_t a)
 {
     if (exitset_has(p, a))
@@ -502,10 +471,14 @@ int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
         api.hook_del(uc, p->site_hooks[k]);
     v->nexits = 0;
     exitset_rebuild(v, p, p->exitset_cap);
-    memset(p->scanned, 0, sizeof p->scanned);
-    /* Every cached translation may now miss or carry a stale exit: start over. */
-    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
-    api.ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+    /* Every block is classified again at its next run (the icache misses, the
+     * registry sees an old sites_gen): blocks that now hold a site are dropped
+     * and translated again with it.  The others keep their translation: a
+     * deleted hook compiled into one finds nothing and costs a call. */
+    if (++v->sites_gen == 0)
+        v->sites_gen = 1;
+    for (uint32_t k = 0; k < ICACHE_SIZE; k++)
+        p->icache[k].pc = ~0ull;
     return 1;
 }
 
@@ -525,54 +498,25 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
         vmlab_tb *t = &v->tbs[i];
         if (t->valid && t->paddr < page + 4096 && t->paddr + t->size > page) {
             t->valid = 0;
+            t->sites_gen = 0;
             t->invalidations++;
             v->stat_tb_invalidations++;
             push_u32(&v->tb_inval, &v->ntb_inval, &v->tb_inval_cap, i);
         }
     }
-    for (uint32_t k = 0; k < ICACHE_SIZE; k++)
-        if (p->icache[k].ppage == page)
-            p->icache[k].pc = ~0ull;
+    for (uint32_t k = 0; k < ICACHE_SIZE; k++) {
+        struct icache_entry *ce = &p->icache[k];
+        /* The entry knows the physical page of its first byte only: a block
+         * that crosses into another page is dropped too (conservative). */
+        if (ce->ppage == page || (ce->pc != ~0ull && (ce->pc & 0xfff) + (ce->size_mode >> 2) > 4096))
+            ce->pc = ~0ull;
+    }
 }
 
-/* Scan the linear page vpage (mapped to RAM page ppage) for trap sites. */
-/* Returns the number of sites added; their addresses go to added[] (up to max). */
-static int scan_exec_page(vmlab_vcpu *v, struct priv *p, uint64_t vpage, uint64_t ppage, int mode64,
-                          uint64_t *added, int max)
+/* A page code is fetched from: stores to it are watched (vmlab_code_page_written). */
+static inline void mark_code_page(vmlab_vcpu *v, uint64_t ppage)
 {
-    const uint64_t pfn = ppage >> 12;
-    const uint32_t mk = v->trap_kinds ^ (mode64 ? 0x80000000u : 0);
-    struct scanned_entry *se = &p->scanned[hash64(vpage ^ (ppage << 7)) & (SCANNED_SIZE - 1)];
-    int nadded = 0;
-    v->page_flags[pfn] |= VMLAB_PAGE_CODE;
-    if (!v->trap_kinds)
-        return 0;
-    if (se->vpage == vpage && se->ppage == ppage && se->gen == v->page_gen[pfn] + 1 && se->mode_kinds == mk)
-        return 0;
-    v->stat_scans++;
-    uint8_t buf[4096 + 16];
-    uint32_t len = 4096;
-    memcpy(buf, v->ram + ppage, 4096);
-    /* Look ahead into the next linear page for instructions that straddle. */
-    vmlab_walk w;
-    uint64_t save_ad_free = 0;
-    (void)save_ad_free;
-    if (vmlab_walk_do(v, vpage + 4096, 0, VMLAB_WALK_IMPLICIT_SUP, &w) == VMLAB_OK) {
-        memcpy(buf + 4096, v->ram + (w.paddr & ~0xfffull), 16);
-        len += 16;
-    } else {
-        memset(buf + 4096, 0, 16);
-    }
-    uint32_t sites[1024];
-    int n = vmlab_scan_page(v, buf, len, 4096, mode64, v->trap_kinds, sites, NULL, 1024);
-    for (int k = 0; k < n; k++)
-        if (exit_add(v, p, vpage + sites[k]) && nadded < max)
-            added[nadded++] = vpage + sites[k];
-    se->vpage = vpage;
-    se->ppage = ppage;
-    se->gen = v->page_gen[pfn] + 1;
-    se->mode_kinds = mk;
-    return nadded;
+    v->page_flags[ppage >> 12] |= VMLAB_PAGE_CODE;
 }
 
 /* ---- hooks ------------------------------------------------------------------- */
@@ -685,12 +629,11 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
     uint32_t perms = w.perms;
     uint8_t *pf = &v->page_flags[ppage >> 12];
     if (access & VMLAB_ACC_FETCH) {
-        int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
-        scan_exec_page(v, p, vaddr & ~0xfffull, ppage, mode64, NULL, 0);
+        mark_code_page(v, ppage);
         perms &= ~VMLAB_PROT_W;
     } else if (*pf & VMLAB_PAGE_CODE) {
         if (access & VMLAB_ACC_WRITE) {
-            /* First store to a page we scanned for trap sites.  The store has
+            /* First store to a page code was fetched from.  The store has
              * not happened yet: queue the page for a rescan at the next block
              * boundary (hook_block_slow; no stop from here, see hook_block).
              * The entry keeps X: with Unicorn 2.1.4 an exec-only entry followed
@@ -710,9 +653,11 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         } else {
             perms &= ~VMLAB_PROT_W;
         }
-    } else if (access & VMLAB_ACC_WRITE) {
-        /* A data page written before it was ever fetched from: without X, so
-         * that code the guest puts there is scanned on its first fetch. */
+    } else {
+        /* A data page not (or no longer) known to hold code: without X, so
+         * that the first fetch from it comes through here and marks it (a
+         * fetch through an entry a read made would leave it unmarked, and a
+         * later store to the code would go unseen). */
         perms &= ~VMLAB_PROT_X;
     }
     /* Debugger: physical-breakpoint aliases, watched pages (native/debug.c). */
@@ -781,11 +726,60 @@ static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t
     return idx;
 }
 
-static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_t size)
+/* Arm the trap sites of a block at its first run (again after a store to its
+ * page or a change of the armed kinds): the instruction starts Capstone found
+ * in buf[0..size) (buf holds got >= size bytes: the block and up to 15 past it), plus every offset of a tail Capstone could not decode
+ * (conservative).  A new site's translated block is dropped so that Unicorn
+ * translates it again with the site's code hook.  Returns the number of new
+ * sites: the caller stops before the block runs. */
+static int arm_block_sites(vmlab_vcpu *v, struct priv *p, uint64_t pc, const uint8_t *buf, uint32_t size,
+                           uint32_t got, const uint8_t *insn, size_t cnt, int mode_bits)
+{
+    uint32_t starts[64], sites[64];
+    uint32_t covered = 0;
+    int added = 0;
+    size_t i = 0;
+    v->stat_scans++;
+    while (i < cnt || covered < size) {
+        uint32_t n = 0;
+        for (; i < cnt && n < 64; i++) {
+            uint64_t a;
+            uint16_t len;
+            memcpy(&a, insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_ADDRESS, sizeof a);
+            memcpy(&len, insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_LEN, sizeof len);
+            if (a - pc >= size)
+                break;
+            starts[n++] = (uint32_t)(a - pc);
+            covered = (uint32_t)(a - pc) + len;
+        }
+        if (n == 0) {
+            /* past what Capstone decoded: every remaining offset */
+            cnt = i;
+            for (; covered < size && n < 64; covered++)
+                starts[n++] = covered;
+            if (n == 0)
+                break;
+        }
+        const int k = vmlab_block_sites(buf, got, starts, n, mode_bits, v->trap_kinds, sites, NULL, 64);
+        for (int j = 0; j < k; j++) {
+            const uint64_t a = pc + sites[j];
+            if (exit_add(v, p, a)) {
+                api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), a, a + 1);
+                added++;
+            }
+        }
+    }
+    return added;
+}
+
+/* The block's instruction count (icache, else Capstone), registering it; at its
+ * first run arms its trap sites, *armed = how many are new. */
+static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_t size, int *armed)
 {
     /* Hot path (every block): one direct-mapped probe, no multiply. */
     struct icache_entry *ce = &p->icache[(pc ^ (pc >> 13)) & (ICACHE_SIZE - 1)];
     const uint32_t hfm = read_hflags(v, p) & HF_DECODE_MASK;
+    *armed = 0;
     if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
         if (__builtin_expect(v->count_exec | v->log_exec, 0)) {
             v->tbs[ce->tb].exec_count++;
@@ -798,27 +792,40 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     uint32_t hf = read_hflags(v, p);
     int mode = (hf & HF_CS64_MASK) ? 2 : (hf & HF_CS32_MASK) ? 1 : 0;
     uint32_t n = 0;
-    uint8_t buf[4096 + 16];
+    uint8_t buf[4096 + 32];
     uint32_t got = 0;
     uint64_t paddr = ~0ull;
-    /* Fetch the block's bytes through the soft-MMU (no A/D side effects). */
-    while (got < size && got < sizeof buf) {
+    /* Fetch the block's bytes through the soft-MMU (no A/D side effects), and
+     * up to 15 bytes past it: a block that ends in an instruction the CPU
+     * refuses (a VMX instruction is #UD to Unicorn) covers only part of it. */
+    const uint32_t want = size + 15 < sizeof buf ? size + 15 : (uint32_t)sizeof buf;
+    while (got < want) {
         vmlab_walk w;
         if (vmlab_walk_do(v, pc + got, 0, VMLAB_WALK_IMPLICIT_SUP, &w) != VMLAB_OK)
             break;
         if (got == 0)
             paddr = w.paddr;
         uint32_t chunk = 4096 - (uint32_t)((pc + got) & 0xfff);
-        if (chunk > size - got) chunk = size - got;
-        if (chunk > sizeof buf - got) chunk = sizeof buf - got;
+        if (chunk > want - got) chunk = want - got;
         memcpy(buf + got, v->ram + w.paddr, chunk);
         got += chunk;
     }
-    if (got == size && p->cs_handle[mode]) {
-        void *insn = NULL;
-        size_t cnt = api.cs_disasm(p->cs_handle[mode], buf, size, pc, 0, &insn);
-        if (insn) api.cs_free(insn, cnt);
-        n = (uint32_t)cnt;
+    void *insn = NULL;
+    size_t cnt = 0;
+    if (got >= size && p->cs_handle[mode]) {
+        /* The count is of the instructions wholly inside the block (a partly
+         * covered last one does not run); sites are looked for at every start
+         * inside it. */
+        cnt = api.cs_disasm(p->cs_handle[mode], buf, got, pc, 0, &insn);
+        for (size_t i = 0; i < cnt; i++) {
+            uint64_t a;
+            uint16_t len;
+            memcpy(&a, (uint8_t *)insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_ADDRESS, sizeof a);
+            memcpy(&len, (uint8_t *)insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_LEN, sizeof len);
+            if (a - pc + len > size)
+                break;
+            n++;
+        }
     }
     if (n == 0)
         n = size / 3 + 1;   /* undecodable: a deterministic estimate */
@@ -828,58 +835,61 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     ce->ppage = paddr & ~0xfffull;
     ce->hf = hfm;
     ce->tb = tb_register(v, p, pc, paddr, hf, size, n);
+    vmlab_tb *t = &v->tbs[ce->tb];
+    if (t->sites_gen != v->sites_gen) {
+        /* Bytes the walk could not fetch (the block's page went away since it
+         * was translated) are not classified: the block is not run from them. */
+        if (got >= size && v->trap_kinds)
+            *armed = arm_block_sites(v, p, pc, buf, size, got, insn, cnt, 16 << mode);
+        t->sites_gen = v->sites_gen;
+    }
+    if (insn)
+        api.cs_free(insn, cnt);
     if (v->count_exec | v->log_exec) {
-        v->tbs[ce->tb].exec_count++;
+        t->exec_count++;
         if (v->log_exec)
             push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
     }
     return n;
 }
 
-/* Rescan code pages written since the last block boundary (the stores are done
- * now).  New sites get their code hook; translated blocks that contain one are
- * dropped so they are retranslated with it.  Returns 1 if the block about to
- * run holds a new site: the caller stops before it runs (Unicorn checks for a
- * stop request right after the block hook). */
-static int rescan_written(vmlab_vcpu *v, struct priv *p, uint64_t addr, uint32_t size)
+/* Code pages were written since the last block boundary (the stores are done
+ * now).  Their blocks were dropped from the registry (vmlab_code_page_written);
+ * drop Unicorn's translations of them too (with the TLB fill hook, QEMU's own
+ * self-modifying-code detection misses stores that reach a code page through
+ * an entry the fill handed out for writing: a function patched after it ran
+ * kept running its old bytes, guests/smc.asm).  They are classified again when
+ * they next run (block_icount).
+ *
+ * The page was written through rescan[i].vpage, which need not be a linear
+ * address code runs from: Linux's text_poke() writes kernel text through a
+ * second, non-executable (XD) mapping.  Dropping translations by a linear
+ * range makes Unicorn translate it as a fetch (get_page_addr_code), which the
+ * fill refuses for a non-executable alias: a bogus #PF with a fetch error code.
+ * So only executable linear pages are dropped here (the walk sets no A/D bits);
+ * code run through another alias of the page is dropped by QEMU when it looks
+ * the block up by physical page... or runs stale, as on a CPU without the
+ * cross-modifying-code serialisation the SDM asks for (Vol. 3A 9.1.3).
+ *
+ * Last, the written pages were handed out with W: take it back so the next
+ * store to them comes through the fill again. */
+static void rescan_written(vmlab_vcpu *v, struct priv *p)
 {
-    int stop = 0;
-    uint64_t added[64];
-    int mode64 = (v->efer & (1ull << 10)) && (read_hflags(v, p) & HF_CS64_MASK);
-    for (uint32_t i = 0; i < p->nrescan; i++) {
-        /* The page was written through rescan[i].vpage, which need not be a
-         * linear address code runs from: Linux's text_poke() writes kernel
-         * text through a second, non-executable (XD) mapping.  Trap sites
-         * belong to the linear pages code is fetched from; those come back
-         * through the fetch fill after the TLB flush below and are rescanned
-         * there (the page generation changed).  Scanning a non-executable
-         * alias would also make Unicorn's TB removal translate it as a fetch
-         * (get_page_addr_code), which the fill refuses: a bogus #PF with a
-         * fetch error code.  So only executable linear pages are scanned here;
-         * the walk sets no A/D bits. */
-        vmlab_walk xw;
-        uint32_t xacc = VMLAB_ACC_FETCH | (current_cpl(v, p) == 3 ? VMLAB_ACC_USER : 0);
-        if ((v->cr0 & (1ull << 31)) && vmlab_walk_do(v, p->rescan[i].vpage, xacc, 0, &xw) != VMLAB_OK)
-            continue;
-        int n = scan_exec_page(v, p, p->rescan[i].vpage, p->rescan[i].ppage, mode64, added, 64);
-        for (int k = 0; k < n; k++) {
-            api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), added[k], added[k] + 1);
-            if (added[k] >= addr && added[k] < addr + size)
-                stop = 1;
+    const uint32_t xacc = VMLAB_ACC_FETCH | (current_cpl(v, p) == 3 ? VMLAB_ACC_USER : 0);
+    if (p->rescan_overflow) {
+        api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
+    } else {
+        for (uint32_t i = 0; i < p->nrescan; i++) {
+            vmlab_walk xw;
+            const uint64_t vpage = p->rescan[i].vpage;
+            if ((v->cr0 & (1ull << 31)) && vmlab_walk_do(v, vpage, xacc, 0, &xw) != VMLAB_OK)
+                continue;
+            api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_REMOVE_CACHE, 2), vpage, vpage + 4096);
         }
     }
     p->nrescan = 0;
-    if (p->rescan_overflow) {
-        /* Too many pages written in one block: rescan everything lazily. */
-        p->rescan_overflow = 0;
-        memset(p->scanned, 0, sizeof p->scanned);
-        api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
-        stop = 1;
-    }
-    /* The written pages were handed out with W: take it back so the next store
-     * to them comes through the fill again. */
+    p->rescan_overflow = 0;
     api.ctl(p->uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
-    return stop;
 }
 
 /* ---- the block hook ------------------------------------------------------------
@@ -923,11 +933,8 @@ static void __attribute__((noinline)) hook_block_slow(uc_engine *uc, uint64_t ad
 {
     if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_block(v, uc))
         return;      /* a debugger stop (native/debug.c): before the block runs */
-    if ((p->nrescan | p->rescan_overflow) && rescan_written(v, p, addr, size)) {
-        v->stop_kind = VMLAB_STOP_REQUEST;
-        api.emu_stop(uc);
-        return;
-    }
+    if (p->nrescan | p->rescan_overflow)
+        rescan_written(v, p);
     /* A stop requested here takes effect before the block runs (Unicorn checks
      * right after the block hook), so the block is only counted when it runs:
      * the deadline is checked before adding it (a block may overshoot it). */
@@ -952,19 +959,35 @@ static void __attribute__((noinline)) hook_block_slow(uc_engine *uc, uint64_t ad
             return;
         }
     }
-    if (!p->clock_host)
-        v->icount += (uint64_t)block_icount(v, p, addr, size) << v->icount_shift;
-    else if (p->want_blocks | v->count_exec | v->log_exec)
-        block_icount(v, p, addr, size);      /* the registry only: time is the host's */
+    int armed;
+    const uint32_t n = block_icount(v, p, addr, size, &armed);
     refresh_fast(v, p);
+    if (armed) {
+        /* Not run, not counted: translated again with its new sites. */
+        v->stop_kind = VMLAB_STOP_SITES;
+        api.emu_stop(uc);
+        return;
+    }
+    if (!p->clock_host)
+        v->icount += (uint64_t)n << v->icount_shift;
 }
 
-static void __attribute__((noinline)) hook_block_miss(vmlab_vcpu *v, struct priv *p, uint64_t addr,
-                                                      uint32_t size)
+static void __attribute__((noinline)) hook_block_miss(uc_engine *uc, vmlab_vcpu *v, struct priv *p,
+                                                      uint64_t addr, uint32_t size)
 {
-    v->icount += (uint64_t)block_icount(v, p, addr, size) << v->icount_shift;
-    if (v->ntb_new >= 65536)
+    int armed;
+    const uint32_t n = block_icount(v, p, addr, size, &armed);
+    if (v->ntb_new >= 65536) {
         p->fast_deadline = 0;   /* the discovery log must be drained: next block stops */
+        p->host_slow = 1;
+    }
+    if (armed) {
+        v->stop_kind = VMLAB_STOP_SITES;
+        api.emu_stop(uc);
+        return;
+    }
+    if (!p->clock_host)
+        v->icount += (uint64_t)n << v->icount_shift;   /* virtual ns (-icount shift) */
 }
 
 static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
@@ -981,15 +1004,24 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
         v->icount += (uint64_t)ce->ninsn << v->icount_shift;   /* virtual ns (-icount shift) */
         return;
     }
-    hook_block_miss(v, p, addr, size);
+    hook_block_miss(uc, v, p, addr, size);
 }
 
 static void hook_block_host(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
     vmlab_vcpu *v = ud;
     struct priv *p = v->priv;
-    if (__builtin_expect(p->host_stop | p->host_slow, 0))
+    if (__builtin_expect(p->host_stop | p->host_slow, 0)) {
         hook_block_slow(uc, addr, size, v, p);
+        return;
+    }
+    /* The icache probe only (no counting): a miss is a block's first run,
+     * where its trap sites are armed. */
+    const struct icache_entry *ce = &p->icache[(addr ^ (addr >> 13)) & (ICACHE_SIZE - 1)];
+    const uint32_t hfm = *p->hf_ptr & HF_DECODE_MASK;
+    if (__builtin_expect(ce->pc == addr && (ce->size_mode >> 2) == size && ce->hf == hfm, 1))
+        return;
+    hook_block_miss(uc, v, p, addr, size);
 }
 
 static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
@@ -1145,6 +1177,7 @@ int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
         api.cs_open(3, 1 << 3, &p->cs_handle[2]);
     }
     exitset_rebuild(v, p, 1024);
+    v->sites_gen = 1;
     for (uint32_t k = 0; k < ICACHE_SIZE; k++)
         p->icache[k].pc = ~0ull;
     tbhash_rebuild(v, p, 2048);
@@ -1390,10 +1423,14 @@ int vmlab_emu_start(void *uc, uint64_t begin)
     return api.emu_start(uc, begin, 0, 0, 0);
 }
 
-/* Execute exactly one instruction (Unicorn's count=1 path). */
-int vmlab_emu_step(void *uc, uint64_t begin)
+/* Execute exactly one instruction (Unicorn's count=1 path), also when the
+ * block hook first stopped to arm trap sites in its block (v may be NULL: no
+ * such retry). */
+int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin)
 {
-    return api.emu_start(uc, begin, 0, 0, 1);
+    if (v == NULL)
+        return api.emu_start(uc, begin, 0, 0, 1);
+    return run_sites(v, uc, begin, 1);
 }
 
 /* ---- clock modes and the run entry point ---------------------------------------
@@ -1560,6 +1597,25 @@ int vmlab_set_clock(vmlab_vcpu *v, void *uc, int host, uint64_t origin_ns)
 /* Run the vCPU from begin until a stop (what and why: v->stop_kind) or, with
  * flags & 1, for one instruction.  flags & 2: the block registry must see every
  * block (logs, exec counts) even with the host clock.  Returns uc_err. */
+/* emu_start, again while a block's first run armed trap sites in it (it
+ * stopped before the block ran; it is translated again with them).  A block
+ * arms its sites once, so this ends; a bound keeps it from spinning anyway. */
+static int run_sites(vmlab_vcpu *v, void *uc, uint64_t begin, size_t count)
+{
+    for (int tries = 0;; tries++) {
+        const int err = api.emu_start(uc, begin, 0, 0, count);
+        if (err || v->stop_kind != VMLAB_STOP_SITES)
+            return err;
+        v->stop_kind = VMLAB_STOP_NONE;
+        if (tries == 64) {
+            v->stop_kind = VMLAB_STOP_REQUEST;     /* Python runs again */
+            return 0;
+        }
+        refresh_fast(v, v->priv);
+        api.reg_read(uc, UC_X86_REG_RIP, &begin);
+    }
+}
+
 int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
 {
     struct priv *p = v->priv;
@@ -1567,7 +1623,7 @@ int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
     p->want_blocks = (flags >> 1) & 1;
     refresh_fast(v, p);
     if (!p->clock_host)
-        return api.emu_start(uc, begin, 0, 0, count);
+        return run_sites(v, uc, begin, count);
     int err = 0;
     p->host_stop = 0;
     const uint64_t now = host_now(p);
@@ -1581,7 +1637,7 @@ int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
     const int timed = !count && v->icount_deadline != ~0ull;
     if (timed && tm_arm(&p->timer, &p->host_stop, p->origin_ns + v->icount_deadline))
         return UC_ERR_RESOURCE;
-    err = api.emu_start(uc, begin, 0, 0, count);
+    err = run_sites(v, uc, begin, count);
     if (timed)
         tm_disarm(&p->timer);
     p->host_stop = 0;

@@ -70,6 +70,9 @@ enum {
     VMLAB_STOP_TASK_SWITCH = 13, /* a fill inside a task switch Unicorn runs (emu/taskswitch.py) */
     VMLAB_STOP_SYSINSN = 12,   /* SYSCALL (intno 0) or SYSENTER (intno 1) reached; Unicorn skips
                                   them, so RIP is past it and fault_vaddr is its address */
+    VMLAB_STOP_SITES = 13,     /* a block's first run armed trap sites in it: stopped before it
+                                  ran, so that it is translated again with them (vmlab_run
+                                  restarts by itself; never seen by Python) */
 };
 
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */
@@ -152,6 +155,8 @@ typedef struct vmlab_tb {
     uint32_t valid;         /* 0 once a store to its page invalidated it */
     uint32_t translations;  /* times it was (re)discovered */
     uint32_t invalidations;
+    uint32_t sites_gen;     /* vmlab_vcpu.sites_gen when its trap sites were armed (0: never) */
+    uint32_t pad;
 } vmlab_tb;
 
 /* ---- debugger (native/debug.c; Python side emu/debugpoints.py) --------------
@@ -234,7 +239,7 @@ typedef struct vmlab_vcpu {
 
     /* ---- trap sites ---- */
     uint32_t trap_kinds;       /* bitmask of 1 << VMLAB_TRAP_* */
-    uint32_t pad_sites;
+    uint32_t sites_gen;        /* bumped when trap_kinds change: every block is classified again */
     uint64_t *exits;           /* linear addresses armed in Unicorn */
     uint32_t nexits, exits_cap;
 
@@ -256,7 +261,7 @@ typedef struct vmlab_vcpu {
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
     uint64_t stat_stlb_hits, stat_stlb_flushes;
-    uint64_t stat_scans, stat_code_writes, stat_sites_armed;
+    uint64_t stat_scans, stat_code_writes, stat_sites_armed;   /* scans: blocks classified */
 
     /* ---- block registry (Python reads these arrays, drains the logs) ---- */
     vmlab_tb *tbs;
@@ -319,8 +324,16 @@ int vmlab_env_set_segs(vmlab_vcpu *v, void *uc, const vmlab_regs *r, uint32_t se
 
 int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds);
 int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr);
-int vmlab_scan_page(vmlab_vcpu *v, const uint8_t *code, uint32_t len, uint32_t limit,
-                    int mode64, uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites);
+/* The trap sites of one block: the offsets among starts[0..nstarts) (its
+ * instruction starts, ascending, each < len) where an instruction of an armed
+ * kind begins in mode (16, 32 or 64) code; kinds to site_kinds if not NULL.
+ * Returns their number (at most max_sites).  Python twin: trapscan.block_sites. */
+int vmlab_block_sites(const uint8_t *code, uint32_t len, const uint32_t *starts, uint32_t nstarts, int mode,
+                      uint32_t kinds, uint32_t *sites, uint8_t *site_kinds, uint32_t max_sites);
+/* sizeof(cs_insn) and the offsets of its address and size fields in the
+ * Capstone the engine was built with (5.x); emu/native.py checks them against
+ * the Capstone Python binding's own structure before the first VM runs. */
+enum { VMLAB_CS_INSN_SIZE = 248, VMLAB_CS_INSN_ADDRESS = 8, VMLAB_CS_INSN_LEN = 16 };
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
@@ -328,7 +341,7 @@ void vmlab_stlb_flush(vmlab_vcpu *v);
 void vmlab_set_emu_start(void *emu_start);
 void vmlab_set_cs_close(void *cs_close);
 int vmlab_emu_start(void *uc, uint64_t begin);
-int vmlab_emu_step(void *uc, uint64_t begin);
+int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin);
 
 /* ---- trap-site classifier (native/hooks.c; opcode table native/trap_table.h,
  * generated from emu/trapscan.py, which also holds the Python twin) ---- */
@@ -342,8 +355,6 @@ enum {
     VMLAB_PFX_ADSIZE = 16, VMLAB_PFX_SEG = 32, VMLAB_PFX_REX = 64,
     VMLAB_PFX_VEX = 128,     /* a VEX prefix (C4/C5) selected the opcode map: #UD */
 };
-/* vmlab_scan_page's kind for a site whose instruction runs past the bytes scanned */
-enum { VMLAB_SITE_UNKNOWN = 255 };
 
 typedef struct vmlab_insn {
     int32_t kind;        /* VMLAB_TRAP_* when status is VMLAB_CLASS_TRAP, else -1 */

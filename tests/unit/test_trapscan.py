@@ -1,4 +1,4 @@
-"""The one trap-site classifier: native ``vmlab_classify`` / ``vmlab_scan_page``
+"""The one trap-site classifier: native ``vmlab_classify`` / ``vmlab_block_sites``
 against their pure-Python twins in emu/trapscan.py (random bytes, planted
 instructions of every kind, whole pages), against Capstone (every canonical
 form assembled by Keystone, and a sweep over ModRM bytes of every trapped
@@ -18,11 +18,12 @@ MODES = (16, 32, 64)
 LEGACY_PREFIXES = (0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3)
 
 
-def native_scan(code: bytes, length: int, limit: int, mode64: bool, kinds: int, max_sites: int):
+def native_block_sites(code: bytes, starts, mode: int, kinds: int, max_sites: int):
     buf = ffi.new("uint8_t[]", bytes(code) or b"\0")
+    st_ = ffi.new("uint32_t[]", list(starts) or [0])
     sites = ffi.new("uint32_t[]", max(max_sites, 1))
     site_kinds = ffi.new("uint8_t[]", max(max_sites, 1))
-    n = lib.vmlab_scan_page(ffi.NULL, buf, length, limit, 1 if mode64 else 0, kinds, sites, site_kinds, max_sites)
+    n = lib.vmlab_block_sites(buf, len(code), st_, len(starts), mode, kinds, sites, site_kinds, max_sites)
     return [(sites[i], site_kinds[i]) for i in range(n)]
 
 
@@ -43,7 +44,6 @@ def test_trap_kind_numbering_is_the_same_in_c_python_and_exits():
         assert getattr(lib, f"VMLAB_PFX_{name}") == getattr(T, f"PFX_{name}")
     assert (lib.VMLAB_CLASS_NONE, lib.VMLAB_CLASS_TRAP, lib.VMLAB_CLASS_TRUNCATED) == (
         T.CLASS_NONE, T.CLASS_TRAP, T.CLASS_TRUNCATED)
-    assert lib.VMLAB_SITE_UNKNOWN == T.SITE_UNKNOWN
 
 
 # ---------------------------------------------------------------- C == Python
@@ -146,28 +146,30 @@ def test_classify_planted_instructions_c_equals_python_and_the_kind_is_seen(kind
 
 
 @st.composite
-def pages(draw):
-    mode64 = draw(st.booleans())
-    mode = 64 if mode64 else draw(st.sampled_from((16, 32)))
+def blocks(draw):
+    """A block: planted trapped instructions among random bytes, in one mode;
+    its instruction starts are Capstone's (as native/hooks.c gets them), or
+    random ascending offsets now and then (a start list need not be sane)."""
+    mode = draw(st.sampled_from(MODES))
     chunks = draw(st.lists(st.one_of(planted(mode).map(lambda t: t[0]), st.binary(min_size=1, max_size=12)),
-                           max_size=40))
+                           min_size=1, max_size=24))
     code = b"".join(chunks)
-    if draw(st.integers(0, 9)) == 0:      # now and then a whole page and its look-ahead
-        code = (code * (4112 // max(len(code), 1) + 1))[:4112]
-    length = draw(st.integers(0, len(code)))
-    limit = draw(st.integers(0, length + 16))
+    if draw(st.booleans()):
+        starts = [i.address for i in _CS[mode].disasm(code, 0)]
+    else:
+        starts = sorted(draw(st.sets(st.integers(0, len(code) + 4), max_size=40)))
     kinds = draw(st.one_of(st.just(T.ALL_KINDS), st.integers(0, T.ALL_KINDS),
                            st.sampled_from([1 << b for b in range(len(T.KIND_NAMES))])))
-    max_sites = draw(st.one_of(st.just(4096), st.integers(0, 64)))
-    return code, length, limit, mode64, kinds, max_sites
+    max_sites = draw(st.one_of(st.just(64), st.integers(0, 8)))
+    return code, starts, mode, kinds, max_sites
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
-@given(page=pages())
-def test_scan_page_random_pages_c_equals_python(page):
-    code, length, limit, mode64, kinds, max_sites = page
-    assert native_scan(code, length, limit, mode64, kinds, max_sites) == T.scan_page(
-        code, length, limit, mode64, kinds, max_sites)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(block=blocks())
+def test_block_sites_c_equals_python(block):
+    code, starts, mode, kinds, max_sites = block
+    assert native_block_sites(code, starts, mode, kinds, max_sites) == T.block_sites(
+        code, starts, mode, kinds, max_sites)
 
 
 # ---------------------------------------------------------------- decisions, spelled out
@@ -250,25 +252,31 @@ def test_classify_truncated_without_possible_kind_is_none():
     assert T.classify_native(b"\x90", 32).status == T.CLASS_NONE
 
 
-def test_scan_page_flags_every_start_of_a_prefixed_instruction():
+def test_block_sites_only_at_instruction_starts():
+    # mov eax, 0x320f90 (its immediate holds RDMSR's bytes); rdmsr; cpuid
+    code = bytes.fromhex("b8900f3200" "0f32" "0fa2")
+    starts = [0, 5, 7]
+    assert native_block_sites(code, starts, 32, T.ALL_KINDS, 16) == [(5, _K["rdmsr"]), (7, _K["cpuid"])]
+    assert native_block_sites(code, starts, 32, 1 << _K["cpuid"], 16) == [(7, _K["cpuid"])]
+    assert native_block_sites(code, starts, 32, T.ALL_KINDS, 1) == [(5, _K["rdmsr"])]
+
+
+def test_block_sites_a_prefixed_instruction_is_one_site():
     code = bytes.fromhex("2e66f30f32")                   # three prefixes, RDMSR
-    assert native_scan(code, 5, 5, False, T.ALL_KINDS, 16) == [(0, _K["rdmsr"]), (1, _K["rdmsr"]),
-                                                              (2, _K["rdmsr"]), (3, _K["rdmsr"])]
-    assert native_scan(code, 5, 5, False, 1 << _K["cpuid"], 16) == []
+    assert native_block_sites(code, [0], 32, T.ALL_KINDS, 16) == [(0, _K["rdmsr"])]
 
 
-def test_scan_page_instruction_past_the_bytes_given_is_a_site_of_unknown_kind():
-    code = b"\x90" * 8 + b"\x0f"                          # page ends after 0F, no look-ahead
-    assert native_scan(code, 9, 9, False, 1 << _K["cpuid"], 16) == [(8, T.SITE_UNKNOWN)]
-    assert native_scan(code + b"\xa2", 10, 9, False, 1 << _K["cpuid"], 16) == [(8, _K["cpuid"])]
+def test_block_sites_an_instruction_cut_short_is_no_site():
+    code = b"\x90" * 8 + b"\x0f"                          # the bytes end after 0F
+    assert native_block_sites(code, [8], 32, 1 << _K["cpuid"], 16) == []
+    assert native_block_sites(code + b"\xa2", [8], 32, 1 << _K["cpuid"], 16) == [(8, _K["cpuid"])]
 
 
-def test_scan_page_non_64_bit_offset_that_is_a_site_in_either_mode_is_flagged():
-    # 11 prefixes + INVLPG [esi] is 14 bytes in 32-bit code, but 16 bytes
-    # (disp16) in 16-bit code: a site for the shared scan.
+def test_block_sites_follow_the_address_size_of_the_mode():
+    # 11 prefixes + INVLPG [esi] is 14 bytes in 32-bit code, 16 (too long) in 16-bit code
     code = bytes.fromhex("26" * 11 + "0f013e0010")
-    assert T.classify_native(code, 16).status == T.CLASS_NONE
-    assert (0, _K["invlpg"]) in native_scan(code, len(code), 1, False, T.ALL_KINDS, 16)
+    assert native_block_sites(code, [0], 32, T.ALL_KINDS, 16) == [(0, _K["invlpg"])]
+    assert native_block_sites(code, [0], 16, T.ALL_KINDS, 16) == []
 
 
 # ---------------------------------------------------------------- C against Capstone
@@ -452,14 +460,17 @@ def test_trap_exit_stale_site_is_dropped_and_returns_retry_exit():
     assert isinstance(ex, HltExit)
 
 
-def test_trap_exit_site_that_is_no_trap_in_16_bit_code_returns_retry_exit():
-    from vmlab.emu.exits import RetryExit
+def test_block_sites_follow_the_mode_the_block_runs_in():
+    """Sites are classified in the mode the block runs in: C5 F8 32 is a VEX
+    RDMSR form in 32-bit code (#UD there, a site) but LDS with a register
+    operand in real mode (#UD by itself, never a site)."""
+    from vmlab.emu.exits import ExceptionExit
     from support import Machine
     m = Machine(ram=4 << 20)
-    m.boot(bytes.fromhex("c5f832f4"), 0x7C00, "real")          # VEX RDMSR in 32-bit code, LDS here
+    m.boot(bytes.fromhex("c5f832f4"), 0x7C00, "real")
     m.cpu.refresh()
     ex = m.cpu.run(m.cpu.icount + 10_000)
-    assert isinstance(ex, RetryExit) and ex.rip == 0x7C00
+    assert isinstance(ex, ExceptionExit) and ex.vector == 6 and ex.rip == 0x7C00
     assert 0x7C00 not in m.cpu.armed_sites()
 
 
