@@ -48,7 +48,7 @@ from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome
-from .vmx import load_paging_state
+from .vmx import VmxGuest, load_paging_state
 
 #: layout of a VMCS region in guest memory (see the module docstring)
 _OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
@@ -67,6 +67,20 @@ _ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
 #: VM-exit controls used when loading host state (SDM Vol. 3C Table 25-14)
 _EXIT_HOST_64 = 1 << 9
 _EXIT_LOAD_EFER = 1 << 21
+#: host-state field encodings (SDM Vol. 3C App. B), as plain ints
+_X_CTLS, _H_EFER = int(F.VM_EXIT_CONTROLS), int(F.HOST_IA32_EFER)
+_H_CR0, _H_CR3, _H_CR4 = int(F.HOST_CR0), int(F.HOST_CR3), int(F.HOST_CR4)
+_H_CS, _H_TR, _H_TR_BASE = int(F.HOST_CS_SELECTOR), int(F.HOST_TR_SELECTOR), int(F.HOST_TR_BASE)
+_H_FS_BASE, _H_GS_BASE = int(F.HOST_FS_BASE), int(F.HOST_GS_BASE)
+_H_GDTR_BASE, _H_IDTR_BASE = int(F.HOST_GDTR_BASE), int(F.HOST_IDTR_BASE)
+_H_RSP, _H_RIP = int(F.HOST_RSP), int(F.HOST_RIP)
+_H_DATA_SELECTORS = ((x86.R_ES, int(F.HOST_ES_SELECTOR)), (x86.R_SS, int(F.HOST_SS_SELECTOR)),
+                     (x86.R_DS, int(F.HOST_DS_SELECTOR)), (x86.R_FS, int(F.HOST_FS_SELECTOR)),
+                     (x86.R_GS, int(F.HOST_GS_SELECTOR)))
+#: the segment attributes host-state loading gives (SDM Vol. 3C 28.5.2)
+_HOST_CODE = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G
+_HOST_CODE64, _HOST_CODE32 = _HOST_CODE | x86.DESC_L, _HOST_CODE | x86.DESC_B
+_HOST_DATA = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
 
 
 class NestedVmx:
@@ -79,7 +93,7 @@ class NestedVmx:
         self.current: int | None = None        # current-VMCS pointer
         self.vmcs = None                       # the current VMCS (cached while current)
         self.l2 = None                         # the VmxGuest while L2 runs
-        self._l1_traps = None
+        self._l1_traps = None                  # L1's own trap kinds (as at its first VM entry, no IRET)
         self._guest = None                     # the VmxGuest over the current VMCS (reused)
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
 
@@ -187,6 +201,10 @@ class NestedVmx:
                 case "vmxoff":
                     self._write_back()
                     self.vmxon = self.current = self.vmcs = self._guest = None
+                    if self._l1_traps is not None:
+                        # Back to L1's own trap kinds: no L2 to share them with.
+                        self._arm_l1(union=False)
+                        self._l1_traps = None
                     return self._succeed(ex)
                 case "vmclear":
                     return self._vmclear(ex)
@@ -333,7 +351,7 @@ class NestedVmx:
 
     # ------------------------------------------------------------------ VM entry / exit
     def _vmentry(self, ex, resume: bool) -> Outcome:
-        from .vmx import VmEntryFailed, VmxGuest
+        from .vmx import VmEntryFailed
         vm = self.vm
         if self.vmcs is None:
             return self._fail_invalid(ex)
@@ -342,18 +360,19 @@ class NestedVmx:
             return self._fail(ex, E.VMRESUME_NONLAUNCHED_VMCS)
         if not resume and launched:
             return self._fail(ex, E.VMLAUNCH_NONCLEAR_VMCS)
-        self._l1_traps = vm.vcpu.trap_kinds
+        if self._l1_traps is None:
+            self._l1_traps = vm.vcpu.trap_kinds - {"iret"}
         g = self._guest
         if g is None or g._vmcs is not self.vmcs:
             # One VmxGuest per current VMCS: what it learnt (the entry checks
             # passed, the trap sites armed) carries over to the next VMRESUME.
-            g = self._guest = VmxGuest(vm, self.caps, self.vmcs)
+            g = self._guest = _L2Guest(vm, self.caps, self.vmcs)
             g.default_handler = self._reflect
         try:
             failed = g.enter()
         except VmEntryFailed as exc:
             # VMfailValid(7 or 8): controls or host state invalid; L1 goes on.
-            vm.vcpu.set_traps(self._l1_traps)
+            # (The checks come before any trap site is armed for L2.)
             err = getattr(exc.result, "error", None)
             return self._fail(ex, int(err) if err is not None else E.ENTRY_INVALID_CONTROL_FIELD)
         if failed is not None:
@@ -381,51 +400,106 @@ class NestedVmx:
         vm.vcpu.fastpath = None
         self.l2 = None
         self._load_host_state(vmcs)
-        # The vCPU holds L1 now: the next entry loads the guest state in full
-        # and re-arms the trap sites.
-        g = ex.guest
-        g._saved = None
-        g._armed_for = None
+        # The vCPU holds L1 now: the next entry loads the guest state in full.
+        # The trap sites stay (both levels share one set; _arm_l1 says when not).
+        ex.guest._saved = None
         ex.action = REFLECT
 
     def _load_host_state(self, v) -> None:
         """SDM Vol. 3C 28.5.1-28.5.2: control registers, EFER, segment registers
         with the fixed attributes of host state, descriptor-table bases, RSP,
-        RIP, RFLAGS = 2."""
+        RIP, RFLAGS = 2.  (Host-state fields are read from the VMCS's dict: each
+        is a valid field, whose VMREAD is the stored value.)"""
         vm = self.vm
         cpu = vm.vcpu
-        exit_ctls = v.read(F.VM_EXIT_CONTROLS)
+        g = v._values.get
+        exit_ctls = g(_X_CTLS, 0)
         host64 = bool(exit_ctls & _EXIT_HOST_64)
         cpu.set_ept(None)
         cpu.native.tsc_offset = 0
         cpu.refresh()
         if exit_ctls & _EXIT_LOAD_EFER:
-            efer = v.read(F.HOST_IA32_EFER)
+            efer = g(_H_EFER, 0)
         else:
             efer = cpu.regs.efer & ~(x86.EFER_LMA | x86.EFER_LME)
             if host64:
                 efer |= x86.EFER_LME
-        load_paging_state(cpu, v.read(F.HOST_CR0), v.read(F.HOST_CR3), v.read(F.HOST_CR4), efer)
-        code = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G
-        code |= x86.DESC_L if host64 else x86.DESC_B
-        data = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
-        segs = {x86.R_CS: (v.read(F.HOST_CS_SELECTOR), 0, 0xFFFFFFFF, code)}
-        for idx, sel_f in ((x86.R_ES, F.HOST_ES_SELECTOR), (x86.R_SS, F.HOST_SS_SELECTOR),
-                           (x86.R_DS, F.HOST_DS_SELECTOR), (x86.R_FS, F.HOST_FS_SELECTOR),
-                           (x86.R_GS, F.HOST_GS_SELECTOR)):
-            sel = v.read(sel_f)
-            base = v.read(F.HOST_FS_BASE) if idx == x86.R_FS else v.read(F.HOST_GS_BASE) if idx == x86.R_GS else 0
+        load_paging_state(cpu, g(_H_CR0, 0), g(_H_CR3, 0), g(_H_CR4, 0), efer)
+        code = _HOST_CODE64 if host64 else _HOST_CODE32
+        segs = {x86.R_CS: (g(_H_CS, 0), 0, 0xFFFFFFFF, code)}
+        for idx, sel_f in _H_DATA_SELECTORS:
+            sel = g(sel_f, 0)
+            base = g(_H_FS_BASE, 0) if idx == x86.R_FS else g(_H_GS_BASE, 0) if idx == x86.R_GS else 0
             # A null selector leaves the register unusable, SS excepted (28.5.2).
-            flags = data if sel & ~3 or idx == x86.R_SS else 0
+            flags = _HOST_DATA if sel & ~3 or idx == x86.R_SS else 0
             segs[idx] = (sel, base, 0xFFFFFFFF, flags)
         segs[6] = (0, 0, 0, 0)                                            # LDTR unusable
-        segs[7] = (v.read(F.HOST_TR_SELECTOR), v.read(F.HOST_TR_BASE), 0x67,
-                   x86.DESC_P | (11 << 8))          # busy 64-bit TSS (type in flags bits 11:8)
-        cpu.set_descriptor_tables(gdtr=(v.read(F.HOST_GDTR_BASE), 0xFFFF), idtr=(v.read(F.HOST_IDTR_BASE), 0xFFFF))
+        segs[7] = (g(_H_TR, 0), g(_H_TR_BASE, 0), 0x67, x86.DESC_P | (11 << 8))  # busy 64-bit TSS (type in flags 11:8)
+        cpu.set_descriptor_tables(gdtr=(g(_H_GDTR_BASE, 0), 0xFFFF), idtr=(g(_H_IDTR_BASE, 0), 0xFFFF))
         cpu.set_rflags(2)
-        cpu.set_reg("rsp", v.read(F.HOST_RSP))
-        cpu.set_rip(v.read(F.HOST_RIP))
+        cpu.set_reg("rsp", g(_H_RSP, 0))
+        cpu.set_rip(g(_H_RIP, 0))
         cpu.load_segments(segs, clear_exception=True)
-        if self._l1_traps is not None:
-            cpu.set_traps(self._l1_traps)
+        self._arm_l1()
         cpu.flush()
+
+    # ------------------------------------------------------------------ trap sites of both levels
+    # Arming trap sites is costly: vmlab_trap_set_kinds drops every translated
+    # block, and the next run retranslates and rescans what it executes.  So
+    # L1 and L2 share one set, the union of the kinds either level needs, and
+    # each exit is decided for the level that runs: in L2 by L2's controls
+    # (vmm.vmx_intercept, a kind whose control is clear is not a VM exit), in
+    # L1 by the platform, with ``untrapped`` for the kinds only L2 wants.
+    # Switching levels then changes no trap site unless a level needs a kind
+    # the set lacks (the set grows) or NMI blocking changes (IRET is armed
+    # exactly while it must be trapped: its trap does not run it).
+
+    def _arm_l2(self, needed: frozenset) -> None:
+        cpu = self.vm.vcpu
+        kinds = (cpu.trap_kinds - {"iret"}) | needed
+        if kinds != cpu.trap_kinds:
+            cpu.set_traps(kinds)
+
+    def _arm_l1(self, union: bool = True) -> None:
+        vm = self.vm
+        cpu = vm.vcpu
+        if self._l1_traps is None:
+            return
+        kinds = ((cpu.trap_kinds - {"iret"}) if union else frozenset()) | self._l1_traps
+        if vm.nmi_blocked:
+            kinds |= {"iret"}
+        if kinds != cpu.trap_kinds:
+            cpu.set_traps(kinds)
+            if self._guest is not None:
+                self._guest._armed_for = None      # L2's next entry arms its kinds again
+
+    def untrapped(self, ex: TrapExit) -> Outcome | None:
+        """A trap of a kind the platform does not handle itself, met while the
+        union of both levels' kinds is armed (the kind is there for L2's
+        controls).  CPUID is executed as the CPU model says; any other kind is
+        disarmed, so the instruction runs natively when the loop resumes (the
+        next entry to L2 arms it again if L2 still needs it)."""
+        vm = self.vm
+        cpu = vm.vcpu
+        if self._l1_traps is None or ex.kind in self._l1_traps:
+            return None
+        if ex.kind == "cpuid":
+            r = cpu.regs
+            a, b, c, d = vm.cpuid.lookup(r.gpr[0] & 0xFFFFFFFF, r.gpr[1] & 0xFFFFFFFF)
+            for i, val in ((0, a), (3, b), (1, c), (2, d)):
+                cpu.set_gpr(i, val, 4)
+            cpu.skip(ex.insn_len)
+            return HANDLED
+        cpu.set_traps(cpu.trap_kinds - {ex.kind})
+        if self._guest is not None:
+            self._guest._armed_for = None
+        return HANDLED
+
+
+
+class _L2Guest(VmxGuest):
+    """The VmxGuest over L1's current VMCS: it arms its trap kinds into the set
+    both levels share (NestedVmx._arm_l2) instead of replacing it."""
+
+    def _set_trap_kinds(self, kinds: frozenset) -> None:
+        self.vm.nested._arm_l2(kinds)

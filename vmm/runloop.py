@@ -291,6 +291,11 @@ def _platform_trap(m: Machine, ex: TrapExit) -> Outcome:
                 return nested.instruction(ex)
             return Deliver(Event(x86.UD))
         case _:
+            # Guest-visible VMX arms the kinds L2's controls need in L1 too (vmm.nested).
+            nested = getattr(m, "nested", None)
+            out = nested.untrapped(ex) if nested is not None else None
+            if out is not None:
+                return out
             return Stop(StopReason.ERROR, f"no handler for trapped {ex.kind} at rip={ex.rip:#x}")
 
 

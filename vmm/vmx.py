@@ -273,6 +273,7 @@ class VmxGuest(NonRootIntercepts):
         self._lazy_ref = weakref.WeakMethod(self._store_guest_state)
         #: the native fast path's policy (emu/fastpath.py), refreshed at VM entry
         self._fastpath = ffi.new("vmlab_fastpath *")
+        self._fast_key = None                 # the controls _fastpath was built from
         self._exit_nmi_blocked = False
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
@@ -321,6 +322,14 @@ class VmxGuest(NonRootIntercepts):
 
     def _arm_traps(self) -> None:
         """Trap sites follow the controls: only what may exit is armed."""
+        self._set_trap_kinds(self._trap_kinds_needed())
+
+    def _set_trap_kinds(self, kinds: frozenset) -> None:
+        if kinds != self.cpu.trap_kinds:
+            self.cpu.set_traps(kinds)
+
+    def _trap_kinds_needed(self) -> frozenset:
+        """The trap kinds the controls need armed in non-root operation."""
         from vmlab.emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
@@ -332,32 +341,27 @@ class VmxGuest(NonRootIntercepts):
         for ctl, names in _TRAPS_BY_SECONDARY:
             if s & ctl:
                 kinds |= names
-        if frozenset(kinds) != self.cpu.trap_kinds:
-            self.cpu.set_traps(kinds)
+        return frozenset(kinds)
 
     # ------------------------------------------------------------------ state transfer
     def _load_guest_state(self) -> None:
-        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 28.3.2)."""
+        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 28.3.2).  The fields
+        are read from the VMCS's dict directly (every encoding here is a valid
+        natural-width or 16/32-bit field, whose VMREAD is the stored value)."""
         v, cpu = self.vmcs, self.cpu
         v.materialize()
         cpu.refresh()
-        load_paging_state(cpu, v.read(F.GUEST_CR0), v.read(F.GUEST_CR3), v.read(F.GUEST_CR4),
-                          v.read(F.GUEST_IA32_EFER))
-        segs = {}
-        for i, idx in enumerate(_SEG_ORDER):
-            segs[idx] = (v.read(F.GUEST_ES_SELECTOR + 2 * i), v.read(F.GUEST_ES_BASE + 2 * i),
-                         v.read(F.GUEST_ES_LIMIT + 2 * i), ar_to_flags(v.read(F.GUEST_ES_ACCESS_RIGHTS + 2 * i)))
-        segs[6] = (v.read(F.GUEST_LDTR_SELECTOR), v.read(F.GUEST_LDTR_BASE), v.read(F.GUEST_LDTR_LIMIT),
-                   ar_to_flags(v.read(F.GUEST_LDTR_ACCESS_RIGHTS)))
-        segs[7] = (v.read(F.GUEST_TR_SELECTOR), v.read(F.GUEST_TR_BASE), v.read(F.GUEST_TR_LIMIT),
-                   ar_to_flags(v.read(F.GUEST_TR_ACCESS_RIGHTS)))
-        cpu.set_descriptor_tables(gdtr=(v.read(F.GUEST_GDTR_BASE), v.read(F.GUEST_GDTR_LIMIT)),
-                                  idtr=(v.read(F.GUEST_IDTR_BASE), v.read(F.GUEST_IDTR_LIMIT)))
-        cpu.set_rflags(v.read(F.GUEST_RFLAGS))
-        cpu.set_reg("rsp", v.read(F.GUEST_RSP))
-        cpu.set_rip(v.read(F.GUEST_RIP))
+        g = v._values.get
+        load_paging_state(cpu, g(_E_CR0, 0), g(_E_CR3, 0), g(_E_CR4, 0), g(_E_EFER, 0))
+        segs = {idx: (g(sel, 0), g(base, 0), g(lim, 0), ar_to_flags(g(ar, 0)))
+                for idx, sel, base, lim, ar in _SEG_FIELDS}
+        cpu.set_descriptor_tables(gdtr=(g(_E_GDTR_BASE, 0), g(_E_GDTR_LIMIT, 0)),
+                                  idtr=(g(_E_IDTR_BASE, 0), g(_E_IDTR_LIMIT, 0)))
+        cpu.set_rflags(g(_E_RFLAGS, 0))
+        cpu.set_reg("rsp", g(_E_RSP, 0))
+        cpu.set_rip(g(_E_RIP, 0))
         cpu.load_segments(segs, clear_exception=True)
-        cpu.native.tsc_offset = v.read(F.TSC_OFFSET) if self._primary() & _PP.USE_TSC_OFFSETTING else 0
+        cpu.native.tsc_offset = g(_E_TSC_OFFSET, 0) if self._primary() & _PP.USE_TSC_OFFSETTING else 0
         self._saved = True
 
     def _save_guest_state(self) -> None:
@@ -389,20 +393,15 @@ class VmxGuest(NonRootIntercepts):
 
     def _save_segment_state(self) -> None:
         r = self.cpu.regs
-        d = {F.GUEST_GDTR_BASE: r.gdtr_base, F.GUEST_GDTR_LIMIT: r.gdtr_limit,
-             F.GUEST_IDTR_BASE: r.idtr_base, F.GUEST_IDTR_LIMIT: r.idtr_limit}
-        for i, idx in enumerate(_SEG_ORDER):
-            sg = r.seg[idx]
-            d[F.GUEST_ES_SELECTOR + 2 * i] = sg.selector
-            d[F.GUEST_ES_BASE + 2 * i] = sg.base
-            d[F.GUEST_ES_LIMIT + 2 * i] = sg.limit
-            d[F.GUEST_ES_ACCESS_RIGHTS + 2 * i] = flags_to_ar(sg.flags, sg.selector, idx == x86.R_CS)
-        for sel, base, lim, ar, sg, cs_tr in ((F.GUEST_LDTR_SELECTOR, F.GUEST_LDTR_BASE, F.GUEST_LDTR_LIMIT,
-                                               F.GUEST_LDTR_ACCESS_RIGHTS, r.ldtr, False),
-                                              (F.GUEST_TR_SELECTOR, F.GUEST_TR_BASE, F.GUEST_TR_LIMIT,
-                                               F.GUEST_TR_ACCESS_RIGHTS, r.tr, True)):
-            d[sel], d[base], d[lim], d[ar] = sg.selector, sg.base, sg.limit, flags_to_ar(sg.flags, sg.selector, cs_tr)
-        self.vmcs._values.update({int(k): v for k, v in d.items()})
+        vals = self._vmcs._values
+        vals[_E_GDTR_BASE], vals[_E_GDTR_LIMIT] = r.gdtr_base, r.gdtr_limit
+        vals[_E_IDTR_BASE], vals[_E_IDTR_LIMIT] = r.idtr_base, r.idtr_limit
+        seg = r.seg
+        for idx, sel, base, lim, ar in _SEG_FIELDS:
+            sg = seg[idx] if idx < 6 else (r.ldtr if idx == 6 else r.tr)
+            selector = sg.selector
+            vals[sel], vals[base], vals[lim] = selector, sg.base, sg.limit
+            vals[ar] = flags_to_ar(sg.flags, selector, idx == x86.R_CS or idx == 7)
 
     # ------------------------------------------------------------------ VM entry
     def launch(self) -> None:
@@ -475,7 +474,13 @@ class VmxGuest(NonRootIntercepts):
             self._armed_for = ctl
         self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
         self._p, self._pin = self._primary(), self._ctl(_E_PIN)
-        self._fast_policy().to_native(self._fastpath)
+        vals = self._vmcs._values
+        fast_key = (self._p, vals.get(_ENC_SECONDARY, 0), vals.get(_E_IO_A, 0), vals.get(_E_IO_B, 0),
+                    vals.get(_E_MSR_BITMAP, 0))
+        if fast_key != self._fast_key:
+            # The fast-path policy depends on these controls only (_fast_policy).
+            self._fast_policy().to_native(self._fastpath)
+            self._fast_key = fast_key
         self.single_step = bool(self._p & _PP.MONITOR_TRAP_FLAG)
         self.wants_irq_window = bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
         self.vmcs.dirty.clear()
@@ -692,6 +697,16 @@ _TRAPS_BY_SECONDARY = (
     (_SP.RDSEED_EXITING, {"rdseed"}),
 )
 _E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
+#: (vCPU segment index: 0-5 ES..GS, 6 LDTR, 7 TR; selector, base, limit, access-rights encodings)
+_SEG_FIELDS = tuple((idx, int(F.GUEST_ES_SELECTOR) + 2 * i, int(F.GUEST_ES_BASE) + 2 * i,
+                     int(F.GUEST_ES_LIMIT) + 2 * i, int(F.GUEST_ES_ACCESS_RIGHTS) + 2 * i)
+                    for i, idx in enumerate(_SEG_ORDER)) + (
+    (6, int(F.GUEST_LDTR_SELECTOR), int(F.GUEST_LDTR_BASE), int(F.GUEST_LDTR_LIMIT), int(F.GUEST_LDTR_ACCESS_RIGHTS)),
+    (7, int(F.GUEST_TR_SELECTOR), int(F.GUEST_TR_BASE), int(F.GUEST_TR_LIMIT), int(F.GUEST_TR_ACCESS_RIGHTS)))
+_E_GDTR_BASE, _E_GDTR_LIMIT = int(F.GUEST_GDTR_BASE), int(F.GUEST_GDTR_LIMIT)
+_E_IDTR_BASE, _E_IDTR_LIMIT = int(F.GUEST_IDTR_BASE), int(F.GUEST_IDTR_LIMIT)
+_E_TSC_OFFSET = int(F.TSC_OFFSET)
+_E_IO_A, _E_IO_B, _E_MSR_BITMAP = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B), int(F.MSR_BITMAP)
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)

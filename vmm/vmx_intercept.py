@@ -43,6 +43,17 @@ class _Ints:
 
 
 _PP, _SP, _PIN = _Ints(PrimaryProcBasedControls), _Ints(SecondaryProcBasedControls), _Ints(PinBasedControls)
+#: trap kinds that VM-exit only under a control (SDM Vol. 3C 26.1.3): kind ->
+#: (in the secondary controls, control bit); the others in ``_trap`` exit
+#: unconditionally (CPUID, INVD, XSETBV, the VMX instructions) or are decided there
+_KIND_CONTROL = {
+    "rdtsc": (False, _PP.RDTSC_EXITING), "rdtscp": (False, _PP.RDTSC_EXITING),
+    "rdpmc": (False, _PP.RDPMC_EXITING), "mwait": (False, _PP.MWAIT_EXITING),
+    "monitor": (False, _PP.MONITOR_EXITING), "pause": (False, _PP.PAUSE_EXITING),
+    "dr": (False, _PP.MOV_DR_EXITING),
+    "wbinvd": (True, _SP.WBINVD_EXITING), "desc": (True, _SP.DESCRIPTOR_TABLE_EXITING),
+    "rdrand": (True, _SP.RDRAND_EXITING), "rdseed": (True, _SP.RDSEED_EXITING),
+}
 #: the window-exiting controls (SDM 26.7.5, 26.7.6)
 _WINDOWS = _PP.INTERRUPT_WINDOW_EXITING | _PP.NMI_WINDOW_EXITING
 _ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
@@ -332,6 +343,14 @@ class NonRootIntercepts:
             self._arm_traps()
             self._armed_for = None
             return HANDLED
+        ctl = _KIND_CONTROL.get(mex.kind)
+        if ctl is not None:
+            # A kind armed for another level (guest-visible VMX arms the union of
+            # L1's and L2's kinds, vmm.nested): it exits only if its control says
+            # so (SDM Vol. 3C 26.1.3); otherwise the platform runs it.
+            secondary, bit = ctl
+            if not (self._secondary() if secondary else p) & bit:
+                return None
         if mex.kind == "dr":
             from vmlab.emu.decode import _reg_table
             ops = mex.insn.operands

@@ -29,7 +29,7 @@ def _run(image, nested: bool):
 def test_nested_vmx_guest_hypervisor_runs_l2_and_every_check_passes(hypervisor):
     res, out, reflected = _run(hypervisor, nested=True)
     assert "FAIL" not in out, out
-    assert out.count("PASS:") == 35 and out.rstrip().endswith("DONE"), out
+    assert out.count("PASS:") == 37 and out.rstrip().endswith("DONE"), out
     assert res.reason == "debug-exit" and res.status == 1, (res, out)
     assert reflected == 6                     # CPUID, HLT, OUT, RDMSR, EPT violation, VMCALL went to L1
 
@@ -79,7 +79,7 @@ def test_cli_switch_runs_the_guest_hypervisor_from_its_source(switch):
         pytest.skip("gcc is not installed")
     p = _cli("run", *switch, NESTED_SRC)
     assert "FAIL" not in p.stdout, p.stdout + p.stderr
-    assert p.stdout.count("PASS:") == 35 and p.stdout.rstrip().endswith("DONE"), p.stdout + p.stderr
+    assert p.stdout.count("PASS:") == 37 and p.stdout.rstrip().endswith("DONE"), p.stdout + p.stderr
     assert p.returncode == 1, (p.returncode, p.stderr)
 
 
@@ -98,3 +98,27 @@ def test_cli_without_the_switch_or_with_minus_vmx_the_guest_sees_no_vmx():
 def test_cli_cpu_flags_refused_with_one_line(spec, message):
     p = _cli("run", "-cpu", spec, NESTED_SRC)
     assert p.returncode == 2 and message in p.stderr, (p.returncode, p.stderr)
+
+
+def test_switching_levels_rearms_no_trap_sites(hypervisor, tmp_path):
+    """L1 and L2 share one trap-kind set (vmm/nested.py): after the first
+    entry, an L1<->L2 switch does not call set_traps (each call drops every
+    translated block).  The bench build's 200 extra CPUID exits add none."""
+    from vmlab.emu.loaders import load
+    from vmlab.tools.bench_nested import build
+    from vmlab.vmm.vm import Vm
+    counts = []
+    for loops in (None, 200):
+        image = hypervisor if loops is None else build(tmp_path / "bench.elf", loops)
+        with Vm(64 << 20, serial=None) as vm:
+            n = vm.enable_nested_vmx()
+            vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))
+            calls = []
+            real = vm.vcpu.set_traps
+            vm.vcpu.set_traps = lambda kinds: (calls.append(frozenset(kinds)), real(kinds))[1]
+            res = vm.run(max_insns=50_000_000)
+            assert res.status == 1, (res, vm.serial_output.decode(errors="replace"))
+            counts.append((len(calls), n.reflected))
+    (few, r0), (same, r1) = counts
+    assert r1 == r0 + 200
+    assert same == few and few <= 6, counts
