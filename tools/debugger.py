@@ -251,9 +251,15 @@ class Debugger:
         self.vm.resume_outcome = None
         self._vmx_needs_entry = True
         self._stepping = False
+        #: guest-visible VMX (vmm/nested.py): the guest's own hypervisor's current
+        #: VMCS is what `vmcs` shows and break-exit matches the L2 exits reflected to it
+        self.nested = getattr(self.vm, "nested", None) if self.vmx is None else None
         if self.vmx is not None:
             self.vmx.record = True
             # a VMX guest is in non-root operation once the harness entered it
+            self.vm.exit_break = self._exit_matches
+        elif self.nested is not None:
+            self.nested.record = True
             self.vm.exit_break = self._exit_matches
 
     # ------------------------------------------------------------------ addresses
@@ -435,8 +441,8 @@ class Debugger:
         (self.vm.break_vectors.add if on else self.vm.break_vectors.discard)(vector)
 
     def set_break_exit(self, reason: int | None, mask: int = 0, value: int = 0) -> None:
-        if self.vmx is None:
-            raise DebuggerError("not a VMX guest (break-exit needs one)")
+        if self.vmx is None and self.nested is None:
+            raise DebuggerError("not a VMX guest (break-exit needs one, or run with -cpu MODEL,+vmx)")
         self.break_exit = None if reason is None else (reason, mask, value)
 
     def _exit_matches(self, vmexit) -> bool:
@@ -728,6 +734,15 @@ class Debugger:
                  f"cs.base={r.seg[1].base:#x} rip={r.rip:#x} linear pc={self.cpu.linear_rip():#x}"]
         if self.vmx is not None:
             lines.append("VMX: non-root guest (vmcs, exits, break-exit available)")
+        elif self.nested is not None:
+            n = self.nested
+            if n.vmxon is None:
+                state = "not in VMX operation"
+            else:
+                state = ("L2 (VMX non-root, under the guest hypervisor's VMCS)" if n.l2 is not None
+                         else "L1 (VMX root operation)")
+            lines.append(f"VMX: guest-visible (-cpu ...,+vmx), now {state}; "
+                         f"{n.reflected} L2 exits reflected to L1 (vmcs, exits, break-exit available)")
         return lines
 
     def walk(self, addr: int, access: str = "read", user: bool | None = None) -> str:
@@ -953,11 +968,24 @@ class Debugger:
 
     # ---- VMX
     def vmcs_fields(self, names=()) -> list[str]:
-        if self.vmx is None:
-            raise DebuggerError("not a VMX guest (no VMCS)")
         from vmlab.vmm import vmcs as F
-        v = self.vmx.vmcs
         lines = []
+        if self.vmx is not None:
+            v = self.vmx.vmcs
+        elif self.nested is not None:
+            # The guest hypervisor's (L1's) current VMCS, as vmm/nested.py caches it.
+            n = self.nested
+            if n.vmxon is None:
+                raise DebuggerError("the guest is not in VMX operation (no VMXON yet): no current VMCS")
+            if n.vmcs is None:
+                raise DebuggerError("the guest hypervisor has no current VMCS (no VMPTRLD yet)")
+            v = n.vmcs
+            if not names:
+                launched = "launched" if v.launch_state == F.LaunchState.LAUNCHED else "clear"
+                lines.append(f"L1's current VMCS at {n.current:#x} (revision {v.revision_id:#x}, {launched}"
+                             f"{', L2 running: guest-state fields are as of the last VM entry' if n.l2 else ''})")
+        else:
+            raise DebuggerError("not a VMX guest (no VMCS; run with -cpu MODEL,+vmx for the guest's own)")
         if names:
             for n in names:
                 try:
@@ -971,9 +999,10 @@ class Debugger:
         return lines
 
     def exits(self, n: int = 10) -> list[str]:
-        if self.vmx is None:
+        if self.vmx is None and self.nested is None:
             raise DebuggerError("not a VMX guest (no VM exits)")
-        tr = self.vmx.trace[-n:] if n > 0 else []
+        trace = self.vmx.trace if self.vmx is not None else list(self.nested.trace)
+        tr = trace[-n:] if n > 0 else []
         if not tr:
             return ["no VM exits recorded"]
         return [self._exit_text(e) for e in tr]

@@ -232,7 +232,8 @@ class Repl(cmd.Cmd):
         self.say(f"break-int {vec:#x} {'on' if on else 'off'}")
 
     def do_break_exit(self, arg):
-        """break-exit REASON [qual=MASK/VALUE] | off: stop at a VM exit (before its handler)."""
+        """break-exit REASON [qual=MASK/VALUE] | off: stop at a VM exit (before its handler;
+        with -cpu MODEL,+vmx, an L2 exit before it is reflected to L1)."""
         words = arg.split()
         if not words:
             raise DebuggerError("Argument required (an exit reason name or number).")
@@ -462,7 +463,8 @@ class Repl(cmd.Cmd):
         self.say(f"logging: {', '.join(sorted(log.items)) or 'off'}")
 
     def do_vmcs(self, arg):
-        """vmcs [FIELD...]: VMCS fields by name (all non-zero fields without names)."""
+        """vmcs [FIELD...]: VMCS fields by name (all non-zero fields without names); with
+        -cpu MODEL,+vmx, the guest hypervisor's (L1's) current VMCS."""
         for line in self.dbg.vmcs_fields(arg.split()):
             self.say(line)
 

@@ -93,6 +93,13 @@ def load_symbols(kernel: str | Path) -> Symbols:
             return Symbols(compile_guest(path).labels)
         except (AsmError, OSError):
             return Symbols()
+    if path.suffix == ".c":
+        # A C guest (tools/cguest.py): the symbols of the image it builds to.
+        from vmlab.tools.cguest import CGuestError, build as cbuild
+        try:
+            path = cbuild(path)
+        except (CGuestError, OSError):
+            return Symbols()
     try:
         data = path.read_bytes()
     except OSError:

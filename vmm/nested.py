@@ -35,6 +35,7 @@ its guest executes VMX instructions; it does not emulate them for L1.)
 """
 from __future__ import annotations
 
+import collections
 import struct
 import weakref
 
@@ -47,7 +48,7 @@ from vmlab.emu.exits import TrapExit
 from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
-from .runloop import HANDLED, Deliver, Outcome
+from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
 from .vmx import VmxGuest, load_paging_state
 
 #: layout of a VMCS region in guest memory (see the module docstring)
@@ -96,6 +97,9 @@ class NestedVmx:
         self._l1_traps = None                  # L1's own trap kinds (as at its first VM entry, no IRET)
         self._guest = None                     # the VmxGuest over the current VMCS (reused)
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
+        #: the debugger sets it: the last reflected exits are kept in ``trace``
+        self.record = False
+        self.trace: collections.deque = collections.deque(maxlen=1000)
 
     @property
     def vm(self):
@@ -377,7 +381,13 @@ class NestedVmx:
             return self._fail(ex, int(err) if err is not None else E.ENTRY_INVALID_CONTROL_FIELD)
         if failed is not None:
             # Guest-state failure: a VM exit with bit 31 set, host state loaded (SDM 27.8).
+            if self.record:
+                self.trace.append(failed)
             self._load_host_state(self.vmcs)
+            brk = getattr(vm, "exit_break", None)
+            if brk is not None and brk(failed):
+                # The debugger's break-exit: L1 is already at HOST_RIP.
+                return Stop(StopReason.BREAK_EXIT, f"VM exit {failed.reason!s}", exit=failed)
             return HANDLED
         self.vmcs.launch_state = F.LaunchState.LAUNCHED
         self.l2 = g
@@ -391,6 +401,8 @@ class NestedVmx:
         from .vmx_intercept import REFLECT
         vm = self.vm
         self.reflected += 1
+        if self.record:
+            self.trace.append(ex)
         if vm.log.enabled("exits"):
             vm.log("exits", f"L2 VM exit {ex.reason.name} ({int(ex.reason)}) qualification={ex.qualification:#x} "
                             f"length={ex.instruction_length} -> L1 at HOST_RIP {ex.vmcs.read(F.HOST_RIP):#x}")

@@ -122,3 +122,91 @@ def test_switching_levels_rearms_no_trap_sites(hypervisor, tmp_path):
     (few, r0), (same, r1) = counts
     assert r1 == r0 + 200
     assert same == few and few <= 6, counts
+
+
+# ---------------------------------------------------------------------- the debugger on L1's VMCS
+def _debugger(image):
+    from vmlab.emu.loaders import load
+    from vmlab.tools.debugger import Debugger
+    from vmlab.tools.symbols import load_symbols
+    from vmlab.vmm.vm import Vm
+    vm = Vm(64 << 20, serial=None)
+    vm.enable_nested_vmx()
+    vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))
+    return vm, Debugger(vm, load_symbols(image))
+
+
+def _repl(dbg, script: str) -> list[str]:
+    import io
+
+    from vmlab.tools.debugrepl import run_repl
+    out = io.StringIO()
+    run_repl(dbg, stdin=io.StringIO(script), stdout=out)
+    return out.getvalue().splitlines()
+
+
+def test_repl_break_exit_stops_at_the_l2_exit_reflected_to_l1_and_vmcs_shows_l1s_fields(hypervisor):
+    vm, dbg = _debugger(hypervisor)
+    try:
+        lines = _repl(dbg, "vmcs\nbreak-exit 48\nc\n"
+                           "vmcs VM_EXIT_REASON EXIT_QUALIFICATION GUEST_PHYSICAL_ADDRESS GUEST_RIP\n"
+                           "info mode\nexits 1\n")
+        assert lines[0] == "the guest is not in VMX operation (no VMXON yet): no current VMCS"
+        assert lines[1:3] == ["break-exit 48", "Continuing."]
+        assert lines[3].startswith("VM exit EPT_VIOLATION (48) qualification=0x181 ")
+        assert lines[4:8] == ["VM_EXIT_REASON                           0x30",
+                              "EXIT_QUALIFICATION                       0x181",
+                              "GUEST_PHYSICAL_ADDRESS                   0x40000000",
+                              f"GUEST_RIP                                {vm.vcpu.regs.rip:#x}"], lines
+        assert vm.vcpu.regs.rip == dbg.evaluate("l2_ept_load")
+        assert any("now L2 (VMX non-root" in ln and "4 L2 exits reflected to L1" in ln for ln in lines), lines
+        assert lines[-1].startswith("RDMSR (31) qualification=0x0 length=2"), lines
+        # Continuing runs L1's handler (the exit is reflected), up to the next matching exit.
+        lines = _repl(dbg, "break-exit 18\nc\nvmcs VM_EXIT_REASON VM_EXIT_INSTRUCTION_LEN\ninfo registers rip\n")
+        assert lines[2].startswith("VM exit VMCALL (18)"), lines
+        assert lines[3:5] == ["VM_EXIT_REASON                           0x12",
+                              "VM_EXIT_INSTRUCTION_LEN                  0x3"], lines
+        assert vm.vcpu.regs.rip == dbg.evaluate("l2_isr")           # still L2, before the reflection
+    finally:
+        vm.close()
+
+
+def test_repl_break_exit_on_an_entry_failure_stops_with_l1_at_host_rip(hypervisor):
+    vm, dbg = _debugger(hypervisor)
+    try:
+        lines = _repl(dbg, "break-exit 33\nc\ninfo registers rip\ninfo mode\nvmcs\nbreak-exit off\nc\n")
+        assert lines[2] == "VM exit ENTRY_FAIL_GUEST_STATE (33) qualification=0x0", lines
+        assert lines[3].split()[:2] == ["rip", f"{dbg.evaluate('vmexit_entry'):#x}"], lines   # HOST_RIP
+        assert any("now L1 (VMX root operation)" in ln for ln in lines), lines
+        head = [ln for ln in lines if ln.startswith("L1's current VMCS at ")]
+        assert head and "launched" in head[0], lines
+        assert "VM_EXIT_REASON                           0x80000021" in lines
+        assert any(ln.startswith("HOST_RIP ") and ln.endswith(f"{dbg.evaluate('vmexit_entry'):#x}") for ln in lines)
+        assert lines[-1] == "[Inferior 1 (vmlab) exited with code 01]", lines
+    finally:
+        vm.close()
+
+
+def test_repl_without_nested_vmx_vmcs_and_break_exit_say_how_to_get_them(hypervisor):
+    from vmlab.emu.loaders import load
+    from vmlab.tools.debugger import Debugger
+    from vmlab.vmm.vm import Vm
+    with Vm(64 << 20, serial=None) as vm:
+        vm.load(load(str(hypervisor), fmt="elf64", ram_size=64 << 20))
+        lines = _repl(Debugger(vm), "vmcs\nbreak-exit 10\n")
+        assert all("+vmx" in ln for ln in lines), lines
+
+
+def test_cli_debug_with_nested_vmx_breaks_on_the_l2_cpuid_exit():
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "debug", "-cpu", "broadwell,+vmx", "--serial", "none",
+                        NESTED_SRC], input="break-exit 10\nc\nvmcs VM_EXIT_REASON\nbreak-exit off\nc\n",
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout.splitlines()
+    assert out[0].endswith("in _start ()"), p.stdout + p.stderr
+    assert "VM exit CPUID (10) qualification=0x0 length=2" in out
+    assert "VM_EXIT_REASON                           0xa" in out
+    assert out[-1] == "[Inferior 1 (vmlab) exited with code 01]" and p.returncode == 1, (p.stdout, p.stderr)
