@@ -666,15 +666,25 @@ class Vcpu:
         """Decode the instruction at a linear address (default: RIP) with Capstone."""
         if linear is None:
             linear = self.linear_rip()
-        code = b""
+        # Read as the CPU fetched it: an instruction fetch at the current CPL
+        # (an implicit supervisor read of user code would fault under SMAP).
         try:
-            code = self.read_linear(linear, 15, implicit=True)
-        except GuestFault:
+            code = self._read_code(linear, 15)
+        except (GuestFault, EptFault):
             # The instruction may end before an unmapped page.
             n = 4096 - (linear & 0xFFF)
-            code = self.read_linear(linear, n, implicit=True) if n < 15 else b""
+            try:
+                code = self._read_code(linear, n) if n < 15 else b""
+            except (GuestFault, EptFault):
+                code = b""
         insn = next(_cs(self.mode_bits).disasm(code, self.regs.rip), None)
         return insn
+
+    def _read_code(self, vaddr: int, length: int) -> bytes:
+        buf = bytearray()
+        for pa, n, mmio in self._linear_chunks(vaddr, length, ACC_FETCH, None, False):
+            buf += b"\xff" * n if pa is None else self.mem.read(pa, n)
+        return bytes(buf)
 
     # ------------------------------------------------------------------ running
     def run(self, deadline: int, single_step: bool = False) -> Exit:

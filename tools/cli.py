@@ -6,8 +6,9 @@ collide with a guest's isa-debug-exit status, which is always odd
 ((value << 1) | 1, QEMU's convention):
 
 ====  ==============================================================
- 0    the user quit at the console (Ctrl-A x), or the guest reset the
-      machine under -no-reboot (as QEMU)
+ 0    the user quit at the console (Ctrl-A x), the guest reset the
+      machine under -no-reboot (as QEMU), or the guest powered it off
+      (ACPI S5, e.g. Linux's poweroff)
  odd  the guest wrote to the isa-debug-exit port (port 0xf4)
  2    bad command line (unknown option, bad -m size, unknown -d item)
  4    the kernel file (or a module) is missing or unreadable
@@ -386,6 +387,9 @@ def _status(result, args) -> int:
     if reason == "stopped" and result.message.startswith(("terminated", "interrupted")):
         _say(f"vmlab: {result.message}")
         return EXIT_QUIT if result.message.startswith("terminated") else EXIT_INTERRUPTED
+    if reason == "poweroff":
+        _say(f"vmlab: {result.message}")
+        return EXIT_QUIT
     if reason == "halted":
         _say(f"vmlab: {result.message} (nothing can wake it: status {EXIT_HALTED_FOREVER})")
         return EXIT_HALTED_FOREVER

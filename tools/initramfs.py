@@ -22,7 +22,8 @@ import os
 import pathlib
 import stat
 
-__all__ = ["CpioWriter", "busybox_initramfs", "find_kernel", "find_busybox", "USERSPACE_MARKER"]
+__all__ = ["CpioWriter", "busybox_initramfs", "find_kernel", "find_busybox", "kernel_modules",
+           "virtio_blk_init", "USERSPACE_MARKER"]
 
 #: printed by the initramfs' /init once userspace runs
 USERSPACE_MARKER = "VMLAB-USERSPACE-OK"
@@ -87,7 +88,14 @@ def busybox_initramfs(busybox: bytes, init: str | None = None, files: dict[str, 
     w.char_device("dev/console", 5, 1)
     w.file("bin/busybox", busybox, 0o755)
     w.symlink("bin/sh", "busybox")
+    made = {"bin", "dev", "proc", "sys", "tmp"}
     for name, data in (files or {}).items():
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):      # the kernel's cpio unpacker makes no parents
+            d = "/".join(parts[:i])
+            if d not in made:
+                made.add(d)
+                w.directory(d)
         w.file(name, data, 0o755)
     w.file("init", (init or default_init()).encode(), 0o755)
     return gzip.compress(w.finish(), compresslevel=6, mtime=0)
@@ -106,3 +114,60 @@ def find_busybox() -> pathlib.Path | None:
         if path.is_file() and os.access(path, os.R_OK):
             return path
     return None
+
+
+def kernel_modules(kernel: pathlib.Path, names, root: str = "/lib/modules") -> tuple[dict[str, bytes], list[str]] | None:
+    """The modules ``names`` (e.g. "virtio_blk") of the kernel ``kernel``
+    (``vmlinuz-VERSION``) and everything they depend on, from
+    ``/lib/modules/VERSION/modules.dep``: ``(files, order)`` where ``files``
+    maps ``lib/NAME.ko`` to its bytes (for :func:`busybox_initramfs`) and
+    ``order`` lists those paths in load order (dependencies first).  None if
+    the modules are not installed or are compressed (busybox's insmod takes
+    plain .ko files)."""
+    version = pathlib.Path(kernel).name.removeprefix("vmlinuz-")
+    base = pathlib.Path(root) / version
+    try:
+        dep_text = (base / "modules.dep").read_text()
+    except OSError:
+        return None
+    deps = {}
+    for line in dep_text.splitlines():
+        mod, _, rest = line.partition(":")
+        deps[pathlib.Path(mod).name.removesuffix(".ko")] = (mod, [pathlib.Path(d).name.removesuffix(".ko")
+                                                                 for d in rest.split()])
+    order: list[str] = []
+    files: dict[str, bytes] = {}
+
+    def visit(name: str, depth: int = 0) -> bool:
+        if name in order:
+            return True
+        if name not in deps or depth > 32 or not deps[name][0].endswith(".ko"):
+            return False
+        for d in deps[name][1]:
+            if not visit(d, depth + 1):
+                return False
+        try:
+            files[f"lib/{name}.ko"] = (base / deps[name][0]).read_bytes()
+        except OSError:
+            return False
+        order.append(name)
+        return True
+
+    if not all(visit(n) for n in names):
+        return None
+    return files, [f"/lib/{n}.ko" for n in order]
+
+
+def virtio_blk_init(order: list[str], marker: str = USERSPACE_MARKER) -> str:
+    """/init for a virtio-blk smoke test: load the modules in ``order``, wait
+    for /dev/vda (the device vmlab's ACPI tables announce), print its size and
+    first 24 bytes, write ``VMLAB-WROTE-THIS`` at sector 8, sync, power off."""
+    bb = "/bin/busybox"
+    return default_init(marker, extra=(
+        f"{bb} mount -t devtmpfs devtmpfs /dev\n"
+        + "".join(f"{bb} insmod {m}\n" for m in order)
+        + f"i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do {bb} sleep 0.1; i=$((i+1)); done\n"
+        + f"echo VDA-SIZE $({bb} cat /sys/block/vda/size)\n"
+        + f"echo VDA-READ $({bb} dd if=/dev/vda bs=512 count=1 2>/dev/null | {bb} head -c 24)\n"
+        + f"echo VMLAB-WROTE-THIS | {bb} dd of=/dev/vda bs=512 seek=8 conv=notrunc 2>/dev/null\n"
+        + f"{bb} sync\n"))

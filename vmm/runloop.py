@@ -57,6 +57,7 @@ class StopReason(StrEnum):
     ERROR = "error"              # vmlab cannot continue (unmodelled feature, internal error)
     STOPPED = "stopped"          # Vm.stop() was called
     RESET = "reset"              # the guest asked for a reset (port 0x64 <- 0xFE, port 0xCF9 bit 2)
+    POWEROFF = "poweroff"        # the guest powered the machine off (ACPI S5)
     VMEXIT = "vmexit"            # VMX: a VM exit with no handler, or a handler stopped
     # debugger stops (tools/debugger.py); the machine can always be resumed
     BREAKPOINT = "breakpoint"    # before an instruction with a breakpoint (exit: BreakpointExit)
@@ -502,7 +503,11 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
         step = getattr(m, "step_next", False)
         if step:
             m.step_next = False
-        ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
+        try:
+            ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
+        except Exception as exc:   # as below: decoding an exit must not become a traceback
+            return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at rip={cpu.regs.rip:#x}: "
+                                                     f"{type(exc).__name__}: {exc}"))
         m.exit_count += 1
         if log_blocks:
             m.flush_block_logs()

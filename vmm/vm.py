@@ -285,7 +285,7 @@ class Vm:
         self.pending_stop = Stop(StopReason.RESET, f"the guest reset the machine: {why}")
 
     def _on_poweroff(self, why: str) -> None:
-        self.pending_stop = Stop(StopReason.HALTED, f"the guest powered the machine off: {why}")
+        self.pending_stop = Stop(StopReason.POWEROFF, f"the guest powered the machine off: {why}")
 
     def _on_ioapic_message(self, dest: int, logical: bool, mode: int, vector: int, level: bool) -> None:
         """An I/O APIC interrupt message to the one local APIC: fixed and

@@ -257,7 +257,7 @@ def test_apply_handled_and_halt_do_not_stop():
 
 def test_stop_reasons_are_the_documented_words():
     assert [r.value for r in StopReason] == ["debug-exit", "halted", "shutdown", "limit", "timeout", "error",
-                                            "stopped", "reset", "vmexit", "breakpoint", "watchpoint", "step",
+                                            "stopped", "reset", "poweroff", "vmexit", "breakpoint", "watchpoint", "step",
                                             "interrupted", "mode-change", "break-int", "break-exit"]
     assert StopReason.HALTED == "halted" and isinstance(Handled(), Handled)
 
