@@ -6,9 +6,18 @@
 
 #define VIRTIO_MMIO_BASE 0xd0000000u
 #define VIRTIO_MMIO_SLOTS 9
+/* QEMU's microvm machine: 8 virtio-mmio transports of 512 bytes from
+ * 0xfeb00000 (24 with its second I/O APIC), transport k on GSI 5 + k without
+ * that I/O APIC (hw/i386/microvm.h VIRTIO_MMIO_BASE,
+ * VIRTIO_NUM_TRANSPORTS, VIRTIO_IRQ_BASE); its auto-kernel-cmdline entries
+ * only reach Linux kernels, so a Multiboot guest probes them. */
+#define QEMU_MICROVM_BASE 0xfeb00000u
+#define QEMU_MICROVM_SLOTS 24
 #define VM_MAGIC 0x000
 #define VM_VERSION 0x004
 #define VM_DEVICE_ID 0x008
+#define VM_VENDOR_ID 0x00c
+#define VMLAB_VENDOR 0x4c4d5656u   /* vmlab's VendorID, "VVML" (devices/virtio/mmio.py VENDOR) */
 #define VM_DEVICE_FEATURES 0x010
 #define VM_DEVICE_FEATURES_SEL 0x014
 #define VM_DRIVER_FEATURES 0x020
@@ -61,14 +70,67 @@ struct vq {
     u16 used_seen;
 };
 
+/* The kernel command line, when the guest has one: devices declared there
+ * as virtio_mmio.device=SIZE@ADDR:IRQ (what vmlab, Firecracker and QEMU's
+ * microvm with auto-kernel-cmdline=on put on a Linux command line) are
+ * probed before vmlab's slots. */
+static const char *virtio_cmdline = "";
+
+/* The n-th virtio_mmio.device= entry: its base (and *irq), or 0 if none. */
+static u32 virtio_cmdline_device(int n, u32 *irq) {
+    static const char key[] = "virtio_mmio.device=";
+    for (const char *p = virtio_cmdline; *p; p++) {
+        if (p != virtio_cmdline && p[-1] != ' ') continue;
+        const char *k = key, *q = p;
+        while (*k && *q == *k) { k++; q++; }
+        if (*k) continue;
+        while (*q && *q != '@' && *q != ' ') q++;           /* SIZE (512, 4K, ...) */
+        if (*q != '@' || q[1] != '0' || (q[2] != 'x' && q[2] != 'X')) continue;
+        u32 addr = 0, v = 0;
+        for (q += 3; ; q++) {
+            u32 d = (*q >= '0' && *q <= '9') ? (u32)(*q - '0') : (*q >= 'a' && *q <= 'f') ? (u32)(*q - 'a' + 10)
+                  : (*q >= 'A' && *q <= 'F') ? (u32)(*q - 'A' + 10) : 16u;
+            if (d == 16) break;
+            addr = addr * 16 + d;
+        }
+        if (*q == ':') for (q++; *q >= '0' && *q <= '9'; q++) v = v * 10 + (u32)(*q - '0');
+        if (n-- == 0) { if (irq) *irq = v; return addr; }
+    }
+    return 0;
+}
+
+static int virtio_is(u32 b, u32 device_id) {
+    return mmio_read(b + VM_MAGIC) == 0x74726976u && mmio_read(b + VM_DEVICE_ID) == device_id;
+}
+
 /* Find the n-th (0-based) device with this Device ID; 0 if none. */
 static u32 virtio_find(u32 device_id, int nth) {
+    u32 b;
+    for (int k = 0; (b = virtio_cmdline_device(k, 0)) != 0; k++)
+        if (virtio_is(b, device_id) && nth-- == 0) return b;
     for (int k = 0; k < VIRTIO_MMIO_SLOTS; k++) {
-        u32 b = VIRTIO_MMIO_BASE + 0x1000u * (u32)k;
-        if (mmio_read(b + VM_MAGIC) == 0x74726976u && mmio_read(b + VM_DEVICE_ID) == device_id && nth-- == 0)
+        b = VIRTIO_MMIO_BASE + 0x1000u * (u32)k;
+        if (virtio_is(b, device_id) && nth-- == 0)
+            return b;
+    }
+    for (int k = 0; k < QEMU_MICROVM_SLOTS; k++) {
+        b = QEMU_MICROVM_BASE + 0x200u * (u32)k;
+        if (virtio_is(b, device_id) && nth-- == 0)
             return b;
     }
     return 0;
+}
+
+/* The interrupt line of the device at `b`: from its command-line entry, else
+ * vmlab's slot layout (devices/virtio/mmio.py IRQS). */
+static u32 virtio_irq(u32 b) {
+    static const u8 irqs_of_slot[VIRTIO_MMIO_SLOTS] = {5, 6, 7, 9, 10, 11, 12, 14, 15};
+    u32 irq, a;
+    for (int k = 0; (a = virtio_cmdline_device(k, &irq)) != 0; k++)
+        if (a == b) return irq;
+    if (b >= QEMU_MICROVM_BASE && b < QEMU_MICROVM_BASE + 0x200u * QEMU_MICROVM_SLOTS)
+        return 5 + (b - QEMU_MICROVM_BASE) / 0x200u;
+    return irqs_of_slot[((b - VIRTIO_MMIO_BASE) / 0x1000u) % VIRTIO_MMIO_SLOTS];
 }
 
 static u64 virtio_device_features(u32 b) {
