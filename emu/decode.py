@@ -81,19 +81,23 @@ _STACK_BASES = {C.X86_REG_RSP, C.X86_REG_ESP, C.X86_REG_SP, C.X86_REG_RBP, C.X86
 def mem_operand_address(vcpu, insn, op) -> int:
     """Linear address of a capstone memory operand."""
     m = op.mem
+    return _operand_address(vcpu, insn.size, insn.addr_size, m.disp, m.base, m.index, m.scale, m.segment)
+
+
+def _operand_address(vcpu, insn_size: int, asize: int, disp: int, base: int, index: int, scale: int,
+                     segment: int) -> int:
     r = vcpu.regs
-    ea = m.disp
-    if m.base in (C.X86_REG_RIP, C.X86_REG_EIP):
-        ea += r.rip + insn.size
-    elif m.base:
-        ea += reg_value(vcpu, m.base)
-    if m.index:
-        ea += reg_value(vcpu, m.index) * m.scale
-    asize = insn.addr_size
+    ea = disp
+    if base in (C.X86_REG_RIP, C.X86_REG_EIP):
+        ea += r.rip + insn_size
+    elif base:
+        ea += reg_value(vcpu, base)
+    if index:
+        ea += reg_value(vcpu, index) * scale
     ea &= (1 << (8 * asize)) - 1
-    seg = _SEG_OF.get(m.segment)
+    seg = _SEG_OF.get(segment)
     if seg is None:
-        seg = x86.R_SS if m.base in _STACK_BASES else x86.R_DS
+        seg = x86.R_SS if base in _STACK_BASES else x86.R_DS
     if r.hflags & x86.HF_CS64:
         base = r.seg[seg].base if seg in (x86.R_FS, x86.R_GS) else 0
         return (base + ea) & 0xFFFFFFFFFFFFFFFF
@@ -166,6 +170,15 @@ def noncanonical_vector(vcpu) -> int:
     return x86.GP
 
 
+_MMIO_PLANS: dict = {}
+"""Plain MOV accesses to MMIO decoded before, by (mode, the 15 bytes at
+RIP): the Capstone instruction and its operand facts, so a device's hot
+register (a virtio QueueNotify, an interrupt acknowledge) costs no Capstone
+decode.  The bytes are read again at every access, so rewritten code misses."""
+_MMIO_PLANS_MAX = 4096
+_GuestFault = None
+
+
 def mmio_access(vcpu, vpage: int, ppage: int, access: int):
     """Decode a load/store that hit a non-RAM physical page into an MmioExit."""
     r = vcpu.regs
@@ -175,6 +188,24 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
         # address (SDM Vol. 2 Appendix A, Table A-6, group 5).  A fetch from a
         # device window is treated the same way.
         return ExceptionExit(rip=r.rip, vector=6)
+    global _GuestFault
+    if _GuestFault is None:
+        from .cpu import GuestFault as _GuestFault     # (emu.cpu imports this module)
+    try:
+        key = (vcpu.mode_bits, vcpu.read_linear(vcpu.linear_rip(), 15, implicit=True))
+    except _GuestFault:
+        key = None
+    plan = _MMIO_PLANS.get(key) if key is not None else None
+    if plan is not None:
+        insn, size, addr, src = plan
+        gla = _operand_address(vcpu, insn.size, *addr)
+        if (gla & ~0xFFF) == (vpage & ~0xFFF) and (gla & 0xFFF) + size <= 4096:
+            is_write = bool(access & 2)
+            value = 0
+            if is_write:
+                value = (src[1] if src[0] else reg_value(vcpu, src[1])) & ((1 << (8 * size)) - 1)
+            return MmioExit(rip=r.rip, insn_len=insn.size, gpa=ppage | (gla & 0xFFF), gla=gla, size=size,
+                            is_write=is_write, value=value, insn=insn)
     insn = vcpu.fetch_insn()
     if insn is None:
         return InternalErrorExit(rip=r.rip, message="undecodable instruction accessing MMIO")
@@ -211,6 +242,11 @@ def mmio_access(vcpu, vpage: int, ppage: int, access: int):
         src = insn.operands[1]
         value = src.imm if src.type == C.X86_OP_IMM else reg_value(vcpu, src.reg)
         value &= (1 << (8 * op.size)) - 1
+    if key is not None and len(_MMIO_PLANS) < _MMIO_PLANS_MAX and len(insn.operands) == 2:
+        src = insn.operands[1]
+        m = op.mem
+        _MMIO_PLANS[key] = (insn, op.size, (insn.addr_size, m.disp, m.base, m.index, m.scale, m.segment),
+                            (True, src.imm) if src.type == C.X86_OP_IMM else (False, src.reg))
     return MmioExit(rip=r.rip, insn_len=insn.size, gpa=gpa, gla=gla, size=op.size,
                     is_write=is_write, value=value, insn=insn)
 
