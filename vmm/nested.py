@@ -49,7 +49,8 @@ from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
-from .vmx import VmxGuest, load_paging_state
+from .vmx import TrackedVmcs, VmEntryFailed, VmxGuest, load_paging_state
+from .vmx_intercept import REFLECT
 
 #: layout of a VMCS region in guest memory (see the module docstring)
 _OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
@@ -84,6 +85,26 @@ _HOST_CODE64, _HOST_CODE32 = _HOST_CODE | x86.DESC_L, _HOST_CODE | x86.DESC_B
 _HOST_DATA = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
 
 
+#: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
+#: STI/MOV SS shadow (Vcpu.skip ends it), and CS64 must be the only one set
+_FAST_HFLAGS = x86.HF_CS64 | 3 | x86.HF_INHIBIT_IRQ
+
+
+def _register_form(code: bytes):
+    """(is_vmwrite, ModRM.reg, ModRM.rm, length) of a VMREAD (0F 78 /r) or
+    VMWRITE (0F 79 /r) between registers with at most a REX prefix, else None.
+    VMREAD r/m64, r64: the field encoding is in ModRM.reg, the destination in
+    ModRM.rm; VMWRITE r64, r/m64: the encoding in ModRM.reg, the value in
+    ModRM.rm (SDM Vol. 2B "VMREAD", "VMWRITE"; REX.R and REX.B extend them)."""
+    rex, i = 0, 0
+    if len(code) == 4 and 0x40 <= code[0] <= 0x4F:
+        rex, i = code[0], 1
+    if len(code) - i != 3 or code[i] != 0x0F or code[i + 1] not in (0x78, 0x79) or code[i + 2] >> 6 != 3:
+        return None
+    m = code[i + 2]
+    return (code[i + 1] == 0x79, (rex >> 2 & 1) << 3 | (m >> 3 & 7), (rex & 1) << 3 | (m & 7), len(code))
+
+
 class NestedVmx:
     """L1's VMX operation (see the module docstring)."""
 
@@ -97,6 +118,11 @@ class NestedVmx:
         self._l1_traps = None                  # L1's own trap kinds (as at its first VM entry, no IRET)
         self._guest = None                     # the VmxGuest over the current VMCS (reused)
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
+        #: VMREAD/VMWRITE sites decoded for the register-form path: id(insn) -> (insn, form)
+        self._sites: dict[int, tuple] = {}
+        #: encodings VMWRITE may write (full access) -> the field's width mask
+        self._write_masks = {int(f.encoding): f.mask for f in F.FIELDS
+                             if not f.read_only or self.caps.vmwrite_any_field}
         #: the debugger sets it: the last reflected exits are kept in ``trace``
         self.record = False
         self.trace: collections.deque = collections.deque(maxlen=1000)
@@ -163,7 +189,6 @@ class NestedVmx:
             mem.write(self.current, bytes(data))
 
     def _read_region(self, addr: int):
-        from .vmx import TrackedVmcs
         mem = self.vm.mem
         n = _OFF_FIELDS + 8 * len(_FIELD_ENCODINGS)
         data = mem.read(addr, n) if mem.contains(addr) and mem.contains(addr + n - 1) else bytes(n)
@@ -183,6 +208,16 @@ class NestedVmx:
         cpu = self.vm.vcpu
         r = cpu.regs
         insn = ex.insn
+        if insn is not None and self.vmcs is not None:
+            site = self._sites.get(id(insn))
+            if site is None or site[0] is not insn:
+                if len(self._sites) > 4096:
+                    self._sites.clear()
+                site = self._sites[id(insn)] = (insn, _register_form(bytes(insn.bytes)))
+            if site[1] is not None and (r.hflags & _FAST_HFLAGS) == x86.HF_CS64 and r.cr4 & x86.CR4_VMXE:
+                out = self._fast_vmread_vmwrite(cpu, r, site[1])
+                if out is not None:
+                    return out
         name = insn.mnemonic if insn is not None else ""
         # Common #UD conditions: not in VMX operation (except VMXON), CR4.VMXE
         # clear, real/virtual-8086 mode, compatibility mode.
@@ -231,6 +266,35 @@ class NestedVmx:
                     return Deliver(Event(x86.UD))
         except GuestFault as f:
             return Deliver(Event(f.vector, f.error_code, cr2=f.cr2))
+
+    def _fast_vmread_vmwrite(self, cpu, r, form) -> Outcome | None:
+        """VMREAD/VMWRITE between registers, in 64-bit mode at CPL 0 with a
+        current VMCS, of a field the instruction may access: the Operation
+        sections of SDM Vol. 3C 31.3 reduced to what is left once every #UD,
+        #GP and VMfail condition is known not to hold (64-bit mode: CR0.PE = 1,
+        RFLAGS.VM = 0, CS.L = 1; the 64-bit operand size; the field encoding
+        is bits 31:0 of the register, as the full path takes it).  None: take
+        the full path (a high access, an unsupported or read-only field, a
+        deferred guest-state store)."""
+        is_write, reg, rm, length = form
+        v = self.vmcs
+        if v.lazy is not None:
+            return None
+        gpr = r.gpr
+        enc = gpr[reg] & 0xFFFFFFFF
+        if is_write:
+            mask = self._write_masks.get(enc)
+            if mask is None:
+                return None
+            v._values[enc] = gpr[rm] & mask        # Vmcs.write: the value truncated to the field's width
+            v.dirty.add(enc)                       # TrackedVmcs: the entry checks see the write
+        else:
+            if enc not in F.FIELDS_BY_ENCODING:
+                return None
+            cpu.set_gpr(rm, v._values.get(enc, 0), 8)
+        cpu.set_rflags(r.rflags & ~_ARITH)         # VMsucceed (SDM 31.2)
+        cpu.set_rip(r.rip + length)
+        return HANDLED
 
     def _vmxon(self, ex) -> Outcome:
         vm = self.vm
@@ -355,7 +419,6 @@ class NestedVmx:
 
     # ------------------------------------------------------------------ VM entry / exit
     def _vmentry(self, ex, resume: bool) -> Outcome:
-        from .vmx import VmEntryFailed
         vm = self.vm
         if self.vmcs is None:
             return self._fail_invalid(ex)
@@ -398,7 +461,6 @@ class NestedVmx:
     def _reflect(self, ex) -> None:
         """A VM exit of L2 goes to L1: store the guest state into L1's VMCS,
         load the host-state area, resume L1 at HOST_RIP (SDM Vol. 3C 28.3, 28.5)."""
-        from .vmx_intercept import REFLECT
         vm = self.vm
         self.reflected += 1
         if self.record:

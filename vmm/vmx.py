@@ -392,16 +392,27 @@ class VmxGuest(NonRootIntercepts):
         self._save_segment_state()
 
     def _save_segment_state(self) -> None:
+        """Segment registers and descriptor tables -> guest-state fields.  The
+        field values are a function of the vCPU's segment state alone, kept for
+        the last few states seen (a guest that does not reload its segments
+        stores the same values on every exit)."""
         r = self.cpu.regs
-        vals = self._vmcs._values
-        vals[_E_GDTR_BASE], vals[_E_GDTR_LIMIT] = r.gdtr_base, r.gdtr_limit
-        vals[_E_IDTR_BASE], vals[_E_IDTR_LIMIT] = r.idtr_base, r.idtr_limit
-        seg = r.seg
-        for idx, sel, base, lim, ar in _SEG_FIELDS:
-            sg = seg[idx] if idx < 6 else (r.ldtr if idx == 6 else r.tr)
-            selector = sg.selector
-            vals[sel], vals[base], vals[lim] = selector, sg.base, sg.limit
-            vals[ar] = flags_to_ar(sg.flags, selector, idx == x86.R_CS or idx == 7)
+        seg, ldtr, tr = r.seg, r.ldtr, r.tr
+        key = tuple((sg.selector, sg.base, sg.limit, sg.flags)
+                    for sg in (seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], ldtr, tr)) + (
+            r.gdtr_base, r.gdtr_limit, r.idtr_base, r.idtr_limit)
+        fields = _SAVED_SEGMENTS.get(key)
+        if fields is None:
+            fields = {_E_GDTR_BASE: r.gdtr_base, _E_GDTR_LIMIT: r.gdtr_limit,
+                      _E_IDTR_BASE: r.idtr_base, _E_IDTR_LIMIT: r.idtr_limit}
+            for i, (idx, sel, base, lim, ar) in enumerate(_SEG_FIELDS):
+                selector, sbase, slimit, flags = key[i]
+                fields[sel], fields[base], fields[lim] = selector, sbase, slimit
+                fields[ar] = flags_to_ar(flags, selector, idx == x86.R_CS or idx == 7)
+            if len(_SAVED_SEGMENTS) >= 64:
+                _SAVED_SEGMENTS.clear()
+            _SAVED_SEGMENTS[key] = fields
+        self._vmcs._values.update(fields)
 
     # ------------------------------------------------------------------ VM entry
     def launch(self) -> None:
@@ -706,6 +717,8 @@ _SEG_FIELDS = tuple((idx, int(F.GUEST_ES_SELECTOR) + 2 * i, int(F.GUEST_ES_BASE)
 _E_GDTR_BASE, _E_GDTR_LIMIT = int(F.GUEST_GDTR_BASE), int(F.GUEST_GDTR_LIMIT)
 _E_IDTR_BASE, _E_IDTR_LIMIT = int(F.GUEST_IDTR_BASE), int(F.GUEST_IDTR_LIMIT)
 _E_TSC_OFFSET = int(F.TSC_OFFSET)
+#: vCPU segment state -> the guest-state field values it is saved as (_save_segment_state)
+_SAVED_SEGMENTS: dict[tuple, dict[int, int]] = {}
 _E_IO_A, _E_IO_B, _E_MSR_BITMAP = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B), int(F.MSR_BITMAP)
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)

@@ -247,3 +247,131 @@ def test_cr4_fixed1_narrowed_in_vmx_operation_setting_the_bit_is_general_protect
         mov cr4, rax
     """
     assert run_l1(body, caps=narrow) == GP
+
+
+# ---------------------------------------------------------------------- VMREAD/VMWRITE register forms (fast path)
+def test_register_form_decoding_agrees_with_capstone_on_every_modrm_and_rex():
+    """vmm.nested._register_form (the VMREAD/VMWRITE path that skips the full
+    decode) against Capstone on every REX prefix and ModRM byte."""
+    from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+    from capstone import x86_const as C
+
+    from vmlab.emu.decode import _reg_table
+    from vmlab.vmm.nested import _register_form
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    md.detail = True
+    table = _reg_table()
+    checked = 0
+    for rex in [None] + list(range(0x40, 0x50)):
+        for op in (0x78, 0x79):
+            for modrm in range(256):
+                code = (bytes([rex]) if rex is not None else b"") + bytes([0x0F, op, modrm]) + b"\x90" * 8
+                form = _register_form(code[:len(code) - 8])
+                insns = list(md.disasm(code, 0x1000, 1))
+                if modrm >> 6 != 3:
+                    assert form is None
+                    continue
+                insn = insns[0]
+                assert form is not None and form[3] == insn.size
+                a, b = insn.operands
+                assert a.type == C.X86_OP_REG and b.type == C.X86_OP_REG
+                if op == 0x78:          # vmread rm, reg: operands (dest rm, field reg)
+                    assert insn.mnemonic == "vmread" and not form[0]
+                    dst, field = table[a.reg][0], table[b.reg][0]
+                    assert (form[1], form[2]) == (field, dst)
+                else:                   # vmwrite reg, rm: operands (field reg, value rm)
+                    assert insn.mnemonic == "vmwrite" and form[0]
+                    field, src = table[a.reg][0], table[b.reg][0]
+                    assert (form[1], form[2]) == (field, src)
+                checked += 1
+    assert checked == 17 * 2 * 64
+
+
+def test_register_form_refuses_other_prefixes_and_memory_operands():
+    from vmlab.vmm.nested import _register_form
+    assert _register_form(bytes([0x66, 0x0F, 0x78, 0xC8])) is None       # EXTRQ, not VMREAD
+    assert _register_form(bytes([0xF2, 0x0F, 0x79, 0xC8])) is None       # INSERTQ
+    assert _register_form(bytes([0x0F, 0x78, 0x08])) is None             # memory destination
+    assert _register_form(bytes([0x0F, 0x78, 0xC8])) == (False, 1, 0, 3)
+    assert _register_form(bytes([0x4D, 0x0F, 0x79, 0xC8])) == (True, 9, 8, 4)
+
+
+def test_vmwrite_vmread_with_r8_to_r15_and_width_truncation():
+    body = ENABLE + VMXON + """
+        vmptrld qword ptr [0x30008]
+        mov r9d, 0x4002
+        mov r10, 0x1234567887654321
+        vmwrite r9, r10
+        vmread r11, r9
+        mov eax, 0x87654321
+        cmp r11, rax
+    """
+    assert run_l1(body) == 0x80 | ZF          # CPU_BASED_VM_EXEC_CONTROL keeps 32 bits
+
+
+def test_vmwrite_of_a_read_only_field_without_vmwrite_any_field_is_vmfail_valid_13():
+    import dataclasses
+
+    from vmlab.vmm.capabilities import VmxCapabilities
+    caps = dataclasses.replace(VmxCapabilities(), vmwrite_any_field=False)
+    body = ENABLE + VMXON + """
+        vmptrld qword ptr [0x30008]
+        mov ecx, 0x4402
+        mov rdx, 5
+        vmwrite rcx, rdx
+        jnz bad
+        mov ecx, 0x4400
+        vmread rax, rcx
+        cmp eax, 13
+        jmp end
+    bad:
+        mov al, 0x7f
+        out 0xf4, al
+    end:
+    """
+    assert run_l1(body, caps=caps) == 0x80 | ZF
+
+
+def test_vmread_of_the_high_half_of_a_64_bit_field_and_of_a_bad_encoding():
+    body = ENABLE + VMXON + """
+        vmptrld qword ptr [0x30008]
+        mov ecx, 0x201a
+        mov rdx, 0x1122334455667788
+        vmwrite rcx, rdx
+        mov ecx, 0x201b
+        vmread rax, rcx
+        cmp rax, 0x11223344
+        jne bad
+        mov ecx, 0x0801
+        vmread rax, rcx
+        jnz bad
+        mov ecx, 0x4400
+        vmread rax, rcx
+        cmp eax, 12
+        jmp end
+    bad:
+        mov al, 0x7f
+        out 0xf4, al
+    end:
+    """
+    assert run_l1(body) == 0x80 | ZF
+
+
+def test_register_forms_take_the_short_path_memory_forms_the_full_one(monkeypatch):
+    """The register forms never reach the full VMREAD/VMWRITE (patched to
+    report through isa-debug-exit); a memory operand does."""
+    from vmlab.vmm import nested
+    from vmlab.vmm.runloop import Stop, StopReason
+    monkeypatch.setattr(nested.NestedVmx, "_vmread", lambda self, ex: Stop(StopReason.ERROR, "full vmread"))
+    monkeypatch.setattr(nested.NestedVmx, "_vmwrite", lambda self, ex: Stop(StopReason.ERROR, "full vmwrite"))
+    body = ENABLE + VMXON + """
+        vmptrld qword ptr [0x30008]
+        mov ecx, 0x681e
+        mov r15, 0x123456789a
+        vmwrite rcx, r15
+        vmread r14, rcx
+        cmp r14, r15
+    """
+    assert run_l1(body) == 0x80 | ZF
+    with pytest.raises(AssertionError, match="full vmwrite"):
+        run_l1(ENABLE + VMXON + "vmptrld qword ptr [0x30008]\nmov ecx, 0x681e\nvmwrite rcx, qword ptr [0x30000]\n")
