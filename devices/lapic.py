@@ -24,9 +24,11 @@ bits 23:16 "Max LVT Entry" are the number of LVT entries minus one (SDM
 LINT1, error), where QEMU implements six and reports 5.
 
 Timer (SDM 11.5.4): virtual time with a 1 GHz APIC bus clock like QEMU, so
-one tick is 1 ns before the divider. One-shot and periodic modes. The
-TSC-deadline mode is not offered (CPUID.01H:ECX[24] is for the CPU model to
-clear): LVT timer bit 18 is treated as reserved and reads 0.
+one tick is 1 ns before the divider. One-shot, periodic and, when the APIC
+is built with ``tsc``, TSC-deadline mode (11.5.4.1: LVT timer mode 10b, the
+IA32_TSC_DEADLINE MSR through :meth:`LocalApic.read_tsc_deadline` /
+:meth:`LocalApic.write_tsc_deadline`); without ``tsc`` LVT timer bit 18 is
+reserved and reads 0.
 
 Interrupt delivery to the CPU: :meth:`LocalApic.pending_vector` and
 :meth:`LocalApic.acknowledge`. Interrupts reach IRR from the timer and other
@@ -34,7 +36,11 @@ LVT entries, from :meth:`LocalApic.set_lint` (LINT0/LINT1 pins), from
 self-IPIs through the ICR, and from :meth:`LocalApic.deliver` (for an I/O
 APIC or MSIs). With one CPU, IPIs to other APICs go nowhere.
 
-x2APIC is not supported: IA32_APIC_BASE.EXTD (bit 10) is ignored.
+x2APIC (SDM 11.12): with ``x2apic=True`` IA32_APIC_BASE.EXTD (bit 10) may be
+set; the registers are then MSRs 800H-8FFH (:meth:`LocalApic.read_msr`,
+:meth:`LocalApic.write_msr`, Table 11-6) and the MMIO page is gone (the VMM
+unregisters it).  Mode transitions are checked by :meth:`base_transition_ok`
+(11.12.5, Figure 11-28).  An access the SDM makes #GP raises X2ApicFault.
 """
 
 from __future__ import annotations
@@ -142,6 +148,30 @@ DCR_WRITABLE = 0xB  # bits 0, 1 and 3 (SDM Figure 11-10)
 APIC_BUS_HZ = 1_000_000_000
 
 
+LVT_TIMER_MODE = LVT_TIMER_PERIODIC | LVT_TIMER_TSC_DEADLINE   # bits 18:17 (Figure 11-8)
+
+# x2APIC MSRs (SDM Table 11-6 "Local APIC Register Address Map Supported by x2APIC").
+X2APIC_MSR_BASE = 0x800
+X2APIC_MSR_END = 0x8FF
+MSR_X2APIC_ICR = 0x830
+MSR_X2APIC_SELF_IPI = 0x83F
+MSR_IA32_TSC_DEADLINE = 0x6E0
+#: MSR -> xAPIC offset for the registers that exist in x2APIC mode: MSR = 800H
+#: + offset / 16, except the ICR (one 64-bit MSR) and SELF IPI (x2APIC only).
+#: DFR (80EH), APR (809H) and RRD (80CH) do not exist in x2APIC mode.
+_X2APIC_READABLE = frozenset(
+    [0x802, 0x803, 0x808, 0x80A, 0x80D, 0x80F, 0x828, 0x82F, 0x830]
+    + list(range(0x810, 0x828)) + list(range(0x832, 0x83A)) + [0x83E])
+_X2APIC_WRITABLE = frozenset(
+    [0x808, 0x80B, 0x80F, 0x828, 0x82F, 0x830, 0x832, 0x833, 0x834, 0x835, 0x836, 0x837, 0x838,
+     0x83E, 0x83F])
+
+
+class X2ApicFault(ValueError):
+    """An x2APIC MSR access that raises #GP(0) (the MSR model, emu/msr.py,
+    catches ValueError from the APIC's MSR methods)."""
+
+
 def _divisor(dcr: int) -> int:
     """Timer divide value from DCR bits 3,1,0 (SDM Figure 11-10)."""
     code = ((dcr >> 1) & 4) | (dcr & 3)
@@ -159,9 +189,16 @@ class LocalApic:
     def __init__(self, clock: Clock, timers: TimerQueue, apic_id: int = 0,
                  nmi: Callable[[], None] | None = None,
                  eoi_broadcast: Callable[[int], None] | None = None,
-                 init: Callable[[], None] | None = None) -> None:
+                 init: Callable[[], None] | None = None,
+                 x2apic: bool = False,
+                 tsc: Callable[[], int] | None = None) -> None:
         self._clock = clock
         self._timer = timers.timer(self._on_timer, "lapic-timer")
+        #: x2APIC mode may be entered (CPUID.01H:ECX[21])
+        self.x2apic_capable = x2apic
+        #: the TSC now (TSC-deadline mode, CPUID.01H:ECX[24]); None: no such mode
+        self._tsc = tsc
+        self._lvt_timer_writable = 0x000700FF if tsc is not None else 0x000300FF
         self._nmi = nmi
         self._eoi_broadcast = eoi_broadcast
         self._init = init
@@ -189,6 +226,7 @@ class LocalApic:
         self.dcr = 0
         self._timer_start = 0
         self._timer_running = False
+        self.tsc_deadline = 0
         self._timer.cancel()
 
     # -- enable state -------------------------------------------------------
@@ -197,6 +235,28 @@ class LocalApic:
     def hw_enabled(self) -> bool:
         """IA32_APIC_BASE[11], the global enable (SDM 11.4.3)."""
         return bool(self.base_msr & APIC_BASE_ENABLE)
+
+    @property
+    def x2apic_mode(self) -> bool:
+        """IA32_APIC_BASE EN = EXTD = 1 (SDM 11.12.1)."""
+        return self.base_msr & (APIC_BASE_ENABLE | APIC_BASE_EXTD) == (APIC_BASE_ENABLE | APIC_BASE_EXTD)
+
+    def base_transition_ok(self, value: int) -> bool:
+        """Whether writing ``value`` to IA32_APIC_BASE is a valid mode transition
+        (SDM 11.12.5, Figure 11-28 "Local x2APIC State Transitions with
+        IA32_APIC_BASE"): EN = 0 with EXTD = 1 is invalid; so are x2APIC ->
+        xAPIC (EXTD 1 -> 0 with EN staying 1) and disabled -> x2APIC (EN 0 -> 1
+        with EXTD = 1).  Without x2APIC support EXTD is reserved."""
+        en, extd = bool(value & APIC_BASE_ENABLE), bool(value & APIC_BASE_EXTD)
+        if extd and not self.x2apic_capable:
+            return False
+        if extd and not en:
+            return False
+        if self.x2apic_mode and en and not extd:
+            return False
+        if not self.hw_enabled and en and extd:
+            return False
+        return True
 
     @property
     def software_enabled(self) -> bool:
@@ -215,17 +275,22 @@ class LocalApic:
     def write_base_msr(self, value: int) -> int:
         """WRMSR IA32_APIC_BASE; return the (possibly moved) page address.
 
-        BSP is read-only and EXTD is ignored (no x2APIC). Clearing the global
-        enable resets the APIC to its power-up register state (SDM 11.4.3).
-        Raising #GP for reserved bits is the CPU model's job; they are
+        BSP is read-only; EXTD is kept when x2APIC is supported (the caller
+        checked the transition with :meth:`base_transition_ok`). Clearing the
+        global enable resets the APIC to its power-up register state (SDM
+        11.4.3). Raising #GP for reserved bits is the CPU model's job; they are
         dropped here. The VMM moves the MMIO registration when the returned
-        address changes.
+        address changes. Entering x2APIC mode (SDM 11.12.5.1): the APIC ID
+        becomes the 32-bit x2APIC ID (the initial APIC ID here) and the
+        logical ID is derived from it; the other registers keep their values.
         """
-        was_enabled = self.hw_enabled
-        self.base_msr = ((value & (APIC_BASE_ADDR_MASK | APIC_BASE_ENABLE))
-                         | (self.base_msr & APIC_BASE_BSP))
+        was_enabled, was_x2 = self.hw_enabled, self.x2apic_mode
+        keep = APIC_BASE_ADDR_MASK | APIC_BASE_ENABLE | (APIC_BASE_EXTD if self.x2apic_capable else 0)
+        self.base_msr = (value & keep) | (self.base_msr & APIC_BASE_BSP)
         if was_enabled and not self.hw_enabled:
             self.reset()
+        elif self.x2apic_mode and not was_x2:
+            self.id = self.initial_apic_id
         return self.base_address
 
     # -- priorities (SDM 11.8.3.1) ------------------------------------------
@@ -345,7 +410,21 @@ class LocalApic:
 
     # -- IPIs (SDM 11.6) ------------------------------------------------------
 
+    @property
+    def x2apic_ldr(self) -> int:
+        """Logical x2APIC ID (SDM 11.12.10.2): cluster ID = x2APIC ID[19:4] in
+        bits 31:16, bit (x2APIC ID[3:0]) set in bits 15:0."""
+        return ((self.id & 0xFFFF0) << 12) | (1 << (self.id & 0xF))
+
     def _is_destination(self, dest: int, logical: bool) -> bool:
+        if self.x2apic_mode:
+            # SDM 11.12.9/11.12.10: 32-bit destinations, FFFFFFFFH broadcast.
+            if dest == 0xFFFFFFFF:
+                return True
+            if not logical:
+                return dest == self.id
+            ldr = self.x2apic_ldr
+            return (dest >> 16) == (ldr >> 16) and bool(dest & ldr & 0xFFFF)
         if not logical:
             return dest == 0xFF or dest == self.id
         if self.dfr_model == DFR_FLAT:
@@ -360,8 +439,8 @@ class LocalApic:
         mode = (low >> LVT_DELIVERY_MODE_SHIFT) & 7
         shorthand = (low >> ICR_SHORTHAND_SHIFT) & 3
         if shorthand == SH_NONE:
-            to_self = self._is_destination(self.icr_high >> 24,
-                                           bool(low & ICR_DEST_LOGICAL))
+            dest = self.icr_high if self.x2apic_mode else self.icr_high >> 24
+            to_self = self._is_destination(dest, bool(low & ICR_DEST_LOGICAL))
         else:
             to_self = shorthand in (SH_SELF, SH_ALL_INCLUDING_SELF)
         if mode in (DM_FIXED, DM_LOWEST):
@@ -383,14 +462,41 @@ class LocalApic:
 
     @property
     def _timer_periodic(self) -> bool:
-        return bool(self.lvt[APIC_LVT_TIMER] & LVT_TIMER_PERIODIC)
+        return self.lvt[APIC_LVT_TIMER] & LVT_TIMER_MODE == LVT_TIMER_PERIODIC
+
+    @property
+    def _timer_tsc_deadline(self) -> bool:
+        return self.lvt[APIC_LVT_TIMER] & LVT_TIMER_MODE == LVT_TIMER_TSC_DEADLINE
+
+    def read_tsc_deadline(self) -> int:
+        """RDMSR IA32_TSC_DEADLINE (SDM 11.5.4.1): the armed deadline, 0 once it
+        fired or when disarmed, and 0 outside TSC-deadline mode."""
+        return self.tsc_deadline if self._timer_tsc_deadline else 0
+
+    def write_tsc_deadline(self, value: int) -> None:
+        """WRMSR IA32_TSC_DEADLINE: arm (non-zero) or disarm (0) the timer in
+        TSC-deadline mode; outside it the write is ignored (11.5.4.1: "In
+        other timer modes (LVT bit 18 = 0), the IA32_TSC_DEADLINE MSR reads
+        zero and writes are ignored").  A deadline already passed fires at once."""
+        if self._tsc is None or not self._timer_tsc_deadline:
+            return
+        self.tsc_deadline = value & 0xFFFFFFFFFFFFFFFF
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if not self.tsc_deadline:
+            self._timer.cancel()
+            return
+        now = self._clock.now_ns()
+        delta = self.tsc_deadline - self._tsc()          # TSC ticks = ns (1 GHz TSC)
+        self._timer.arm(now + max(delta, 0))
 
     def _timer_ticks(self, now: int) -> int:
         return (now - self._timer_start) // _divisor(self.dcr)
 
     def current_count(self) -> int:
         """Current-count register value at the clock's current time."""
-        if not self._timer_running or self.timer_initial == 0:
+        if self._timer_tsc_deadline or not self._timer_running or self.timer_initial == 0:
             return 0
         ticks = self._timer_ticks(self._clock.now_ns())
         if self._timer_periodic:
@@ -417,6 +523,13 @@ class LocalApic:
         self._timer.arm(self._timer_start + periods * self.timer_initial * div)
 
     def _on_timer(self, deadline: int) -> None:
+        if self._timer_tsc_deadline:
+            if self.tsc_deadline and self._tsc() >= self.tsc_deadline:
+                self.tsc_deadline = 0                     # "reads 0 after the timer fired"
+                self._local_deliver(APIC_LVT_TIMER)
+            elif self.tsc_deadline:
+                self._arm_deadline()
+            return
         now = max(self._clock.now_ns(), deadline)
         self._local_deliver(APIC_LVT_TIMER)
         if not self._timer_periodic:
@@ -424,6 +537,8 @@ class LocalApic:
         self._arm_timer(now)
 
     def _write_initial_count(self, value: int) -> None:
+        if self._timer_tsc_deadline:
+            return      # 11.5.4.1: "writes to the initial-count register are ignored"
         now = self._clock.now_ns()
         self.timer_initial = value
         self._timer_start = now
@@ -488,7 +603,7 @@ class LocalApic:
         if offset == APIC_ICR_HIGH:
             return self.icr_high
         if offset == APIC_TIMER_ICR:
-            return self.timer_initial
+            return 0 if self._timer_tsc_deadline else self.timer_initial
         if offset == APIC_TIMER_CCR:
             return self.current_count()
         if offset == APIC_TIMER_DCR:
@@ -540,7 +655,9 @@ class LocalApic:
                 self.lvt[reg] |= LVT_MASKED
 
     def _write_lvt(self, reg: int, value: int) -> None:
-        new = value & _LVT_WRITABLE[reg]
+        new = value & (self._lvt_timer_writable if reg == APIC_LVT_TIMER else _LVT_WRITABLE[reg])
+        if reg == APIC_LVT_TIMER and new & LVT_TIMER_MODE == LVT_TIMER_MODE:
+            new &= ~LVT_TIMER_TSC_DEADLINE                # 11b is reserved: one of the defined modes
         if not self.software_enabled:
             # "attempts to reset the mask bits in the LVT are ignored"
             new |= LVT_MASKED
@@ -548,5 +665,62 @@ class LocalApic:
         new |= self.lvt[reg] & LVT_REMOTE_IRR
         old = self.lvt[reg]
         self.lvt[reg] = new
-        if reg == APIC_LVT_TIMER and (old ^ new) & LVT_TIMER_PERIODIC:
-            self._arm_timer(self._clock.now_ns())
+        if reg == APIC_LVT_TIMER and (old ^ new) & LVT_TIMER_MODE:
+            # 11.5.4.1: "Transitioning between TSC-deadline mode and other timer
+            # modes also disarms the timer."
+            if (old ^ new) & LVT_TIMER_TSC_DEADLINE:
+                self.tsc_deadline = 0
+                self._timer_running = False
+                self._timer.cancel()
+            else:
+                self._arm_timer(self._clock.now_ns())
+
+    # -- x2APIC MSRs (SDM 11.12.1.2, Table 11-6) ---------------------------
+
+    def read_msr(self, msr: int) -> int:
+        """RDMSR of x2APIC MSR ``msr`` (800H-8FFH) in x2APIC mode; X2ApicFault
+        (#GP) outside x2APIC mode, for a write-only or reserved address."""
+        if not self.x2apic_mode or msr not in _X2APIC_READABLE:
+            raise X2ApicFault(f"RDMSR {msr:#x}")
+        if msr == 0x802:
+            return self.id                                # 32-bit x2APIC ID
+        if msr == 0x80D:
+            return self.x2apic_ldr
+        if msr == MSR_X2APIC_ICR:
+            return (self.icr_high << 32) | self.icr_low
+        return self.read_register((msr - X2APIC_MSR_BASE) << 4)
+
+    def write_msr(self, msr: int, value: int) -> None:
+        """WRMSR of x2APIC MSR ``msr``: #GP (X2ApicFault) outside x2APIC mode, for
+        a read-only or reserved address, or with a reserved bit set (11.12.1.2:
+        "WRMSR ... to a read-only register or with reserved bits set ... #GP")."""
+        if not self.x2apic_mode or msr not in _X2APIC_WRITABLE:
+            raise X2ApicFault(f"WRMSR {msr:#x}")
+        value &= 0xFFFFFFFFFFFFFFFF
+        if msr == MSR_X2APIC_ICR:
+            if value & 0xFFFFFFFF & ~ICR_LOW_WRITABLE & ~(1 << 12):
+                raise X2ApicFault("reserved ICR bits")
+            self.icr_high = value >> 32
+            self.icr_low = value & ICR_LOW_WRITABLE
+            self._send_ipi()
+            return
+        if value >> 32:
+            raise X2ApicFault(f"WRMSR {msr:#x}: bits 63:32 are reserved")
+        if msr == MSR_X2APIC_SELF_IPI:
+            if value & ~0xFF:
+                raise X2ApicFault("SELF IPI bits 31:8 are reserved")
+            # 11.12.11: a fixed, edge-triggered self IPI with this vector.
+            vector = value & 0xFF
+            if vector < 16:
+                self._error(ESR_SEND_ILLEGAL_VECTOR)
+            else:
+                self.deliver(vector)
+            return
+        reserved = {0x808: ~0xFF, 0x80B: ~0, 0x80F: ~SVR_WRITABLE, 0x828: ~0,
+                    0x83E: ~DCR_WRITABLE}.get(msr)
+        if msr in (0x82F, 0x832, 0x833, 0x834, 0x835, 0x836, 0x837):
+            reg = (msr - X2APIC_MSR_BASE) << 4
+            reserved = ~(self._lvt_timer_writable if reg == APIC_LVT_TIMER else _LVT_WRITABLE[reg])
+        if reserved is not None and value & reserved & 0xFFFFFFFF:
+            raise X2ApicFault(f"WRMSR {msr:#x}: reserved bits in {value:#x}")
+        self.write_register((msr - X2APIC_MSR_BASE) << 4, value)

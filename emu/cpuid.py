@@ -1,7 +1,6 @@
 """CPUID model: one consistent, configurable answer table.
 
-It advertises nothing the machine does not emulate (no AVX/XSAVE, no x2APIC, no
-PCID, no TSC-deadline), because Unicorn's default Haswell model does (leaf 0xD
+It advertises nothing the machine does not emulate (no AVX/XSAVE, no PCID), because Unicorn's default Haswell model does (leaf 0xD
 claims AVX state while leaf 1 has no AVX; docs/platform-notes.md).  The
 table is loaded into the native CPUID hook, so CPUID costs no Python.
 Bit positions: SDM Vol. 2A, CPUID, Tables 3-8 .. 3-20.
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 FPU, DE, PSE, TSC, MSR, PAE, CX8, APIC, SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH, MMX, FXSR, SSE, SSE2 = (
     0, 2, 3, 4, 5, 6, 8, 9, 11, 12, 13, 15, 16, 17, 19, 23, 24, 25, 26)
 # Leaf 1 ECX (Table 3-10)
-SSE3, VMX, SSSE3, CX16, SSE41, SSE42, POPCNT, HYPERVISOR = 0, 5, 9, 13, 19, 20, 23, 31
+SSE3, VMX, SSSE3, CX16, SSE41, SSE42, X2APIC, POPCNT, TSC_DEADLINE, HYPERVISOR = 0, 5, 9, 13, 19, 20, 21, 23, 24, 31
 # Leaf 7.0 EBX
 SMEP, SMAP = 7, 20
 # Leaf 0x80000001 EDX / ECX
@@ -55,6 +54,10 @@ class CpuidModel:
     arch_capabilities: bool = True
     #: CPUID.1:EDX.APIC[9]: 0 while IA32_APIC_BASE.EN = 0 (SDM Vol. 3A 11.4.3)
     apic: bool = True
+    #: CPUID.1:ECX.x2APIC[21]: IA32_APIC_BASE.EXTD and MSRs 800H-8FFH (devices/lapic.py)
+    x2apic: bool = True
+    #: CPUID.1:ECX.TSC_DEADLINE[24]: LVT timer mode 10b and IA32_TSC_DEADLINE (6E0H)
+    tsc_deadline: bool = True
     overrides: dict = field(default_factory=dict)
     #: the Unicorn CPU model the vCPU runs on (emu.cpuprobe.unicorn_models(); -cpu)
     unicorn_model: str = "broadwell"
@@ -68,6 +71,7 @@ class CpuidModel:
     def leaf1(self) -> tuple[int, int, int, int]:
         ebx = (8 << 8) | (1 << 16)          # CLFLUSH 64-byte line, 1 logical CPU, APIC ID 0
         ecx = _bits(SSE3, SSSE3, CX16, SSE41, SSE42, POPCNT, HYPERVISOR) | (_bits(VMX) if self.vmx else 0)
+        ecx |= (_bits(X2APIC) if self.x2apic else 0) | (_bits(TSC_DEADLINE) if self.tsc_deadline else 0)
         edx = _bits(FPU, DE, PSE, TSC, MSR, PAE, CX8, SEP, MTRR, PGE, CMOV, PAT, PSE36, CLFSH,
                     MMX, FXSR, SSE, SSE2) | (_bits(APIC) if self.apic else 0)
         return self._probed(1, 0, (self.signature, ebx, ecx, edx))

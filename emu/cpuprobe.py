@@ -73,6 +73,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("sse4_1", 1, 0, "ecx", 19, "ptest xmm0, xmm1", _MODEL + "test_cpu_model_advertised_feature_runs_without_ud"),
     Feature("sse4_2", 1, 0, "ecx", 20, "xor eax, eax; mov ebx, 1; crc32 eax, ebx",
             _MODEL + "test_cpu_model_advertised_feature_runs_without_ud", 0xDD45AAB8),
+    Feature("x2apic", 1, 0, "ecx", 21, None, 'guests/x2apic.asm: "x2APIC mode: RDMSR 802H reads the x2APIC ID"'),
+    Feature("tsc_deadline", 1, 0, "ecx", 24, None,
+            'guests/x2apic.asm: "TSC-deadline timer: the interrupt came once the TSC passed the deadline"'),
     Feature("popcnt", 1, 0, "ecx", 23, "mov ebx, 0xf0f0; popcnt eax, ebx",
             _MODEL + "test_cpu_model_advertised_feature_runs_without_ud", 8),
     # bit 31 only says a hypervisor is present (vmlab is one); nothing executes.

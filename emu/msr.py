@@ -14,6 +14,8 @@ from . import x86
 IA32_TSC = 0x10
 IA32_PLATFORM_ID = 0x17
 IA32_APIC_BASE = 0x1B
+IA32_TSC_DEADLINE = 0x6E0
+X2APIC_FIRST, X2APIC_LAST = 0x800, 0x8FF         # SDM Vol. 3A 11.12.1.2, Table 11-6
 IA32_FEATURE_CONTROL = 0x3A
 IA32_BIOS_SIGN_ID = 0x8B
 IA32_MTRRCAP = 0xFE
@@ -50,7 +52,7 @@ MSR_NAMES = {
     IA32_STAR: "IA32_STAR", IA32_LSTAR: "IA32_LSTAR", IA32_CSTAR: "IA32_CSTAR", IA32_FMASK: "IA32_FMASK",
     IA32_FS_BASE: "IA32_FS_BASE", IA32_GS_BASE: "IA32_GS_BASE", IA32_KERNEL_GS_BASE: "IA32_KERNEL_GS_BASE",
     IA32_TSC_AUX: "IA32_TSC_AUX", IA32_MTRRCAP: "IA32_MTRRCAP", IA32_MTRR_DEF_TYPE: "IA32_MTRR_DEF_TYPE",
-    IA32_MISC_ENABLE: "IA32_MISC_ENABLE",
+    IA32_MISC_ENABLE: "IA32_MISC_ENABLE", IA32_TSC_DEADLINE: "IA32_TSC_DEADLINE",
 }
 
 #: MSRs whose state lives inside Unicorn (it uses them itself).
@@ -92,9 +94,19 @@ class MsrModel:
         self.read_only: dict[int, int] = {}
         if getattr(cpuid, "arch_capabilities", False):
             self.read_only[IA32_ARCH_CAPABILITIES] = ARCH_CAPABILITIES_VALUE
+        #: the local APIC (devices/lapic.py LocalApic) for the x2APIC MSRs,
+        #: IA32_TSC_DEADLINE and IA32_APIC_BASE mode transitions; its MSR
+        #: methods raise ValueError for an access that is #GP(0)
+        self.apic = None
+
+    def _x2apic(self, msr: int) -> bool:
+        return X2APIC_FIRST <= msr <= X2APIC_LAST and self.apic is not None and getattr(self.cpuid, "x2apic", False)
+
+    def _deadline(self, msr: int) -> bool:
+        return msr == IA32_TSC_DEADLINE and self.apic is not None and getattr(self.cpuid, "tsc_deadline", False)
 
     def known(self, msr: int) -> bool:
-        return msr in self.read_only or msr in self.store or msr in _FORWARDED or msr in (
+        return self._x2apic(msr) or self._deadline(msr) or msr in self.read_only or msr in self.store or msr in _FORWARDED or msr in (
             IA32_TSC, IA32_EFER, IA32_MTRRCAP, IA32_PLATFORM_ID, IA32_BIOS_SIGN_ID, IA32_MCG_CAP)
 
     def read(self, msr: int) -> int:
@@ -102,6 +114,13 @@ class MsrModel:
         v = self.vcpu
         if msr in self.read_only:
             return self.read_only[msr]
+        if self._x2apic(msr):
+            try:
+                return self.apic.read_msr(msr)
+            except ValueError as e:     # xAPIC mode, a write-only or reserved register
+                raise MsrFault(str(e)) from None
+        if self._deadline(msr):
+            return self.apic.read_tsc_deadline()
         if msr == IA32_TSC:
             return (v.icount + v.native.tsc_offset) & 0xFFFFFFFFFFFFFFFF
         if msr == IA32_EFER:
@@ -126,6 +145,15 @@ class MsrModel:
         value &= 0xFFFFFFFFFFFFFFFF
         if msr in _CANONICAL and not x86.canonical(value, self.cpuid.linear_bits):
             raise MsrFault(f"WRMSR {MSR_NAMES.get(msr, hex(msr))} with non-canonical {value:#x}")
+        if self._x2apic(msr):
+            try:
+                self.apic.write_msr(msr, value)
+            except ValueError as e:     # xAPIC mode, a read-only register, reserved bits
+                raise MsrFault(str(e)) from None
+            return
+        if self._deadline(msr):
+            self.apic.write_tsc_deadline(value)
+            return
         if msr == IA32_TSC:
             v.native.tsc_offset = (value - v.icount) & 0xFFFFFFFFFFFFFFFF
         elif msr == IA32_EFER:
@@ -140,9 +168,13 @@ class MsrModel:
             v.native.tsc_aux = value
             self.store[msr] = value
         elif msr == IA32_APIC_BASE:
-            reserved = ~(self.phys_mask & ~0xFFF | APIC_BASE_BSP | APIC_BASE_EN) & 0xFFFFFFFFFFFFFFFF
+            extd = APIC_BASE_EXTD if getattr(self.cpuid, "x2apic", False) else 0
+            reserved = ~(self.phys_mask & ~0xFFF | APIC_BASE_BSP | APIC_BASE_EN | extd) & 0xFFFFFFFFFFFFFFFF
             if value & reserved:
                 raise MsrFault(f"IA32_APIC_BASE reserved bits in {value:#x}")
+            # SDM Vol. 3A 11.12.5 (Figure 11-28): invalid x2APIC mode transitions are #GP.
+            if self.apic is not None and not self.apic.base_transition_ok(value):
+                raise MsrFault(f"IA32_APIC_BASE: invalid APIC mode transition to {value:#x}")
             # BSP is read-only (SDM Vol. 3A 11.4.4).
             self.store[msr] = (value & ~APIC_BASE_BSP) | (self.store[msr] & APIC_BASE_BSP)
         elif msr == IA32_FEATURE_CONTROL:

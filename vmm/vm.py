@@ -39,7 +39,7 @@ from vmlab.emu.events import Event, TripleFault, deliver
 from vmlab.emu.exits import CrExit, IoExit, MmioExit, MsrExit
 from vmlab.emu.memory import GuestMemory
 from vmlab.emu.tbcache import TbCache
-from vmlab.emu.msr import IA32_APIC_BASE, MsrModel
+from vmlab.emu.msr import IA32_APIC_BASE, IA32_TSC, MsrModel
 
 from . import runloop
 from .log import DebugLog
@@ -142,7 +142,9 @@ class Vm:
         self.nmi_blocked = False          # after an NMI until the next IRET (SDM Vol. 3A 6.7.1)
         self.init_pending = False
         self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init),
-                               eoi_broadcast=_weak(self._on_lapic_eoi))
+                               eoi_broadcast=_weak(self._on_lapic_eoi), x2apic=self.cpuid.x2apic,
+                               tsc=_weak(self._tsc) if self.cpuid.tsc_deadline else None)
+        self.msrs.apic = self.lapic
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
         # loader runs, and vmlab has no firmware): the LAPIC in virtual-wire
@@ -311,6 +313,10 @@ class Vm:
     def _on_init(self) -> None:
         self.init_pending = True
 
+    def _tsc(self) -> int:
+        """The guest's TSC now (RDTSC's value; the LAPIC's TSC-deadline mode)."""
+        return self.msrs.read(IA32_TSC)
+
     def _on_msr_write(self, msr: int, value: int) -> None:
         if msr == IA32_APIC_BASE:
             self._set_apic_base(value)
@@ -322,13 +328,16 @@ class Vm:
         feature flag for the APIC (see Section 11.4.2) is also set to 0" -- the
         register page stops answering and CPUID.1:EDX.APIC[9] reads 0."""
         lapic = self.lapic
-        old_enabled, old_base = lapic.hw_enabled, lapic.base_address
+        # The page answers in xAPIC mode only: x2APIC mode disables the
+        # memory-mapped interface (SDM Vol. 3A 11.12.1.2).
+        old_mapped, old_base = lapic.hw_enabled and not lapic.x2apic_mode, lapic.base_address
         base = lapic.write_base_msr(value)
-        if lapic.hw_enabled == old_enabled and base == old_base:
+        mapped = lapic.hw_enabled and not lapic.x2apic_mode
+        if mapped == old_mapped and base == old_base and lapic.hw_enabled == self.cpuid.apic:
             return
-        if old_enabled:
+        if old_mapped:
             self.mmio.unregister(lapic)
-        if lapic.hw_enabled:
+        if mapped:
             self.mmio.register(base, 0x1000, lapic, "lapic")
         if lapic.hw_enabled != self.cpuid.apic:
             self.cpuid = dataclasses.replace(self.cpuid, apic=lapic.hw_enabled)
