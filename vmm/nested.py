@@ -420,6 +420,15 @@ class NestedVmx:
     # ------------------------------------------------------------------ VM entry / exit
     def _vmentry(self, ex, resume: bool) -> Outcome:
         vm = self.vm
+        if getattr(vm, "vmx_l0", None) is not None or vm.intercept is not None:
+            # A Python VmxGuest over the machine is L0's policy and the guest
+            # (L1) runs in its non-root operation; its handler passed this
+            # VMLAUNCH/VMRESUME on (ex.emulate()).  Running L2 would need the
+            # two policies stacked, which vmlab does not do: say so, never
+            # run L2 outside the harness's controls.
+            return Stop(StopReason.ERROR, "guest-visible VMX cannot run L2 under a Python VMX harness "
+                                          f"(the L0 handler emulated {ex.insn.mnemonic.upper()}); "
+                                          "use one or the other")
         if self.vmcs is None:
             return self._fail_invalid(ex)
         launched = self.vmcs.launch_state == F.LaunchState.LAUNCHED

@@ -635,7 +635,14 @@ class VmxGuest(NonRootIntercepts):
                 cpu.skip(ex.instruction_length)
                 out = HANDLED
             elif mex is not None and not isinstance(mex, ExceptionExit):
-                out = runloop.platform(vm, mex)
+                # vm.vmx_l0: guest-visible VMX (vmm.nested) sees that an L0
+                # handler passed the instruction on (its guest is in non-root
+                # operation under this VmxGuest).
+                vm.vmx_l0 = self
+                try:
+                    out = runloop.platform(vm, mex)
+                finally:
+                    vm.vmx_l0 = None
             else:
                 raise VmmError(f"no default emulation for {ex.reason.name}")
         except GuestFault as f:

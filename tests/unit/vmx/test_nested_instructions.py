@@ -375,3 +375,71 @@ def test_register_forms_take_the_short_path_memory_forms_the_full_one(monkeypatc
     assert run_l1(body) == 0x80 | ZF
     with pytest.raises(AssertionError, match="full vmwrite"):
         run_l1(ENABLE + VMXON + "vmptrld qword ptr [0x30008]\nmov ecx, 0x681e\nvmwrite rcx, qword ptr [0x30000]\n")
+
+
+# ---------------------------------------------------------------------- composition with L0 Python handlers
+def _harness_l1(body: str, nested: bool):
+    """A Python VmxGuest (L0) over a guest (L1) that runs ``body`` (its CR4
+    has VMXE: IA32_VMX_CR4_FIXED0 makes the entry checks ask for it)."""
+    from vmlab.vmm.harness import vmx_guest
+    g = vmx_guest(body + "\nhlt", fields={"CR4_GUEST_HOST_MASK": 0})
+    if nested:
+        n = g.vm.enable_nested_vmx()
+        g.vm.msrs.write(0x3A, 5)                        # IA32_FEATURE_CONTROL: lock, VMX outside SMX
+        g.vm.mem.write(REGION, n.caps.revision_id.to_bytes(4, "little"))
+        g.vm.mem.write(REGION + 0x1000, n.caps.revision_id.to_bytes(4, "little"))
+    for i, p in enumerate((REGION, REGION + 0x1000)):
+        g.vm.mem.write(0x30000 + 8 * i, p.to_bytes(8, "little"))
+    return g
+
+
+L1_UNDER_L0 = """
+    vmxon qword ptr [0x30000]
+    vmptrld qword ptr [0x30008]
+    mov ecx, 0x681e
+    vmread rax, rcx
+    mov eax, 2
+    mov rsi, 0x30000
+    invept rax, [rsi]
+    vmlaunch
+"""
+
+
+def test_l0_python_handlers_see_l1s_vmx_instructions_as_exits():
+    """Under a Python harness (L0), the guest's VMX instructions are VM exits to
+    the harness: VMXON 27, VMPTRLD 21, VMREAD 23, INVEPT 50, VMLAUNCH 20 (SDM
+    Vol. 3C Appendix C; 26.1.2: they exit unconditionally in non-root operation)."""
+    from vmlab.vmm.exit_reasons import ExitReason
+    g = _harness_l1(L1_UNDER_L0, nested=False)
+    seen = []
+    for _ in range(5):
+        ex = g.run(max_insns=100_000)
+        seen.append(int(ex.reason))
+        ex.skip()
+    assert seen == [ExitReason.VMXON, ExitReason.VMPTRLD, ExitReason.VMREAD, ExitReason.INVEPT,
+                    ExitReason.VMLAUNCH] == [27, 21, 23, 50, 20]
+    g.close()
+
+
+def test_l0_handlers_may_pass_l1s_vmx_instructions_to_guest_visible_vmx_but_not_run_l2():
+    """An L0 handler's ex.emulate() executes the instruction for L1 with
+    vmm/nested.py (VMXON, VMPTRLD, VMREAD, INVEPT succeed); a VMLAUNCH ends
+    the run with an error: L2 under both policies is not supported."""
+    from vmlab.vmm.exit_reasons import ExitReason
+    from vmlab.vmm.vmx import RunStopped
+    g = _harness_l1(L1_UNDER_L0, nested=True)
+    flags = []
+
+    def emulate(ex):
+        ex.emulate()
+        flags.append((ex.reason, g.regs.rflags & (CF | ZF)))
+
+    for r in (ExitReason.VMXON, ExitReason.VMPTRLD, ExitReason.VMREAD, ExitReason.INVEPT, ExitReason.VMLAUNCH):
+        g.handler(r)(emulate)
+    res = g.run(max_insns=100_000)
+    assert flags[:4] == [(ExitReason.VMXON, 0), (ExitReason.VMPTRLD, 0), (ExitReason.VMREAD, 0),
+                         (ExitReason.INVEPT, 0)]                          # VMsucceed each
+    assert g.vm.nested.vmxon == REGION and g.vm.nested.current == REGION + 0x1000
+    assert isinstance(res, RunStopped) and res.result.reason == "error", res
+    assert "cannot run L2 under a Python VMX harness (the L0 handler emulated VMLAUNCH)" in res.result.message
+    g.close()
