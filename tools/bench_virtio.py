@@ -55,7 +55,10 @@ without the second I/O APIC its 8 virtio-mmio transports sit at 0xfeb00000 +
 (x-option-roms=on) carry the Multiboot loader that boots the guests' ELF."""
 
 
-def _qemu_args(kernel: str, cmd: str) -> list | None:
+def qemu_command(kernel: str, cmd: str) -> list | None:
+    """qemu-system-x86_64 running ``kernel`` (a C guest) with command line
+    ``cmd`` on microvm, serial on stdout; devices to be appended.  None when
+    QEMU is not installed."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None
@@ -68,7 +71,7 @@ def _qemu_args(kernel: str, cmd: str) -> list | None:
 
 def _qemu(kernel: str, image: str, cmd: str) -> float | None:
     """Wall seconds of one QEMU run of the blk guest (boot included), or None."""
-    args = _qemu_args(kernel, cmd)
+    args = qemu_command(kernel, cmd)
     if args is None:
         return None
     args += ["-drive", f"id=d0,file={image},format=raw,if=none", "-device", "virtio-blk-device,drive=d0"]
@@ -104,7 +107,7 @@ def _qemu_net(kernel: str, count: int, depth: int = 64) -> float | None:
     try:
         for mode, local, remote, k in ((f"mode=pong count={count} bench wait=poll", pa, pb, 1),
                                        (f"mode=ping count={count} size=1514 depth={depth} bench wait=poll", pb, pa, 2)):
-            args = _qemu_args(kernel, mode)
+            args = qemu_command(kernel, mode)
             if args is None:
                 return None
             args += ["-netdev", f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={local},"

@@ -1,6 +1,7 @@
 """guests/virtio_net.c on vmlab: two machines ping-pong Ethernet frames over
-virtio-net, in one process over a hub (vmm.together) and in two vmlab
-processes over UDP (QEMU's -netdev dgram wire format)."""
+virtio-net, in one process over a hub (vmm.together), in two vmlab
+processes over UDP (QEMU's -netdev dgram wire format), and with the same
+guest on QEMU's microvm at the other end of the UDP link."""
 import pathlib
 import socket
 import subprocess
@@ -116,3 +117,46 @@ def test_virtio_net_guests_udp_two_processes_pass():
     check(out_o)
     assert ping.returncode == 1 and pong.returncode == 1, err_i + err_o
     assert "ping: every frame came back" in out_i and "INFO: mac=52:54:00:00:00:02" in out_i
+
+
+@pytest.mark.parametrize("qemu_mode", ["pong", "ping"])
+def test_virtio_net_guest_on_qemu_talks_to_guest_on_vmlab_over_dgram(qemu_mode):
+    """The same guest image on QEMU's microvm (its virtio-net-device on
+    -netdev dgram) and on vmlab (VirtioNet over UdpSocket): one pings, the
+    other echoes, 16 frames of 1000 bytes, both pass."""
+    from vmlab.devices.backends.net import UdpSocket
+    from vmlab.tools.bench_virtio import qemu_command
+    from vmlab.vmm import virtio_slots
+
+    kernel = str(build(ROOT / "guests" / "virtio_net.c"))
+    modes = {"ping": "mode=ping count=16 size=1000 wait=poll", "pong": "mode=pong count=16 wait=poll"}
+    vmlab_mode = "ping" if qemu_mode == "pong" else "pong"
+    pq, pv = _free_port(), _free_port()
+    args = qemu_command(kernel, modes[qemu_mode])
+    if args is None:
+        pytest.skip("qemu-system-x86_64 is not installed (tools/install-system-deps.sh)")
+    args += ["-netdev", f"dgram,id=n0,local.type=inet,local.host=127.0.0.1,local.port={pq},"
+                        f"remote.type=inet,remote.host=127.0.0.1,remote.port={pv}",
+             "-device", "virtio-net-device,netdev=n0,mac=52:54:00:00:00:0a"]
+    qemu = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        vm, t = machine(kernel, modes[vmlab_mode], UdpSocket(("127.0.0.1", pv), ("127.0.0.1", pq)),
+                        bytes.fromhex("52540000000b"))
+        with vm:
+            res = vm.run(timeout=60)
+            out = vm.serial_output.decode(errors="replace")
+            stats = dict(t.device.stats)
+            virtio_slots.close(vm)
+        q_out, q_err = qemu.communicate(timeout=60)
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+    q_out = q_out.decode(errors="replace")
+    check(out)
+    check(q_out)
+    assert res.status == 1, res
+    assert qemu.returncode == 1, q_err       # isa-debug-exit: (0 << 1) | 1
+    assert stats["rx_frames"] >= 16 and stats["tx_frames"] >= 16
+    ping_out = out if vmlab_mode == "ping" else q_out
+    assert "PASS: ping: every frame came back" in ping_out
