@@ -70,13 +70,13 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
 }
 
 /* ---- private per-vCPU state ------------------------------------------------- */
-#define ICACHE_SIZE 8192   /* direct-mapped block -> instruction-count cache */
+#define ICACHE_SIZE 16384  /* direct-mapped block -> instruction-count cache */
 #define EXITSET_BITS 14
 #define RESCAN_MAX 16
 #define STLB_SIZE 8192   /* software TLB of completed walks (direct-mapped) */
 
 /* A completed translation: tag = linear page | user (bit 1) | AC (bit 2) | valid (bit 0). */
-struct stlb_entry { uint64_t tag; uint64_t paddr; uint32_t perms, pad; };
+struct stlb_entry { uint64_t tag; uint64_t paddr; uint32_t perms, gen; };
 
 struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t ppage; uint32_t tb; uint32_t hf; };
 
@@ -91,6 +91,12 @@ struct priv {
     struct { uint64_t vpage, ppage; } rescan[RESCAN_MAX];   /* code pages written */
     uint32_t nrescan, rescan_overflow;
     struct stlb_entry stlb[STLB_SIZE];
+    uint32_t stlb_gen;          /* entries of another generation are empty (a flush is one add) */
+    uint32_t *page_tbs;         /* per RAM page: 1 + index of the last registry block starting on it, 0 none */
+    uint32_t *tb_page_next;     /* per registry block: 1 + index of the previous one on its page */
+    uint32_t tb_page_next_cap;
+    uint32_t *tb_span;          /* registry blocks that cross a page boundary (checked on every write) */
+    uint32_t ntb_span, tb_span_cap;
     uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
     uint32_t tbhash_cap;
     /* ---- the block hook's own state (hook_block, vmlab_run) ---- */
@@ -482,6 +488,20 @@ int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
     return 1;
 }
 
+static int tb_invalidate(vmlab_vcpu *v, uint32_t i, uint64_t page)
+{
+    vmlab_tb *t = &v->tbs[i];
+    if (t->valid && t->paddr < page + 4096 && t->paddr + t->size > page) {
+        t->valid = 0;
+        t->sites_gen = 0;
+        t->invalidations++;
+        v->stat_tb_invalidations++;
+        push_u32(&v->tb_inval, &v->ntb_inval, &v->tb_inval_cap, i);
+        return 1;
+    }
+    return 0;
+}
+
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
 {
     const uint64_t pfn = paddr >> 12;
@@ -494,17 +514,16 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
      * same store); forget their cached instruction counts too. */
     struct priv *p = v->priv;
     const uint64_t page = pfn << 12;
-    for (uint32_t i = 0; i < v->ntbs; i++) {
-        vmlab_tb *t = &v->tbs[i];
-        if (t->valid && t->paddr < page + 4096 && t->paddr + t->size > page) {
-            t->valid = 0;
-            t->sites_gen = 0;
-            t->invalidations++;
-            v->stat_tb_invalidations++;
-            push_u32(&v->tb_inval, &v->ntb_inval, &v->tb_inval_cap, i);
-        }
-    }
-    for (uint32_t k = 0; k < ICACHE_SIZE; k++) {
+    /* The registry blocks that start on this page (a list through
+     * tb_page_next), and those that cross a page boundary. */
+    int dropped = 0;
+    for (uint32_t k = p->page_tbs[pfn], n = 0; k && n <= v->ntbs; k = p->tb_page_next[k - 1], n++)
+        dropped |= tb_invalidate(v, k - 1, page);
+    for (uint32_t k = 0; k < p->ntb_span; k++)
+        dropped |= tb_invalidate(v, p->tb_span[k], page);
+    /* icache entries exist only for valid registry blocks (block_icount), and
+     * go when their block does: none can be left if none was dropped now. */
+    for (uint32_t k = 0; dropped && k < ICACHE_SIZE; k++) {
         struct icache_entry *ce = &p->icache[k];
         /* The entry knows the physical page of its first byte only: a block
          * that crosses into another page is dropped too (conservative). */
@@ -585,7 +604,7 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
     const uint32_t need = (access & VMLAB_ACC_WRITE) ? VMLAB_PROT_W : (access & VMLAB_ACC_FETCH) ? VMLAB_PROT_X
                                                                                            : VMLAB_PROT_R;
     int r;
-    if (te->tag == tag && (te->perms & need)) {
+    if (te->tag == tag && te->gen == p->stlb_gen && (te->perms & need)) {
         v->stat_stlb_hits++;
         memset(&w, 0, sizeof w);
         w.paddr = te->paddr;
@@ -595,6 +614,7 @@ static bool hook_tlb_fill(uc_engine *uc, uint64_t vaddr, uc_mem_type type, uc_tl
         r = vmlab_walk_do(v, vaddr, access, flags, &w);
         if (r == VMLAB_OK) {
             te->tag = tag;
+            te->gen = p->stlb_gen;
             te->paddr = w.paddr & ~0xfffull;
             te->perms = w.perms;
         }
@@ -688,6 +708,20 @@ static void tbhash_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
     }
 }
 
+/* The registry entry of a block, or -1. */
+static int64_t tb_find(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr, uint32_t hf, uint32_t size)
+{
+    hf &= HF_DECODE_MASK;
+    uint32_t k = tb_hash(pc, paddr, hf, size) & (p->tbhash_cap - 1);
+    while (p->tbhash[k]) {
+        const vmlab_tb *t = &v->tbs[p->tbhash[k] - 1];
+        if (t->pc == pc && t->paddr == paddr && t->hflags == hf && t->size == size)
+            return p->tbhash[k] - 1;
+        k = (k + 1) & (p->tbhash_cap - 1);
+    }
+    return -1;
+}
+
 /* Find or add the registry entry of a block seen for the first time (or again
  * after an invalidation); logs discoveries for -d in_asm. */
 static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr,
@@ -716,6 +750,19 @@ static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t
     uint32_t idx = v->ntbs++;
     vmlab_tb *t = &v->tbs[idx];
     memset(t, 0, sizeof *t);
+    if (v->ntbs > p->tb_page_next_cap) {
+        p->tb_page_next_cap = v->tbs_cap;
+        p->tb_page_next = realloc(p->tb_page_next, sizeof(uint32_t) * p->tb_page_next_cap);
+    }
+    p->tb_page_next[idx] = 0;
+    if (paddr < v->ram_size) {
+        if (((paddr & 0xfff) + size) > 4096)
+            push_u32(&p->tb_span, &p->ntb_span, &p->tb_span_cap, idx);
+        else {
+            p->tb_page_next[idx] = p->page_tbs[paddr >> 12];
+            p->page_tbs[paddr >> 12] = idx + 1;
+        }
+    }
     t->pc = pc; t->paddr = paddr; t->hflags = hf; t->size = size; t->ninsn = ninsn;
     t->valid = 1; t->translations = 1;
     v->stat_tb_translations++;
@@ -791,6 +838,33 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     v->stat_icount_misses++;
     uint32_t hf = read_hflags(v, p);
     int mode = (hf & HF_CS64_MASK) ? 2 : (hf & HF_CS32_MASK) ? 1 : 0;
+    /* The block's bytes are read as the CPU fetched them: at its CPL (an
+     * implicit supervisor read of user code would fault under SMAP), no A/D. */
+    const uint32_t facc = VMLAB_ACC_FETCH | ((hf & HF_CPL_MASK) == 3 ? VMLAB_ACC_USER : 0);
+    {
+        /* Seen before (the icache is direct-mapped and small): the registry
+         * has its count, and its sites are armed if its sites_gen is current;
+         * no need to decode it again. */
+        vmlab_walk w0;
+        if (vmlab_walk_do(v, pc, facc, 0, &w0) == VMLAB_OK) {
+            const int64_t idx = tb_find(v, p, pc, w0.paddr, hf, size);
+            if (idx >= 0 && v->tbs[idx].valid && v->tbs[idx].sites_gen == v->sites_gen) {
+                vmlab_tb *t = &v->tbs[idx];
+                ce->pc = pc;
+                ce->size_mode = (size << 2) | (uint32_t)mode;
+                ce->ninsn = t->ninsn;
+                ce->ppage = w0.paddr & ~0xfffull;
+                ce->hf = hfm;
+                ce->tb = (uint32_t)idx;
+                if (v->count_exec | v->log_exec) {
+                    t->exec_count++;
+                    if (v->log_exec)
+                        push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
+                }
+                return t->ninsn;
+            }
+        }
+    }
     uint32_t n = 0;
     uint8_t buf[4096 + 32];
     uint32_t got = 0;
@@ -801,7 +875,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     const uint32_t want = size + 15 < sizeof buf ? size + 15 : (uint32_t)sizeof buf;
     while (got < want) {
         vmlab_walk w;
-        if (vmlab_walk_do(v, pc + got, 0, VMLAB_WALK_IMPLICIT_SUP, &w) != VMLAB_OK)
+        if (vmlab_walk_do(v, pc + got, facc, 0, &w) != VMLAB_OK)
             break;
         if (got == 0)
             paddr = w.paddr;
@@ -1166,8 +1240,10 @@ int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
     v->icount_deadline = ~0ull;
     v->page_flags = calloc(ram_size >> 12, 1);
     v->page_gen = calloc(ram_size >> 12, sizeof(uint32_t));
-    if (!v->page_flags || !v->page_gen)
+    p->page_tbs = calloc(ram_size >> 12, sizeof(uint32_t));
+    if (!v->page_flags || !v->page_gen || !p->page_tbs)
         return -1;
+    p->stlb_gen = 1;
     if (api.ctx_alloc(uc, &p->ctx) != UC_ERR_OK)
         return -2;
     /* capstone: CS_ARCH_X86 = 3, CS_MODE_16 = 1<<1, CS_MODE_32 = 1<<2, CS_MODE_64 = 1<<3 */
@@ -1196,6 +1272,9 @@ void vmlab_vcpu_fini(vmlab_vcpu *v)
     free(p->exitset);
     free(p->site_hooks);
     free(p->tbhash);
+    free(p->page_tbs);
+    free(p->tb_page_next);
+    free(p->tb_span);
     free(v->tbs); free(v->tb_new); free(v->tb_inval); free(v->exec_log);
     v->tbs = NULL; v->tb_new = v->tb_inval = v->exec_log = NULL;
     free(v->exits);
@@ -1408,6 +1487,8 @@ void vmlab_tb_reset(vmlab_vcpu *v)
     v->ntbs = v->ntb_new = v->ntb_inval = v->nexec_log = 0;
     v->stat_tb_translations = v->stat_tb_invalidations = 0;
     tbhash_rebuild(v, p, p->tbhash_cap);
+    memset(p->page_tbs, 0, sizeof(uint32_t) * (v->ram_size >> 12));
+    p->ntb_span = 0;
     for (uint32_t k = 0; k < ICACHE_SIZE; k++)
         p->icache[k].pc = ~0ull;
 }
@@ -1661,7 +1742,10 @@ void vmlab_request_slow_path(vmlab_vcpu *v)
 void vmlab_stlb_flush(vmlab_vcpu *v)
 {
     struct priv *p = v->priv;
-    memset(p->stlb, 0, sizeof p->stlb);
+    if (++p->stlb_gen == 0) {            /* wrapped: the old entries must not match again */
+        memset(p->stlb, 0, sizeof p->stlb);
+        p->stlb_gen = 1;
+    }
     v->stat_stlb_flushes++;
 }
 
