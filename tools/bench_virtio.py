@@ -100,8 +100,8 @@ def _free_udp_ports(n: int) -> list:
 def _qemu_net(kernel: str, count: int, depth: int = 64) -> float | None:
     """Wall seconds for ``count`` frames echoed between two QEMU microvm
     processes joined by ``-netdev dgram`` (QEMU has no hub across processes),
-    or None.  The guests poll (wait=poll): on microvm the 8259's interrupts do
-    not reach a Multiboot guest whose LAPIC LINT0 is left as reset leaves it."""
+    or None.  The guests poll (wait=poll): with wait=hlt the guest on microvm
+    never takes its device's 8259 interrupt (see README.md, virtio)."""
     pa, pb = _free_udp_ports(2)
     procs = []
     try:
