@@ -39,9 +39,10 @@ static int use_hlt = 1;
 static int vmlab;             /* the device is vmlab's (VendorID) */
 static u8 mac[6];
 static volatile u32 irqs;
+static u32 dev_irq;           /* the device's 8259 input */
 
 /* -- interrupts: an IDT whose 8259 vectors (0x20-0x2f) all acknowledge the
- * device and send EOI to both 8259s. */
+ * device and send EOI to the 8259 (both for an input of the slave). */
 struct idt_entry { u16 off_lo, sel; u8 zero, type; u16 off_hi; } __attribute__((packed));
 struct idt_ptr { u16 limit; u32 base; } __attribute__((packed));
 static struct idt_entry idt[256] __attribute__((aligned(8)));
@@ -50,10 +51,11 @@ __asm__(".globl irq_stub\nirq_stub:\n  pusha\n  cld\n  call irq_common\n  popa\n
 __attribute__((used)) void irq_common(void) {
     irqs++;
     if (base) mmio_write(base + VM_INTERRUPT_ACK, mmio_read(base + VM_INTERRUPT_STATUS));
-    outb(0xa0, 0x20);
+    if (dev_irq >= 8) outb(0xa0, 0x20);   /* the slave 8259 only for its own inputs */
     outb(0x20, 0x20);
 }
 static void irq_init(u32 irq) {
+    dev_irq = irq;
     u16 cs;
     __asm__ volatile("mov %%cs, %0" : "=r"(cs));
     for (int v = 0x20; v < 0x30; v++) {
