@@ -222,6 +222,8 @@ class Vcpu:
         #: the VM-exit fast path's policy (a cffi ``vmlab_fastpath``) while a VMM
         #: runs the guest under one (emu/fastpath.py), else None
         self.fastpath = None
+        #: guest-visible VMX: L1's VMREAD/VMWRITE served in C (vmm/nested_shadow.py), or None
+        self.vmx_shadow = None
         self._err = ffi.new("int *")
         self._counting = False         # the last run was a one-instruction step
         self._scratch_mapped = False
@@ -724,8 +726,13 @@ class Vcpu:
             # The common path in one native call: run, read the registers, and
             # let the fast path decide a trap site.
             f = self.fastpath
-            kind = lib.vmlab_run_exit(v, self._uch, deadline, flags, r, f if f is not None else ffi.NULL,
-                                      self._err)
+            sh = self.vmx_shadow
+            if sh is None:
+                kind = lib.vmlab_run_exit(v, self._uch, deadline, flags, r, f if f is not None else ffi.NULL,
+                                          self._err)
+            else:
+                kind = lib.vmlab_run_exit_vmx(v, self._uch, deadline, flags, r,
+                                              f if f is not None else ffi.NULL, sh, self._err)
             if kind == _STOP_FAST_EXIT:
                 return PolicyExit(r.rip, f.exit_len, f.exit_reason, f.exit_qual,
                                   (v.fault_vaddr, v.fault_paddr, v.fault_error_code))

@@ -447,3 +447,22 @@ int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_f
 int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
                     const uint32_t *lens, uint32_t nframes, const uint8_t *hdr, vmlab_vq_result *res);
 #endif
+
+/* ---- guest-visible VMX: L1's VMREAD/VMWRITE in C (native/nested.c; twin vmm/nested_shadow.py) ---- */
+enum { VMLAB_VMX_SHADOW_MAX = 64 };
+typedef struct vmlab_vmx_shadow {
+    uint32_t active;           /* 1: serve VMREAD/VMWRITE from the table (L1 in VMX root operation) */
+    uint32_t n;                /* entries in use */
+    uint64_t dirty;            /* bit k: value[k] written by a VMWRITE served here, not yet in the VMCS */
+    uint64_t hits;             /* instructions served (statistics) */
+    uint32_t enc[64];          /* field encodings (full access) */
+    uint8_t writable[64];      /* VMWRITE may write it (else Python decides: VMfailValid 13) */
+    uint64_t mask[64];         /* the field's width */
+    uint64_t value[64];
+} vmlab_vmx_shadow;
+/* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it. */
+int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64_t *rflags,
+                          vmlab_vmx_shadow *s);
+/* vmlab_run_exit, serving the VMREADs and VMWRITEs the table can (s->active). */
+int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
+                       vmlab_fastpath *f, vmlab_vmx_shadow *s, int *err);

@@ -50,6 +50,7 @@ from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
 from .vmx import TrackedVmcs, VmEntryFailed, VmxGuest, load_paging_state
+from .nested_shadow import VmcsCache
 from .vmx_intercept import REFLECT
 
 #: layout of a VMCS region in guest memory (see the module docstring)
@@ -118,6 +119,8 @@ class NestedVmx:
         self._l1_traps = None                  # L1's own trap kinds (as at its first VM entry, no IRET)
         self._guest = None                     # the VmxGuest over the current VMCS (reused)
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
+        #: the fields native/nested.c serves while L1 runs (vmm/nested_shadow.py)
+        self._cache = VmcsCache(self.caps)
         #: VMREAD/VMWRITE sites decoded for the register-form path: id(insn) -> (insn, form)
         self._sites: dict[int, tuple] = {}
         #: encodings VMWRITE may write (full access) -> the field's width mask
@@ -204,7 +207,32 @@ class NestedVmx:
 
     # ------------------------------------------------------------------ the instructions
     def instruction(self, ex: TrapExit) -> Outcome:
-        """Execute one VMX instruction of L1 (SDM Vol. 3C ch. 31 "Operation")."""
+        """Execute one VMX instruction of L1 (SDM Vol. 3C ch. 31 "Operation").
+        The VMREADs and VMWRITEs native/nested.c served since the last one are
+        put into the VMCS first; after it, L1 in VMX root operation with a
+        current VMCS gets the native table again."""
+        vcpu = self.vm.vcpu
+        if vcpu.vmx_shadow is not None:
+            self._cache.sync()
+            vcpu.vmx_shadow = None
+        out = self._instruction(ex)
+        if self.vmcs is not None and self.l2 is None:
+            self._cache_on()
+        return out
+
+    def _cache_on(self) -> None:
+        """Let native/nested.c serve L1's VMREAD/VMWRITE of the current VMCS
+        (vmm/nested_shadow.py) -- not while a debugger or a Python harness
+        watches the machine (they see every instruction)."""
+        vm = self.vm
+        v = self.vmcs
+        if (v is None or v.lazy is not None or vm.intercept is not None or getattr(vm, "vmx_l0", None) is not None
+                or getattr(vm, "exit_break", None) is not None):
+            return
+        self._cache.fill(v)
+        vm.vcpu.vmx_shadow = self._cache.native
+
+    def _instruction(self, ex: TrapExit) -> Outcome:
         cpu = self.vm.vcpu
         r = cpu.regs
         insn = ex.insn
@@ -487,6 +515,7 @@ class NestedVmx:
         # The trap sites stay (both levels share one set; _arm_l1 says when not).
         ex.guest._saved = None
         ex.action = REFLECT
+        self._cache_on()
 
     def _load_host_state(self, v) -> None:
         """SDM Vol. 3C 28.5.1-28.5.2: control registers, EFER, segment registers

@@ -1,0 +1,105 @@
+"""L1's VMREAD/VMWRITE of its current VMCS served in C (native/nested.c), and
+the pure-Python twin of that routine.
+
+While the guest hypervisor (L1) runs in VMX root operation with a current
+VMCS, :class:`VmcsCache` copies the fields an exit handler typically reads or
+writes (``HOT_FIELDS``) into a native table; ``vmlab_run_exit_vmx`` then serves
+a VMREAD or VMWRITE between registers, in 64-bit mode at CPL 0, of one of those
+fields without returning to Python: SDM Vol. 3C 31.3 "VMREAD"/"VMWRITE"
+Operation once every #UD, #GP and VMfail condition is known not to hold (the
+register gets the field, or the field the register truncated to the field's
+width; "VMsucceed" clears CF, PF, AF, ZF, SF and OF, 31.2).  Every other
+instruction reaches vmm/nested.py, which first calls :meth:`VmcsCache.sync`:
+the values VMWRITE stored in the table go into the VMCS as ``Vmcs.write``
+would (tracked, so VM entry checks them).
+
+:func:`shadow_insn` is the C routine ``vmlab_vmx_shadow_insn`` in Python;
+tests compare the two on random instructions, registers and tables.
+"""
+from __future__ import annotations
+
+from vmlab.emu.native import ffi, lib
+
+from . import vmcs as F
+
+#: the fields served from the table: the exit information, the guest state a
+#: handler advances or inspects, event injection, a few controls
+HOT_FIELDS = tuple(int(f) for f in (
+    F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN, F.VM_EXIT_INSTRUCTION_INFO,
+    F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO, F.IDT_VECTORING_ERROR_CODE,
+    F.GUEST_PHYSICAL_ADDRESS, F.GUEST_LINEAR_ADDRESS, F.VM_INSTRUCTION_ERROR,
+    F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_INTERRUPTIBILITY_STATE, F.GUEST_ACTIVITY_STATE,
+    F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
+    F.VM_ENTRY_INTR_INFO, F.VM_ENTRY_EXCEPTION_ERROR_CODE, F.VM_ENTRY_INSTRUCTION_LEN,
+    F.CPU_BASED_VM_EXEC_CONTROL, F.EXCEPTION_BITMAP, F.CR0_READ_SHADOW, F.CR4_READ_SHADOW))
+MAX = lib.VMLAB_VMX_SHADOW_MAX
+_VMSUCCEED_CLEAR = 0x8D5            # CF PF AF ZF SF OF (SDM Vol. 3C 31.2)
+
+
+def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[int, int]:
+    """The twin of vmlab_vmx_shadow_insn: ``table`` holds lists ``enc``,
+    ``writable``, ``mask``, ``value`` and ints ``dirty``, ``hits`` (changed in
+    place, as ``gpr``).  Returns (length or 0, rflags)."""
+    i, rex = 0, 0
+    if len(code) >= 1 and (code[0] & 0xF0) == 0x40:
+        rex, i = code[0], 1
+    if len(code) < i + 3 or code[i] != 0x0F or code[i + 1] not in (0x78, 0x79) or code[i + 2] >> 6 != 3:
+        return 0, rflags
+    is_write = code[i + 1] == 0x79
+    m = code[i + 2]
+    reg = (rex >> 2 & 1) << 3 | (m >> 3 & 7)
+    rm = (rex & 1) << 3 | (m & 7)
+    enc = gpr[reg] & 0xFFFFFFFF
+    encs = table["enc"][:min(table["n"], MAX)]
+    if enc not in encs:
+        return 0, rflags
+    k = encs.index(enc)
+    if is_write:
+        if not table["writable"][k]:
+            return 0, rflags
+        table["value"][k] = gpr[rm] & table["mask"][k]
+        table["dirty"] |= 1 << k
+    else:
+        gpr[rm] = table["value"][k]
+    table["hits"] += 1
+    return i + 3, rflags & ~_VMSUCCEED_CLEAR
+
+
+class VmcsCache:
+    """The native table for one NestedVmx (see the module docstring)."""
+
+    def __init__(self, caps):
+        s = self.native = ffi.new("vmlab_vmx_shadow *")
+        by_enc = F.FIELDS_BY_ENCODING
+        for k, enc in enumerate(HOT_FIELDS):
+            f = by_enc[enc]
+            s.enc[k], s.mask[k] = enc, f.mask
+            s.writable[k] = 1 if (not f.read_only or caps.vmwrite_any_field) else 0
+        s.n = len(HOT_FIELDS)
+        self.vmcs = None
+
+    def fill(self, vmcs) -> None:
+        """Serve ``vmcs`` (materialized: no deferred guest-state store)."""
+        s = self.native
+        get = vmcs._values.get
+        value = s.value
+        for k, enc in enumerate(HOT_FIELDS):
+            value[k] = get(enc, 0)
+        s.dirty = 0
+        s.active = 1
+        self.vmcs = vmcs
+
+    def sync(self) -> None:
+        """Stop serving; the VMWRITEs served go into the VMCS (tracked)."""
+        s = self.native
+        s.active = 0
+        d = s.dirty
+        if d and self.vmcs is not None:
+            v = self.vmcs
+            vals, dirty = v._values, v.dirty
+            for k, enc in enumerate(HOT_FIELDS):
+                if d >> k & 1:
+                    vals[enc] = s.value[k]
+                    dirty.add(enc)
+        s.dirty = 0
+        self.vmcs = None
