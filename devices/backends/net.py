@@ -65,7 +65,7 @@ class NetBackend:
         """Hand frames that arrived from outside to the front-end."""
         st = self.stats
         st["rx_frames"] += len(frames)
-        st["rx_bytes"] += sum(len(f) for f in frames)
+        st["rx_bytes"] += sum(map(len, frames))
         self._deliver(frames)
 
     def poll(self) -> None:
@@ -104,7 +104,7 @@ class HubPort(NetBackend):
     def send(self, frames: list) -> None:
         st = self.stats
         st["tx_frames"] += len(frames)
-        st["tx_bytes"] += sum(len(f) for f in frames)
+        st["tx_bytes"] += sum(map(len, frames))
         self.hub._forward(self, frames)
 
     def close(self) -> None:

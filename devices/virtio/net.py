@@ -223,7 +223,7 @@ class VirtioNet(VirtioDevice):
             if frames:
                 if self.link_up:
                     st["tx_frames"] += len(frames)
-                    st["tx_bytes"] += sum(len(f) for f in frames)
+                    st["tx_bytes"] += sum(map(len, frames))
                     self.backend.send(frames)
                 else:
                     st["tx_dropped"] += len(frames)
