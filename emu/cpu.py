@@ -522,7 +522,11 @@ class Vcpu:
         self.uc.reg_write(reg, value)
         if n in (0, 3, 4):
             self._flush_translations()
-        self._sync_paging()
+        if n == 3:
+            # The common case (every context switch): only CR3 changed.
+            self._v.cr3 = self.regs.cr3 = self.uc.reg_read(X.UC_X86_REG_CR3)
+        else:
+            self._sync_paging()
         if n == 0:
             # PE/PG/LMA changes alter hflags: read them back.
             self.refresh()
