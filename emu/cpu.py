@@ -23,7 +23,7 @@ from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
                     RetryExit, TaskSwitchExit, TrapExit)
-from .memory import GuestMemory
+from .memory import HIGH_RAM_BASE, GuestMemory
 from .native import ensure_api, ffi, lib
 from .qemu_state import find_env_address, verified_layout
 
@@ -197,9 +197,12 @@ class Vcpu:
         # This engine's live CPU state, by following its own pointers.
         self.env_address = find_env_address(uc)
         uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.address)
+        if memory.high_size:        # RAM above the 32-bit hole (emu/memory.py)
+            uc.mem_map_ptr(HIGH_RAM_BASE, memory.high_size, UC_PROT_ALL, memory.address + HIGH_RAM_BASE)
         uc.ctl_set_tlb_mode(ucc.UC_TLB_VIRTUAL)
         self._v = v = ffi.new("vmlab_vcpu *")
-        if lib.vmlab_vcpu_init(v, self._uch, ffi.cast("uint8_t *", memory.address), memory.size):
+        if lib.vmlab_vcpu_init(v, self._uch, ffi.cast("uint8_t *", memory.address), memory.size,
+                               memory.high_size):
             raise NativeError("native vCPU initialisation failed")
         lay = self.layout
         v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr

@@ -185,6 +185,19 @@ class BufferMem:
     def write(self, gpa: int, data: bytes) -> None:
         self.buf[gpa:gpa + len(data)] = data
 
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return 0 <= gpa < self.size and 0 <= length <= self.size - gpa
+
+
+def _is_ram(mem, gpa: int, length: int) -> bool:
+    """Whether [gpa, gpa+length) is RAM: GuestMemory knows its two ranges
+    (below and above the 32-bit hole; native/mmu.c vmlab_is_ram), a plain
+    PhysMem is ``[0, size)``."""
+    contains = getattr(mem, "contains", None)
+    if contains is not None:
+        return contains(gpa, length)
+    return 0 <= gpa < mem.size and 0 <= length <= mem.size - gpa
+
 
 def as_phys(mem) -> PhysMem:
     """Return mem itself if it speaks :class:`PhysMem`, else wrap it as a buffer."""
@@ -201,7 +214,7 @@ def as_phys(mem) -> PhysMem:
 
 def _read_entry(mem: PhysMem, gpa: int, size: int) -> int:
     # vmlab platform choice (see module docstring): outside RAM reads as 0.
-    if gpa < 0 or gpa + size > mem.size:
+    if not _is_ram(mem, gpa, size):
         return 0
     return int.from_bytes(mem.read(gpa, size), "little")
 
@@ -209,7 +222,7 @@ def _read_entry(mem: PhysMem, gpa: int, size: int) -> int:
 def _set_entry_bits(mem: PhysMem, gpa: int, size: int, bits: int) -> None:
     """OR bits into the entry as it is in memory now (an earlier A update of an
     aliased entry must not be lost)."""
-    if gpa < 0 or gpa + size > mem.size:
+    if not _is_ram(mem, gpa, size):
         return
     val = int.from_bytes(mem.read(gpa, size), "little") | bits
     mem.write(gpa, val.to_bytes(size, "little"))
@@ -757,7 +770,7 @@ def _frame(mode: str, e: int, page_size: int, m: int) -> int:
 
 
 def _check_bus(mem: PhysMem, res: WalkResult) -> WalkResult:
-    if (res.paddr & ~0xFFF) >= mem.size:
+    if not _is_ram(mem, res.paddr & ~0xFFF, 4096):
         res.fault = FAULT_BUS
     return res
 

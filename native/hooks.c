@@ -505,7 +505,7 @@ static int tb_invalidate(vmlab_vcpu *v, uint32_t i, uint64_t page)
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
 {
     const uint64_t pfn = paddr >> 12;
-    if (paddr >= v->ram_size)
+    if (!vmlab_is_ram(v, paddr, 1))
         return;
     v->page_flags[pfn] &= ~VMLAB_PAGE_CODE;
     v->page_gen[pfn]++;
@@ -755,7 +755,7 @@ static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t
         p->tb_page_next = realloc(p->tb_page_next, sizeof(uint32_t) * p->tb_page_next_cap);
     }
     p->tb_page_next[idx] = 0;
-    if (paddr < v->ram_size) {
+    if (vmlab_is_ram(v, paddr, 1)) {
         if (((paddr & 0xfff) + size) > 4096)
             push_u32(&p->tb_span, &p->ntb_span, &p->tb_span_cap, idx);
         else {
@@ -1228,8 +1228,11 @@ void vmlab_set_cs_close(void *cs_close)
 }
 
 /* ---- life cycle --------------------------------------------------------------- */
-int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
+int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size, uint64_t ram_high)
 {
+    /* Per-page arrays cover every RAM page frame number, the hole's included
+     * when there is RAM above 4 GiB (calloc'd: untouched pages cost nothing). */
+    const uint64_t span = ram_high ? 0x100000000ull + ram_high : ram_size;
     struct priv *p = calloc(1, sizeof *p);
     if (!p)
         return -1;
@@ -1237,10 +1240,11 @@ int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size)
     p->uc = uc;
     v->ram = ram;
     v->ram_size = ram_size;
+    v->ram_high = ram_high;
     v->icount_deadline = ~0ull;
-    v->page_flags = calloc(ram_size >> 12, 1);
-    v->page_gen = calloc(ram_size >> 12, sizeof(uint32_t));
-    p->page_tbs = calloc(ram_size >> 12, sizeof(uint32_t));
+    v->page_flags = calloc(span >> 12, 1);
+    v->page_gen = calloc(span >> 12, sizeof(uint32_t));
+    p->page_tbs = calloc(span >> 12, sizeof(uint32_t));
     if (!v->page_flags || !v->page_gen || !p->page_tbs)
         return -1;
     p->stlb_gen = 1;
@@ -1487,7 +1491,7 @@ void vmlab_tb_reset(vmlab_vcpu *v)
     v->ntbs = v->ntb_new = v->ntb_inval = v->nexec_log = 0;
     v->stat_tb_translations = v->stat_tb_invalidations = 0;
     tbhash_rebuild(v, p, p->tbhash_cap);
-    memset(p->page_tbs, 0, sizeof(uint32_t) * (v->ram_size >> 12));
+    memset(p->page_tbs, 0, sizeof(uint32_t) * ((v->ram_high ? 0x100000000ull + v->ram_high : v->ram_size) >> 12));
     p->ntb_span = 0;
     for (uint32_t k = 0; k < ICACHE_SIZE; k++)
         p->icache[k].pc = ~0ull;

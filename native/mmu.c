@@ -59,10 +59,23 @@
 
 /* A paging-structure entry outside RAM reads as 0 (not present): the walk
  * faults instead of touching host memory. */
+/* Guest RAM is two ranges: [0, ram_size) and [4 GiB, 4 GiB + ram_high); the
+ * host mapping behind the hole between them is PROT_NONE (emu/memory.py), so
+ * every guest-physical access must pass this check first. */
+int vmlab_is_ram(const vmlab_vcpu *v, uint64_t pa, uint64_t len)
+{
+    const uint64_t high_base = 0x100000000ull;
+    if (pa < v->ram_size)
+        return len <= v->ram_size - pa;
+    if (pa >= high_base && pa - high_base < v->ram_high)
+        return len <= v->ram_high - (pa - high_base);
+    return 0;
+}
+
 static uint64_t phys_read(const vmlab_vcpu *v, uint64_t pa, unsigned size)
 {
     uint64_t val = 0;
-    if (pa > v->ram_size || v->ram_size - pa < size)
+    if (!vmlab_is_ram(v, pa, size))
         return 0;
     memcpy(&val, v->ram + pa, size);
     return val;
@@ -71,7 +84,7 @@ static uint64_t phys_read(const vmlab_vcpu *v, uint64_t pa, unsigned size)
 static void phys_set_bits(vmlab_vcpu *v, uint64_t pa, unsigned size, uint64_t bits)
 {
     uint64_t val;
-    if (pa > v->ram_size || v->ram_size - pa < size)
+    if (!vmlab_is_ram(v, pa, size < 8 ? 4 : 8))
         return;
     memcpy(&val, v->ram + pa, size < 8 ? 4 : 8);
     val |= bits;
@@ -463,7 +476,7 @@ final:;
         perms &= ~VMLAB_PROT_W;
     w->perms = perms;
 
-    if ((w->paddr & ~0xfffull) >= v->ram_size) {
+    if (!vmlab_is_ram(v, w->paddr & ~0xfffull, 4096)) {
         w->fault = VMLAB_FAULT_BUS;
         return VMLAB_FAULT_BUS;
     }
@@ -494,7 +507,7 @@ int vmlab_ept_translate(vmlab_vcpu *v, uint64_t gpa, uint32_t access, vmlab_walk
         w->dirty = x.dirty;
         w->perms = x.dirty ? x.perms : (x.perms & ~(uint32_t)VMLAB_PROT_W);
     }
-    if ((w->paddr & ~0xfffull) >= v->ram_size) {
+    if (!vmlab_is_ram(v, w->paddr & ~0xfffull, 4096)) {
         w->fault = VMLAB_FAULT_BUS;
         return VMLAB_FAULT_BUS;
     }

@@ -220,8 +220,10 @@ typedef struct vmlab_vcpu {
     uint32_t fault_error_code; /* #PF error code */
 
     /* ---- paging context (kept current by Python on every change) ---- */
-    uint8_t *ram;
-    uint64_t ram_size;
+    uint8_t *ram;              /* host address of guest-physical 0; RAM is [0, ram_size) and
+                                  [VMLAB_HIGH_RAM_BASE, + ram_high), the hole between is no RAM */
+    uint64_t ram_size;         /* RAM below 4 GiB, from 0 */
+    uint64_t ram_high;         /* RAM from 4 GiB (emu/memory.py split_ram) */
     uint64_t cr0, cr3, cr4, efer;
     uint32_t maxphyaddr;       /* physical-address width advertised by CPUID */
     uint32_t pdpe1gb;          /* 1 GiB pages allowed (CPUID.80000001H:EDX[26]) */
@@ -304,7 +306,9 @@ int vmlab_set_api(void *hook_add, void *hook_del, void *reg_read, void *reg_writ
                   void *reg_write_batch, void *emu_stop, void *ctl, void *context_alloc,
                   void *context_save, void *context_restore, void *context_free,
                   void *cs_open, void *cs_disasm, void *cs_free);
-int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size);
+int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size, uint64_t ram_high);
+/* 1 if [pa, pa + len) lies inside one RAM range (Python twin: emu/memory.py GuestMemory.contains). */
+int vmlab_is_ram(const vmlab_vcpu *v, uint64_t pa, uint64_t len);
 void vmlab_vcpu_fini(vmlab_vcpu *v);
 int vmlab_attach(vmlab_vcpu *v, void *uc);
 /* Clock modes and the run entry point (hooks.c, "clock modes"): host != 0 selects

@@ -8,6 +8,7 @@ names its output format::
     ; vmlab-org: 0x100000               (load/link address; default per format)
     ; vmlab-entry: _start               (ELF entry label; default _start, else org)
     ; vmlab-cmdline: words...           (kernel command line to boot it with)
+    ; vmlab-memory: SIZE                (guest RAM, as -m reads it; default 64M)
     ; vmlab-module: data/file args...   (a multiboot module, repeatable)
     ; vmlab-qemu-append: words...       (extra command line for QEMU runs only)
     ; vmlab-qemu-known-fail: text       (a FAIL line QEMU is known to cause by
@@ -154,6 +155,7 @@ class GuestHeader:
     modules: tuple[str, ...]
     qemu_append: str | None = None
     qemu_known_fails: tuple[str, ...] = ()
+    memory: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +185,7 @@ class Preprocessed:
 # --------------------------------------------------------------------------
 
 _HEADER_RE = re.compile(r"^\s*;\s*vmlab-([a-z0-9-]+)\s*:\s*(.*?)\s*$")
-_HEADER_KEYS = {"format", "org", "entry", "cmdline", "module", "qemu-append", "qemu-known-fail"}
+_HEADER_KEYS = {"format", "org", "entry", "cmdline", "module", "qemu-append", "qemu-known-fail", "memory"}
 _REPEATABLE = {"module", "qemu-known-fail"}
 
 
@@ -222,6 +224,7 @@ def parse_header(text: str, file: str = "<inline>") -> GuestHeader:
         modules=tuple(lists["module"]),
         qemu_append=fields.get("qemu-append"),
         qemu_known_fails=tuple(lists["qemu-known-fail"]),
+        memory=fields.get("memory"),
     )
 
 

@@ -52,6 +52,8 @@ class BootConfig:
 
     cmdline: str
     modules: tuple[tuple[Path, str], ...]
+    #: guest RAM in bytes (header ``vmlab-memory``, as -m reads it; default 64 MiB)
+    memory: int = 64 << 20
 
 
 def boot_config(source: Path) -> BootConfig:
@@ -65,13 +67,22 @@ def boot_config(source: Path) -> BootConfig:
         if not full.is_file():
             raise asm.AsmError(f"module file {full} not found", str(source))
         modules.append((full, f"{full} {args}".strip()))
-    return BootConfig(header.cmdline or "", tuple(modules))
+    memory = 64 << 20
+    if header.memory:
+        from vmlab.tools.qemu_opts import OptionError, parse_size
+        try:
+            memory = parse_size(header.memory, 1 << 40)
+        except OptionError as exc:
+            raise asm.AsmError(f"bad vmlab-memory {header.memory!r}: {exc}", str(source)) from None
+    return BootConfig(header.cmdline or "", tuple(modules), memory)
 
 
 def qemu_command(source: Path, image: Path) -> list[str]:
     """The QEMU command line that boots ``image`` built from ``source``."""
     header = asm.read_header(source)
     cmd = [QEMU, *QEMU_BASE_ARGS]
+    if header.memory:
+        cmd[cmd.index("-m") + 1] = f"{boot_config(source).memory >> 20}M"
     if header.format == "bootsector":
         cmd += ["-drive", f"format=raw,file={image}"]
     elif header.format in ("multiboot-aout", "multiboot-elf"):

@@ -13,6 +13,7 @@ import bisect
 from dataclasses import dataclass
 
 from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFormatError
+from vmlab.emu.memory import split_ram
 
 __all__ = ["GuestLayout", "align_up", "fmt_range", "fmt_size", "KiB", "MiB", "GiB"]
 
@@ -54,7 +55,10 @@ class GuestLayout:
     """
 
     def __init__(self, ram_size: int):
-        self.ram_size = ram_size
+        # Boot data goes in the contiguous RAM from 0 (below the 32-bit hole;
+        # emu/memory.py split_ram); ``total`` is all of it.
+        self.total = ram_size
+        self.ram_size = split_ram(ram_size)[0]
         self.writes: list[tuple[int, bytes]] = []
         self.zero: list[tuple[int, int]] = []
         # Placed regions sorted by start; kept sorted so overlap checks and the

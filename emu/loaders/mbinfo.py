@@ -18,7 +18,8 @@ The memory map describes a QEMU "pc" machine with SeaBIOS::
     [0, 0x9fc00)          available  (639 KiB conventional memory)
     [0x9fc00, 0xa0000)    reserved   (EBDA)
     [0xf0000, 0x100000)   reserved   (BIOS ROM)
-    [0x100000, ram_size)  available
+    [0x100000, low)       available
+    [4 GiB, 4 GiB + high) available  (RAM above 3 GiB: emu/memory.py split_ram)
 
 mem_lower is 639, matching both the map and what QEMU's multiboot option ROM
 stores (INT 12h under SeaBIOS).  mem_upper is the KiB of the available region
@@ -27,6 +28,8 @@ QEMU's option ROM also ignores memory above 4 GiB when computing it.
 """
 
 import struct
+
+from vmlab.emu.memory import HIGH_RAM_BASE, split_ram
 
 from vmlab.emu.loaders.errors import LoaderConfigError
 from vmlab.emu.loaders.layout import GiB, KiB, MiB, GuestLayout, align_up, fmt_size
@@ -78,16 +81,20 @@ BIOS_ROM = (0xF0000, 0x100000)
 
 def memory_map(ram_size: int) -> list[tuple[int, int, int]]:
     """``(base_addr, length, type)`` entries for a machine with ``ram_size`` bytes."""
+    ram_size, high = split_ram(ram_size)
     entries = [(0, min(ram_size, EBDA_START), MULTIBOOT_MEMORY_AVAILABLE),
                (EBDA_START, 0xA0000 - EBDA_START, MULTIBOOT_MEMORY_RESERVED),
                (BIOS_ROM[0], BIOS_ROM[1] - BIOS_ROM[0], MULTIBOOT_MEMORY_RESERVED)]
     if ram_size > 1 * MiB:
         entries.append((1 * MiB, ram_size - 1 * MiB, MULTIBOOT_MEMORY_AVAILABLE))
+    if high:
+        entries.append((HIGH_RAM_BASE, high, MULTIBOOT_MEMORY_AVAILABLE))
     return entries
 
 
 def mem_lower_upper(ram_size: int) -> tuple[int, int]:
     """mem_lower and mem_upper in KiB (§3.3)."""
+    ram_size = split_ram(ram_size)[0]         # the contiguous RAM from 0 (below 4 GiB)
     lower = min(ram_size, EBDA_START) // KiB
     upper = max(0, min(ram_size, 4 * GiB) - 1 * MiB) // KiB
     return lower, upper

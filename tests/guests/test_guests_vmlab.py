@@ -25,7 +25,9 @@ def test_guest_list_is_not_empty():
 
 @pytest.mark.parametrize("guest", GUESTS)
 def test_guest_passes_through_cli(guest, tmp_path):
-    cmd = [sys.executable, "-m", "vmlab.tools", "run", str(ROOT / "guests" / guest), "--timeout", "120"]
+    from vmlab.tools.guestbuild import boot_config
+    cmd = [sys.executable, "-m", "vmlab.tools", "run", str(ROOT / "guests" / guest), "--timeout", "120",
+           "-m", f"{boot_config(ROOT / 'guests' / guest).memory >> 20}M"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300)
     out = p.stdout.decode(errors="replace")
     _check_transcript(out)
@@ -42,7 +44,7 @@ def test_guest_passes_through_python_api(guest, tmp_path):
     config = boot_config(ROOT / "guests" / guest)
     cmdline = config.cmdline
     modules = [(pathlib.Path(path).read_bytes(), line) for path, line in config.modules]
-    ram = 64 << 20
+    ram = config.memory
     vm = Vm(ram, serial=None, cmdline=cmdline)
     image_path = build(ROOT / "guests" / guest)
     vm.load(load(str(image_path), ram_size=ram, cmdline=cmdline, modules=modules))

@@ -1,0 +1,95 @@
+"""RAM above 4 GiB (issue 11 item 5): the split around the 32-bit hole (QEMU
+pc's rule, emu/memory.py split_ram), the two-range RAM check in C and its
+Python twin, the maps the loaders report, and the CLI's -m."""
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from vmlab.emu.errors import GuestMemoryError
+from vmlab.emu.loaders.linux import E820_RAM, e820_map
+from vmlab.emu.loaders.mbinfo import mem_lower_upper, memory_map
+from vmlab.emu.memory import HIGH_RAM_BASE, MAX_RAM, GuestMemory, split_ram
+from vmlab.emu.native import ffi, lib
+
+ROOT = Path(__file__).resolve().parents[2]
+GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.mark.parametrize("size,low,high", [
+    (64 * MiB, 64 * MiB, 0), (3 * GiB, 3 * GiB, 0),
+    (3 * GiB + 4096, 3 * GiB, 4096),            # vmlab splits at 3 GiB (virtio-mmio at 0xd0000000)
+    (4 * GiB, 3 * GiB, 1 * GiB),                # QEMU: "qemu -M pc -m 4G -> 3072M low, 1024M high"
+    (16 * GiB, 3 * GiB, 13 * GiB)])
+def test_split_follows_qemu_pc(size, low, high):
+    assert split_ram(size) == (low, high)
+
+
+_sizes = st.one_of(st.integers(1, 3 * GiB >> 12), st.integers(3 * GiB >> 12, MAX_RAM >> 12)).map(lambda n: n << 12)
+_addrs = st.one_of(st.integers(0, 1 << 40), st.integers(0, 4096).map(lambda d: 3 * GiB - 2048 + d),
+                   st.integers(0, 8192).map(lambda d: HIGH_RAM_BASE - 4096 + d), st.integers(0, (1 << 64) - 1))
+
+
+@settings(max_examples=400)
+@given(_sizes, _addrs, st.integers(0, 1 << 33) | st.integers(0, 16))
+def test_native_is_ram_matches_guest_memory_contains(size, gpa, length):
+    low, high = split_ram(size)
+    v = ffi.new("vmlab_vcpu *")
+    v.ram_size, v.ram_high = low, high
+    twin = GuestMemory.contains(SimpleNamespace(size=low, high_size=high), gpa, length)
+    assert bool(lib.vmlab_is_ram(v, gpa, length)) == twin
+
+
+def test_guest_memory_above_4g_reads_writes_and_refuses_the_hole():
+    mem = GuestMemory(4 * GiB + 8 * MiB)
+    try:
+        assert mem.size == 3 * GiB and mem.high_size == 1 * GiB + 8 * MiB
+        mem.write(HIGH_RAM_BASE + 0x123, b"high")
+        assert mem.read(HIGH_RAM_BASE + 0x123, 4) == b"high"
+        assert mem.read(0x123, 4) == b"\0\0\0\0"
+        end = HIGH_RAM_BASE + mem.high_size
+        mem.write(end - 8, b"12345678")
+        for gpa, n in ((3 * GiB, 1), (3 * GiB - 4, 8), (HIGH_RAM_BASE - 1, 2), (end - 4, 8), (0xFEE00000, 4)):
+            with pytest.raises(GuestMemoryError):
+                mem.read(gpa, n)
+            with pytest.raises(GuestMemoryError):
+                mem.write(gpa, b"x" * n)
+    finally:
+        mem.close()
+
+
+def test_maps_report_the_ram_above_4g():
+    size = 16 * GiB
+    assert (HIGH_RAM_BASE, 13 * GiB, E820_RAM) in e820_map(size)
+    assert max(a + n for a, n, t in e820_map(size) if t == E820_RAM and a < HIGH_RAM_BASE) == 3 * GiB
+    assert (HIGH_RAM_BASE, 13 * GiB, 1) in memory_map(size)
+    assert mem_lower_upper(size) == (639, (3 * GiB - MiB) >> 10)
+    assert all(a < HIGH_RAM_BASE for a, _, _ in e820_map(3 * GiB))
+
+
+def test_cli_runs_a_guest_with_16g_and_refuses_more_than_the_machine_takes():
+    run = lambda m: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "vmlab.tools", "run", str(ROOT / "guests" / "hello.asm"), "-m", m,
+         "--timeout", "60"], capture_output=True, timeout=120)
+    p = run("16G")
+    assert p.returncode == 1, p.stderr.decode()
+    p = run(f"{(MAX_RAM >> 30) + 1}G")
+    assert p.returncode == 2 and b"Traceback" not in p.stderr
+
+
+def test_page_tables_in_the_hole_read_as_not_present_without_touching_the_host():
+    # CR3 pointing into the hole (between 3 GiB and 4 GiB, PROT_NONE on the host):
+    # the walk reads the entries as 0, the fetch faults, and with no IDT the
+    # machine shuts down -- never a host fault.
+    from support import Machine, asm
+    m = Machine(ram=4 * GiB + 16 * MiB)
+    try:
+        code = asm("mov rax, 0xd0001000\n mov cr3, rax\n nop\n hlt", 0x100000, 64)
+        m.boot(code, 0x100000, "long64")
+        res = m.run()
+        assert res.reason == "shutdown", res
+    finally:
+        m.close()
