@@ -74,7 +74,8 @@ enum {
     PIN_BASED = 0x4000, PROC_BASED = 0x4002, EXCEPTION_BITMAP = 0x4004, CR3_TARGET_COUNT = 0x400a,
     EXIT_CONTROLS = 0x400c, EXIT_MSR_STORE_COUNT = 0x400e, EXIT_MSR_LOAD_COUNT = 0x4010,
     ENTRY_CONTROLS = 0x4012, ENTRY_MSR_LOAD_COUNT = 0x4014, ENTRY_INTR_INFO = 0x4016,
-    VM_INSTRUCTION_ERROR = 0x4400, EXIT_REASON = 0x4402, EXIT_INSTRUCTION_LEN = 0x440c,
+    VM_INSTRUCTION_ERROR = 0x4400, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR_CODE = 0x4406,
+    EXIT_INSTRUCTION_LEN = 0x440c,
     GUEST_ES_LIMIT = 0x4800, GUEST_CS_LIMIT = 0x4802, GUEST_SS_LIMIT = 0x4804, GUEST_DS_LIMIT = 0x4806,
     GUEST_FS_LIMIT = 0x4808, GUEST_GS_LIMIT = 0x480a, GUEST_LDTR_LIMIT = 0x480c, GUEST_TR_LIMIT = 0x480e,
     GUEST_GDTR_LIMIT = 0x4810, GUEST_IDTR_LIMIT = 0x4812,
@@ -135,6 +136,9 @@ void l2_code(void);
 void l2_cpuid(void);
 void l2_ept_load(void);
 void l2_isr(void);
+void l2_clear_vmxe(void);
+void l2_mov_cr4(void);
+void l2_vmcall(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -160,6 +164,15 @@ __asm__(
     "1: jmp 1b\n"                     /* L1 injects vector 0x30 instead of resuming here */
     ".globl l2_isr\n"
     "l2_isr:\n"
+    ".globl l2_clear_vmxe\n"
+    "l2_clear_vmxe:\n"
+    "  movq %cr4, %rax\n"
+    "  btrq $13, %rax\n"
+    ".globl l2_mov_cr4\n"
+    "l2_mov_cr4:\n"
+    "  movq %rax, %cr4\n"            /* CR4.VMXE fixed in VMX operation: #GP(0), bitmap bit 13: exit 0 */
+    ".globl l2_vmcall\n"
+    "l2_vmcall:\n"
     "  vmcall\n"                      /* exit 18, length 3 */
     "2: jmp 2b\n"
     ".globl vmexit_entry\n"
@@ -279,15 +292,28 @@ int l1_exit(void) {
         vmwrite(GUEST_RFLAGS, vmread(GUEST_RFLAGS) | 0x200);
         return 1;
     }
-    case 5:
+    case 5: {
+        /* L2 in VMX operation too: its MOV to CR4 clearing VMXE (not owned by
+         * L1's CR4 guest/host mask) is #GP(0) (SDM Vol. 3C 24.8, 26.3), which
+         * the exception bitmap (bit 13) turns into exit 0 with the
+         * interruption information of a hardware exception with error code. */
+        u64 info = vmread(EXIT_INTR_INFO);
+        check(reason == 0 && (info & 0x80000fffull) == 0x80000b0dull,
+              "L2 clearing CR4.VMXE: #GP(0) exits with reason 0, vector 13, error code", info);
+        check(rip == (u64)l2_mov_cr4 && vmread(EXIT_INTR_ERROR_CODE) == 0,
+              "the #GP is at the MOV to CR4, error code 0", rip);
+        vmwrite(GUEST_RIP, (u64)l2_vmcall);
+        return 1;
+    }
+    case 6:
         check(reason == 18, "L2 VMCALL exits with reason 18 (from the injected interrupt's handler)", reason);
-        check(rip == (u64)l2_isr, "the injected interrupt ran L2's handler", rip);
+        check(rip == (u64)l2_vmcall, "the injected interrupt ran L2's handler", rip);
         check(len == 3, "VMCALL exit instruction length 3", len);
         /* Break the guest state: RFLAGS bit 1 must be 1 (SDM 27.3.1.4). */
         vmwrite(GUEST_RIP, rip + len);
         vmwrite(GUEST_RFLAGS, 0);
         return 1;
-    case 6:
+    case 7:
         /* VM-entry failure due to invalid guest state: exit reason 33 with bit 31 (SDM 27.8) */
         check(reason == 0x80000021ull, "bad guest RFLAGS: VM-entry failure, reason 33 | bit 31", reason);
         return 0;
@@ -372,7 +398,7 @@ void l1_main(void) {
     vmwrite(EPT_POINTER, (u64)ept_pml4 | (3 << 3) | 6);             /* 4-level walk, WB (SDM 25.6.11) */
     vmwrite(EXIT_CONTROLS, adjust(EXIT_HOST_64, 0x483));
     vmwrite(ENTRY_CONTROLS, adjust(ENTRY_IA32E_GUEST, 0x484));
-    vmwrite(EXCEPTION_BITMAP, 0);
+    vmwrite(EXCEPTION_BITMAP, 1u << 13);                          /* #GP exits (stage 5) */
     vmwrite(CR3_TARGET_COUNT, 0);
     vmwrite(EXIT_MSR_STORE_COUNT, 0); vmwrite(EXIT_MSR_LOAD_COUNT, 0); vmwrite(ENTRY_MSR_LOAD_COUNT, 0);
     vmwrite(ENTRY_INTR_INFO, 0);

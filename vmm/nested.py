@@ -351,7 +351,7 @@ class NestedVmx:
         return self._succeed(ex)
 
     # ------------------------------------------------------------------ CR0/CR4 in VMX operation
-    def cr_value_supported(self, cr: int, value: int) -> bool:
+    def cr_value_supported(self, cr: int, value: int, unrestricted: bool = False) -> bool:
         """May MOV to CR0/CR4 load ``value`` in VMX operation?  SDM Vol. 3C 24.8
         "Restrictions on VMX Operation": "Any attempt to set one of these bits
         to an unsupported value while in VMX operation (including VMX root
@@ -361,11 +361,15 @@ class NestedVmx:
         A.8): a bit 1 in FIXED0 must be 1, a bit 0 in FIXED1 must be 0.  CR4.VMXE
         is fixed to 1 in FIXED0, so it cannot be cleared in VMX operation.
         (LMSW cannot clear PE and CLTS clears only TS, neither fixed here.)
-        Outside VMX operation every value the MOV itself allows is fine."""
+        Outside VMX operation every value the MOV itself allows is fine.
+        ``unrestricted``: L2 with "unrestricted guest" may clear CR0.PE and PG
+        (A.7: the FIXED0 bits for PE and PG do not apply to it)."""
         if self.vmxon is None or cr not in (0, 4):
             return True
         caps = self.caps
         f0, f1 = (caps.cr0_fixed0, caps.cr0_fixed1) if cr == 0 else (caps.cr4_fixed0, caps.cr4_fixed1)
+        if cr == 0 and unrestricted:
+            f0 &= ~(x86.CR0_PE | x86.CR0_PG)
         if cr == 0:
             value |= x86.CR0_ET                  # hardwired to 1 (the MOV sets it)
         return (value & f0) == f0 and not value & ~f1 & 0xFFFFFFFF

@@ -283,7 +283,29 @@ class NonRootIntercepts:
                 q = CrAccessQualification(cr=mex.cr, access_type=CrAccessType.MOV_TO_CR, gpr=gpr)
                 return Intercepted(self._make_exit(ExitReason.CR_ACCESS, q.encode(), mex, length=mex.insn_len,
                                                    decoded=q))
+            if mex.cr not in (0, 4):
+                sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
+                return HANDLED
+            # SDM Vol. 3C 26.3 "MOV to CR0"/"MOV to CR4": bits set in the
+            # guest/host mask are not modified (the guest's value for them
+            # matched the read shadow, or it would have exited).  The guest's
+            # value is checked as the MOV checks it; the owned bits are then
+            # put back.
+            real = cpu.regs.cr0 if mex.cr == 0 else cpu.regs.cr4
+            value = mex.value if cpu.mode_bits == 64 else mex.value & 0xFFFFFFFF
+            nested = getattr(self.vm, "nested", None)
+            if (nested is not None and nested.l2 is self and cpu.cpl == 0 and not nested.cr_value_supported(
+                    mex.cr, (value & ~mask) | (real & mask),
+                    unrestricted=bool(self._secondary() & _SP.UNRESTRICTED_GUEST))):
+                # L2 is in VMX operation too: the fixed bits hold (24.8); a
+                # fault of the instruction, which the exception bitmap decides (26.2).
+                return self._exception(ExceptionExit(rip=cpu.regs.rip, vector=x86.GP, error_code=0))
             sensitive.emulate_cr(cpu, mex, self.vm.cpuid)
+            if mask:
+                now = cpu.regs.cr0 if mex.cr == 0 else cpu.regs.cr4
+                kept = (now & ~mask) | (real & mask)
+                if kept != now:
+                    cpu.write_cr(mex.cr, kept)
             return HANDLED
         if mex.access_type == 1:
             if (mex.cr == 3 and p & _PP.CR3_STORE_EXITING) or \

@@ -29,9 +29,9 @@ def _run(image, nested: bool):
 def test_nested_vmx_guest_hypervisor_runs_l2_and_every_check_passes(hypervisor):
     res, out, reflected = _run(hypervisor, nested=True)
     assert "FAIL" not in out, out
-    assert out.count("PASS:") == 37 and out.rstrip().endswith("DONE"), out
+    assert out.count("PASS:") == 39 and out.rstrip().endswith("DONE"), out
     assert res.reason == "debug-exit" and res.status == 1, (res, out)
-    assert reflected == 6                     # CPUID, HLT, OUT, RDMSR, EPT violation, VMCALL went to L1
+    assert reflected == 7                     # CPUID, HLT, OUT, RDMSR, EPT violation, #GP, VMCALL went to L1
 
 
 def test_nested_vmx_off_the_guest_sees_no_vmx_and_vmxon_faults(hypervisor):
@@ -79,7 +79,7 @@ def test_cli_switch_runs_the_guest_hypervisor_from_its_source(switch):
         pytest.skip("gcc is not installed")
     p = _cli("run", *switch, NESTED_SRC)
     assert "FAIL" not in p.stdout, p.stdout + p.stderr
-    assert p.stdout.count("PASS:") == 37 and p.stdout.rstrip().endswith("DONE"), p.stdout + p.stderr
+    assert p.stdout.count("PASS:") == 39 and p.stdout.rstrip().endswith("DONE"), p.stdout + p.stderr
     assert p.returncode == 1, (p.returncode, p.stderr)
 
 
@@ -166,7 +166,7 @@ def test_repl_break_exit_stops_at_the_l2_exit_reflected_to_l1_and_vmcs_shows_l1s
         assert lines[2].startswith("VM exit VMCALL (18)"), lines
         assert lines[3:5] == ["VM_EXIT_REASON                           0x12",
                               "VM_EXIT_INSTRUCTION_LEN                  0x3"], lines
-        assert vm.vcpu.regs.rip == dbg.evaluate("l2_isr")           # still L2, before the reflection
+        assert vm.vcpu.regs.rip == dbg.evaluate("l2_vmcall")        # still L2, before the reflection
     finally:
         vm.close()
 

@@ -600,3 +600,15 @@ def test_monitor_trap_flag_steps_one_instruction_in_a_block_already_translated()
         assert ex.reason == ExitReason.MONITOR_TRAP_FLAG
         rips.append(g.vmcs.read(F.GUEST_RIP))
     assert rips == [start + 7, start + 9, start + 11]
+
+
+def test_mov_to_cr4_keeps_the_bits_the_guest_host_mask_owns():
+    """SDM Vol. 3C 26.3: MOV to CR4 in non-root operation does not modify the
+    bits set in the CR4 guest/host mask.  The baseline owns CR4.VMXE with a
+    read shadow of 0: the guest writing VMXE = 0 matches the shadow (no exit)
+    and the real CR4 keeps VMXE."""
+    g = vmx_guest("mov rax, cr4\n and eax, 0xffffdfff\n or eax, 0x80\n mov cr4, rax\n cpuid\n hlt")
+    ex = run(g)
+    assert ex.reason == ExitReason.CPUID
+    cr4 = ex.vmcs.read(F.GUEST_CR4)
+    assert cr4 & (1 << 13) and cr4 & 0x80, hex(cr4)      # VMXE kept, PGE (not owned) written
