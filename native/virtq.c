@@ -10,8 +10,10 @@
  * VMLAB_VQ_STOP_PUNT *before* that chain is taken, and the Python device model
  * carries on from there with its own checks and error statuses.
  *
- * The guest is hostile: every guest-physical range is checked against
- * [0, ram_size) before it is touched (vq_in_ram), every walk is bounded (the
+ * The guest is hostile: every guest-physical range is checked to lie inside
+ * one RAM range -- [0, low) or [4 GiB, 4 GiB + high), never the 32-bit hole
+ * between them (emu/memory.py) -- before it is touched (vq_in_ram), every
+ * walk is bounded (the
  * queue size, VMLAB_VQ_MAX_INDIRECT, VMLAB_VQ_MAX_SEGS), nothing trusts a
  * value read from guest memory, and the rings are read with memcpy (no
  * alignment assumed).  The host is little-endian (x86-64), like the le16/le32/
@@ -46,9 +48,22 @@ typedef struct {
     uint32_t write;
 } vq_seg;
 
-static int vq_in_ram(uint64_t ram_size, uint64_t addr, uint64_t len)
+#define VQ_HIGH_RAM_BASE (1ull << 32)
+
+typedef struct {
+    uint64_t low;              /* RAM [0, low) */
+    uint64_t high;             /* and [4 GiB, 4 GiB + high) */
+} vq_ram;
+
+/* [addr, addr + len) inside one RAM range (the twin of GuestMemory.contains) */
+static int vq_in_ram(const vq_ram *m, uint64_t addr, uint64_t len)
 {
-    return addr <= ram_size && len <= ram_size - addr;
+    if (addr < m->low)
+        return len <= m->low - addr;
+    if (addr < VQ_HIGH_RAM_BASE)
+        return 0;                             /* the hole: devices, open bus */
+    uint64_t off = addr - VQ_HIGH_RAM_BASE;
+    return off < m->high && len <= m->high - off;
 }
 
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -60,15 +75,15 @@ static void wr32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 /* The ring checks of SplitQueue.check() plus the available idx check of
  * SplitQueue.pending(): 1 if the queue may be used, with *count the chains
  * available. */
-static int vq_ring_ok(const uint8_t *ram, uint64_t ram_size, const vmlab_vq *q, uint32_t *count)
+static int vq_ring_ok(const uint8_t *ram, const vq_ram *m, const vmlab_vq *q, uint32_t *count)
 {
     uint32_t n = q->size;
     if (!q->ready || n == 0 || n > q->max_size || (n & (n - 1)))
         return 0;
     if (q->desc % 16 || q->avail % 2 || q->used % 4)       /* §2.7 alignment table */
         return 0;
-    if (!vq_in_ram(ram_size, q->desc, 16ull * n) || !vq_in_ram(ram_size, q->avail, 6ull + 2ull * n)
-        || !vq_in_ram(ram_size, q->used, 6ull + 8ull * n))
+    if (!vq_in_ram(m, q->desc, 16ull * n) || !vq_in_ram(m, q->avail, 6ull + 2ull * n)
+        || !vq_in_ram(m, q->used, 6ull + 8ull * n))
         return 0;
     uint32_t c = (uint16_t)(rd16(ram + q->avail + 2) - q->last_avail);
     if (c > n)
@@ -89,7 +104,7 @@ static int vq_head(const uint8_t *ram, const vmlab_vq *q)
  * non-empty buffers put in segs, or -1 (punt) for anything _walk would reject,
  * and for chains of more than `max` buffers.  *rlen / *wlen get the readable /
  * writable byte counts. */
-static int vq_walk(const uint8_t *ram, uint64_t ram_size, const vmlab_vq *q, uint32_t head, vq_seg *segs,
+static int vq_walk(const uint8_t *ram, const vq_ram *m, const vmlab_vq *q, uint32_t head, vq_seg *segs,
                    int max, uint64_t *rlen, uint64_t *wlen)
 {
     const uint8_t *table = ram + q->desc;
@@ -108,7 +123,7 @@ static int vq_walk(const uint8_t *ram, uint64_t ram_size, const vmlab_vq *q, uin
         if (flags & VIRTQ_DESC_F_INDIRECT) {
             if (in_indirect || (flags & VIRTQ_DESC_F_NEXT))
                 return -1;                    /* §2.7.5.3.1: one table, no INDIRECT|NEXT */
-            if (len == 0 || len % 16 || len / 16 > VMLAB_VQ_MAX_INDIRECT || !vq_in_ram(ram_size, addr, len))
+            if (len == 0 || len % 16 || len / 16 > VMLAB_VQ_MAX_INDIRECT || !vq_in_ram(m, addr, len))
                 return -1;
             table = ram + addr;
             n = limit = len / 16;
@@ -117,7 +132,7 @@ static int vq_walk(const uint8_t *ram, uint64_t ram_size, const vmlab_vq *q, uin
             continue;
         }
         if (len) {
-            if (!vq_in_ram(ram_size, addr, len))
+            if (!vq_in_ram(m, addr, len))
                 return -1;
             total += len;
             if (total > (1ull << 32))
@@ -195,20 +210,21 @@ static int vq_io(int fd, struct iovec *iov, int niov, uint64_t off, int write)
     return 0;
 }
 
-int vmlab_vq_blk(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
+int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
                  vmlab_vq_result *res)
 {
+    vq_ram m = {ram_low, ram_high};
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     struct iovec iov[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0;
     memset(res, 0, sizeof *res);
     res->stop = VMLAB_VQ_STOP_PUNT;
-    if (vq_ring_ok(ram, ram_size, q, &count)) {
+    if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {
             int head = vq_head(ram, q);
             uint64_t rlen, wlen;
-            int k = head < 0 ? -1 : vq_walk(ram, ram_size, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
+            int k = head < 0 ? -1 : vq_walk(ram, &m, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
             /* The plain shape (§5.2.6): a readable 16-byte header buffer, then
              * out-data (OUT) or in-data (IN), then the writable status byte. */
             if (k < 2 || segs[0].write || segs[0].len != 16 || !segs[k - 1].write) {
@@ -270,20 +286,21 @@ int vmlab_vq_blk(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, int fd, uint64_t 
     return (int)res->done;
 }
 
-int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, uint8_t *out,
+int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, uint32_t max_frame, uint8_t *out,
                     uint64_t out_cap, uint32_t *lens, uint32_t max_frames, vmlab_vq_result *res)
 {
+    vq_ram m = {ram_low, ram_high};
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0;
     uint64_t pos = 0;
     memset(res, 0, sizeof *res);
     res->stop = VMLAB_VQ_STOP_PUNT;
-    if (vq_ring_ok(ram, ram_size, q, &count)) {
+    if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {
             int head = vq_head(ram, q);
             uint64_t rlen, wlen;
-            int k = head < 0 ? -1 : vq_walk(ram, ram_size, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
+            int k = head < 0 ? -1 : vq_walk(ram, &m, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
             if (k < 0) {
                 res->stop = VMLAB_VQ_STOP_PUNT;
                 break;
@@ -322,15 +339,16 @@ int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_f
     return (int)res->done;
 }
 
-int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
+int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
                     const uint32_t *lens, uint32_t nframes, const uint8_t *hdr, vmlab_vq_result *res)
 {
+    vq_ram m = {ram_low, ram_high};
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0, fi = 0;
     uint64_t fpos = 0;
     memset(res, 0, sizeof *res);
     res->stop = VMLAB_VQ_STOP_PUNT;
-    if (vq_ring_ok(ram, ram_size, q, &count)) {
+    if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {
             if (fi >= nframes) {
@@ -339,7 +357,7 @@ int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_f
             }
             int head = vq_head(ram, q);
             uint64_t rlen, wlen;
-            int k = head < 0 ? -1 : vq_walk(ram, ram_size, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
+            int k = head < 0 ? -1 : vq_walk(ram, &m, q, (uint32_t)head, segs, VMLAB_VQ_MAX_SEGS, &rlen, &wlen);
             /* §5.1.6.3: receive buffers are device-writable, with room for the header */
             if (k < 0 || rlen != 0 || wlen < NET_HDR_LEN) {
                 res->stop = VMLAB_VQ_STOP_PUNT;

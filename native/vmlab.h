@@ -416,7 +416,8 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 enum { VMLAB_STOP_FAST_EXIT = 100 };
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err);
-/* ---- split virtqueue fast paths (virtq.c; Python twins in devices/virtio/virtq.py) ---- */
+/* ---- split virtqueue fast paths (virtq.c; Python twins in devices/virtio/virtq.py) ----
+ * RAM is [0, ram_low) and [4 GiB, 4 GiB + ram_high) (emu/memory.py). */
 enum { VMLAB_VQ_MAX_INDIRECT = 1024, VMLAB_VQ_MAX_SEGS = 512 };
 /* Why a batch ended: the ring had nothing more, a chain (or the ring) the
  * Python device model must handle, or out of room (frames / output). */
@@ -444,11 +445,11 @@ typedef struct vmlab_vq_result {
     uint32_t pad;
     uint64_t bytes;            /* data bytes moved */
 } vmlab_vq_result;
-int vmlab_vq_blk(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
+int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
                  vmlab_vq_result *res);
-int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, uint8_t *out,
+int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, uint32_t max_frame, uint8_t *out,
                     uint64_t out_cap, uint32_t *lens, uint32_t max_frames, vmlab_vq_result *res);
-int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_size, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
+int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, uint32_t max_frame, const uint8_t *frames,
                     const uint32_t *lens, uint32_t nframes, const uint8_t *hdr, vmlab_vq_result *res);
 #endif
 

@@ -18,7 +18,9 @@ legal shapes other than the plain ones (a header split over descriptors, a
 request type other than IN/OUT, zero buffers...) end the batch with
 ``STOP_PUNT`` *before* that chain is taken; the device model then takes it
 through SplitQueue.pop_all and its own checks (DEVICE_NEEDS_RESET or an
-error status).  Guest memory is never touched outside ``[0, mem.size)``.
+error status).  Guest memory is never touched outside its RAM ranges,
+``[0, mem.size)`` and ``[4 GiB, 4 GiB + mem.high_size)`` (never the 32-bit
+hole between them).
 
 The results: ``done`` chains completed (used elements written, then the used
 idx; with VIRTIO_F_EVENT_IDX ``avail_event``), ``ok``/``errors`` (blk: OK /
@@ -89,11 +91,32 @@ class _PyQueue:
         q.last_avail, q.used_idx = self.last_avail, self.used_idx
 
 
-def _in_ram(size: int, addr: int, length: int) -> bool:
-    return 0 <= addr <= size and 0 <= length <= size - addr
+HIGH_RAM_BASE = 1 << 32
+"""Where RAM above the 32-bit hole starts (emu/memory.py)."""
 
 
-def _ring_count(ram, size: int, q: _PyQueue):
+class _Ram:
+    """The RAM ranges: ``[0, low)`` and ``[4 GiB, 4 GiB + high)``."""
+
+    __slots__ = ("low", "high")
+
+    def __init__(self, mem) -> None:
+        self.low, self.high = mem.size, getattr(mem, "high_size", 0)
+
+
+def _in_ram(m: _Ram, addr: int, length: int) -> bool:
+    """vq_in_ram: inside one RAM range (GuestMemory.contains)."""
+    if addr < 0 or length < 0:
+        return False
+    if addr < m.low:
+        return length <= m.low - addr
+    if addr < HIGH_RAM_BASE:
+        return False
+    off = addr - HIGH_RAM_BASE
+    return off < m.high and length <= m.high - off
+
+
+def _ring_count(ram, size: _Ram, q: _PyQueue):
     """vq_ring_ok: the number of available chains, or None."""
     n = q.size
     if not q.ready or n == 0 or n > q.max_size or n & (n - 1):
@@ -112,7 +135,7 @@ def _head(ram, q: _PyQueue):
     return head if head < n else None
 
 
-def _walk(ram, size: int, q: _PyQueue, head: int):
+def _walk(ram, size: _Ram, q: _PyQueue, head: int):
     """vq_walk: (segs [(addr, len, writable)], readable bytes, writable bytes)
     or None (punt)."""
     base, n, i, limit = q.desc, q.size, head, q.size
@@ -203,7 +226,7 @@ class PythonVirtq:
         """vmlab_vq_blk: carry out the available IN/OUT requests of the plain
         shape on the raw image ``fd`` of ``capacity`` bytes (OUT only with
         ``allow_write``)."""
-        ram, size = mem.view, mem.size
+        ram, size = mem.view, _Ram(mem)
         pq = _PyQueue(q)
         res = Result()
         count = _ring_count(ram, size, pq)
@@ -264,7 +287,7 @@ class PythonVirtq:
         """vmlab_vq_net_tx: take the available transmit chains; returns
         (Result, frames) with the frames (header stripped) as bytes-like
         objects, at most MAX_TX_FRAMES of them."""
-        ram, size = mem.view, mem.size
+        ram, size = mem.view, _Ram(mem)
         pq = _PyQueue(q)
         res = Result()
         frames = []
@@ -301,7 +324,7 @@ class PythonVirtq:
         receive chains, each after the 12-byte ``hdr``; a frame longer than
         its chain's room (or than ``max_frame``) is dropped.  ``consumed``
         says how many of ``frames`` are done with."""
-        ram, size = mem.view, mem.size
+        ram, size = mem.view, _Ram(mem)
         pq = _PyQueue(q)
         res = Result()
         count = _ring_count(ram, size, pq)
@@ -379,7 +402,7 @@ class NativeVirtq:
 
     def blk(self, mem, q, fd: int, capacity: int, allow_write: bool) -> Result:
         c = self._vq(q)
-        self.lib.vmlab_vq_blk(self._ram(mem), mem.size, c, fd, capacity, bool(allow_write), self._res)
+        self.lib.vmlab_vq_blk(self._ram(mem), mem.size, getattr(mem, "high_size", 0), c, fd, capacity, bool(allow_write), self._res)
         q.last_avail, q.used_idx = c.last_avail, c.used_idx
         return self._result()
 
@@ -389,7 +412,7 @@ class NativeVirtq:
         pending = (mem.read_int(q.avail_addr + 2, 2) - q.last_avail) & 0xFFFF if mem.contains(q.avail_addr + 2, 2) else 0
         nmax = max(1, min(pending, MAX_TX_FRAMES))
         buf = bytearray(nmax * max_frame)
-        self.lib.vmlab_vq_net_tx(ram, mem.size, c, max_frame, self.ffi.from_buffer("uint8_t[]", buf), len(buf), self._lens,
+        self.lib.vmlab_vq_net_tx(ram, mem.size, getattr(mem, "high_size", 0), c, max_frame, self.ffi.from_buffer("uint8_t[]", buf), len(buf), self._lens,
                                  MAX_TX_FRAMES, self._res)
         q.last_avail, q.used_idx = c.last_avail, c.used_idx
         res = self._result()
@@ -405,7 +428,7 @@ class NativeVirtq:
         data = b"".join(frames)
         lens = array("I", map(len, frames))
         ffi = self.ffi
-        self.lib.vmlab_vq_net_rx(self._ram(mem), mem.size, c, max_frame, ffi.from_buffer("uint8_t[]", data),
+        self.lib.vmlab_vq_net_rx(self._ram(mem), mem.size, getattr(mem, "high_size", 0), c, max_frame, ffi.from_buffer("uint8_t[]", data),
                                  ffi.from_buffer("uint32_t[]", lens) if lens else ffi.NULL, len(lens),
                                  ffi.from_buffer("uint8_t[]", bytes(hdr[:NET_HDR_LEN]).ljust(NET_HDR_LEN, b"\0")),
                                  self._res)
