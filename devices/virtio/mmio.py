@@ -20,8 +20,9 @@ from .device import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED,
 from .queue import QueueError, SplitQueue
 
 MMIO_BASE = 0xD0000000
-"""First virtio-mmio slot (Firecracker's MMIO_MEM_START on x86_64: above the
-largest RAM vmlab maps, 3 GiB, below the LAPIC)."""
+"""First virtio-mmio slot (Firecracker's MMIO_MEM_START on x86_64): in the
+32-bit hole, above the RAM below 4 GiB (at most 3 GiB; more RAM continues at
+4 GiB, emu/memory.py) and below the LAPIC."""
 MMIO_SLOT = 0x1000
 """Bytes per device ("4K" in ``virtio_mmio.device=4K@ADDR:IRQ``)."""
 IRQS = (5, 6, 7, 9, 10, 11, 12, 14, 15)
