@@ -403,13 +403,75 @@ def _status(result, args) -> int:
 REBOOT = object()
 
 
+class _SigintStops:
+    """While a run goes on, SIGINT stops it at the next block boundary (status
+    130, as QEMU), however long the guest stays in native code: Python runs
+    signal handlers only between bytecodes, so the signal's wake-up byte
+    (signal.set_wakeup_fd, written by the C-level handler at once) wakes a
+    thread that makes the engine stop (vmm.runloop.request_async)."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.active = False
+
+    def __enter__(self):
+        import os
+        import signal
+        import threading
+        from vmlab.vmm import runloop
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        runloop.enable_async(self.vm)
+        self.rfd, self.wfd = os.pipe()
+        os.set_blocking(self.wfd, False)
+        self.done = False
+        self.old_handler = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        self.old_fd = signal.set_wakeup_fd(self.wfd, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="vmlab-sigint", daemon=True)
+        self.thread.start()
+        self.active = True
+        return self
+
+    def _watch(self) -> None:
+        import os
+        import signal
+        from vmlab.vmm import runloop
+        while True:
+            try:
+                data = os.read(self.rfd, 64)
+            except OSError:
+                return
+            if self.done or not data:
+                return
+            if signal.SIGINT in data:
+                runloop.request_async(self.vm, "interrupt")
+
+    def __exit__(self, *exc):
+        import os
+        import signal
+        if not self.active:
+            return False
+        signal.set_wakeup_fd(self.old_fd)
+        signal.signal(signal.SIGINT, self.old_handler)
+        self.done = True
+        try:
+            os.write(self.wfd, b"\0")
+        except OSError:
+            pass
+        self.thread.join(timeout=1.0)
+        os.close(self.rfd)
+        os.close(self.wfd)
+        return False
+
+
 def _run_vm(vm, args):
     """vm.run with what is left of --max-insns and --timeout across reboots."""
     import time
     timeout = None
     if args.timeout is not None:
         timeout = max(0.0, args.deadline - time.monotonic())
-    res = vm.run(max_insns=args.insns_left, timeout=timeout)
+    with _SigintStops(vm):
+        res = vm.run(max_insns=args.insns_left, timeout=timeout)
     if args.insns_left is not None:
         args.insns_left = max(1, args.insns_left - res.icount)
     return res

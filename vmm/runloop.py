@@ -328,7 +328,8 @@ def enable_async(m):
 def request_async(m, reason: str) -> None:
     """Make the running vCPU return to the loop soon (any thread): ``reason``
     is "timeout" (the run ends with TIMEOUT), "stop" (``m.pending_stop`` is
-    taken) or "input" (host input to feed).  Needs :func:`enable_async`."""
+    taken), "interrupt" (SIGINT: the run ends STOPPED, "interrupted") or
+    "input" (host input to feed).  Needs :func:`enable_async`."""
     dp = getattr(m, "async_points", None)
     if dp is None:
         return
@@ -524,6 +525,8 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                 # Our own asynchronous request, not the debugger's interrupt.
                 if "timeout" in reqs and timeout is not None:
                     return _result(m, _timeout_stop(t0, timeout))
+                if "interrupt" in reqs:
+                    return _result(m, Stop(StopReason.STOPPED, "interrupted (SIGINT)"))
                 if m.pending_stop is not None:
                     return _result(m, m.pending_stop)
                 continue
