@@ -792,7 +792,11 @@ class Vcpu:
         try:
             prev = self.read_linear(lin - 1, 1, implicit=True)
         except GuestFault:
-            prev = b""
+            # The code page no longer translates: the guest rewrote its paging
+            # structures and ran on from translations the TLB still held (SDM
+            # Vol. 3A 4.10.4: no invalidation was required of the CPU).  Only
+            # HLT ends a run with neither an error nor a stop reason.
+            return HltExit(rip=r.rip)
         if prev == b"\xf4":
             return HltExit(rip=r.rip)
         return InternalErrorExit(rip=r.rip, message="emulation stopped for an unknown reason")

@@ -93,3 +93,60 @@ def test_page_tables_in_the_hole_read_as_not_present_without_touching_the_host()
         assert res.reason == "shutdown", res
     finally:
         m.close()
+
+
+_GiB = 1 << 30
+_near = lambda base: st.integers(-8192, 8192).map(lambda d: (base + d) & ((1 << 64) - 1))  # noqa: E731
+
+
+@settings(max_examples=30, deadline=None)
+@given(dst=st.one_of(_near(3 * _GiB), _near(4 * _GiB), _near(5 * _GiB), _near(0xFEE00000), st.integers(0, 6 * _GiB)),
+       src=st.one_of(_near(3 * _GiB), _near(4 * _GiB), _near(5 * _GiB), st.integers(0, 6 * _GiB)),
+       count=st.integers(0, 20000), width=st.sampled_from(["movsb", "movsq", "cmpsb"]))
+def test_string_copies_across_ram_hole_and_high_ram_stay_architectural(dst, src, count, width):
+    # A guest with RAM above 4 GiB maps [4 GiB, 6 GiB) with 1 GiB pages and runs
+    # REP MOVS/CMPS between random addresses around the RAM boundaries, the hole
+    # and the LAPIC page: every run ends with a guest status, never a host fault
+    # or an internal error.
+    from support import Machine, asm
+    m = Machine(ram=5 * _GiB)
+    try:
+        code = asm(f"""
+            mov rax, cr3
+            and rax, -4096
+            mov rax, [rax]
+            and rax, -4096
+            mov rdx, 0x100000083
+            mov [rax + 32], rdx
+            mov rdx, 0x140000083
+            mov [rax + 40], rdx
+            mov rbx, cr3
+            mov cr3, rbx
+            mov rdi, {dst:#x}
+            mov rsi, {src:#x}
+            mov rcx, {count}
+            rep {width}
+            hlt
+        """, 0x100000, 64)
+        m.boot(code, 0x100000, "long64")
+        res = m.vm.run(max_insns=200_000, timeout=20)
+        assert res.reason in {"halted", "shutdown", "limit", "timeout", "debug-exit"}, res
+    finally:
+        m.close()
+
+
+def test_hlt_after_the_guest_overwrote_its_own_page_tables_is_a_halt():
+    # Found by the test above (with 64 MiB too): REP MOVSB of 4097 bytes of open
+    # bus (all ones) to 0 overwrites the loader's paging structures at 0x1000;
+    # the CPU runs on from its TLB to the HLT, whose byte no longer translates.
+    # That run end is the HLT, not "emulation stopped for an unknown reason".
+    from support import Machine, asm
+    m = Machine(ram=64 * MiB)
+    try:
+        code = asm(f"mov rdi, 0\n mov rsi, {64 * MiB:#x}\n mov rcx, 4097\n rep movsb\n hlt", 0x100000, 64)
+        m.boot(code, 0x100000, "long64")
+        res = m.vm.run(max_insns=200_000, timeout=20)
+        assert res.reason == "halted", res
+        assert m.cpu.regs.gpr[1] == 0
+    finally:
+        m.close()
