@@ -9,6 +9,8 @@
 ;   * CALL far to a task gate in the GDT (8.3, 8.4): the new task's previous
 ;     task link holds the caller's TR, NT = 1, the caller stays busy; IRET
 ;     with NT = 1 returns to it and clears the callee's busy bit (8.4.2);
+;   * CALL far to a TSS descriptor (nested, as through a gate) and JMP far
+;     through a task gate (not nested: the old task is no longer busy);
 ;   * INT n through a task gate in the IDT (6.12.2): a nested task, as CALL;
 ;   * the checks of Table 8-2 and the instructions' pseudo-code: JMP to the
 ;     busy TSS -> #GP(selector); a TSS limit below 67H -> #TS(selector); a
@@ -238,6 +240,43 @@ after_call:
     EXPECT_NZ "IRET back: the caller is still busy"
     clts
 
+    ; ------------------------------------------------ CALL to a TSS descriptor, JMP through a task gate
+    mov edi, tss_c
+    mov eax, task_c2
+    mov ebx, stack_c
+    call make_tss
+    .byte 0x9a
+    .long 0
+    .word TSS_C
+    mov eax, dword ptr [c2_link]
+    mov edx, TSS_A
+    EXPECT_EQ "CALL to a TSS descriptor: the back link is the caller's TR"
+    mov eax, dword ptr [c2_flags]
+    and eax, NT
+    mov edx, NT
+    EXPECT_EQ "CALL to a TSS descriptor: NT = 1 in the called task"
+    mov eax, TSS_C
+    call busy
+    EXPECT_Z "... and IRET back clears its busy bit"
+    mov edi, tss_c
+    mov eax, task_c3
+    mov ebx, stack_c
+    call make_tss
+    .byte 0xea
+    .long 0
+    .word GATE_C
+    mov eax, dword ptr [c3_tr]
+    mov edx, TSS_C
+    EXPECT_EQ "JMP through a task gate: STR in the new task"
+    mov eax, dword ptr [c3_busy_a]
+    mov edx, 0
+    EXPECT_EQ "JMP through a task gate: the old task is not busy"
+    mov eax, dword ptr [c3_flags]
+    and eax, NT
+    mov edx, 0
+    EXPECT_EQ "JMP through a task gate: NT = 0"
+    clts
+
     ; ------------------------------------------------ INT n through an IDT task gate
     mov ebx, 0x12344321
     int 0x40
@@ -445,6 +484,26 @@ task_c:
     mov dword ptr [c_busy_a], eax
     iretd
 
+task_c2:
+    pushfd
+    pop dword ptr [c2_flags]
+    movzx eax, word ptr [tss_c]
+    mov dword ptr [c2_link], eax
+    iretd
+
+task_c3:
+    str ax
+    movzx eax, ax
+    mov dword ptr [c3_tr], eax
+    pushfd
+    pop dword ptr [c3_flags]
+    movzx eax, byte ptr [gdt + TSS_A + 5]
+    and eax, 2
+    mov dword ptr [c3_busy_a], eax
+    .byte 0xea
+    .long 0
+    .word TSS_A
+
 task_d:
     str ax
     movzx eax, ax
@@ -531,6 +590,11 @@ c_tr:       .long 0
 c_flags:    .long 0
 c_link:     .long 0
 c_busy_a:   .long 0
+c2_flags:   .long 0
+c2_link:    .long 0
+c3_tr:      .long 0
+c3_flags:   .long 0
+c3_busy_a:  .long 0
 d_tr:       .long 0
 d_flags:    .long 0
 d_link:     .long 0
