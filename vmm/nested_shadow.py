@@ -18,6 +18,8 @@ tests compare the two on random instructions, registers and tables.
 """
 from __future__ import annotations
 
+import struct
+
 from vmlab.emu.native import ffi, lib
 
 from . import vmcs as F
@@ -33,6 +35,7 @@ HOT_FIELDS = tuple(int(f) for f in (
     F.VM_ENTRY_INTR_INFO, F.VM_ENTRY_EXCEPTION_ERROR_CODE, F.VM_ENTRY_INSTRUCTION_LEN,
     F.CPU_BASED_VM_EXEC_CONTROL, F.EXCEPTION_BITMAP, F.CR0_READ_SHADOW, F.CR4_READ_SHADOW))
 MAX = lib.VMLAB_VMX_SHADOW_MAX
+_PACK = struct.Struct(f"<{len(HOT_FIELDS)}Q").pack       # the table's values, one memmove
 _VMSUCCEED_CLEAR = 0x8D5            # CF PF AF ZF SF OF (SDM Vol. 3C 31.2)
 
 
@@ -82,9 +85,7 @@ class VmcsCache:
         """Serve ``vmcs`` (materialized: no deferred guest-state store)."""
         s = self.native
         get = vmcs._values.get
-        value = s.value
-        for k, enc in enumerate(HOT_FIELDS):
-            value[k] = get(enc, 0)
+        ffi.memmove(s.value, _PACK(*[get(enc, 0) for enc in HOT_FIELDS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
         s.active = 1
         self.vmcs = vmcs

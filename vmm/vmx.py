@@ -398,9 +398,12 @@ class VmxGuest(NonRootIntercepts):
         stores the same values on every exit)."""
         r = self.cpu.regs
         seg, ldtr, tr = r.seg, r.ldtr, r.tr
-        key = tuple((sg.selector, sg.base, sg.limit, sg.flags)
-                    for sg in (seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], ldtr, tr)) + (
-            r.gdtr_base, r.gdtr_limit, r.idtr_base, r.idtr_limit)
+        s0, s1, s2, s3, s4, s5 = seg[0], seg[1], seg[2], seg[3], seg[4], seg[5]
+        key = ((s0.selector, s0.base, s0.limit, s0.flags), (s1.selector, s1.base, s1.limit, s1.flags),
+               (s2.selector, s2.base, s2.limit, s2.flags), (s3.selector, s3.base, s3.limit, s3.flags),
+               (s4.selector, s4.base, s4.limit, s4.flags), (s5.selector, s5.base, s5.limit, s5.flags),
+               (ldtr.selector, ldtr.base, ldtr.limit, ldtr.flags), (tr.selector, tr.base, tr.limit, tr.flags),
+               r.gdtr_base, r.gdtr_limit, r.idtr_base, r.idtr_limit)
         fields = _SAVED_SEGMENTS.get(key)
         if fields is None:
             fields = {_E_GDTR_BASE: r.gdtr_base, _E_GDTR_LIMIT: r.gdtr_limit,
