@@ -184,3 +184,39 @@ def test_int_through_a_task_gate_to_a_16_bit_tss(machine):
     assert esp & 0xFFFF == 0x8000
     assert struct.unpack("<H", machine.mem.read(TSS_B, 2))[0] == 0x18
     assert machine.u32(TSS_A + 0x28) == 0xABCD0000            # the old task's EAX, 32-bit layout
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tss_bytes=st.binary(min_size=0x68, max_size=0x68), limit=st.integers(0, 0x200),
+       access=st.sampled_from([0x89, 0x81, 0x8B, 0x09, 0x85, 0xE9]),
+       via=st.sampled_from(["int", "jmp-paging", "call"]))
+def test_random_task_state_never_escapes_as_a_traceback(tss_bytes, limit, access, via):
+    # A hostile TSS (random registers, selectors, LDT, EFLAGS incl. VM, CR3) behind
+    # a random descriptor, reached through an IDT task gate (vmlab's switch), a
+    # JMP with paging on (Unicorn's switch finished by vmlab) or a CALL: the run
+    # ends with a guest-visible outcome or a one-line refusal, never an internal error.
+    from support import Machine
+    machine = Machine()
+    try:
+        _random_task(machine, tss_bytes, limit, access, via)
+    finally:
+        machine.close()
+
+
+def _random_task(machine, tss_bytes, limit, access, via):
+    machine.mem.write(PD, struct.pack("<I", PT | 3))
+    machine.mem.write(PT, b"".join(struct.pack("<I", (i << 12) | 3) for i in range(1024)))
+    t = bytearray(tss_bytes)
+    struct.pack_into("<I", t, 0x1C, PD if via == "jmp-paging" else struct.unpack_from("<I", t, 0x1C)[0])
+    paging = f"mov eax, {PD:#x}\n mov cr3, eax\n mov eax, cr0\n or eax, 0x80000000\n mov cr0, eax\n"
+    body = {"int": "int 0x30\n hlt", "jmp-paging": paging + ".byte 0xea\n .long 0\n .word 0x20\n hlt",
+            "call": ".byte 0x9a\n .long 0\n .word 0x20\n hlt"}[via]
+    setup(machine, body, bytes(t), {0x30: gate32(0, 0x20, kind=0x5)})
+    machine.mem.write(GDT + 0x20, struct.pack("<Q", seg_desc(TSS_B, limit, access, 0)))
+    res = machine.run(max_insns=50_000, timeout=10)
+    assert res.reason in {"debug-exit", "halted", "shutdown", "limit", "timeout", "error"}, res
+    if res.reason == "error":
+        assert res.message and "internal error" not in res.message and "unknown" not in res.message, res.message
