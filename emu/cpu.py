@@ -18,7 +18,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as X
 
 from . import x86
-from .errors import ClosedError, ConfigError, NativeError
+from .errors import ClosedError, ConfigError, NativeError, UnsupportedError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
@@ -870,12 +870,24 @@ class Vcpu:
         self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
         try:
             err = lib.vmlab_emu_step(v, self._uch, self.regs.rip)
+            kind, vector = v.stop_kind, v.intno
         finally:
             v.redirect_on = 0
             self._flush_translations()
             self.uc.ctl_remove_cache(lin, lin + ex.insn_len)
             v.stop_kind = 0
         self.refresh()
+        if kind == lib.VMLAB_STOP_EXCEPTION:
+            # The replayed instruction faulted after reading the device's value
+            # (a POP ES of open bus loads selector FFFFH: #GP): the fault is
+            # the instruction's, delivered as for any other instruction.
+            ec = self.regs.error_code & 0xFFFFFFFF if vector in x86.ERROR_CODE_VECTORS else None
+            raise GuestFault(vector, ec)
+        if kind == lib.VMLAB_STOP_PAGE_FAULT:
+            raise GuestFault(x86.PF, v.fault_error_code, v.fault_vaddr)
+        if kind == lib.VMLAB_STOP_MMIO:
+            raise UnsupportedError(f"the instruction at {lin:#x} touches two pages outside RAM "
+                                   f"({ex.gla & ~0xFFF:#x} and {v.fault_vaddr:#x}); vmlab replays one")
         if err == ucc.UC_ERR_INSN_INVALID:
             # An encoding Capstone decodes but the CPU model rejects (e.g. the
             # F6 /1 alias of TEST with a memory operand): #UD, as the guest gets

@@ -32,6 +32,7 @@ from typing import Protocol, Union
 
 from vmlab.emu import sensitive, taskswitch, x86
 from vmlab.emu.cpu import EptFault, GuestFault
+from vmlab.emu.errors import UnsupportedError
 from vmlab.emu.events import Event
 from vmlab.emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
 from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
@@ -532,6 +533,8 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                 continue
         try:
             out = handle_exit(m, ex)
+        except UnsupportedError as exc:   # the guest used what vmlab does not model: say what
+            out = Stop(StopReason.ERROR, f"unsupported at rip={ex.rip:#x}: {exc}")
         except Exception as exc:   # a bug in vmlab must not become a traceback for the user
             out = Stop(StopReason.ERROR, f"internal error handling {type(ex).__name__} at "
                                          f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")

@@ -15,6 +15,8 @@ REASONS = {"debug-exit", "halted", "shutdown", "limit", "timeout", "error"}
        idt=st.binary(min_size=0, max_size=256))
 # F6 /1 (TEST's alias) on MMIO: Capstone decodes it, Unicorn's replay rejects it -> #UD
 @example(code=b"\xf6H\x80", mode="protected32", idt=b"")
+# POP ES with the stack outside RAM across a page boundary: two unbacked pages
+@example(code=b"\x00\x00\x03\x60\xfd\x07", mode="protected32", idt=b"")
 def test_random_code_and_idt_never_raise(code, mode, idt):
     m = Machine(ram=4 << 20)
     addr = 0x7C00 if mode == "real" else 0x100000
