@@ -148,3 +148,41 @@ def test_non_canonical_rbp_access_is_ss(machine):
     setup(machine, "mov rbp, 0x8000000000000000\n mov rax, [rbp]\n hlt", {12: {}})
     res = machine.run()
     assert res.reason == "debug-exit", res
+
+
+def test_page_fault_in_user_code_under_smap_reports_cr2(machine):
+    """A data #PF in ring-3 code with CR4.SMAP set: the CR2 decoder reads the
+    faulting instruction as the CPU fetched it (a user fetch), not as an
+    implicit supervisor read, which SMAP forbids on a user page (SDM Vol. 3A
+    4.6.1); that read used to fault inside vmlab and end the run with a
+    Python traceback."""
+    target = 0x0000_7000_0000_1238                   # no PML4 entry: not present
+    user_code, user_stack = 0x200000, 0x280000       # the second 2 MiB page: user; the first stays supervisor
+    body = f"""
+    mov rax, cr4
+    bts rax, 21                                     # CR4.SMAP
+    mov cr4, rax
+    push 0x23
+    push {user_stack:#x}
+    pushfq
+    push 0x1b
+    push {user_code:#x}
+    iretq
+"""
+    setup(machine, body, {14: {}})
+    machine.mem.write(user_code, asm(f"mov rbx, {target:#x}\n mov qword ptr [rbx], rax\n hlt", user_code, 64))
+    pml4 = machine.cpu.regs.cr3 & ~0xFFF
+    e = machine.u64(pml4)
+    machine.mem.write_int(pml4, 8, e | 4)
+    pdpt = e & 0xFFFFFFFFF000
+    e = machine.u64(pdpt)
+    machine.mem.write_int(pdpt, 8, e | 4)
+    pd = e & 0xFFFFFFFFF000
+    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+    machine.mem.write(HANDLER, asm(f"mov rax, cr2\n mov qword ptr [{SAVE + 8:#x}], rax\n" + HANDLER_CODE,
+                                   HANDLER, 64))
+    res = machine.run()
+    assert res.reason == "debug-exit", res
+    _, (ec, rip, cs, *_) = frame(machine, 4)
+    assert machine.u64(SAVE + 8) == target
+    assert ec == 0x6 and cs == 0x1b and rip == user_code + 10   # not present, write, user (SDM 4.7)
