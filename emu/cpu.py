@@ -678,18 +678,43 @@ class Vcpu:
         # Read as the CPU fetched it: an instruction fetch at the current CPL
         # (an implicit supervisor read of user code would fault under SMAP).
         try:
-            code = self._read_code(linear, 15)
+            code = self.read_code(linear, 15)
         except (GuestFault, EptFault):
             # The instruction may end before an unmapped page.
             n = 4096 - (linear & 0xFFF)
             try:
-                code = self._read_code(linear, n) if n < 15 else b""
+                code = self.read_code(linear, n) if n < 15 else b""
             except (GuestFault, EptFault):
                 code = b""
+            if not code:
+                code = self._code_of_running_block(linear, 15)
         insn = next(_cs(self.mode_bits).disasm(code, self.regs.rip), None)
         return insn
 
-    def _read_code(self, vaddr: int, length: int) -> bytes:
+    def _code_of_running_block(self, linear: int, length: int) -> bytes:
+        """The bytes at ``linear`` through the translation the block that holds
+        it was made with, when the page tables no longer map it: the guest
+        rewrote its paging structures and runs on from translations the TLB
+        still holds (SDM Vol. 3A 4.10.4.3: software must invalidate; until
+        then the processor may use the old translation).  The block registry
+        knows each block's physical address.  Rare: a linear scan."""
+        v = self._v
+        hf = self.regs.hflags & 0xC0F3
+        for i in range(v.ntbs):
+            t = v.tbs[i]
+            if t.valid and t.hflags == hf and t.pc <= linear < t.pc + t.size \
+                    and (t.paddr & 0xFFF) + t.size <= 4096:
+                pa = t.paddr + (linear - t.pc)
+                n = min(length, 4096 - (pa & 0xFFF))
+                if self.mem.contains(pa, n):
+                    return self.mem.read(pa, n)
+        return b""
+
+    def read_code(self, vaddr: int, length: int) -> bytes:
+        """Read instruction bytes as the CPU fetches them: an instruction fetch
+        at the current CPL (so SMAP, which forbids implicit supervisor reads of
+        user pages, does not apply), A bits set as by the fetch.  Raises
+        GuestFault/EptFault where the fetch would fault."""
         buf = bytearray()
         for pa, n, mmio in self._linear_chunks(vaddr, length, ACC_FETCH, None, False):
             buf += b"\xff" * n if pa is None else self.mem.read(pa, n)
@@ -790,8 +815,8 @@ class Vcpu:
         lin = self.linear_rip()
         # HLT leaves RIP after the F4 byte.
         try:
-            prev = self.read_linear(lin - 1, 1, implicit=True)
-        except GuestFault:
+            prev = self.read_code(lin - 1, 1)
+        except (GuestFault, EptFault):
             # The code page no longer translates: the guest rewrote its paging
             # structures and ran on from translations the TLB still held (SDM
             # Vol. 3A 4.10.4: no invalidation was required of the CPU).  Only
@@ -811,8 +836,8 @@ class Vcpu:
 
     def _invalid_opcode_exit(self) -> Exit:
         try:
-            b = self.read_linear(self.linear_rip(), 1, implicit=True)
-        except GuestFault:
+            b = self.read_code(self.linear_rip(), 1)
+        except (GuestFault, EptFault):
             b = b""
         if b == b"\xf1":  # INT1/ICEBP: a #DB trap (SDM Vol. 3A 6.15 "Interrupt 1")
             return ExceptionExit(rip=self.regs.rip + 1, vector=x86.DB, software=False, insn_len=1)

@@ -374,10 +374,10 @@ def decode_site(vcpu, lin: int) -> TrapSite | None:
     stale) -- also when its bytes cannot be read any more."""
     from .cpu import EptFault, GuestFault, _cs
     try:
-        code = vcpu.read_linear(lin, 15, implicit=True)
+        code = vcpu.read_code(lin, 15)
     except (GuestFault, EptFault):
         try:   # the instruction may end before an unreadable page
-            code = vcpu.read_linear(lin, 4096 - (lin & 0xFFF), implicit=True)[:15]
+            code = vcpu.read_code(lin, 4096 - (lin & 0xFFF))[:15]
         except (GuestFault, EptFault):
             return None
     mode = vcpu.mode_bits

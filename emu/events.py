@@ -101,7 +101,7 @@ def _restart_software_interrupt(vcpu, ev: Event) -> None:
     r = vcpu.regs
     lin = vcpu.linear_rip()
     try:
-        before = vcpu.read_linear((lin - 2) & _M64, 2, implicit=True)
+        before = vcpu.read_code((lin - 2) & _M64, 2)
     except (GuestFault, EptFault):
         return
     if ev.icebp:

@@ -186,3 +186,36 @@ def test_page_fault_in_user_code_under_smap_reports_cr2(machine):
     _, (ec, rip, cs, *_) = frame(machine, 4)
     assert machine.u64(SAVE + 8) == target
     assert ec == 0x6 and cs == 0x1b and rip == user_code + 10   # not present, write, user (SDM 4.7)
+
+
+def test_port_io_in_user_code_under_smap_reaches_the_device(machine):
+    """Ring-3 OUT with IOPL 3 and CR4.SMAP set: the block's trap sites are
+    found by reading its bytes as a user fetch; read as an implicit supervisor
+    access (SMAP forbids it on a user page) the block went unclassified and
+    Unicorn ran the OUT itself, so the debug-exit port never saw it."""
+    user_code, user_stack = 0x200000, 0x280000
+    body = f"""
+    mov rax, cr4
+    bts rax, 21                                     # CR4.SMAP
+    mov cr4, rax
+    push 0x23
+    push {user_stack:#x}
+    pushfq
+    or qword ptr [rsp], 0x3000                      # IOPL 3
+    push 0x1b
+    push {user_code:#x}
+    iretq
+"""
+    setup(machine, body, {})
+    machine.mem.write(user_code, asm("mov al, 0x21\n out 0xf4, al\n hlt", user_code, 64))
+    pml4 = machine.cpu.regs.cr3 & ~0xFFF
+    e = machine.u64(pml4)
+    machine.mem.write_int(pml4, 8, e | 4)
+    pdpt = e & 0xFFFFFFFFF000
+    e = machine.u64(pdpt)
+    machine.mem.write_int(pdpt, 8, e | 4)
+    pd = e & 0xFFFFFFFFF000
+    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+    res = machine.run()
+    assert res.reason == "debug-exit" and res.status == (0x21 << 1) | 1, res
+    assert machine.cpu.cpl == 3

@@ -490,7 +490,7 @@ def test_decode_site_invept_family_in_16_bit_code_gets_operands_despite_capstone
     from vmlab.emu.decode import decode_site, site_exit
     enc = bytes(_KS[16].asm(text, 0x7C00)[0])
     cpu = SimpleNamespace(mode_bits=16, regs=SimpleNamespace(rip=0x7C00), trap_kinds=frozenset({"vmx", "invpcid"}),
-                          read_linear=lambda lin, n, implicit=False: (enc + b"\x90" * 15)[:n])
+                          read_code=lambda lin, n: (enc + b"\x90" * 15)[:n])
     site = decode_site(cpu, 0x7C00)
     assert site.problem is None and site.length == len(enc)
     assert site.insn.mnemonic == text.split()[0] and site.insn.size == len(enc)
