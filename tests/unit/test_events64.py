@@ -54,6 +54,20 @@ def make_user_accessible(machine):
     machine.mem.write_int(pd, 8, machine.u64(pd) | 4)
 
 
+def make_second_2m_user(machine):
+    """Set U/S on the path to the loader's second 2 MiB page only: user code and
+    stack go there, while the first 2 MiB (GDT, IDT, TSS, kernel stack) stay
+    supervisor pages (SMAP forbids implicit supervisor accesses to user pages)."""
+    pml4 = machine.cpu.regs.cr3 & ~0xFFF
+    e = machine.u64(pml4)
+    machine.mem.write_int(pml4, 8, e | 4)
+    pdpt = e & 0xFFFFFFFFF000
+    e = machine.u64(pdpt)
+    machine.mem.write_int(pdpt, 8, e | 4)
+    pd = e & 0xFFFFFFFFF000
+    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+
+
 def frame(machine, n):
     rsp = machine.u64(SAVE)
     return rsp, [machine.u64(rsp + 8 * i) for i in range(n)]
@@ -171,14 +185,7 @@ def test_page_fault_in_user_code_under_smap_reports_cr2(machine):
 """
     setup(machine, body, {14: {}})
     machine.mem.write(user_code, asm(f"mov rbx, {target:#x}\n mov qword ptr [rbx], rax\n hlt", user_code, 64))
-    pml4 = machine.cpu.regs.cr3 & ~0xFFF
-    e = machine.u64(pml4)
-    machine.mem.write_int(pml4, 8, e | 4)
-    pdpt = e & 0xFFFFFFFFF000
-    e = machine.u64(pdpt)
-    machine.mem.write_int(pdpt, 8, e | 4)
-    pd = e & 0xFFFFFFFFF000
-    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+    make_second_2m_user(machine)
     machine.mem.write(HANDLER, asm(f"mov rax, cr2\n mov qword ptr [{SAVE + 8:#x}], rax\n" + HANDLER_CODE,
                                    HANDLER, 64))
     res = machine.run()
@@ -208,14 +215,7 @@ def test_port_io_in_user_code_under_smap_reaches_the_device(machine):
 """
     setup(machine, body, {})
     machine.mem.write(user_code, asm("mov al, 0x21\n out 0xf4, al\n hlt", user_code, 64))
-    pml4 = machine.cpu.regs.cr3 & ~0xFFF
-    e = machine.u64(pml4)
-    machine.mem.write_int(pml4, 8, e | 4)
-    pdpt = e & 0xFFFFFFFFF000
-    e = machine.u64(pdpt)
-    machine.mem.write_int(pdpt, 8, e | 4)
-    pd = e & 0xFFFFFFFFF000
-    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+    make_second_2m_user(machine)
     res = machine.run()
     assert res.reason == "debug-exit" and res.status == (0x21 << 1) | 1, res
     assert machine.cpu.cpl == 3
