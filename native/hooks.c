@@ -1904,3 +1904,36 @@ int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, v
         return VMLAB_STOP_FAST_EXIT;
     return (int)kind;
 }
+
+/* ---- paging registers of a VMX level switch (native/nested.c) -------------------
+ * What vmm/vmx.py load_paging_state does through Vcpu.write_cr/write_efer, in one
+ * call: paging off first when it is on, then EFER (LMA is the CPU's), CR4, CR3,
+ * CR0; every cached translation dropped; the copies in v synced from Unicorn. */
+int vmlab_paging_write(vmlab_vcpu *v, void *uc, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer)
+{
+    int ids[5];
+    void *vals[5];
+    int n = 0;
+    uint64_t cur0 = 0, cr0_nopg;
+    uc_x86_msr m = {0xC0000080u, efer & ~(1ull << 10)};
+    uc_err err = api.reg_read(uc, UC_X86_REG_CR0, &cur0);
+    if (err)
+        return err;
+    cr0_nopg = cur0 & ~(1ull << 31);
+    if (cur0 & (1ull << 31)) { ids[n] = UC_X86_REG_CR0; vals[n++] = &cr0_nopg; }
+    ids[n] = UC_X86_REG_MSR; vals[n++] = &m;
+    ids[n] = UC_X86_REG_CR4; vals[n++] = &cr4;
+    ids[n] = UC_X86_REG_CR3; vals[n++] = &cr3;
+    ids[n] = UC_X86_REG_CR0; vals[n++] = &cr0;
+    if ((err = api.reg_write_batch(uc, ids, vals, n)))
+        return err;
+    vmlab_stlb_flush(v);
+    vmlab_tlb_flush(uc);
+    uc_x86_msr e = {0xC0000080u, 0};
+    int rids[4] = {UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_MSR};
+    void *rvals[4] = {&v->cr0, &v->cr3, &v->cr4, &e};
+    if ((err = api.reg_read_batch(uc, rids, rvals, 4)))
+        return err;
+    v->efer = e.value;
+    return 0;
+}

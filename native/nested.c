@@ -87,3 +87,139 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
             return VMLAB_STOP_DEADLINE;
     }
 }
+
+/* ---- the L1<->L2 level switch in bulk (vmlab.h VMLAB_LV_*) -------------------------
+ * A VM exit stores the guest state into the VMCS (SDM Vol. 3C 28.3) and loads
+ * the host state (28.5); a VM entry loads the guest state (28.3.2 of the entry
+ * chapter, "Loading Guest State").  vmm/nested.py moves the fields between the
+ * VMCS and an image of VMLAB_LV_N values in Python (one list, one dict update);
+ * these routines move the image into or out of the vCPU in one call each.
+ * Python twin: vmm/nested_state.py (tests compare the two). */
+#define LV_DESC_P (1u << 15)
+#define LV_DESC_DPL_SHIFT 13
+#define LV_DESC_L (1u << 21)
+#define LV_DESC_B (1u << 22)
+#define LV_HF_CPL 3u
+#define LV_HF_CS32 (1u << 4)
+#define LV_HF_SS32 (1u << 5)
+#define LV_HF_ADDSEG (1u << 6)
+#define LV_HF_LMA (1u << 14)
+#define LV_HF_CS64 (1u << 15)
+#define LV_HF_SEG_BITS (LV_HF_CPL | LV_HF_CS32 | LV_HF_SS32 | LV_HF_ADDSEG | LV_HF_CS64)
+#define LV_CR0_PE 1ull
+#define LV_CR0_PG (1ull << 31)
+#define LV_EFER_LMA (1ull << 10)
+#define LV_RFLAGS_VM (1ull << 17)
+
+static const vmlab_seg *lv_seg_c(const vmlab_regs *r, int k)
+{
+    return k < 6 ? &r->seg[k] : k == 6 ? &r->ldtr : &r->tr;
+}
+
+/* QEMU SegmentCache.flags -> VMX access rights (vmm/vmx.py flags_to_ar): type,
+ * S, DPL, P in bits 7:0, AVL, L, D/B, G in 15:12; unusable (bit 16) when not
+ * present, or a null selector with no attributes other than for CS and TR. */
+static uint64_t lv_flags_to_ar(uint32_t flags, uint32_t selector, int cs_or_tr)
+{
+    uint64_t ar = ((flags >> 8) & 0xFF) | ((flags >> 8) & 0xF000);
+    if (!(flags & LV_DESC_P) || ((selector & ~3u) == 0 && !cs_or_tr && !ar))
+        ar |= 1ull << 16;
+    return ar;
+}
+
+/* VMX access rights -> SegmentCache.flags (vmm/vmx.py ar_to_flags). */
+static uint32_t lv_ar_to_flags(uint64_t ar)
+{
+    if (ar & (1ull << 16))
+        return 0;
+    return (uint32_t)(((ar & 0xFF) << 8) | ((ar & 0xF000) << 8));
+}
+
+void vmlab_level_save(const vmlab_regs *r, uint64_t *img)
+{
+    img[VMLAB_LV_RIP] = r->rip;
+    img[VMLAB_LV_RSP] = r->gpr[4];
+    img[VMLAB_LV_RFLAGS] = r->rflags;
+    img[VMLAB_LV_CR0] = r->cr0;
+    img[VMLAB_LV_CR3] = r->cr3;
+    img[VMLAB_LV_CR4] = r->cr4;
+    img[VMLAB_LV_EFER] = r->efer;
+    for (int k = 0; k < 8; k++) {
+        const vmlab_seg *s = lv_seg_c(r, k);
+        uint64_t *o = img + VMLAB_LV_SEG + 4 * k;
+        o[0] = s->selector;
+        o[1] = s->base;
+        o[2] = s->limit;
+        o[3] = lv_flags_to_ar(s->flags, s->selector, k == 1 || k == 7);
+    }
+    img[VMLAB_LV_GDTR_BASE] = r->gdtr_base;
+    img[VMLAB_LV_GDTR_LIMIT] = r->gdtr_limit;
+    img[VMLAB_LV_IDTR_BASE] = r->idtr_base;
+    img[VMLAB_LV_IDTR_LIMIT] = r->idtr_limit;
+}
+
+void vmlab_level_compose(vmlab_regs *r, const uint64_t *img)
+{
+    r->rip = img[VMLAB_LV_RIP];
+    r->gpr[4] = img[VMLAB_LV_RSP];
+    r->rflags = (img[VMLAB_LV_RFLAGS] | 2) & 0x3F7FD7;       /* Vcpu.set_rflags */
+    for (int k = 0; k < 8; k++) {
+        vmlab_seg *s = k < 6 ? &r->seg[k] : k == 6 ? &r->ldtr : &r->tr;
+        const uint64_t *in = img + VMLAB_LV_SEG + 4 * k;
+        s->selector = (uint32_t)in[0];
+        s->base = in[1];
+        s->limit = (uint32_t)in[2];
+        s->flags = lv_ar_to_flags(in[3]);
+    }
+    r->gdtr_base = img[VMLAB_LV_GDTR_BASE];
+    r->gdtr_limit = (uint32_t)img[VMLAB_LV_GDTR_LIMIT];
+    r->idtr_base = img[VMLAB_LV_IDTR_BASE];
+    r->idtr_limit = (uint32_t)img[VMLAB_LV_IDTR_LIMIT];
+    /* The segment-derived hflags, as cpu_x86_load_seg_cache computes them
+     * (emu/cpu.py compute_hflags). */
+    const vmlab_seg *cs = &r->seg[1], *ss = &r->seg[2];
+    uint32_t hf = r->hflags & ~LV_HF_SEG_BITS;
+    uint32_t cpl;
+    if (!(r->cr0 & LV_CR0_PE))
+        cpl = 0;
+    else if (r->rflags & LV_RFLAGS_VM)
+        cpl = 3;
+    else
+        cpl = (ss->flags >> LV_DESC_DPL_SHIFT) & 3;
+    hf |= cpl;
+    if ((r->hflags & LV_HF_LMA) && (cs->flags & LV_DESC_L)) {
+        hf |= LV_HF_CS32 | LV_HF_SS32 | LV_HF_CS64;
+    } else {
+        if (cs->flags & LV_DESC_B)
+            hf |= LV_HF_CS32;
+        if (ss->flags & LV_DESC_B)
+            hf |= LV_HF_SS32;
+        if (!(r->cr0 & LV_CR0_PE) || (r->rflags & LV_RFLAGS_VM) || !(hf & LV_HF_CS32))
+            hf |= LV_HF_ADDSEG;
+        else if (r->seg[3].base | r->seg[0].base | r->seg[2].base)
+            hf |= LV_HF_ADDSEG;
+    }
+    r->hflags = hf;
+}
+
+int vmlab_level_load(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img)
+{
+    int err;
+    if ((err = vmlab_regs_read(v, uc, r)))
+        return err;
+    const uint64_t cr0 = img[VMLAB_LV_CR0], cr3 = img[VMLAB_LV_CR3], cr4 = img[VMLAB_LV_CR4];
+    const uint64_t efer = img[VMLAB_LV_EFER];
+    /* vmm/vmx.py load_paging_state: nothing is written when the four hold those
+     * values already (EFER.LMA is the CPU's, not compared). */
+    if (r->cr0 != cr0 || r->cr3 != cr3 || r->cr4 != cr4 || (r->efer & ~LV_EFER_LMA) != (efer & ~LV_EFER_LMA)) {
+        if ((err = vmlab_paging_write(v, uc, cr0, cr3, cr4, efer)))
+            return err;
+        if ((err = vmlab_regs_read(v, uc, r)))      /* PE, PG, LMA changed hflags */
+            return err;
+    }
+    vmlab_level_compose(r, img);
+    /* RSP (bit 4), RIP (16), RFLAGS (17), GDTR (22), IDTR (23) of vmlab_regs_write */
+    if ((err = vmlab_regs_write(v, uc, r, (1ull << 4) | (1ull << 16) | (1ull << 17) | (1ull << 22) | (1ull << 23))))
+        return err;
+    return vmlab_env_set_segs(v, uc, r, 0xFF, 0xFFFFFFFFu, r->hflags, 1);
+}

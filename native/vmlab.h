@@ -471,3 +471,29 @@ int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64
 /* vmlab_run_exit, serving the VMREADs and VMWRITEs the table can (s->active). */
 int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                        vmlab_fastpath *f, vmlab_vmx_shadow *s, int *err);
+
+/* ---- guest-visible VMX: the L1<->L2 level switch in bulk (native/nested.c; twin vmm/nested_state.py) ----
+ * A level's state as VM entry loads it and VM exit stores it (SDM Vol. 3C 28.3.2,
+ * 28.5, 29.3), one uint64_t per field in this order; the segments as
+ * selector, base, limit, VMX access rights (Table 25-2; bit 16 = unusable). */
+enum {
+    VMLAB_LV_RIP = 0, VMLAB_LV_RSP = 1, VMLAB_LV_RFLAGS = 2, VMLAB_LV_CR0 = 3, VMLAB_LV_CR3 = 4,
+    VMLAB_LV_CR4 = 5, VMLAB_LV_EFER = 6,
+    VMLAB_LV_SEG = 7,          /* 8 segments (ES CS SS DS FS GS LDTR TR) x (selector, base, limit, ar) */
+    VMLAB_LV_GDTR_BASE = 39, VMLAB_LV_GDTR_LIMIT = 40, VMLAB_LV_IDTR_BASE = 41, VMLAB_LV_IDTR_LIMIT = 42,
+    VMLAB_LV_N = 43
+};
+/* Pure: the image of the register file (what a VM exit stores). */
+void vmlab_level_save(const vmlab_regs *r, uint64_t *img);
+/* Pure: r with the image's RIP, RSP, RFLAGS, descriptor tables and segment
+ * caches, and the segment-derived hflags recomputed (CR0/CR3/CR4/EFER and the
+ * hflags they set are taken as already loaded). */
+void vmlab_level_compose(vmlab_regs *r, const uint64_t *img);
+/* Load the image into the vCPU: CR0/CR3/CR4/EFER when they differ (cached
+ * translations dropped then), the rest through vmlab_level_compose, written in
+ * one register batch and one segment-cache store.  r is the vCPU's register
+ * file, read afresh first (the caller has written back its changes). */
+int vmlab_level_load(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img);
+/* CR0/CR3/CR4/EFER as a VM entry or exit loads them (hooks.c): in the order
+ * paging off, EFER, CR4, CR3, CR0; translations flushed; v's copies synced. */
+int vmlab_paging_write(vmlab_vcpu *v, void *uc, uint64_t cr0, uint64_t cr3, uint64_t cr4, uint64_t efer);

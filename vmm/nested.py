@@ -49,8 +49,9 @@ from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
-from .vmx import TrackedVmcs, VmEntryFailed, VmxGuest, load_paging_state
+from .vmx import TrackedVmcs, VmEntryFailed, VmxGuest
 from .nested_shadow import VmcsCache
+from .nested_state import GUEST_IMAGE, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
 
 #: layout of a VMCS region in guest memory (see the module docstring)
@@ -67,23 +68,9 @@ INVALID_POINTER = (1 << 64) - 1
 _CF, _PF, _AF, _ZF, _SF, _OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11
 _ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
 
-#: VM-exit controls used when loading host state (SDM Vol. 3C Table 25-14)
-_EXIT_HOST_64 = 1 << 9
-_EXIT_LOAD_EFER = 1 << 21
-#: host-state field encodings (SDM Vol. 3C App. B), as plain ints
-_X_CTLS, _H_EFER = int(F.VM_EXIT_CONTROLS), int(F.HOST_IA32_EFER)
-_H_CR0, _H_CR3, _H_CR4 = int(F.HOST_CR0), int(F.HOST_CR3), int(F.HOST_CR4)
-_H_CS, _H_TR, _H_TR_BASE = int(F.HOST_CS_SELECTOR), int(F.HOST_TR_SELECTOR), int(F.HOST_TR_BASE)
-_H_FS_BASE, _H_GS_BASE = int(F.HOST_FS_BASE), int(F.HOST_GS_BASE)
-_H_GDTR_BASE, _H_IDTR_BASE = int(F.HOST_GDTR_BASE), int(F.HOST_IDTR_BASE)
-_H_RSP, _H_RIP = int(F.HOST_RSP), int(F.HOST_RIP)
-_H_DATA_SELECTORS = ((x86.R_ES, int(F.HOST_ES_SELECTOR)), (x86.R_SS, int(F.HOST_SS_SELECTOR)),
-                     (x86.R_DS, int(F.HOST_DS_SELECTOR)), (x86.R_FS, int(F.HOST_FS_SELECTOR)),
-                     (x86.R_GS, int(F.HOST_GS_SELECTOR)))
-#: the segment attributes host-state loading gives (SDM Vol. 3C 28.5.2)
-_HOST_CODE = x86.DESC_P | x86.DESC_S | x86.DESC_CS | x86.DESC_R | x86.DESC_A | x86.DESC_G
-_HOST_CODE64, _HOST_CODE32 = _HOST_CODE | x86.DESC_L, _HOST_CODE | x86.DESC_B
-_HOST_DATA = x86.DESC_P | x86.DESC_S | x86.DESC_W | x86.DESC_A | x86.DESC_G | x86.DESC_B
+_X_CTLS = int(F.VM_EXIT_CONTROLS)
+_E_TSC_OFFSET, _E_INTR = int(F.TSC_OFFSET), int(F.GUEST_INTERRUPTIBILITY_STATE)
+_PP_TSC_OFFSETTING = 1 << 3          # primary processor-based control "use TSC offsetting" (Table 25-6)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -121,6 +108,8 @@ class NestedVmx:
         self.reflected = 0                     # VM exits reflected to L1 (statistics)
         #: the fields native/nested.c serves while L1 runs (vmm/nested_shadow.py)
         self._cache = VmcsCache(self.caps)
+        #: the image buffer of the level switch (vmm/nested_state.py), per vCPU
+        self._switch: LevelSwitch | None = None
         #: VMREAD/VMWRITE sites decoded for the register-form path: id(insn) -> (insn, form)
         self._sites: dict[int, tuple] = {}
         #: encodings VMWRITE may write (full access) -> the field's width mask
@@ -524,40 +513,22 @@ class NestedVmx:
     def _load_host_state(self, v) -> None:
         """SDM Vol. 3C 28.5.1-28.5.2: control registers, EFER, segment registers
         with the fixed attributes of host state, descriptor-table bases, RSP,
-        RIP, RFLAGS = 2.  (Host-state fields are read from the VMCS's dict: each
-        is a valid field, whose VMREAD is the stored value.)"""
-        vm = self.vm
-        cpu = vm.vcpu
+        RIP, RFLAGS = 2 -- as one image (vmm/nested_state.py host_image) loaded
+        by one native call.  (Host-state fields are read from the VMCS's dict:
+        each is a valid field, whose VMREAD is the stored value.)"""
+        cpu = self.vm.vcpu
         g = v._values.get
-        exit_ctls = g(_X_CTLS, 0)
-        host64 = bool(exit_ctls & _EXIT_HOST_64)
         cpu.set_ept(None)
         cpu.native.tsc_offset = 0
-        cpu.refresh()
-        if exit_ctls & _EXIT_LOAD_EFER:
-            efer = g(_H_EFER, 0)
-        else:
-            efer = cpu.regs.efer & ~(x86.EFER_LMA | x86.EFER_LME)
-            if host64:
-                efer |= x86.EFER_LME
-        load_paging_state(cpu, g(_H_CR0, 0), g(_H_CR3, 0), g(_H_CR4, 0), efer)
-        code = _HOST_CODE64 if host64 else _HOST_CODE32
-        segs = {x86.R_CS: (g(_H_CS, 0), 0, 0xFFFFFFFF, code)}
-        for idx, sel_f in _H_DATA_SELECTORS:
-            sel = g(sel_f, 0)
-            base = g(_H_FS_BASE, 0) if idx == x86.R_FS else g(_H_GS_BASE, 0) if idx == x86.R_GS else 0
-            # A null selector leaves the register unusable, SS excepted (28.5.2).
-            flags = _HOST_DATA if sel & ~3 or idx == x86.R_SS else 0
-            segs[idx] = (sel, base, 0xFFFFFFFF, flags)
-        segs[6] = (0, 0, 0, 0)                                            # LDTR unusable
-        segs[7] = (g(_H_TR, 0), g(_H_TR_BASE, 0), 0x67, x86.DESC_P | (11 << 8))  # busy 64-bit TSS (type in flags 11:8)
-        cpu.set_descriptor_tables(gdtr=(g(_H_GDTR_BASE, 0), 0xFFFF), idtr=(g(_H_IDTR_BASE, 0), 0xFFFF))
-        cpu.set_rflags(2)
-        cpu.set_reg("rsp", g(_H_RSP, 0))
-        cpu.set_rip(g(_H_RIP, 0))
-        cpu.load_segments(segs, clear_exception=True)
+        self._switch_for(cpu).load(host_image(g, g(_X_CTLS, 0), cpu.regs.efer))
         self._arm_l1()
         cpu.flush()
+
+    def _switch_for(self, cpu) -> LevelSwitch:
+        sw = self._switch
+        if sw is None or sw.cpu is not cpu:
+            sw = self._switch = LevelSwitch(cpu)
+        return sw
 
     # ------------------------------------------------------------------ trap sites of both levels
     # Arming trap sites is costly: vmlab_trap_set_kinds drops every translated
@@ -615,7 +586,27 @@ class NestedVmx:
 
 class _L2Guest(VmxGuest):
     """The VmxGuest over L1's current VMCS: it arms its trap kinds into the set
-    both levels share (NestedVmx._arm_l2) instead of replacing it."""
+    both levels share (NestedVmx._arm_l2) instead of replacing it, and moves
+    the guest state with the native level switch (vmm/nested_state.py)."""
+
+    def _load_guest_state(self) -> None:
+        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 27.3.2 checked, then
+        loaded as VmxGuest._load_guest_state does), as one image."""
+        v, cpu = self.vmcs, self.cpu
+        v.materialize()
+        g = v._values.get
+        self.vm.nested._switch_for(cpu).load([g(e, 0) for e in GUEST_IMAGE])
+        cpu.native.tsc_offset = g(_E_TSC_OFFSET, 0) if self._primary() & _PP_TSC_OFFSETTING else 0
+        self._saved = True
+
+    def _store_guest_state(self) -> None:
+        """The deferred part of a VM exit (SDM Vol. 3C 28.3.2): the vCPU's
+        state into the guest-state area, as one image; interruptibility bit 3
+        (blocking by NMI, Table 25-3) as at the exit."""
+        vals = self._vmcs._values
+        vals.update(zip(GUEST_IMAGE, self.vm.nested._switch_for(self.cpu).save()))
+        intr = vals.get(_E_INTR, 0) & ~(1 << 3)
+        vals[_E_INTR] = intr | (8 if self._exit_nmi_blocked else 0)
 
     def _set_trap_kinds(self, kinds: frozenset) -> None:
         self.vm.nested._arm_l2(kinds)
