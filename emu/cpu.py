@@ -204,6 +204,9 @@ class Vcpu:
         if lib.vmlab_vcpu_init(v, self._uch, ffi.cast("uint8_t *", memory.address), memory.size,
                                memory.high_size):
             raise NativeError("native vCPU initialisation failed")
+        # Host-side writes (device DMA, loaders) drop translated code they hit.
+        phys_written = lib.vmlab_phys_written
+        memory.on_write = lambda gpa, n, _v=v: phys_written(_v, gpa, n)
         lay = self.layout
         v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr
         v.ctx_error_code, v.ctx_is_int, v.ctx_old_exception = lay.error_code, lay.is_int, lay.old_exception
@@ -242,6 +245,9 @@ class Vcpu:
         Guest RAM stays the caller's (Vm.close unmaps it).  The Vcpu becomes a
         ClosedVcpu: any later use raises ClosedError."""
         v, uc = self.__dict__.get("_v"), self.__dict__.get("uc")
+        mem = self.__dict__.get("mem")
+        if mem is not None:
+            mem.on_write = None
         if v is not None and v.priv != ffi.NULL:
             lib.vmlab_vcpu_fini(v)
         # The binding closes an engine through a weakref.finalize that runs at
@@ -658,7 +664,7 @@ class Vcpu:
         chunks = self._linear_chunks(vaddr, len(data), ACC_WRITE, user, implicit)
         for pa, n, mmio in chunks:
             if pa is not None:
-                self.mem.write(pa, data[off:off + n])
+                self.mem.write(pa, data[off:off + n], notify=False)   # coherence: the next lines
                 lib.vmlab_code_page_written(self._v, pa & ~0xFFF)
             off += n
         # Keep Unicorn's translated code coherent with host-side writes.

@@ -81,6 +81,16 @@ class GuestMemory:
         if self.high_size:
             _mprotect_none(self.address + self.size, HIGH_RAM_BASE - self.size)
         self.view = memoryview(self._mm)
+        #: called with (gpa, length) after every write made from the host side
+        #: (devices' DMA, loaders, the debugger): the vCPU drops translated code
+        #: of the pages it hits, as QEMU does for DMA (emu.cpu sets it).
+        self.on_write = None
+
+    def note_written(self, gpa: int, length: int) -> None:
+        """Tell the machine that [gpa, gpa+length) changed behind the CPU's back
+        (after I/O into a :meth:`buffer` view, or a native device path)."""
+        if self.on_write is not None and length > 0:
+            self.on_write(gpa, length)
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
@@ -110,9 +120,13 @@ class GuestMemory:
         self.check(gpa, length)
         return self._mm[gpa:gpa + length]
 
-    def write(self, gpa: int, data: bytes) -> None:
+    def write(self, gpa: int, data: bytes, notify: bool = True) -> None:
+        """Write guest RAM from the host side (``notify=False``: the caller,
+        the CPU's own store path, keeps translated code coherent itself)."""
         self.check(gpa, len(data))
         self._mm[gpa:gpa + len(data)] = data
+        if notify and self.on_write is not None:
+            self.on_write(gpa, len(data))
 
     def buffer(self, gpa: int, length: int) -> memoryview:
         """A writable view of ``[gpa, gpa+length)`` (bounds-checked), for
@@ -124,6 +138,8 @@ class GuestMemory:
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
         self._mm[gpa:gpa + length] = bytes([byte]) * length
+        if self.on_write is not None:
+            self.on_write(gpa, length)
 
     def read_int(self, gpa: int, size: int) -> int:
         self.check(gpa, size)
@@ -132,6 +148,8 @@ class GuestMemory:
     def write_int(self, gpa: int, size: int, value: int) -> None:
         self.check(gpa, size)
         self._mm[gpa:gpa + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if self.on_write is not None:
+            self.on_write(gpa, size)
 
     def read_u64(self, gpa: int) -> int:
         self.check(gpa, 8)

@@ -97,6 +97,7 @@ struct priv {
     uint32_t tb_page_next_cap;
     uint32_t *tb_span;          /* registry blocks that cross a page boundary (checked on every write) */
     uint32_t ntb_span, tb_span_cap;
+    uint32_t tb_flush_pending;  /* a host-side write hit code: drop every translation before running */
     uint32_t *tbhash;           /* open addressing over indices into v->tbs (+1; 0 = empty) */
     uint32_t tbhash_cap;
     /* ---- the block hook's own state (hook_block, vmlab_run) ---- */
@@ -530,6 +531,33 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
         if (ce->ppage == page || (ce->pc != ~0ull && (ce->pc & 0xfff) + (ce->size_mode >> 2) > 4096))
             ce->pc = ~0ull;
     }
+}
+
+/* A host-side write to guest RAM (device DMA, a loader, the debugger): the
+ * pages that held code lose their blocks as after a CPU store, and Unicorn's
+ * translations are dropped before the vCPU runs again (QEMU invalidates its
+ * translations on DMA the same way; Unicorn cannot drop them by physical
+ * address, so all go).  Returns 1 if a code page was hit. */
+int vmlab_phys_written(vmlab_vcpu *v, uint64_t gpa, uint64_t len)
+{
+    struct priv *p = v->priv;
+    if (!p || !len)
+        return 0;
+    uint64_t end = gpa + len;
+    if (end < gpa)
+        end = ~0ull;
+    int hit = 0;
+    for (uint64_t pg = gpa & ~0xfffull; pg < end && pg >= (gpa & ~0xfffull); pg += 4096) {
+        if (!vmlab_is_ram(v, pg, 1))
+            continue;
+        if (v->page_flags[pg >> 12] & VMLAB_PAGE_CODE) {
+            vmlab_code_page_written(v, pg);
+            hit = 1;
+        }
+    }
+    if (hit)
+        p->tb_flush_pending = 1;
+    return hit;
 }
 
 /* A page code is fetched from: stores to it are watched (vmlab_code_page_written). */
@@ -1687,6 +1715,12 @@ int vmlab_set_clock(vmlab_vcpu *v, void *uc, int host, uint64_t origin_ns)
  * arms its sites once, so this ends; a bound keeps it from spinning anyway. */
 static int run_sites(vmlab_vcpu *v, void *uc, uint64_t begin, size_t count)
 {
+    struct priv *p = v->priv;
+    if (p->tb_flush_pending) {
+        p->tb_flush_pending = 0;
+        api.ctl(uc, UC_CTL_WRITE(UC_CTL_TB_FLUSH, 0));
+        api.ctl(uc, UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0));
+    }
     for (int tries = 0;; tries++) {
         const int err = api.emu_start(uc, begin, 0, 0, count);
         if (err || v->stop_kind != VMLAB_STOP_SITES)

@@ -66,6 +66,17 @@ static int vq_in_ram(const vq_ram *m, uint64_t addr, uint64_t len)
     return off < m->high && len <= m->high - off;
 }
 
+/* Widen the span of guest RAM the device wrote (vmlab_vq_result.dma_*). */
+static void vq_span(vmlab_vq_result *res, uint64_t addr, uint64_t len)
+{
+    if (!len)
+        return;
+    if (addr < res->dma_lo)
+        res->dma_lo = addr;
+    if (addr + len > res->dma_hi)
+        res->dma_hi = addr + len;
+}
+
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
@@ -218,6 +229,7 @@ int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q,
     struct iovec iov[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0;
     memset(res, 0, sizeof *res);
+    res->dma_lo = ~0ull;
     res->stop = VMLAB_VQ_STOP_PUNT;
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
@@ -264,12 +276,17 @@ int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q,
             uint32_t used = 1;
             if (nbytes % SECTOR || sector > capacity / SECTOR || nbytes > capacity - sector * SECTOR) {
                 status = VIRTIO_BLK_S_IOERR;       /* §5.2.6.2: past the end, or not whole sectors */
-            } else if (niov && vq_io(fd, iov, niov, sector * SECTOR, write) < 0) {
-                status = VIRTIO_BLK_S_IOERR;
-            } else if (!write) {
-                used += (uint32_t)nbytes;
+            } else {
+                if (!write)
+                    for (int j = 0; j < niov; j++)
+                        vq_span(res, (uint64_t)((uint8_t *)iov[j].iov_base - ram), iov[j].iov_len);
+                if (niov && vq_io(fd, iov, niov, sector * SECTOR, write) < 0)
+                    status = VIRTIO_BLK_S_IOERR;
+                else if (!write)
+                    used += (uint32_t)nbytes;
             }
             ram[status_addr] = status;
+            vq_span(res, status_addr, 1);
             vq_put_used(ram, q, (uint32_t)head, used);
             q->last_avail = (uint16_t)(q->last_avail + 1);
             res->done++;
@@ -294,6 +311,7 @@ int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq 
     uint32_t count = 0, taken = 0;
     uint64_t pos = 0;
     memset(res, 0, sizeof *res);
+    res->dma_lo = ~0ull;
     res->stop = VMLAB_VQ_STOP_PUNT;
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
@@ -347,6 +365,7 @@ int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq 
     uint32_t count = 0, taken = 0, fi = 0;
     uint64_t fpos = 0;
     memset(res, 0, sizeof *res);
+    res->dma_lo = ~0ull;
     res->stop = VMLAB_VQ_STOP_PUNT;
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
@@ -385,6 +404,7 @@ int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq 
                     memcpy(dst, hdr + done, h);
                 if (l > h)
                     memcpy(dst + h, f + (done + h - NET_HDR_LEN), l - h);
+                vq_span(res, segs[j].addr, l);
                 done += l;
             }
             vq_put_used(ram, q, (uint32_t)head, (uint32_t)n);

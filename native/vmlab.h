@@ -339,6 +339,7 @@ int vmlab_block_sites(const uint8_t *code, uint32_t len, const uint32_t *starts,
  * the Capstone Python binding's own structure before the first VM runs. */
 enum { VMLAB_CS_INSN_SIZE = 248, VMLAB_CS_INSN_ADDRESS = 8, VMLAB_CS_INSN_LEN = 16 };
 void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr);
+int vmlab_phys_written(vmlab_vcpu *v, uint64_t gpa, uint64_t len);
 void vmlab_tlb_flush(void *uc);
 void vmlab_tb_reset(vmlab_vcpu *v);
 void vmlab_stlb_flush(vmlab_vcpu *v);
@@ -444,6 +445,8 @@ typedef struct vmlab_vq_result {
     uint32_t stop;             /* VMLAB_VQ_STOP_* */
     uint32_t pad;
     uint64_t bytes;            /* data bytes moved */
+    uint64_t dma_lo, dma_hi;   /* guest-physical span the device wrote (data, status; not the rings):
+                                  [dma_lo, dma_hi), empty when dma_hi == 0 */
 } vmlab_vq_result;
 int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q, int fd, uint64_t capacity, uint32_t allow_write,
                  vmlab_vq_result *res);

@@ -58,6 +58,10 @@ class RecordingMemory:
         self._note(gpa, length)
         return self._mem.buffer(gpa, length)
 
+    def note_written(self, gpa, length):
+        self._note(gpa, length)
+        return self._mem.note_written(gpa, length)
+
 
 class MockDriver:
     """One split virtqueue of ``size`` entries at fixed addresses in ``mem``,

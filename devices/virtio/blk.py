@@ -160,6 +160,8 @@ class VirtioBlk(VirtioDevice):
                 # below) and the disk is writable.
                 r = fast.blk(self.mem, q, self.backend.fd, self.capacity * SECTOR,
                              self.has(VIRTIO_BLK_F_FLUSH) and not self.read_only)
+                if r.dma_hi:        # DMA: translated code on those pages goes
+                    self.mem.note_written(r.dma_lo, r.dma_hi - r.dma_lo)
                 if r.done:
                     st["requests"] += r.done
                     st["ok"] += r.ok
@@ -242,6 +244,8 @@ class VirtioBlk(VirtioDevice):
             if nbytes % SECTOR or rdata or not self._range_ok(sector, nbytes):
                 return VIRTIO_BLK_S_IOERR, 0, False
             self.backend.readv(sector * SECTOR, self._views(wdata))
+            for a, ln in wdata:     # DMA into RAM views: translated code on those pages goes
+                self.mem.note_written(a, ln)
             return VIRTIO_BLK_S_OK, nbytes, False
         if rtype == VIRTIO_BLK_T_OUT:
             nbytes = sum(ln for _, ln in rdata)

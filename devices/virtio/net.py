@@ -267,6 +267,8 @@ class VirtioNet(VirtioDevice):
             if fast is not None and not self._spare:
                 frames = list(backlog)
                 r = fast.net_rx(mem, q, max_frame, frames, hdr)
+                if r.dma_hi:        # DMA: translated code on those pages goes
+                    mem.note_written(r.dma_lo, r.dma_hi - r.dma_lo)
                 if r.consumed == len(frames):
                     backlog.clear()
                 else:

@@ -62,12 +62,18 @@ _USED = struct.Struct("<II")
 class Result:
     """What one batch did (see the module docstring)."""
 
-    __slots__ = ("done", "ok", "errors", "wrote", "frames", "consumed", "stop", "bytes")
+    __slots__ = ("done", "ok", "errors", "wrote", "frames", "consumed", "stop", "bytes", "dma_lo", "dma_hi")
 
     def __init__(self) -> None:
         self.done = self.ok = self.errors = self.wrote = self.frames = self.consumed = 0
         self.stop = STOP_PUNT
         self.bytes = 0
+        self.dma_lo, self.dma_hi = (1 << 64) - 1, 0     # the span the device wrote (data, status)
+
+    def span(self, addr: int, length: int) -> None:
+        if length:
+            self.dma_lo = min(self.dma_lo, addr)
+            self.dma_hi = max(self.dma_hi, addr + length)
 
     def as_tuple(self) -> tuple:
         return tuple(getattr(self, k) for k in self.__slots__)
@@ -263,11 +269,16 @@ class PythonVirtq:
                 status, used = _S_OK, 1
                 if nbytes % SECTOR or sector > capacity // SECTOR or nbytes > capacity - sector * SECTOR:
                     status = _S_IOERR
-                elif data and not _io(fd, [ram[a:a + ln] for a, ln in data], sector * SECTOR, write):
-                    status = _S_IOERR
-                elif not write:
-                    used += nbytes
+                else:
+                    if not write:
+                        for a, ln in data:
+                            res.span(a, ln)
+                    if data and not _io(fd, [ram[a:a + ln] for a, ln in data], sector * SECTOR, write):
+                        status = _S_IOERR
+                    elif not write:
+                        used += nbytes
                 ram[st_addr + st_len - 1] = status
+                res.span(st_addr + st_len - 1, 1)
                 _put_used(ram, pq, head, used)
                 pq.last_avail = (pq.last_avail + 1) & 0xFFFF
                 res.done += 1
@@ -356,6 +367,7 @@ class PythonVirtq:
                         break
                     m = min(ln, len(data) - pos)
                     ram[a:a + m] = data[pos:pos + m]
+                    res.span(a, m)
                     pos += m
                 _put_used(ram, pq, head, len(data))
                 pq.last_avail = (pq.last_avail + 1) & 0xFFFF
@@ -394,6 +406,7 @@ class NativeVirtq:
         r, out = self._res, Result()
         out.done, out.ok, out.errors, out.wrote = r.done, r.ok, r.errors, r.wrote
         out.frames, out.consumed, out.stop, out.bytes = r.frames, r.consumed, r.stop, r.bytes
+        out.dma_lo, out.dma_hi = r.dma_lo, r.dma_hi
         return out
 
     def _ram(self, mem):

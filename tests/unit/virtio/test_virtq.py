@@ -49,6 +49,10 @@ class ShrunkMemory:
     def read_int(self, gpa, size):
         return int.from_bytes(self.view[gpa:gpa + size], "little")
 
+    def note_written(self, gpa, length):
+        if gpa < 0 or length < 0 or gpa + length > RAM:
+            raise AssertionError("outside")
+
 
 # Addresses: buffers in a heap, near the end of RAM, straddling it, past it.
 addrs = st.one_of(st.integers(0x40000, 0x80000), st.sampled_from([RAM - 1, RAM - 16, RAM - 512, RAM, RAM + 8,
