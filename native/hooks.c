@@ -150,10 +150,10 @@ static int current_cpl(vmlab_vcpu *v, struct priv *p)
     return (int)(cs & 3);
 }
 
-/* ---- trap-site classifier and scanner ------------------------------------------ */
+/* ---- trap-site classifier ------------------------------------------------------- */
 /* The opcode table is generated from FORMS in emu/trapscan.py (SDM Vol. 2
  * Appendix A opcode maps); emu/trapscan.py also holds the pure-Python twin of
- * vmlab_classify and vmlab_scan_page, which tests/unit/test_trapscan.py
+ * vmlab_classify and vmlab_block_sites, which tests/unit/test_trapscan.py
  * compares with these on random bytes.  Change both together. */
 #include "trap_table.h"
 
