@@ -468,12 +468,9 @@ int vmlab_exit_remove(vmlab_vcpu *v, void *uc, uint64_t addr)
     return 1;
 }
 
-int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
+/* Drop every armed site; every block is classified again at its next run. */
+static void sites_reset(vmlab_vcpu *v, struct priv *p, void *uc)
 {
-    struct priv *p = v->priv;
-    if (kinds == v->trap_kinds)
-        return 0;
-    v->trap_kinds = kinds;
     for (uint32_t k = 0; k < v->nexits; k++)
         api.hook_del(uc, p->site_hooks[k]);
     v->nexits = 0;
@@ -486,6 +483,15 @@ int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
         v->sites_gen = 1;
     for (uint32_t k = 0; k < ICACHE_SIZE; k++)
         p->icache[k].pc = ~0ull;
+}
+
+int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
+{
+    struct priv *p = v->priv;
+    if (kinds == v->trap_kinds)
+        return 0;
+    v->trap_kinds = kinds;
+    sites_reset(v, p, uc);
     return 1;
 }
 
@@ -815,6 +821,14 @@ static int arm_block_sites(vmlab_vcpu *v, struct priv *p, uint64_t pc, const uin
     int added = 0;
     size_t i = 0;
     v->stat_scans++;
+    /* Bounded: Unicorn walks its hook list for every instruction it
+     * translates, so a guest that keeps making new code with trapped
+     * instructions in it (a JIT) must not grow the list without end.  Past
+     * the bound every site goes and blocks arm theirs again as they run. */
+    if (v->nexits >= VMLAB_MAX_SITES) {
+        sites_reset(v, p, p->uc);
+        v->stat_sites_resets++;
+    }
     while (i < cnt || covered < size) {
         uint32_t n = 0;
         for (; i < cnt && n < 64; i++) {

@@ -75,6 +75,9 @@ enum {
                                   restarts by itself; never seen by Python) */
 };
 
+/* At most this many trap sites are armed at once (native/hooks.c arm_block_sites). */
+enum { VMLAB_MAX_SITES = 8192 };
+
 /* Trap-site kinds: "stop before any instruction of kind K" (bit numbers). */
 enum {
     VMLAB_TRAP_RDMSR = 0, VMLAB_TRAP_WRMSR = 1, VMLAB_TRAP_CR_READ = 2,
@@ -264,6 +267,7 @@ typedef struct vmlab_vcpu {
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
     uint64_t stat_stlb_hits, stat_stlb_flushes;
     uint64_t stat_scans, stat_code_writes, stat_sites_armed;   /* scans: blocks classified */
+    uint64_t stat_sites_resets;        /* times VMLAB_MAX_SITES was reached and every site dropped */
 
     /* ---- block registry (Python reads these arrays, drains the logs) ---- */
     vmlab_tb *tbs;

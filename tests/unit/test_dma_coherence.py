@@ -63,3 +63,50 @@ def test_host_write_to_data_pages_keeps_translations():
         assert v.stat_tb_invalidations > before
     finally:
         m.close()
+
+
+class Counter:
+    def __init__(self):
+        self.reads = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_trap_sites_stay_bounded_for_a_guest_that_keeps_making_new_code():
+    """A JIT-like guest writes and calls 8400 tiny functions, each with an IN
+    at a new address: the armed sites never exceed the bound (Unicorn walks
+    its hook list for every instruction it translates); past it they are all
+    dropped and re-armed as blocks run, and every IN still reaches the device."""
+    from vmlab.emu.native import lib
+    m = Machine()
+    try:
+        dev = Counter()
+        m.vm.pio.register(0x9A, 1, dev, "counter")
+        m.boot(asm("""
+            mov esp, 0x90000
+            mov edi, 0x200000
+            mov ecx, 8400
+        next:
+            mov word ptr [edi], 0x9ae5       # in eax, 0x9a
+            mov byte ptr [edi + 2], 0xc3     # ret
+            call edi
+            add edi, 3
+            dec ecx
+            jnz next
+            mov al, 0
+            out 0xf4, al
+            hlt
+        """, 0x100000, 32), 0x100000, "protected32")
+        res = m.vm.run(max_insns=5_000_000)
+        v = m.cpu.native
+        assert res.reason == "debug-exit" and res.status == 1, res
+        assert dev.reads == 8400
+        assert v.stat_sites_resets >= 1 and v.nexits <= lib.VMLAB_MAX_SITES
+    finally:
+        m.close()
