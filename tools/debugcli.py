@@ -24,6 +24,8 @@ def add_gdb_options(p) -> None:
 
 def add_debug_options(p) -> None:
     p.add_argument("-x", dest="script", default=None, metavar="FILE", help="run the commands in FILE first")
+    p.add_argument("--symbols", default=None, metavar="FILE",
+                   help="symbols from FILE (an ELF or a System.map) instead of the kernel's own")
     p.add_argument("--batch", action="store_true",
                    help="run -x FILE (and nothing from stdin), then exit, like gdb -batch")
 
@@ -34,7 +36,7 @@ def exit_status(res) -> int:
         return 0
     if res.reason == StopReason.DEBUG_EXIT and res.status is not None:
         return res.status & 0xFF
-    return {StopReason.HALTED: 0, StopReason.SHUTDOWN: 10, StopReason.LIMIT: 12,
+    return {StopReason.HALTED: 0, StopReason.POWEROFF: 0, StopReason.SHUTDOWN: 10, StopReason.LIMIT: 12,
             StopReason.TIMEOUT: 124}.get(res.reason, 14)
 
 
@@ -54,7 +56,16 @@ def debug_session(vm, args, kernel: str):
     from vmlab.tools.debugger import Debugger, DebuggerError
     from vmlab.tools.symbols import load_symbols
 
-    dbg = Debugger(vm, load_symbols(kernel))
+    from vmlab.tools.symbols import load_symbol_file
+    sym_file = getattr(args, "symbols", None)
+    if sym_file is not None:
+        try:
+            syms = load_symbol_file(sym_file)
+        except OSError as exc:
+            raise CliError(f"cannot read --symbols {sym_file}: {exc.strerror}", EXIT_USAGE) from None
+    else:
+        syms = load_symbols(kernel)
+    dbg = Debugger(vm, syms)
     if args.cmd == "debug":
         from vmlab.tools.debugrepl import run_repl
         if args.batch and not args.script and sys.stdin.isatty():

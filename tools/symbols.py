@@ -2,8 +2,11 @@
 
 An ELF kernel brings its symbol table (read with pyelftools, like the loaders:
 kernels are hostile input and every value is bounds-checked by the reader); a
-guest source from ``guests/`` brings its labels (tools/asm.py).  A kernel
-without either has no symbols and addresses print bare.
+guest source from ``guests/`` brings its labels (tools/asm.py); a Linux bzImage
+brings the ``System.map`` beside it (``/boot/System.map-VERSION`` for
+``/boot/vmlinuz-VERSION``: what Debian installs; the addresses hold with
+``nokaslr``).  ``--symbols FILE`` names an ELF or a System.map explicitly.  A
+kernel without any has no symbols and addresses print bare.
 """
 from __future__ import annotations
 
@@ -83,6 +86,44 @@ def from_elf(data: bytes) -> Symbols:
     return Symbols(table, sizes)
 
 
+#: System.map symbol types kept (nm(1): text, data, bss, read-only data, weak)
+_MAP_TYPES = set("TtDdBbRrWwVv")
+
+
+def from_system_map(text: str) -> Symbols:
+    """``nm``-style lines ``ADDRESS TYPE NAME`` (Linux's System.map); lines
+    that do not parse are skipped."""
+    table: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[1] not in _MAP_TYPES:
+            continue
+        try:
+            addr = int(parts[0], 16)
+        except ValueError:
+            continue
+        if 0 <= addr < 1 << 64:
+            table.setdefault(parts[2], addr)
+    return Symbols(table)
+
+
+def _system_map_beside(path: Path, data: bytes) -> Path | None:
+    """The System.map of a bzImage (boot protocol "HdrS" at 0x202)."""
+    if data[0x202:0x206] != b"HdrS" or not path.name.startswith("vmlinuz"):
+        return None
+    cand = path.with_name("System.map" + path.name[len("vmlinuz"):])
+    return cand if cand.is_file() else None
+
+
+def load_symbol_file(path: str | Path) -> Symbols:
+    """An explicit symbol file (``--symbols``): an ELF's symbol table or a
+    System.map.  Raises OSError if it cannot be read."""
+    data = Path(path).read_bytes()
+    if data[:4] == b"\x7fELF":
+        return from_elf(data)
+    return from_system_map(data.decode("latin-1"))
+
+
 def load_symbols(kernel: str | Path) -> Symbols:
     """Symbols of a kernel file: an ELF's symbol table, or a guest source's
     labels (``.asm``).  Never raises for a file that has none."""
@@ -106,4 +147,10 @@ def load_symbols(kernel: str | Path) -> Symbols:
         return Symbols()
     if data[:4] == b"\x7fELF":
         return from_elf(data)
+    smap = _system_map_beside(path, data)
+    if smap is not None:
+        try:
+            return from_system_map(smap.read_text(errors="replace"))
+        except OSError:
+            return Symbols()
     return Symbols()

@@ -332,3 +332,33 @@ def test_gdbstub_binary_write_x_packet_unescapes_and_writes():
     s.close()
     t.join(20)
     vm.close()
+
+
+def test_symbols_from_a_system_map(tmp_path):
+    """--symbols FILE takes nm-style ``ADDRESS TYPE NAME`` lines (Linux's
+    System.map): a breakpoint by one of its names stops there, and addresses
+    print with its names."""
+    from vmlab.tools.asm import compile_guest
+    from vmlab.tools.symbols import from_system_map
+    puts = compile_guest(HELLO).labels["puts"]
+    smap = tmp_path / "System.map"
+    smap.write_text(f"0000000000007c00 T boot_entry\n{puts:016x} t early_puts\n"
+                    "ffffffffffffffff B The real System.map is in the linux-image-dbg package\n"
+                    "zzzz T not_an_address\n")
+    syms = from_system_map(smap.read_text())
+    assert syms.lookup("early_puts") == puts and len(syms) == 2      # the junk lines are skipped
+    script = "b early_puts\nc\ninfo registers rip\n"
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "debug", str(HELLO), "--serial", "none",
+                        "--symbols", str(smap)], input=script, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    lines = p.stdout.splitlines()
+    assert lines[0] == "0x0000000000007c00 in boot_entry ()", p.stdout + p.stderr
+    assert f"Breakpoint 1 at {puts:#x} <early_puts>" in lines
+    assert f"Breakpoint 1, 0x{puts:016x} in early_puts ()" in lines
+
+
+def test_symbols_option_refuses_an_unreadable_file(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "vmlab.tools", "debug", str(HELLO), "--serial", "none",
+                        "--symbols", str(tmp_path / "missing.map"), "--batch"], input="", capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"vmlab: error: cannot read --symbols {tmp_path / 'missing.map'}: No such file or directory"]
