@@ -66,6 +66,14 @@ static int vq_in_ram(const vq_ram *m, uint64_t addr, uint64_t len)
     return off < m->high && len <= m->high - off;
 }
 
+/* A batch's result before it starts (the twin: Result()). */
+static void vq_result_init(vmlab_vq_result *res)
+{
+    memset(res, 0, sizeof *res);
+    res->dma_lo = ~0ull;
+    res->stop = VMLAB_VQ_STOP_PUNT;
+}
+
 /* Widen the span of guest RAM the device wrote (vmlab_vq_result.dma_*). */
 static void vq_span(vmlab_vq_result *res, uint64_t addr, uint64_t len)
 {
@@ -228,9 +236,7 @@ int vmlab_vq_blk(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq *q,
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     struct iovec iov[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0;
-    memset(res, 0, sizeof *res);
-    res->dma_lo = ~0ull;
-    res->stop = VMLAB_VQ_STOP_PUNT;
+    vq_result_init(res);
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {
@@ -310,9 +316,7 @@ int vmlab_vq_net_tx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq 
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0;
     uint64_t pos = 0;
-    memset(res, 0, sizeof *res);
-    res->dma_lo = ~0ull;
-    res->stop = VMLAB_VQ_STOP_PUNT;
+    vq_result_init(res);
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {
@@ -364,9 +368,7 @@ int vmlab_vq_net_rx(uint8_t *ram, uint64_t ram_low, uint64_t ram_high, vmlab_vq 
     vq_seg segs[VMLAB_VQ_MAX_SEGS];
     uint32_t count = 0, taken = 0, fi = 0;
     uint64_t fpos = 0;
-    memset(res, 0, sizeof *res);
-    res->dma_lo = ~0ull;
-    res->stop = VMLAB_VQ_STOP_PUNT;
+    vq_result_init(res);
     if (vq_ring_ok(ram, &m, q, &count)) {
         res->stop = VMLAB_VQ_STOP_EMPTY;
         for (; taken < count; taken++) {

@@ -42,8 +42,9 @@ def setup(machine, body, gates):
     machine.boot(asm(PRELUDE + body, CODE, 64), CODE, "long64")
 
 
-def make_user_accessible(machine):
-    """Set U/S on the loader's identity map for the first 2 MiB (PML4E, PDPTE, PDE)."""
+def make_user_accessible(machine, pde: int = 0):
+    """Set U/S on the loader's identity map for one 2 MiB page (PML4E, PDPTE and
+    PDE ``pde``; the first by default)."""
     pml4 = machine.cpu.regs.cr3 & ~0xFFF
     e = machine.u64(pml4)
     machine.mem.write_int(pml4, 8, e | 4)
@@ -51,21 +52,14 @@ def make_user_accessible(machine):
     e = machine.u64(pdpt)
     machine.mem.write_int(pdpt, 8, e | 4)
     pd = e & 0xFFFFFFFFF000
-    machine.mem.write_int(pd, 8, machine.u64(pd) | 4)
+    machine.mem.write_int(pd + 8 * pde, 8, machine.u64(pd + 8 * pde) | 4)
 
 
 def make_second_2m_user(machine):
-    """Set U/S on the path to the loader's second 2 MiB page only: user code and
-    stack go there, while the first 2 MiB (GDT, IDT, TSS, kernel stack) stay
-    supervisor pages (SMAP forbids implicit supervisor accesses to user pages)."""
-    pml4 = machine.cpu.regs.cr3 & ~0xFFF
-    e = machine.u64(pml4)
-    machine.mem.write_int(pml4, 8, e | 4)
-    pdpt = e & 0xFFFFFFFFF000
-    e = machine.u64(pdpt)
-    machine.mem.write_int(pdpt, 8, e | 4)
-    pd = e & 0xFFFFFFFFF000
-    machine.mem.write_int(pd + 8, 8, machine.u64(pd + 8) | 4)
+    """User code and stack go in the second 2 MiB page, while the first (GDT,
+    IDT, TSS, kernel stack) stays supervisor (SMAP forbids implicit supervisor
+    accesses to user pages)."""
+    make_user_accessible(machine, pde=1)
 
 
 def frame(machine, n):
