@@ -12,6 +12,33 @@ def asm(text: str, base: int, bits: int = 32) -> bytes:
     return bytes(enc)
 
 
+def prelude32(gdt: int, idt: int, stack: int, tr: int, gdt_limit: int = 0x2F, idt_limit: int = 0x7FF) -> str:
+    """32-bit protected-mode prelude: load GDTR/IDTR, reload CS (0x08) and the
+    data segments (0x10), set ESP and TR, continue at the label ``start``."""
+    return f"""
+    lgdt [gdtr]
+    lidt [idtr]
+    mov eax, reload_cs
+    push 0x08
+    push eax
+    retf
+reload_cs:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    mov esp, {stack:#x}
+    mov ax, {tr:#x}
+    ltr ax
+    jmp start
+gdtr: .word {gdt_limit:#x}
+      .long {gdt:#x}
+idtr: .word {idt_limit:#x}
+      .long {idt:#x}
+start:
+"""
+
+
 def seg_desc(base: int, limit: int, access: int, flags: int) -> int:
     """A GDT descriptor quadword (SDM Vol. 3A 3.4.5): access byte, flags nibble (G D/B L AVL)."""
     return ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40) | (((limit >> 16) & 0xF) << 48)

@@ -2,7 +2,7 @@
 change through the TSS, #DF and triple fault (SDM Vol. 3A ch. 6, 7.2)."""
 import struct
 
-from support import asm, gate32, seg_desc
+from support import asm, gate32, seg_desc, prelude32
 
 CODE = 0x100000
 GDT, IDT, TSS = 0x30000, 0x20000, 0x31000
@@ -10,28 +10,7 @@ SAVE = 0x32000         # handlers store ESP here, then exit
 K_STACK, U_STACK = 0x90000, 0x80000
 
 # Selectors: 0x08 ring-0 code, 0x10 ring-0 data, 0x1b ring-3 code, 0x23 ring-3 data, 0x28 TSS
-PRELUDE = f"""
-    lgdt [gdtr]
-    lidt [idtr]
-    mov eax, reload_cs
-    push 0x08
-    push eax
-    retf
-reload_cs:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov esp, {K_STACK:#x}
-    mov ax, 0x28
-    ltr ax
-    jmp start
-gdtr: .word 0x2f
-      .long {GDT:#x}
-idtr: .word 0x7ff
-      .long {IDT:#x}
-start:
-"""
+PRELUDE = prelude32(GDT, IDT, K_STACK, 0x28)
 HANDLER = 0x180000
 HANDLER_CODE = f"mov dword ptr [{SAVE:#x}], esp\n mov al, 0\n out 0xf4, al\n hlt"
 

@@ -5,7 +5,7 @@ guests/tasks.asm covers the whole set on vmlab and QEMU; these pin the fault
 paths after the point of no return (Table 8-2: in the new task's context)."""
 import struct
 
-from support import asm, gate32, seg_desc
+from support import asm, gate32, seg_desc, prelude32
 
 CODE, GDT, IDT = 0x100000, 0x30000, 0x20000
 TSS_A, TSS_B = 0x31000, 0x31100
@@ -18,28 +18,7 @@ STACK_A, STACK_B = 0x90000, 0x80000
 STACK_LOW = 0x8000
 HANDLER = 0x180000
 # Selectors: 0x08 code, 0x10 data, 0x18 TSS A (current), 0x20 TSS B, 0x28 not-present code
-PRELUDE = f"""
-    lgdt [gdtr]
-    lidt [idtr]
-    mov eax, reload_cs
-    push 0x08
-    push eax
-    retf
-reload_cs:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    mov esp, {STACK_A:#x}
-    mov ax, 0x18
-    ltr ax
-    jmp start
-gdtr: .word 0x2f
-      .long {GDT:#x}
-idtr: .word 0x7ff
-      .long {IDT:#x}
-start:
-"""
+PRELUDE = prelude32(GDT, IDT, STACK_A, 0x18)
 # The handler records ESP, TR and the first dword on its stack, then exits.
 HANDLER_CODE = f"""
     mov dword ptr [{SAVE:#x}], esp
