@@ -127,6 +127,9 @@ class TimerQueue:
             raise DeviceError("max_firings must be positive")
         self.max_firings = max_firings
         self._heap: list[tuple[int, int, int, Timer]] = []
+        #: the heap itself, read-only for the run loop's lean path
+        #: (vmm.runloop): ``heap[0][0]`` is what ``peek`` returns
+        self.heap = self._heap
         self._seq = itertools.count()
 
     def timer(self, callback: Callable[[int], None], name: str = "") -> Timer:

@@ -65,7 +65,8 @@ class Pic8259:
         self.master = master
         self.elcr_mask = elcr_mask
         self._output = output
-        self._int_level = False
+        #: level of the INT pin (a plain attribute: the run loop reads it at every exit)
+        self.int_output = False
         self.elcr = 0
         self.levels = 0     # current level of the 8 IR input pins
         self.reset()
@@ -148,15 +149,10 @@ class Pic8259:
 
     def _update(self) -> None:
         level = self.pending_irq() >= 0
-        if level != self._int_level:
-            self._int_level = level
+        if level != self.int_output:
+            self.int_output = level
             if self._output is not None:
                 self._output(level)
-
-    @property
-    def int_output(self) -> bool:
-        """Level of the INT pin."""
-        return self._int_level
 
     def intack(self, irq: int) -> None:
         """INTA for ``irq``: set ISR (unless AEOI), clear edge IRR."""

@@ -734,7 +734,11 @@ class Vcpu:
         ``single_step`` executes at most one instruction (returns DeadlineExit
         after it)."""
         v = self._v
-        self.flush()
+        if self._dirty & ~_M_RIP:
+            self.flush()
+        else:
+            # RIP alone needs no write: the run starts at regs.rip (emu_start's begin).
+            self._dirty = 0
         # flags: 1 = one instruction; 2 = the block registry sees every block
         # (with the host clock only the logs need it)
         flags = (1 if single_step else 0) | (2 if self.keep_block_logs else 0)
@@ -777,6 +781,14 @@ class Vcpu:
             if kind < 0:
                 raise NativeError("register read failed")
             err = self._err[0]
+        return self.exit_of(kind, err, single_step)
+
+    def exit_of(self, kind: int, err: int, single_step: bool = False) -> Exit:
+        """The exit value of a run that stopped with stop kind ``kind``
+        (VMLAB_STOP_*, not the fast path's) and Unicorn error ``err``; the
+        register file has been read."""
+        v = self._v
+        r = self.regs
         if kind == 7 and not err:           # a trap site: the most frequent exit
             return self._trap_exit(v.fault_vaddr, v.fault_paddr, v.fault_error_code)
         if kind in (1, 6, 8):               # deadline, rescan restart, registry log to drain

@@ -1948,8 +1948,10 @@ int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, v
     v->stop_kind = 0;
     if (!(flags & 2))
         v->ntb_new = v->ntb_inval = 0;
-    if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f))
+    if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f)) {
+        f->exit_rip = r->rip;
         return VMLAB_STOP_FAST_EXIT;
+    }
     return (int)kind;
 }
 

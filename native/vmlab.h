@@ -406,6 +406,7 @@ typedef struct vmlab_fastpath {
     uint32_t exit_len;
     uint64_t exit_qual;
     uint64_t hits;             /* decisions made here (statistics) */
+    uint64_t exit_rip;         /* RIP of the exiting instruction (vmlab_run_exit) */
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };

@@ -31,9 +31,11 @@ from enum import StrEnum
 from typing import Protocol, Union
 
 from vmlab.emu import sensitive, taskswitch, x86
-from vmlab.emu.cpu import EptFault, GuestFault
+from vmlab.emu.cpu import _M_RIP, _STOP_FAST_EXIT, EptFault, GuestFault
 from vmlab.emu.errors import UnsupportedError
 from vmlab.emu.events import Event
+from vmlab.emu.errors import NativeError
+from vmlab.emu.native import ffi, lib
 from vmlab.emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
 from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
                        IrqWindowExit, MmioExit, MsrExit, PolicyExit, RetryExit, ShutdownExit, TaskSwitchExit,
@@ -428,116 +430,178 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
             halted = True
         elif stop is not None:
             return _result(m, stop)
+    # The lean path: while the machine is quiet -- no host input, no stop
+    # asked for, no NMI/INIT/interrupt line raised, no timer due, no one-step
+    # IRET, an intercept policy whose controls ask for nothing between
+    # instructions (``policy.lean``) -- an iteration is one native call (run,
+    # read the registers, decide a trap site: vmlab_run_exit) and, for a VM
+    # exit the fast path decided, the policy's ``lean_exit`` (the exit, its
+    # handler, VM entry).  In that state the general path's arbiter would
+    # return None and its deadline is the one computed here.  Any other exit
+    # is decided the general way below; a quiet check that fails takes the
+    # general path from the top.
+    lean_ok = (not one_step and not log_exits and not log_cpu and not log_blocks and timeout is None
+               and not m.wall_clock and cpu.clock != "host" and getattr(m, "lapic", None) is not None)
+    if lean_ok:
+        lapic, pic_master, heap = m.lapic, m.pic.master, m.timers.heap
+        run_exit, err_box = lib.vmlab_run_exit, cpu._err
     while True:
         policy = m.intercept
-        if m.host_input:
-            m.feed_input()
-        timers = m.timers
-        if timers.due(v.icount if not m.wall_clock else m.now_ns()):
-            timers.run_expired(m.now_ns())
-        out = m.arbitrate() if not one_step or halted else None
-        if out is not None:
-            was_halted, halted = halted, False
-            idle_since = None
-            stop = _apply(m, out)
-            if stop is HALT:
-                halted = True
-            elif stop is not None:
-                return _result(m, stop)
-            elif one_step and was_halted:
-                return _result(m, Stop(StopReason.STEP, "step"))
-        if m.pending_stop is not None:
-            return _result(m, m.pending_stop)
-        if halted:
-            # HLT: skip the idle period to the next timer (virtual time), or
-            # sleep until it (host time); stop if nothing can ever wake the CPU.
-            if not (cpu.regs.rflags & x86.RFLAGS_IF) and (policy is None or policy.deadline() is None):
-                return _result(m, Stop(StopReason.HALTED,
-                                       f"guest halted with interrupts disabled at rip={cpu.regs.rip:#x}"))
-            nxt = _earliest(m.timers.next_deadline(), policy.deadline() if policy is not None else None)
-            if idle_since is None:
-                idle_since = m.now_ns()
+        lean = False
+        if (lean_ok and policy is not None and policy.lean and not m.host_input and m.pending_stop is None
+                and not m.nmi_pending and not m.init_pending and not m.step_next and not lapic.irr
+                and not pic_master.int_output and cpu.vmx_shadow is None and not cpu._counting
+                and not cpu.keep_block_logs):
+            icount = v.icount
+            deadline = icount + SLICE_INSNS
+            lean = True
+            if heap:
+                nxt = heap[0][0]
+                if nxt <= icount:
+                    lean = False              # a timer is due: the general path runs it
+                elif nxt < deadline:
+                    deadline = nxt
+            if limit is not None:
+                if icount >= limit:
+                    lean = False
+                elif limit < deadline:
+                    deadline = limit
+        decided = None
+        if lean:
+            if cpu._dirty & ~_M_RIP:
+                cpu.flush()
+            else:
+                cpu._dirty = 0                # RIP alone: the run starts at regs.rip
+            f = cpu.fastpath
+            kind = run_exit(v, cpu._uch, deadline, 0, cpu.regs, f if f is not None else ffi.NULL, err_box)
+            m.exit_count += 1
+            if kind == _STOP_FAST_EXIT:
+                decided = policy.lean_exit()
+                if decided is HANDLED:
+                    idle_since = None
+                    continue
+                if decided is None:
+                    ex = policy._policy_exit()     # decided the general way below
+            else:
+                try:
+                    if kind < 0:
+                        raise NativeError("register read failed")
+                    ex = cpu.exit_of(kind, err_box[0])
+                except Exception as exc:   # as below: decoding an exit must not become a traceback
+                    return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at "
+                                                             f"rip={cpu.regs.rip:#x}: {type(exc).__name__}: {exc}"))
+        else:
+            if m.host_input:
+                m.feed_input()
+            timers = m.timers
+            if timers.due(v.icount if not m.wall_clock else m.now_ns()):
+                timers.run_expired(m.now_ns())
+            out = m.arbitrate() if not one_step or halted else None
+            if out is not None:
+                was_halted, halted = halted, False
+                idle_since = None
+                stop = _apply(m, out)
+                if stop is HALT:
+                    halted = True
+                elif stop is not None:
+                    return _result(m, stop)
+                elif one_step and was_halted:
+                    return _result(m, Stop(StopReason.STEP, "step"))
+            if m.pending_stop is not None:
+                return _result(m, m.pending_stop)
+            if halted:
+                # HLT: skip the idle period to the next timer (virtual time), or
+                # sleep until it (host time); stop if nothing can ever wake the CPU.
+                if not (cpu.regs.rflags & x86.RFLAGS_IF) and (policy is None or policy.deadline() is None):
+                    return _result(m, Stop(StopReason.HALTED,
+                                           f"guest halted with interrupts disabled at rip={cpu.regs.rip:#x}"))
+                nxt = _earliest(m.timers.next_deadline(), policy.deadline() if policy is not None else None)
+                if idle_since is None:
+                    idle_since = m.now_ns()
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    return _result(m, _timeout_stop(t0, timeout))
+                waiter = getattr(m, "input_event", None)
+                if nxt is None or m.now_ns() - idle_since > IDLE_LIMIT_NS:
+                    if waiter is None:
+                        return _result(m, Stop(StopReason.HALTED,
+                                               f"guest halted with no interrupt pending at rip={cpu.regs.rip:#x}"))
+                    # An interactive console is attached: the guest waits for
+                    # typed input (the UART interrupt), as long as it takes.
+                    _take_async(m)
+                    waiter.wait(0.2 if timeout is None else max(0.0, min(0.2, t0 + timeout - time.monotonic())))
+                    waiter.clear()
+                    idle_since = None
+                    continue
+                if m.wall_clock:
+                    pause = max(0, nxt - m.now_ns()) / 1e9
+                    if timeout is not None:
+                        pause = min(pause, max(0.0, t0 + timeout - time.monotonic()))
+                    if waiter is not None:
+                        waiter.wait(pause)
+                        waiter.clear()
+                    else:
+                        time.sleep(pause)
+                else:
+                    v.icount = max(v.icount, nxt)
+                continue
+            if limit is not None and v.icount >= limit:
+                return _result(m, Stop(StopReason.LIMIT, f"instruction limit reached ({max_insns})"))
             if timeout is not None and time.monotonic() - t0 > timeout:
                 return _result(m, _timeout_stop(t0, timeout))
-            waiter = getattr(m, "input_event", None)
-            if nxt is None or m.now_ns() - idle_since > IDLE_LIMIT_NS:
-                if waiter is None:
-                    return _result(m, Stop(StopReason.HALTED,
-                                           f"guest halted with no interrupt pending at rip={cpu.regs.rip:#x}"))
-                # An interactive console is attached: the guest waits for
-                # typed input (the UART interrupt), as long as it takes.
-                _take_async(m)
-                waiter.wait(0.2 if timeout is None else max(0.0, min(0.2, t0 + timeout - time.monotonic())))
-                waiter.clear()
-                idle_since = None
-                continue
-            if m.wall_clock:
-                pause = max(0, nxt - m.now_ns()) / 1e9
-                if timeout is not None:
-                    pause = min(pause, max(0.0, t0 + timeout - time.monotonic()))
-                if waiter is not None:
-                    waiter.wait(pause)
-                    waiter.clear()
-                else:
-                    time.sleep(pause)
+            if m.wall_clock and cpu.clock != "host":
+                deadline = v.icount + 1_000_000
             else:
-                v.icount = max(v.icount, nxt)
-            continue
-        if limit is not None and v.icount >= limit:
-            return _result(m, Stop(StopReason.LIMIT, f"instruction limit reached ({max_insns})"))
-        if timeout is not None and time.monotonic() - t0 > timeout:
-            return _result(m, _timeout_stop(t0, timeout))
-        if m.wall_clock and cpu.clock != "host":
-            deadline = v.icount + 1_000_000
+                # host clock: v.icount is host ns and a host timer ends the run at
+                # the deadline, so it is a timer's; 10 ms slices bound input latency
+                deadline = v.icount + (10_000_000 if cpu.clock == "host" else SLICE_INSNS)
+                nxt = timers.peek()
+                if nxt is not None:
+                    deadline = min(deadline, max(nxt, v.icount + 1))
+            if policy is not None:
+                pd = policy.deadline()
+                if pd is not None:
+                    deadline = min(deadline, max(pd, v.icount + 1))
+            if limit is not None:
+                deadline = min(deadline, limit)
+            step = getattr(m, "step_next", False)
+            if step:
+                m.step_next = False
+            try:
+                ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
+            except Exception as exc:   # as below: decoding an exit must not become a traceback
+                return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at rip={cpu.regs.rip:#x}: "
+                                                         f"{type(exc).__name__}: {exc}"))
+            m.exit_count += 1
+        if decided is not None:
+            out = decided                     # the lean path's handler ran: its outcome
         else:
-            # host clock: v.icount is host ns and a host timer ends the run at
-            # the deadline, so it is a timer's; 10 ms slices bound input latency
-            deadline = v.icount + (10_000_000 if cpu.clock == "host" else SLICE_INSNS)
-            nxt = timers.peek()
-            if nxt is not None:
-                deadline = min(deadline, max(nxt, v.icount + 1))
-        if policy is not None:
-            pd = policy.deadline()
-            if pd is not None:
-                deadline = min(deadline, max(pd, v.icount + 1))
-        if limit is not None:
-            deadline = min(deadline, limit)
-        step = getattr(m, "step_next", False)
-        if step:
-            m.step_next = False
-        try:
-            ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
-        except Exception as exc:   # as below: decoding an exit must not become a traceback
-            return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at rip={cpu.regs.rip:#x}: "
-                                                     f"{type(exc).__name__}: {exc}"))
-        m.exit_count += 1
-        if log_blocks:
-            m.flush_block_logs()
-        if log_exits:
-            # With guest-visible VMX the level the exit came from: L2 while a
-            # guest hypervisor's guest runs, L1 otherwise.
-            level = ("L2 " if m.intercept is not None else "L1 ") if getattr(m, "nested", None) else ""
-            log("exits", f"{v.icount}: {level}{type(ex).__name__} {describe(ex)}")
-        if log_cpu:
-            log("cpu", m.format_regs())
-        if type(ex) is DebugStopExit and ex.why != "mode":
-            reqs = _take_async(m)
-            if reqs:
-                # Our own asynchronous request, not the debugger's interrupt.
-                if "timeout" in reqs and timeout is not None:
-                    return _result(m, _timeout_stop(t0, timeout))
-                if "interrupt" in reqs:
-                    return _result(m, Stop(StopReason.STOPPED, "interrupted (SIGINT)"))
-                if m.pending_stop is not None:
-                    return _result(m, m.pending_stop)
-                continue
-        try:
-            out = handle_exit(m, ex)
-        except UnsupportedError as exc:   # the guest used what vmlab does not model: say what
-            out = Stop(StopReason.ERROR, f"unsupported at rip={ex.rip:#x}: {exc}")
-        except Exception as exc:   # a bug in vmlab must not become a traceback for the user
-            out = Stop(StopReason.ERROR, f"internal error handling {type(ex).__name__} at "
-                                         f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
+            if log_blocks:
+                m.flush_block_logs()
+            if log_exits:
+                # With guest-visible VMX the level the exit came from: L2 while a
+                # guest hypervisor's guest runs, L1 otherwise.
+                level = ("L2 " if m.intercept is not None else "L1 ") if getattr(m, "nested", None) else ""
+                log("exits", f"{v.icount}: {level}{type(ex).__name__} {describe(ex)}")
+            if log_cpu:
+                log("cpu", m.format_regs())
+            if type(ex) is DebugStopExit and ex.why != "mode":
+                reqs = _take_async(m)
+                if reqs:
+                    # Our own asynchronous request, not the debugger's interrupt.
+                    if "timeout" in reqs and timeout is not None:
+                        return _result(m, _timeout_stop(t0, timeout))
+                    if "interrupt" in reqs:
+                        return _result(m, Stop(StopReason.STOPPED, "interrupted (SIGINT)"))
+                    if m.pending_stop is not None:
+                        return _result(m, m.pending_stop)
+                    continue
+            try:
+                out = handle_exit(m, ex)
+            except UnsupportedError as exc:   # the guest used what vmlab does not model: say what
+                out = Stop(StopReason.ERROR, f"unsupported at rip={ex.rip:#x}: {exc}")
+            except Exception as exc:   # a bug in vmlab must not become a traceback for the user
+                out = Stop(StopReason.ERROR, f"internal error handling {type(ex).__name__} at "
+                                             f"rip={ex.rip:#x}: {type(exc).__name__}: {exc}")
         if out is HANDLED:
             idle_since = None
             if one_step and type(ex) not in _NOT_A_STEP:

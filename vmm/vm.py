@@ -166,6 +166,9 @@ class Vm:
         self.image = None
         self.exit_count = 0
         self.event_count = 0
+        #: the debugger's break-exit test (tools/debugger.py): a VM exit it
+        #: matches stops the run before its handler (vmm.runloop._apply)
+        self.exit_break = None
         #: the intercept policy consulted before the platform (VMX non-root
         #: operation: vmm.vmx.VmxGuest while it runs), see vmm.runloop
         self.intercept = None

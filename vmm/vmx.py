@@ -43,9 +43,11 @@ from .entry_checks import EntryOk, check_vm_entry
 from .errors import VmmError
 from .exit_reasons import ExitReason
 from .runloop import HANDLED, Deliver, Halt, RunResult, Stop, StopReason
-from .vmx_intercept import _ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _SP, RESUME, STOP, NonRootIntercepts  # noqa: F401
+from .vmx_intercept import (_ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _REASONS, _SP, _WINDOWS, RESUME,  # noqa: F401
+                            STOP, NonRootIntercepts)
 
 
+_set_attr = object.__setattr__
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
 
@@ -184,6 +186,11 @@ class GuestRegs:
             raise AttributeError(f"{name} is not writable through exit.regs (write the VMCS guest-state field)")
 
 
+#: VmExit._mex of an exit taken by the run loop's lean path: the PolicyExit is
+#: built from the fast-path decision when first asked for (VmExit.machine_exit)
+_FAST_SITE = object()
+
+
 class VmExit:
     """One VM exit as a handler sees it.  ``reason`` (ExitReason) and
     ``qualification`` (the raw exit qualification; ``decoded`` the dataclass of
@@ -191,14 +198,28 @@ class VmExit:
     what is now in the VMCS."""
 
     __slots__ = ("reason", "qualification", "vmcs", "guest", "_decoded", "instruction_length", "entry_failure",
-                 "machine_exit", "action", "_skipped")
+                 "_mex", "action", "_skipped")
 
     def __init__(self, reason: ExitReason, qualification: int, vmcs: F.Vmcs, guest: "VmxGuest", decoded=None,
                  instruction_length: int = 0, entry_failure: bool = False, machine_exit: Exit | None = None,
                  action: str = RESUME):
         self.reason, self.qualification, self.vmcs, self.guest = reason, qualification, vmcs, guest
         self._decoded, self.instruction_length, self.entry_failure = decoded, instruction_length, entry_failure
-        self.machine_exit, self.action, self._skipped = machine_exit, action, False
+        self._mex, self.action, self._skipped = machine_exit, action, False
+
+    @property
+    def machine_exit(self) -> Exit | None:
+        """The machine exit behind this VM exit (None for exits with none, such
+        as the preemption timer).  An exit the run loop's lean path took builds
+        it when first asked for, from the fast-path decision it came from."""
+        mex = self._mex
+        if mex is _FAST_SITE:
+            mex = self._mex = self.guest._policy_exit()
+        return mex
+
+    @machine_exit.setter
+    def machine_exit(self, value: Exit | None) -> None:
+        self._mex = value
 
     @property
     def decoded(self):
@@ -221,9 +242,10 @@ class VmExit:
         """Advance GUEST_RIP past the exiting instruction (VM-exit instruction length)."""
         if not self._skipped:
             v = self.vmcs
-            if isinstance(v, TrackedVmcs) and v.lazy is not None and v is self.guest._vmcs:
+            guest = self.guest
+            if v is guest._vmcs and v.lazy is not None:
                 # Guest state not stored yet: it is still the vCPU's.
-                cpu = self.guest.cpu
+                cpu = guest.cpu
                 cpu.set_rip(cpu.regs.rip + self.instruction_length)
             elif isinstance(v, TrackedVmcs):
                 v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
@@ -282,6 +304,11 @@ class VmxGuest(NonRootIntercepts):
         self.single_step = False
         #: interrupt-window exiting: the native side stops at the next window
         self.wants_irq_window = False
+        #: the run loop may take fast-path exits the lean way (``lean_exit``):
+        #: set by a full VM entry whose controls ask for nothing between
+        #: instructions (no windows, no monitor trap flag, no preemption
+        #: timer) and that left no exit pending
+        self.lean = False
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -500,6 +527,8 @@ class VmxGuest(NonRootIntercepts):
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
         self._inject_from_entry_field()
+        self.lean = (not self._p & (_WINDOWS | _PP.MONITOR_TRAP_FLAG)
+                     and not self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER and not self._pending_exits)
         return None
 
     def _inject_from_entry_field(self) -> None:
@@ -578,6 +607,54 @@ class VmxGuest(NonRootIntercepts):
         return self.run(max_insns)
 
     # ------------------------------------------------------------------ exit decisions
+    def lean_exit(self) -> "runloop.Outcome | None":
+        """The run loop's lean path (vmm.runloop): the vCPU stopped at a VM
+        exit the native fast path decided (``_fastpath`` holds its reason,
+        length and qualification) and nothing else needs the loop.  Does what
+        ``intercept`` + ``on_exit`` do for it -- the VM exit (guest state saved
+        lazily, exit-information fields stored, SDM Vol. 3C 28.2), the handler,
+        VM entry -- with one small exit object.  None: not taken here (no
+        handler, exits recorded, a debugger's break-exit); the loop takes the
+        general path with nothing changed."""
+        f = self._fastpath
+        reason = f.exit_reason
+        fn = self.handlers.get(reason) or self.default_handler
+        vm = self.vm
+        if fn is None or self.record or vm.exit_break is not None:
+            return None
+        # _save_guest_state (no preemption timer: ``lean`` says so)
+        self._exit_nmi_blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else vm.nmi_blocked
+        vmcs = self._vmcs
+        _set_attr(vmcs, "lazy", self._lazy_ref)
+        self._saved = True
+        qual, length = f.exit_qual, f.exit_len
+        vals = vmcs._values
+        vals[_X_REASON], vals[_X_QUAL], vals[_X_INTR_INFO], vals[_X_IDT_INFO], vals[_X_LEN] = reason, qual, 0, 0, length
+        ex = VmExit(_REASONS[reason], qual, vmcs, self, None, length, False, _FAST_SITE)
+        self._halt_requested = False
+        fn(ex)
+        armed = self._armed_for
+        if (ex.action == RESUME and not vmcs.dirty and self._saved and self._checked and armed is not None
+                and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
+                and not self._halt_requested and self._vmcs is vmcs and not vals.get(_E_ENTRY_INTR, 0) & (1 << 31)):
+            # _enter's common re-entry: nothing written but what the CPU
+            # itself changes (``skip``), so only RIP moves.
+            cpu_dirty = vmcs.cpu_dirty
+            if cpu_dirty:
+                self.cpu.set_rip(vals[_E_RIP])
+                cpu_dirty.clear()
+            return HANDLED
+        out = self._after_handler(ex)
+        if out is not HANDLED and ex._mex is _FAST_SITE:
+            ex.machine_exit         # the run may end here: build it while the decision is current
+        return out
+
+    def _policy_exit(self) -> PolicyExit:
+        """The PolicyExit of the last fast-path decision (``lean_exit``)."""
+        f, v = self._fastpath, self.cpu.native
+        return PolicyExit(f.exit_rip, f.exit_len, f.exit_reason, f.exit_qual,
+                          (v.fault_vaddr, v.fault_paddr, v.fault_error_code))
+
     def _make_exit(self, reason, qual, mex: Exit | None, *, length: int = 0, decoded=None,
                    interruption: InterruptionInfo | None = None, error_code: int | None = None,
                    gla: int | None = None, instruction_info=None, gpa: int | None = None) -> VmExit:

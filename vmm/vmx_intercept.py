@@ -193,6 +193,11 @@ class NonRootIntercepts:
             return Stop(StopReason.VMEXIT, exit=ex)
         self._halt_requested = False
         fn(ex)
+        return self._after_handler(ex)
+
+    def _after_handler(self, ex) -> Outcome:
+        """What follows a handler (``on_exit``, the run loop's lean path): the
+        handler's action, then VM entry (VMRESUME)."""
         if ex.action == STOP:
             return Stop(StopReason.VMEXIT, exit=ex)
         if ex.action == REFLECT:

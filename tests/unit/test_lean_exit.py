@@ -1,0 +1,113 @@
+"""The run loop's lean path (vmm.runloop, VmxGuest.lean_exit) against the
+general path: the same guest under the same handler actions gives the same VM
+exits (reason, qualification, length, exit-information fields, the machine
+exit behind each), the same guest state and the same instruction count.
+
+The general path is forced by ``record`` (lean_exit declines recorded runs).
+"""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from vmlab.vmm import vmcs as F
+from vmlab.vmm.controls import PrimaryProcBasedControls as PP
+from vmlab.vmm.exit_reasons import ExitReason
+from vmlab.vmm.harness import close_guests, vmx_guest
+from vmlab.vmm.vmx import RunStopped
+
+GUEST = """
+    mov ecx, 6
+l:  mov eax, ecx
+    push rcx
+    cpuid
+    pop rcx
+    out 0x80, al
+    mov dx, 0x71
+    in al, dx
+    rdtsc
+    dec ecx
+    jnz l
+    vmcall
+"""
+SKIP, EMULATE, SET_RAX, WRITE_RIP, STOP, INSPECT = range(6)
+
+
+def _run(actions: list[int], lean: bool):
+    g = vmx_guest(GUEST, proc=(PP.UNCONDITIONAL_IO_EXITING | PP.RDTSC_EXITING, PP.USE_IO_BITMAPS))
+    seen, taken = [], [0]
+    if lean:
+        real = g.lean_exit
+
+        def counting():
+            taken[0] += 1
+            return real()
+        g.lean_exit = counting
+    else:
+        g.record = True
+
+    def handler(ex):
+        k = len(seen)
+        act = actions[k % len(actions)]
+        v = ex.vmcs
+        rec = [int(ex.reason), ex.qualification, ex.instruction_length, repr(ex.machine_exit), act]
+        if ex.reason == ExitReason.VMCALL:
+            seen.append(rec)
+            ex.stop()
+            return
+        if act == INSPECT:
+            rec += [v.read(F.VM_EXIT_REASON), v.read(F.EXIT_QUALIFICATION), v.read(F.VM_EXIT_INSTRUCTION_LEN),
+                    v.read(F.GUEST_RIP), v.read(F.GUEST_RSP), v.read(F.GUEST_RFLAGS)]
+            ex.skip()
+        elif act == EMULATE:
+            ex.emulate()
+        elif act == SET_RAX:
+            ex.regs.rax = 0x1000 + k
+            ex.skip()
+        elif act == WRITE_RIP:
+            v.write(F.GUEST_RIP, v.read(F.GUEST_RIP) + ex.instruction_length)
+        elif act == STOP:
+            ex.skip()
+            ex.stop()
+        else:
+            ex.skip()
+        seen.append(rec)
+    g.default_handler = handler
+    ends = []
+    for _ in range(64):
+        ex = g.run()
+        ends.append(ex.result.reason if isinstance(ex, RunStopped) else int(ex.reason))
+        if isinstance(ex, RunStopped) or ex.reason == ExitReason.VMCALL:
+            break
+    cpu = g.cpu
+    cpu.refresh()
+    state = (list(cpu.regs.gpr), cpu.regs.rip, cpu.regs.rflags, cpu.native.icount, g.vm.exit_count)
+    out = (seen, ends, state, taken[0])
+    g.close()
+    return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=8))
+def test_lean_path_matches_general_path(actions):
+    try:
+        lean_seen, lean_ends, lean_state, taken = _run(actions, lean=True)
+        gen_seen, gen_ends, gen_state, _ = _run(actions, lean=False)
+    finally:
+        close_guests()
+    assert lean_seen == gen_seen
+    assert lean_ends == gen_ends
+    assert lean_state == gen_state
+    assert taken > 0                     # the lean path did run
+
+
+def test_lean_exit_builds_the_machine_exit_of_the_decision():
+    g = vmx_guest("mov eax, 1\n cpuid\n vmcall")
+    try:
+        got = []
+        g.handler(ExitReason.CPUID)(lambda ex: (got.append(ex.machine_exit), ex.skip()))
+        ex = g.run()
+        assert ex.reason == ExitReason.VMCALL
+        (mex,) = got
+        assert (mex.rip, mex.insn_len, mex.reason, mex.qualification) == (0x100005, 2, int(ExitReason.CPUID), 0)
+    finally:
+        close_guests()
