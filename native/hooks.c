@@ -1762,7 +1762,9 @@ int vmlab_run(vmlab_vcpu *v, void *uc, uint64_t begin, uint32_t flags)
     const uint64_t now = host_now(p);
     if (now >= v->icount_deadline && !count) {
         /* Like the virtual clock: a deadline already passed stops before the
-         * first block. */
+         * first block.  RIP is still set to begin, as emu_start would: the
+         * caller may have left a RIP-only change unwritten (Vcpu.run). */
+        api.reg_write(uc, UC_X86_REG_RIP, &begin);
         v->stop_kind = VMLAB_STOP_DEADLINE;
         v->icount = now;
         return 0;
