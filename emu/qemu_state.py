@@ -66,6 +66,18 @@ ENV_TR = ENV_LDT + SEG_SIZE                # 352
 ENV_ERROR_CODE = 5384
 ENV_IS_INT = ENV_ERROR_CODE + 4
 ENV_OLD_EXCEPTION = ENV_ERROR_CODE + 112   # + next_eip (8, aligned) + dr[8] + bp[4]
+# What the bulk register read (native vmlab_regs_read) takes in place: eip after
+# regs[16]; gdt and idt (SegmentCache) after tr, then cr[] -- nine entries in
+# Unicorn's copy of QEMU 5 (cr[8] added; measured: a20_mask's reset value
+# 0xffffffff follows at +72); then int32 a20_mask, BNDReg bnd_regs[4] (16
+# bytes each, 8-aligned), BNDCSReg (16), u64 msr_bndcfgs, then efer (found by
+# writing EFER through the API); dr[8] after exception_next_eip.
+ENV_EIP = 128
+ENV_GDT = ENV_TR + SEG_SIZE                # 376
+ENV_IDT = ENV_GDT + SEG_SIZE               # 400
+ENV_CR = ENV_IDT + SEG_SIZE                # 424
+ENV_EFER = ENV_CR + 9 * 8 + 8 + 4 * 16 + 16 + 8   # 592
+ENV_DR = ENV_ERROR_CODE + 16               # 5400
 #: uc_context header before the copy of CPUX86State (Unicorn 2.1.4 uc_priv.h:
 #: size_t context_size; uc_mode mode; uc_arch arch; int snapshot_level;
 #: bool ramblock_freed; RAMBlock *last_block; FlatView *fv)
@@ -86,12 +98,19 @@ class ContextLayout:
     error_code: int
     is_int: int
     old_exception: int
+    eip: int
+    gdt: int             # SegmentCache gdt; idt follows it
+    cr: int              # target_ulong cr[9] (Unicorn's)
+    efer: int
+    dr: int              # target_ulong dr[8]
 
 
 LAYOUT = ContextLayout(env=CONTEXT_HEADER, hflags=CONTEXT_HEADER + ENV_HFLAGS, segs=CONTEXT_HEADER + ENV_SEGS,
                        ldt=CONTEXT_HEADER + ENV_LDT, tr=CONTEXT_HEADER + ENV_TR,
                        error_code=CONTEXT_HEADER + ENV_ERROR_CODE, is_int=CONTEXT_HEADER + ENV_IS_INT,
-                       old_exception=CONTEXT_HEADER + ENV_OLD_EXCEPTION)
+                       old_exception=CONTEXT_HEADER + ENV_OLD_EXCEPTION, eip=CONTEXT_HEADER + ENV_EIP,
+                       gdt=CONTEXT_HEADER + ENV_GDT, cr=CONTEXT_HEADER + ENV_CR, efer=CONTEXT_HEADER + ENV_EFER,
+                       dr=CONTEXT_HEADER + ENV_DR)
 
 
 # ---------------------------------------------------------------------- version
@@ -292,6 +311,43 @@ def _expect(what: str, got, want) -> None:
                           f"(vmlab needs unicorn=={'.'.join(map(str, PINNED_UNICORN))})")
 
 
+def _check_register_fields(p: _Probe) -> None:
+    """The fields the bulk register read takes in place (RIP, CR0-CR4, GDTR,
+    IDTR, EFER, DR0-DR7) hold what the API reads: first as the stub left them
+    (64-bit mode, a GDT loaded), then after distinct values written through the
+    API (each field a different value, so a swapped or shifted offset cannot
+    match)."""
+    uc = p.uc
+    q = lambda off: struct.unpack("<Q", peek(p.env + off, 8))[0]     # noqa: E731
+
+    def check(when: str) -> None:
+        _expect(f"eip ({when})", q(ENV_EIP), uc.reg_read(X.UC_X86_REG_RIP))
+        for n, reg in ((0, X.UC_X86_REG_CR0), (2, X.UC_X86_REG_CR2), (3, X.UC_X86_REG_CR3), (4, X.UC_X86_REG_CR4)):
+            _expect(f"cr[{n}] ({when})", q(ENV_CR + 8 * n), uc.reg_read(reg))
+        for name, off, reg in (("gdt", ENV_GDT, X.UC_X86_REG_GDTR), ("idt", ENV_IDT, X.UC_X86_REG_IDTR)):
+            _, base, limit, _ = uc.reg_read(reg)
+            _expect(f"{name} base ({when})", q(off + 8), base)
+            _expect(f"{name} limit ({when})", p.u32(off + 16) & 0xFFFF, limit)
+        _expect(f"efer ({when})", q(ENV_EFER), uc.reg_read(X.UC_X86_REG_MSR, 0xC0000080))
+        for n, reg in ((0, X.UC_X86_REG_DR0), (1, X.UC_X86_REG_DR1), (2, X.UC_X86_REG_DR2), (3, X.UC_X86_REG_DR3),
+                       (6, X.UC_X86_REG_DR6), (7, X.UC_X86_REG_DR7)):
+            _expect(f"dr[{n}] ({when})", q(ENV_DR + 8 * n), uc.reg_read(reg))
+
+    check("stop A")
+    saved = {reg: uc.reg_read(reg) for reg in (X.UC_X86_REG_RIP, X.UC_X86_REG_CR2, X.UC_X86_REG_IDTR,
+                                                X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2,
+                                                X.UC_X86_REG_DR3, X.UC_X86_REG_DR7)}
+    uc.reg_write(X.UC_X86_REG_RIP, 0x1FF0)
+    uc.reg_write(X.UC_X86_REG_CR2, 0x00007C2C_2C2C2000)
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, 0x00007D1D_71D71000, 0x0FFF, 0))
+    for n, reg in enumerate((X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)):
+        uc.reg_write(reg, 0x00007DD0_00000000 + 0x1000 * (n + 1))
+    uc.reg_write(X.UC_X86_REG_DR7, 0x0000_0455)
+    check("values written through the API")
+    for reg, val in saved.items():
+        uc.reg_write(reg, val)
+
+
 def self_test() -> ContextLayout:
     """Run the stub on an engine of its own and check every offset vmlab uses
     against its known effect; returns the layout or raises NativeError."""
@@ -313,6 +369,7 @@ def self_test() -> ContextLayout:
         _expect("hflags (64-bit, CPL 0)", p.u32(ENV_HFLAGS) & (_HF_CPL | _HF_CS32 | _HF_SS32 | _HF_LMA | _HF_CS64),
                 _HF_LMA | _HF_CS64 | _HF_CS32 | _HF_SS32)
         _expect("old_exception at reset", p.i32(ENV_OLD_EXCEPTION), -1)
+        _check_register_fields(p)
         blob = bytes(p.uc.context_save())
         _expect("context copy of CPUX86State", blob[CONTEXT_HEADER:CONTEXT_HEADER + ENV_OLD_EXCEPTION + 4] ==
                 peek(p.env, ENV_OLD_EXCEPTION + 4), True)

@@ -262,6 +262,9 @@ typedef struct vmlab_vcpu {
     /* ---- offsets inside a saved Unicorn context (found by the Python self-test) ---- */
     int32_t ctx_env;           /* start of CPUX86State (regs[0]) */
     int32_t ctx_hflags, ctx_segs, ctx_ldt, ctx_tr, ctx_error_code, ctx_is_int, ctx_old_exception;
+    /* eip, SegmentCache gdt (idt follows), cr[5], efer, dr[8]: the bulk register
+     * read takes them in place when env is known (0: through the API) */
+    int32_t ctx_eip, ctx_gdt, ctx_cr, ctx_efer, ctx_dr, pad3;
 
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;

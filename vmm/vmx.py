@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vmlab.emu import x86
-from vmlab.emu.cpu import GuestFault
+from vmlab.emu.cpu import _M_RIP, GuestFault
 from vmlab.emu.events import Event, TripleFault, deliver
 from vmlab.emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
 from vmlab.emu.native import ffi
@@ -244,9 +244,11 @@ class VmExit:
             v = self.vmcs
             guest = self.guest
             if v is guest._vmcs and v.lazy is not None:
-                # Guest state not stored yet: it is still the vCPU's.
+                # Guest state not stored yet: it is still the vCPU's (Vcpu.set_rip, inline).
                 cpu = guest.cpu
-                cpu.set_rip(cpu.regs.rip + self.instruction_length)
+                r = cpu.regs
+                r.rip = (r.rip + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
+                cpu._dirty |= _M_RIP
             elif isinstance(v, TrackedVmcs):
                 v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 v.cpu_dirty.add(_E_RIP)
@@ -636,9 +638,12 @@ class VmxGuest(NonRootIntercepts):
         armed = self._armed_for
         if (ex.action == RESUME and not vmcs.dirty and self._saved and self._checked and armed is not None
                 and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
-                and not self._halt_requested and self._vmcs is vmcs and not vals.get(_E_ENTRY_INTR, 0) & (1 << 31)):
+                and not self._halt_requested and self._vmcs is vmcs):
             # _enter's common re-entry: nothing written but what the CPU
-            # itself changes (``skip``), so only RIP moves.
+            # itself changes (``skip``), so only RIP moves.  (No event to
+            # inject either: the full entry that set ``lean`` consumed the
+            # VM-entry interruption information, and a VMWRITE since would
+            # be in ``dirty``.)
             cpu_dirty = vmcs.cpu_dirty
             if cpu_dirty:
                 self.cpu.set_rip(vals[_E_RIP])
