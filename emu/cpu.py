@@ -211,6 +211,7 @@ class Vcpu:
         v.ctx_env, v.ctx_hflags, v.ctx_segs, v.ctx_ldt, v.ctx_tr = lay.env, lay.hflags, lay.segs, lay.ldt, lay.tr
         v.ctx_error_code, v.ctx_is_int, v.ctx_old_exception = lay.error_code, lay.is_int, lay.old_exception
         v.ctx_eip, v.ctx_gdt, v.ctx_cr, v.ctx_efer, v.ctx_dr = lay.eip, lay.gdt, lay.cr, lay.efer, lay.dr
+        v.ctx_kernel_gs_base = lay.kernel_gs_base
         v.maxphyaddr = maxphyaddr
         v.env = ffi.cast("uint8_t *", self.env_address)
         v.env_hflags = lay.hflags - lay.env

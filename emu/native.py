@@ -50,6 +50,7 @@ def ensure_api() -> None:
     lib.vmlab_set_api(*ptrs)
     lib.vmlab_set_emu_start(ffi.cast("void *", _fn_ptr(uclib, "uc_emu_start")))
     lib.vmlab_set_cs_close(ffi.cast("void *", _fn_ptr(cs, "cs_close")))
+    lib.vmlab_set_cc_compute_all(ffi.cast("void *", _fn_ptr(uclib, "cpu_cc_compute_all_x86_64")))
     lib.vmlab_debug_set_api(*(ffi.cast("void *", _fn_ptr(uclib, n))
                               for n in ("uc_hook_add", "uc_hook_del", "uc_emu_stop", "uc_ctl")))
     _api_set = True

@@ -78,6 +78,12 @@ ENV_IDT = ENV_GDT + SEG_SIZE               # 400
 ENV_CR = ENV_IDT + SEG_SIZE                # 424
 ENV_EFER = ENV_CR + 9 * 8 + 8 + 4 * 16 + 16 + 8   # 592
 ENV_DR = ENV_ERROR_CODE + 16               # 5400
+# RFLAGS is computed as QEMU's cpu_compute_eflags does (exported by Unicorn as
+# cpu_cc_compute_all_x86_64): eflags | cc_compute_all(env, cc_op) | (df & DF).
+ENV_EFLAGS, ENV_CC_OP, ENV_DF = 136, 168, 172
+#: CR8 is cr[8] (what the API reads and writes, measured); IA32_KERNEL_GS_BASE
+#: (env->kernelgsbase) found by writing the MSR through the API
+ENV_KERNEL_GS_BASE = 4864
 #: uc_context header before the copy of CPUX86State (Unicorn 2.1.4 uc_priv.h:
 #: size_t context_size; uc_mode mode; uc_arch arch; int snapshot_level;
 #: bool ramblock_freed; RAMBlock *last_block; FlatView *fv)
@@ -103,6 +109,7 @@ class ContextLayout:
     cr: int              # target_ulong cr[9] (Unicorn's)
     efer: int
     dr: int              # target_ulong dr[8]
+    kernel_gs_base: int
 
 
 LAYOUT = ContextLayout(env=CONTEXT_HEADER, hflags=CONTEXT_HEADER + ENV_HFLAGS, segs=CONTEXT_HEADER + ENV_SEGS,
@@ -110,7 +117,7 @@ LAYOUT = ContextLayout(env=CONTEXT_HEADER, hflags=CONTEXT_HEADER + ENV_HFLAGS, s
                        error_code=CONTEXT_HEADER + ENV_ERROR_CODE, is_int=CONTEXT_HEADER + ENV_IS_INT,
                        old_exception=CONTEXT_HEADER + ENV_OLD_EXCEPTION, eip=CONTEXT_HEADER + ENV_EIP,
                        gdt=CONTEXT_HEADER + ENV_GDT, cr=CONTEXT_HEADER + ENV_CR, efer=CONTEXT_HEADER + ENV_EFER,
-                       dr=CONTEXT_HEADER + ENV_DR)
+                       dr=CONTEXT_HEADER + ENV_DR, kernel_gs_base=CONTEXT_HEADER + ENV_KERNEL_GS_BASE)
 
 
 # ---------------------------------------------------------------------- version
@@ -234,6 +241,7 @@ _TSS_DESC = _sys_desc(_TSS_BASE, 0x0067, 0x89)        # available 64-bit TSS (ty
 _GDT_LIMIT = _SEL_TSS + 16 - 1
 _CODE64, _CS_ENTRY, _CODE32, _RING3, _GDTR, _GDT_BASE, _STACK = (
     0x1000, 0x1080, 0x1100, 0x1200, 0x1800, 0x1810, 0x1F00)
+_CMP = 0x1300
 
 
 @lru_cache(maxsize=None)
@@ -263,7 +271,8 @@ def _stub() -> dict[int, bytes]:
         struct.pack_into("<Q", gdt, sel, q)
     struct.pack_into("<2Q", gdt, _SEL_LDT, *_LDT_DESC)
     struct.pack_into("<2Q", gdt, _SEL_TSS, *_TSS_DESC)
-    return {_CODE64: a, _CS_ENTRY: b, _CODE32: c, _RING3: d,
+    cmp = bytes(k64.asm("mov rax, 5; mov rbx, 7; std; cmp rax, rbx; hlt", _CMP)[0])
+    return {_CODE64: a, _CS_ENTRY: b, _CODE32: c, _RING3: d, _CMP: cmp,
             _GDTR: struct.pack("<HQ", _GDT_LIMIT, _GDT_BASE), _GDT_BASE: bytes(gdt)}
 
 
@@ -320,9 +329,17 @@ def _check_register_fields(p: _Probe) -> None:
     uc = p.uc
     q = lambda off: struct.unpack("<Q", peek(p.env + off, 8))[0]     # noqa: E731
 
+    from unicorn.unicorn_py3.unicorn import uclib
+    cc_all = uclib.cpu_cc_compute_all_x86_64
+    cc_all.argtypes, cc_all.restype = (ctypes.c_void_p, ctypes.c_int), ctypes.c_uint32
+
     def check(when: str) -> None:
         _expect(f"eip ({when})", q(ENV_EIP), uc.reg_read(X.UC_X86_REG_RIP))
-        for n, reg in ((0, X.UC_X86_REG_CR0), (2, X.UC_X86_REG_CR2), (3, X.UC_X86_REG_CR3), (4, X.UC_X86_REG_CR4)):
+        rflags = q(ENV_EFLAGS) | cc_all(p.env, p.u32(ENV_CC_OP)) | (p.u32(ENV_DF) & 0x400)
+        _expect(f"rflags from eflags, cc_op, df ({when})", rflags, uc.reg_read(X.UC_X86_REG_RFLAGS))
+        _expect(f"kernelgsbase ({when})", q(ENV_KERNEL_GS_BASE), uc.reg_read(X.UC_X86_REG_MSR, 0xC0000102))
+        for n, reg in ((0, X.UC_X86_REG_CR0), (2, X.UC_X86_REG_CR2), (3, X.UC_X86_REG_CR3), (4, X.UC_X86_REG_CR4),
+                       (8, X.UC_X86_REG_CR8)):
             _expect(f"cr[{n}] ({when})", q(ENV_CR + 8 * n), uc.reg_read(reg))
         for name, off, reg in (("gdt", ENV_GDT, X.UC_X86_REG_GDTR), ("idt", ENV_IDT, X.UC_X86_REG_IDTR)):
             _, base, limit, _ = uc.reg_read(reg)
@@ -334,7 +351,8 @@ def _check_register_fields(p: _Probe) -> None:
             _expect(f"dr[{n}] ({when})", q(ENV_DR + 8 * n), uc.reg_read(reg))
 
     check("stop A")
-    saved = {reg: uc.reg_read(reg) for reg in (X.UC_X86_REG_RIP, X.UC_X86_REG_CR2, X.UC_X86_REG_IDTR,
+    saved = {reg: uc.reg_read(reg) for reg in (X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS, X.UC_X86_REG_RAX,
+                                                X.UC_X86_REG_RBX, X.UC_X86_REG_CR2, X.UC_X86_REG_IDTR,
                                                 X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2,
                                                 X.UC_X86_REG_DR3, X.UC_X86_REG_DR7)}
     uc.reg_write(X.UC_X86_REG_RIP, 0x1FF0)
@@ -343,7 +361,13 @@ def _check_register_fields(p: _Probe) -> None:
     for n, reg in enumerate((X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)):
         uc.reg_write(reg, 0x00007DD0_00000000 + 0x1000 * (n + 1))
     uc.reg_write(X.UC_X86_REG_DR7, 0x0000_0455)
+    uc.reg_write(X.UC_X86_REG_CR8, 0xB)
+    uc.reg_write(X.UC_X86_REG_MSR, (0xC0000102, 0x00007E6B_5B5E5000))
     check("values written through the API")
+    p.run(_CMP)                                      # flags QEMU keeps lazily: a CMP, then HLT
+    check("after a CMP")
+    uc.reg_write(X.UC_X86_REG_CR8, 0)
+    uc.reg_write(X.UC_X86_REG_MSR, (0xC0000102, 0))
     for reg, val in saved.items():
         uc.reg_write(reg, val)
 

@@ -1269,6 +1269,16 @@ void vmlab_set_cs_close(void *cs_close)
     cs_close_fn = (fn_cs_close)cs_close;
 }
 
+/* QEMU's cpu_cc_compute_all (target/i386/cc_helper.c), exported by Unicorn:
+ * the arithmetic flags of the lazy condition-code state (emu/native.py). */
+typedef uint32_t (*fn_cc_compute_all)(void *env, int op);
+static fn_cc_compute_all cc_compute_all_fn;
+
+void vmlab_set_cc_compute_all(void *fn)
+{
+    cc_compute_all_fn = (fn_cc_compute_all)fn;
+}
+
 /* ---- life cycle --------------------------------------------------------------- */
 int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size, uint64_t ram_high)
 {
@@ -1392,20 +1402,24 @@ static void regs_read_segments(const vmlab_vcpu *v, const uint8_t *d, vmlab_regs
 int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r)
 {
     struct priv *p = v->priv;
-    if (v->env && v->ctx_cr) {
+    if (v->env && v->ctx_cr && cc_compute_all_fn) {
         /* In place from the live CPUX86State (offsets checked by the start-up
          * self-test, emu/qemu_state.py), where the API would copy the same
-         * fields one reg_read at a time (37 of them: ~0.5 us).  Only what is
-         * computed when read goes through it: RFLAGS (QEMU keeps the
-         * arithmetic flags lazily, cc_op), CR8 and IA32_KERNEL_GS_BASE. */
-        int ids[3] = {UC_X86_REG_RFLAGS, UC_X86_REG_CR8, UC_X86_REG_MSR};
-        uc_x86_msr kgs = {0xC0000102u, 0};
-        void *vals[3] = {&r->rflags, &r->cr8, &kgs};
-        uc_err err = api.reg_read_batch(uc, ids, vals, 3);
-        if (err)
-            return err;
+         * fields one reg_read at a time (37 of them: ~0.5 us).  RFLAGS is
+         * what the API computes too (QEMU's cpu_compute_eflags): the stored
+         * flags, the arithmetic flags of the lazy condition-code state
+         * (cc_op), and DF (df is +1/-1). */
         const uint8_t *d = v->env - v->ctx_env;
-        uint32_t lim;
+        const uint8_t *e = v->env;
+        uint64_t eflags;
+        uint32_t lim, cc_op;
+        int32_t df;
+        memcpy(&eflags, e + 136, 8);            /* CPUX86State.eflags */
+        memcpy(&cc_op, e + 168, 4);             /* .cc_op */
+        memcpy(&df, e + 172, 4);                /* .df */
+        r->rflags = eflags | cc_compute_all_fn(v->env, (int)cc_op) | ((uint32_t)df & 0x400);
+        memcpy(&r->cr8, d + v->ctx_cr + 64, 8);
+        memcpy(&r->kernel_gs_base, d + v->ctx_kernel_gs_base, 8);
         memcpy(r->gpr, v->env, sizeof r->gpr);
         memcpy(&r->rip, d + v->ctx_eip, 8);
         memcpy(&r->cr0, d + v->ctx_cr, 8);
@@ -1421,7 +1435,6 @@ int vmlab_regs_read(vmlab_vcpu *v, void *uc, vmlab_regs *r)
         memcpy(&r->efer, d + v->ctx_efer, 8);
         memcpy(&r->dr[0], d + v->ctx_dr, 32);  /* dr0-dr3 */
         memcpy(&r->dr[6], d + v->ctx_dr + 48, 16);  /* dr6, dr7 */
-        r->kernel_gs_base = kgs.value;
         regs_read_segments(v, d, r);
         r->fs_base = r->seg[4].base;            /* what the API reads for FS_BASE/GS_BASE */
         r->gs_base = r->seg[5].base;

@@ -264,7 +264,7 @@ typedef struct vmlab_vcpu {
     int32_t ctx_hflags, ctx_segs, ctx_ldt, ctx_tr, ctx_error_code, ctx_is_int, ctx_old_exception;
     /* eip, SegmentCache gdt (idt follows), cr[5], efer, dr[8]: the bulk register
      * read takes them in place when env is known (0: through the API) */
-    int32_t ctx_eip, ctx_gdt, ctx_cr, ctx_efer, ctx_dr, pad3;
+    int32_t ctx_eip, ctx_gdt, ctx_cr, ctx_efer, ctx_dr, ctx_kernel_gs_base;
 
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
@@ -352,6 +352,8 @@ void vmlab_tb_reset(vmlab_vcpu *v);
 void vmlab_stlb_flush(vmlab_vcpu *v);
 void vmlab_set_emu_start(void *emu_start);
 void vmlab_set_cs_close(void *cs_close);
+/* Unicorn's cpu_cc_compute_all_x86_64 (QEMU's lazy condition codes -> flags). */
+void vmlab_set_cc_compute_all(void *fn);
 int vmlab_emu_start(void *uc, uint64_t begin);
 int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin);
 

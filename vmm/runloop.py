@@ -444,7 +444,7 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                and not m.wall_clock and cpu.clock != "host" and getattr(m, "lapic", None) is not None)
     if lean_ok:
         lapic, pic_master, heap = m.lapic, m.pic.master, m.timers.heap
-        run_exit, err_box = lib.vmlab_run_exit, cpu._err
+        run_exit, err_box, uch, regs = lib.vmlab_run_exit, cpu._err, cpu._uch, cpu.regs
     while True:
         policy = m.intercept
         lean = False
@@ -473,7 +473,7 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
             else:
                 cpu._dirty = 0                # RIP alone: the run starts at regs.rip
             f = cpu.fastpath
-            kind = run_exit(v, cpu._uch, deadline, 0, cpu.regs, f if f is not None else ffi.NULL, err_box)
+            kind = run_exit(v, uch, deadline, 0, regs, f if f is not None else ffi.NULL, err_box)
             m.exit_count += 1
             if kind == _STOP_FAST_EXIT:
                 decided = policy.lean_exit()

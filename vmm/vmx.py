@@ -47,7 +47,7 @@ from .vmx_intercept import (_ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _REASONS, _
                             STOP, NonRootIntercepts)
 
 
-_set_attr = object.__setattr__
+_set_attr, _new = object.__setattr__, object.__new__
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
 
@@ -632,7 +632,9 @@ class VmxGuest(NonRootIntercepts):
         qual, length = f.exit_qual, f.exit_len
         vals = vmcs._values
         vals[_X_REASON], vals[_X_QUAL], vals[_X_INTR_INFO], vals[_X_IDT_INFO], vals[_X_LEN] = reason, qual, 0, 0, length
-        ex = VmExit(_REASONS[reason], qual, vmcs, self, None, length, False, _FAST_SITE)
+        ex = _new(VmExit)                     # VmExit.__init__'s fields, without its call
+        ex.reason, ex.qualification, ex.vmcs, ex.guest, ex._decoded = _REASONS[reason], qual, vmcs, self, None
+        ex.instruction_length, ex.entry_failure, ex._mex, ex.action, ex._skipped = length, False, _FAST_SITE, RESUME, False
         self._halt_requested = False
         fn(ex)
         armed = self._armed_for

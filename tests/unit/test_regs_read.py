@@ -1,7 +1,7 @@
 """The bulk register read (native vmlab_regs_read): the fields it takes in
-place from the live CPUX86State (GPRs, RIP, CR0-CR4, GDTR, IDTR, EFER, DR0-DR7,
-FS/GS base, offsets checked by emu/qemu_state.py's self-test) against its
-twin, the same read through Unicorn's API (``ctx_cr`` = 0 selects it), on
+place from the live CPUX86State (GPRs, RIP, RFLAGS from QEMU's lazy flags,
+CR0-CR4, CR8, GDTR, IDTR, EFER, DR0-DR7, FS/GS base, KERNEL_GS_BASE; offsets
+checked by emu/qemu_state.py's self-test) against its twin, the same read through Unicorn's API (``ctx_cr`` = 0 selects it), on
 register values drawn by hypothesis and left by a guest's own arithmetic (the
 flags QEMU keeps lazily) and segment loads."""
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _both(cpu):
 @given(gprs=st.lists(u64, min_size=16, max_size=16), op=st.sampled_from(["add", "sub", "imul", "xor", "shl", "sar"]),
        df=st.booleans(), cr2=u64, drs=st.lists(canonical, min_size=4, max_size=4), dr7=st.integers(0, 0xFF),
        gdtr=st.tuples(canonical, st.integers(0, 0xFFFF)), idtr=st.tuples(canonical, st.integers(0, 0xFFFF)),
-       fs=canonical, gs=canonical, kgs=canonical)
-def test_direct_register_read_matches_the_api(gprs, op, df, cr2, drs, dr7, gdtr, idtr, fs, gs, kgs):
+       fs=canonical, gs=canonical, kgs=canonical, cr8=st.integers(0, 15))
+def test_direct_register_read_matches_the_api(gprs, op, df, cr2, drs, dr7, gdtr, idtr, fs, gs, kgs, cr8):
     m = Machine()
     try:
         cpu, uc = m.cpu, m.cpu.uc
@@ -58,6 +58,7 @@ def test_direct_register_read_matches_the_api(gprs, op, df, cr2, drs, dr7, gdtr,
         uc.reg_write(X.UC_X86_REG_FS_BASE, fs)
         uc.reg_write(X.UC_X86_REG_GS_BASE, gs)
         uc.reg_write(X.UC_X86_REG_MSR, (0xC0000102, kgs))
+        uc.reg_write(X.UC_X86_REG_CR8, cr8)
         direct, via_api = _both(cpu)
         assert direct == via_api
         # After the guest's own arithmetic: the flags are QEMU's lazy ones.
