@@ -49,7 +49,8 @@ from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
-from .vmx import TrackedVmcs, VmEntryFailed, VmxGuest
+from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls
+from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmxGuest
 from .nested_shadow import VmcsCache
 from .nested_state import GUEST_IMAGE, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
@@ -70,7 +71,15 @@ _ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
 
 _X_CTLS = int(F.VM_EXIT_CONTROLS)
 _E_TSC_OFFSET, _E_INTR = int(F.TSC_OFFSET), int(F.GUEST_INTERRUPTIBILITY_STATE)
-_PP_TSC_OFFSETTING = 1 << 3          # primary processor-based control "use TSC offsetting" (Table 25-6)
+_E_ENTRY_INTR, _E_EPTP = int(F.VM_ENTRY_INTR_INFO), int(F.EPT_POINTER)
+_ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
+#: execution controls (SDM Vol. 3C Tables 25-5, 25-6, 25-7)
+_PIN_PREEMPT = int(PinBasedControls.ACTIVATE_PREEMPTION_TIMER)
+_PP_SECONDARY = int(PrimaryProcBasedControls.ACTIVATE_SECONDARY_CONTROLS)
+_PP_MTF, _PP_IRQ_WINDOW = int(PrimaryProcBasedControls.MONITOR_TRAP_FLAG), int(PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING)
+_SP_ENABLE_EPT = int(SecondaryProcBasedControls.ENABLE_EPT)
+
+_PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -598,6 +607,42 @@ class _L2Guest(VmxGuest):
         self.vm.nested._switch_for(cpu).load([g(e, 0) for e in GUEST_IMAGE])
         cpu.native.tsc_offset = g(_E_TSC_OFFSET, 0) if self._primary() & _PP_TSC_OFFSETTING else 0
         self._saved = True
+
+    def _enter(self):
+        """VM entry as VmxGuest._enter, with the common VMRESUME of a nested
+        hypervisor taken short: the VMCS passed the entry checks before and
+        since then L1 wrote nothing but exit information (read-only fields,
+        which have no checks) or GUEST_RIP/GUEST_RSP (_rip_only_valid: the
+        checks those fields have, SDM Vol. 3C 27.3.1.4), the trap sites are
+        armed for these controls and NMI blocking, and no event is to be
+        injected.  Then the controls, hence the fast-path policy, the monitor
+        trap flag and interrupt-window exiting, are those of the last entry;
+        what is left is the guest-state load, EPT and the preemption timer."""
+        v = self._vmcs
+        vals = v._values
+        get = vals.get
+        armed = self._armed_for
+        if (not self._checked or armed is None or get(_E_ENTRY_INTR, 0) >> 31 & 1
+                or armed != (get(_ENC_PRIMARY, 0), get(_ENC_SECONDARY, 0), self.vm.nmi_blocked,
+                             self.virtual_nmi_blocked)
+                or (v.dirty - _CHEAP_FIELDS and not self._rip_only_valid())):
+            return super()._enter()
+        self._load_guest_state_if_changed()
+        p = self._p
+        eptp = get(_E_EPTP, 0) if p & _PP_SECONDARY and get(_ENC_SECONDARY, 0) & _SP_ENABLE_EPT else None
+        self.cpu.set_ept(eptp)
+        self.single_step = bool(p & _PP_MTF)
+        self.wants_irq_window = bool(p & _PP_IRQ_WINDOW)
+        v.dirty.clear()
+        if self._preempt_deadline is not None or self._pin & _PIN_PREEMPT:
+            self._arm_preemption_timer()
+        return None
+
+    def _inject_from_entry_field(self) -> None:
+        # Nothing to inject unless the VM-entry interruption-information
+        # field is valid (bit 31, SDM Vol. 3C 25.8.3): the common VMRESUME.
+        if self._vmcs._values.get(_E_ENTRY_INTR, 0) >> 31 & 1:
+            super()._inject_from_entry_field()
 
     def _store_guest_state(self) -> None:
         """The deferred part of a VM exit (SDM Vol. 3C 28.3.2): the vCPU's

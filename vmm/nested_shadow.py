@@ -98,8 +98,11 @@ class VmcsCache:
         if d and self.vmcs is not None:
             v = self.vmcs
             vals, dirty = v._values, v.dirty
-            for k, enc in enumerate(HOT_FIELDS):
-                if d >> k & 1:
+            while d:
+                k = (d & -d).bit_length() - 1          # the lowest field written
+                d &= d - 1
+                if k < len(HOT_FIELDS):
+                    enc = HOT_FIELDS[k]
                     vals[enc] = s.value[k]
                     dirty.add(enc)
         s.dirty = 0
