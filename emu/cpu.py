@@ -232,6 +232,8 @@ class Vcpu:
         self.fastpath = None
         #: guest-visible VMX: L1's VMREAD/VMWRITE served in C (vmm/nested_shadow.py), or None
         self.vmx_shadow = None
+        #: called after C entered L2 from L1's VMRESUME (set by vmm/nested.py)
+        self.vmx_entered = None
         self._err = ffi.new("int *")
         self._counting = False         # the last run was a one-instruction step
         self._scratch_mapped = False
@@ -777,6 +779,12 @@ class Vcpu:
             else:
                 kind = lib.vmlab_run_exit_vmx(v, self._uch, deadline, flags, r,
                                               f if f is not None else ffi.NULL, sh, self._err)
+                if sh.entered:
+                    # C executed L1's VMRESUME and ran L2 (native/nested.c):
+                    # vmm/nested.py makes L2's policy current, then this exit is L2's.
+                    sh.entered = 0
+                    self.vmx_entered()
+                    f = self.fastpath
             if kind == _STOP_FAST_EXIT:
                 return PolicyExit(r.rip, f.exit_len, f.exit_reason, f.exit_qual,
                                   (v.fault_vaddr, v.fault_paddr, v.fault_error_code))

@@ -58,6 +58,69 @@ int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64
     return (int)(i + 3);
 }
 
+/* VMRESUME (0F 01 C3) of L1 that needs nothing Python knows: the SDM Vol. 3C
+ * 31.3 "VMRESUME" Operation for a launched current VMCS whose entry checks
+ * (ch. 27) passed at the previous entry, when since L2's last VM exit L1
+ * wrote either nothing but read-only fields (exit information: no checks) or
+ * nothing but GUEST_RIP/GUEST_RSP -- then RIP's own check (27.3.1.4: bits
+ * 63:32 zero unless "IA-32e mode guest" and CS.L, else canonical) is made
+ * here.  Python sets entry_ready only when the controls are those the trap
+ * sites and the fast-path policy were made for, no event is to be injected,
+ * and there is no monitor trap flag, interrupt-window exiting or preemption
+ * timer.  An interrupt waiting for L1's window (irq_window) or NMIs blocked
+ * (the IRET trap is armed exactly then) leave it to Python, whose arbiter
+ * decides them at the entry.  Twin: vmm/nested_shadow.py resume_ok. */
+int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, uint32_t trap_kinds,
+                        const vmlab_vmx_shadow *s)
+{
+    if (!s->entry_ready || n < 3 || code[0] != 0x0F || code[1] != 0x01 || code[2] != 0xC3)
+        return 0;
+    if (irq_window || (trap_kinds & (1u << VMLAB_TRAP_IRET)))
+        return 0;
+    const uint64_t d = s->dirty, rr = d & s->entry_rip_rsp, cheap = d & s->entry_cheap;
+    if ((d & ~(rr | cheap)) || (rr && cheap))
+        return 0;
+    if (rr && s->rip_k < VMLAB_VMX_SHADOW_MAX) {
+        const uint64_t rip = s->value[s->rip_k];
+        if (!s->rip_bits) {
+            if (rip >> 32)
+                return 0;
+        } else if (s->rip_bits < 64) {
+            const uint64_t top = rip >> (s->rip_bits - 1);
+            if (top != 0 && top != (~0ull >> (s->rip_bits - 1)))
+                return 0;
+        }
+    }
+    return 3;
+}
+
+/* The VM entry itself: L2's stored state with the table's RIP and RSP, EPT,
+ * the TSC offset; the table stops serving (L2 runs). */
+static int vmx_resume_l2(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_vmx_shadow *s)
+{
+    uint64_t img[VMLAB_LV_N];
+    memcpy(img, s->l2_img, sizeof img);
+    if (s->rip_k < VMLAB_VMX_SHADOW_MAX && s->rsp_k < VMLAB_VMX_SHADOW_MAX) {
+        img[VMLAB_LV_RIP] = s->value[s->rip_k];
+        img[VMLAB_LV_RSP] = s->value[s->rsp_k];
+    }
+    int err = vmlab_level_load(v, uc, r, img);
+    if (err)
+        return err;
+    const uint32_t on = s->ept_enabled ? 1 : 0;
+    if (on != (v->ept_enabled ? 1u : 0u) || (on && v->eptp != s->eptp)) {
+        v->eptp = on ? s->eptp : 0;
+        v->ept_enabled = on;
+        vmlab_stlb_flush(v);
+        vmlab_tlb_flush(uc);
+    }
+    v->tsc_offset = s->tsc_offset;
+    s->active = 0;
+    s->entered = 1;
+    s->entries++;
+    return 0;
+}
+
 int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                        vmlab_fastpath *f, vmlab_vmx_shadow *s, int *err)
 {
@@ -77,8 +140,16 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
         if (nb > 15) nb = 15;
         if (pa + nb > v->ram_size) nb = (uint32_t)(v->ram_size - pa);
         const int len = vmlab_vmx_shadow_insn(v->ram + pa, nb, r->gpr, &r->rflags, s);
-        if (!len)
-            return kind;
+        if (!len) {
+            if (!vmlab_vmx_resume_ok(v->ram + pa, nb, v->irq_window, v->trap_kinds, s))
+                return kind;
+            if (vmx_resume_l2(v, uc, r, s))
+                return -1;
+            f = s->l2_fastpath;
+            if (v->icount >= deadline)
+                return VMLAB_STOP_DEADLINE;
+            continue;
+        }
         r->rip += (uint64_t)len;
         /* the 16 GPRs, RIP (bit 16) and RFLAGS (bit 17) of vmlab_regs_write */
         if (vmlab_regs_write(v, uc, r, 0xFFFFull | (1ull << 16) | (1ull << 17)))

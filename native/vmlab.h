@@ -477,7 +477,23 @@ typedef struct vmlab_vmx_shadow {
     uint8_t writable[64];      /* VMWRITE may write it (else Python decides: VMfailValid 13) */
     uint64_t mask[64];         /* the field's width */
     uint64_t value[64];
+    /* VMRESUME in C (vmlab_vmx_resume_ok): Python sets entry_ready when the
+     * current VMCS's L2 may be entered from l2_img with RIP/RSP from the table */
+    uint32_t entry_ready;
+    uint32_t entered;          /* set by C after such an entry (Python then does its bookkeeping) */
+    uint64_t entry_rip_rsp;    /* table bits of GUEST_RIP and GUEST_RSP */
+    uint64_t entry_cheap;      /* table bits of the read-only fields (exit information) */
+    uint32_t rip_k, rsp_k;     /* table indices of GUEST_RIP, GUEST_RSP */
+    uint32_t rip_bits;         /* 0: RIP bits 63:32 must be 0; else canonical at this linear-address width */
+    uint32_t ept_enabled;      /* L2's EPT (SDM 29.3) */
+    uint64_t eptp, tsc_offset;
+    uint64_t entries;          /* VMRESUMEs executed here (statistics) */
+    vmlab_fastpath *l2_fastpath;   /* L2's fast-path policy, the run goes on with it */
+    uint64_t l2_img[43];       /* L2's state as stored at its last VM exit (VMLAB_LV_*) */
 } vmlab_vmx_shadow;
+/* A VMRESUME at code[0..n) that C may execute (3, its length) or 0. */
+int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, uint32_t trap_kinds,
+                        const vmlab_vmx_shadow *s);
 /* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it. */
 int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64_t *rflags,
                           vmlab_vmx_shadow *s);

@@ -44,6 +44,7 @@ from vmlab.emu.cpu import GuestFault
 from vmlab.emu.decode import mem_operand_address, reg_value, set_reg_value
 from vmlab.emu.events import Event
 from vmlab.emu.exits import TrapExit
+from vmlab.emu.native import ffi, lib
 
 from . import vmcs as F
 from .capabilities import VmxCapabilities
@@ -52,7 +53,7 @@ from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
 from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls
 from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmxGuest
 from .nested_shadow import VmcsCache
-from .nested_state import GUEST_IMAGE, LevelSwitch, host_image
+from .nested_state import GUEST_IMAGE, N as LEVEL_N, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
 
 #: layout of a VMCS region in guest memory (see the module docstring)
@@ -78,6 +79,9 @@ _PIN_PREEMPT = int(PinBasedControls.ACTIVATE_PREEMPTION_TIMER)
 _PP_SECONDARY = int(PrimaryProcBasedControls.ACTIVATE_SECONDARY_CONTROLS)
 _PP_MTF, _PP_IRQ_WINDOW = int(PrimaryProcBasedControls.MONITOR_TRAP_FLAG), int(PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING)
 _SP_ENABLE_EPT = int(SecondaryProcBasedControls.ENABLE_EPT)
+_E_PIN, _E_ENTRY_CTLS, _E_CS_AR = (int(F.PIN_BASED_VM_EXEC_CONTROL), int(F.VM_ENTRY_CONTROLS),
+                                   int(F.GUEST_CS_ACCESS_RIGHTS))
+_ENTRY_IA32E = 1 << 9                 # VM-entry control "IA-32e mode guest" (Table 25-15)
 
 _PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
 
@@ -119,6 +123,8 @@ class NestedVmx:
         self._cache = VmcsCache(self.caps)
         #: the image buffer of the level switch (vmm/nested_state.py), per vCPU
         self._switch: LevelSwitch | None = None
+        #: the VMCS whose L2 state is in the native table's l2_img (stored at its last VM exit)
+        self._img_for = None
         #: VMREAD/VMWRITE sites decoded for the register-form path: id(insn) -> (insn, form)
         self._sites: dict[int, tuple] = {}
         #: encodings VMWRITE may write (full access) -> the field's width mask
@@ -228,7 +234,58 @@ class NestedVmx:
                 or getattr(vm, "exit_break", None) is not None):
             return
         self._cache.fill(v)
-        vm.vcpu.vmx_shadow = self._cache.native
+        sh = self._cache.native
+        g = self._guest
+        if self._img_for is v and g is not None and g._vmcs is v:
+            self._arm_resume(v, g, sh)
+        vm.vcpu.vmx_shadow = sh
+
+    def _arm_resume(self, v, g, sh) -> None:
+        """Let native/nested.c execute L1's next VMRESUME itself
+        (vmlab_vmx_resume_ok, whose comment lists what it checks) when what it
+        cannot see holds: the VMCS is launched and passed the entry checks at
+        its last entry, nothing was written to it since but by the CPU (the
+        VM exit that stored l2_img), the trap sites and the fast-path policy
+        are those of these controls with NMIs unblocked, no event is to be
+        injected, and no control asks for one instruction at a time (monitor
+        trap flag), an interrupt window or the preemption timer."""
+        vm = self.vm
+        get = v._values.get
+        p = get(_ENC_PRIMARY, 0)
+        if (not g._checked or v.dirty or v.cpu_dirty or v.launch_state != F.LaunchState.LAUNCHED
+                or vm.nmi_blocked or g.virtual_nmi_blocked or self._l1_traps is None
+                or g._armed_for != (p, get(_ENC_SECONDARY, 0), False, False)
+                or get(_E_ENTRY_INTR, 0) >> 31 & 1 or p & (_PP_MTF | _PP_IRQ_WINDOW)
+                or get(_E_PIN, 0) & _PIN_PREEMPT or g._preempt_deadline is not None
+                or g._pending_exits or g._halt_requested):
+            return
+        sec = get(_ENC_SECONDARY, 0) if p & _PP_SECONDARY else 0
+        long_cs = get(_E_ENTRY_CTLS, 0) & _ENTRY_IA32E and get(_E_CS_AR, 0) & (1 << 13)
+        sh.rip_bits = self.caps.linear_address_width if long_cs else 0
+        sh.ept_enabled = 1 if sec & _SP_ENABLE_EPT else 0
+        sh.eptp = get(_E_EPTP, 0) if sec & _SP_ENABLE_EPT else 0
+        sh.tsc_offset = get(_E_TSC_OFFSET, 0) if p & _PP_TSC_OFFSETTING else 0
+        sh.l2_fastpath = g._fastpath
+        vm.vcpu.vmx_entered = self._entered_natively
+        sh.entry_ready = 1
+
+    def _entered_natively(self) -> None:
+        """native/nested.c executed L1's VMRESUME and L2 runs: the VMWRITEs it
+        served go into the VMCS, then what _vmentry and _L2Guest._enter do
+        after the state load (the entry consumed the writes; L2's policy)."""
+        vm = self.vm
+        cpu = vm.vcpu
+        self._cache.sync()
+        cpu.vmx_shadow = None
+        g = self._guest
+        v = g._vmcs
+        v.dirty.clear()
+        v.cpu_dirty.clear()
+        g._saved = True
+        self._img_for = None
+        self.l2 = g
+        vm.intercept = g
+        cpu.fastpath = g._fastpath
 
     def _instruction(self, ex: TrapExit) -> Outcome:
         cpu = self.vm.vcpu
@@ -648,8 +705,12 @@ class _L2Guest(VmxGuest):
         """The deferred part of a VM exit (SDM Vol. 3C 28.3.2): the vCPU's
         state into the guest-state area, as one image; interruptibility bit 3
         (blocking by NMI, Table 25-3) as at the exit."""
+        nested = self.vm.nested
+        img = nested._cache.native.l2_img
+        lib.vmlab_level_save(self.cpu.regs, img)
         vals = self._vmcs._values
-        vals.update(zip(GUEST_IMAGE, self.vm.nested._switch_for(self.cpu).save()))
+        vals.update(zip(GUEST_IMAGE, ffi.unpack(img, LEVEL_N)))
+        nested._img_for = self._vmcs
         intr = vals.get(_E_INTR, 0) & ~(1 << 3)
         vals[_E_INTR] = intr | (8 if self._exit_nmi_blocked else 0)
 

@@ -68,6 +68,33 @@ def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[
     return i + 3, rflags & ~_VMSUCCEED_CLEAR
 
 
+_TRAP_IRET = 1 << lib.VMLAB_TRAP_IRET
+
+
+def resume_ok(code: bytes, irq_window: int, trap_kinds: int, table: dict) -> int:
+    """The twin of vmlab_vmx_resume_ok: 3 when C may execute this VMRESUME
+    (``table``: ``entry_ready``, ``dirty``, ``entry_rip_rsp``, ``entry_cheap``,
+    ``rip_k``, ``rip_bits``, ``value``), else 0."""
+    if not table["entry_ready"] or code[:3] != b"\x0f\x01\xc3":
+        return 0
+    if irq_window or trap_kinds & _TRAP_IRET:
+        return 0
+    d = table["dirty"]
+    rr, cheap = d & table["entry_rip_rsp"], d & table["entry_cheap"]
+    if d & ~(rr | cheap) or (rr and cheap):
+        return 0
+    if rr and table["rip_k"] < MAX:
+        rip, bits = table["value"][table["rip_k"]], table["rip_bits"]
+        if not bits:
+            if rip >> 32:
+                return 0
+        elif bits < 64:
+            top = rip >> (bits - 1)
+            if top not in (0, (1 << (65 - bits)) - 1):
+                return 0
+    return 3
+
+
 class VmcsCache:
     """The native table for one NestedVmx (see the module docstring)."""
 
@@ -79,6 +106,9 @@ class VmcsCache:
             s.enc[k], s.mask[k] = enc, f.mask
             s.writable[k] = 1 if (not f.read_only or caps.vmwrite_any_field) else 0
         s.n = len(HOT_FIELDS)
+        s.rip_k, s.rsp_k = HOT_FIELDS.index(int(F.GUEST_RIP)), HOT_FIELDS.index(int(F.GUEST_RSP))
+        s.entry_rip_rsp = 1 << s.rip_k | 1 << s.rsp_k
+        s.entry_cheap = sum(1 << k for k, enc in enumerate(HOT_FIELDS) if by_enc[enc].read_only)
         self.vmcs = None
 
     def fill(self, vmcs) -> None:
@@ -87,13 +117,14 @@ class VmcsCache:
         get = vmcs._values.get
         ffi.memmove(s.value, _PACK(*[get(enc, 0) for enc in HOT_FIELDS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
+        s.entry_ready = 0
         s.active = 1
         self.vmcs = vmcs
 
     def sync(self) -> None:
         """Stop serving; the VMWRITEs served go into the VMCS (tracked)."""
         s = self.native
-        s.active = 0
+        s.active = s.entry_ready = 0
         d = s.dirty
         if d and self.vmcs is not None:
             v = self.vmcs

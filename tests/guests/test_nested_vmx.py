@@ -214,9 +214,10 @@ def test_cli_debug_with_nested_vmx_breaks_on_the_l2_cpuid_exit():
 
 def test_short_vmresume_path_keeps_every_check(tmp_path, monkeypatch):
     """With -DBENCH_LOOPS, L2's CPUID loop is resumed by L1 after a VMWRITE of
-    GUEST_RIP only: those VM entries take _L2Guest._enter's short path (the
-    full one after L1 writes controls, injects an event or changes guest
-    state), and every check of the run afterwards still passes."""
+    GUEST_RIP only: those VM entries are executed in C (native/nested.c) or
+    take _L2Guest._enter's short path, never the full one (which comes back
+    after L1 writes controls, injects an event or changes guest state), and
+    every check of the run afterwards still passes."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed")
     from vmlab.tools.bench_nested import build
@@ -229,9 +230,18 @@ def test_short_vmresume_path_keeps_every_check(tmp_path, monkeypatch):
         full.append(1)
         return orig(self)
     monkeypatch.setattr(VmxGuest, "_enter", counting)
+    entries = []
+    orig_entered = nested.NestedVmx._entered_natively
+
+    def entered(self):
+        entries.append(self._cache.native.entries)
+        return orig_entered(self)
+    monkeypatch.setattr(nested.NestedVmx, "_entered_natively", entered)
     res, out, reflected = _run(build(tmp_path / "loop.elf", 40), nested=True)
     assert "FAIL" not in out, out
     assert out.count("PASS:") == 39 and res.status == 1, (res, out)
     assert reflected == 47
     assert 1 <= len(full) <= 10, len(full)     # the launch, the injection, the entry failure...
+    # most of the loop's VMRESUMEs were executed by native/nested.c (vmlab_vmx_resume_ok)
+    assert len(entries) >= 35 and entries[-1] == len(entries), entries
     assert nested._L2Guest._enter is not VmxGuest._enter

@@ -133,3 +133,40 @@ def test_no_native_vmread_while_a_debugger_watches(tmp_path):
         vm.close()
 
 
+
+
+# ---------------------------------------------------------------------- VMRESUME in C
+@st.composite
+def resume_cases(draw):
+    from vmlab.vmm.nested_shadow import VmcsCache
+    from vmlab.vmm.capabilities import VmxCapabilities
+    proto = VmcsCache(VmxCapabilities()).native
+    table = {"entry_ready": draw(st.sampled_from([0, 1, 1, 1])),
+             "dirty": draw(st.one_of(U64, st.sampled_from([0, proto.entry_rip_rsp, 1 << proto.rip_k,
+                                                           1 << proto.rsp_k, proto.entry_cheap,
+                                                           proto.entry_cheap | 1 << proto.rip_k]))),
+             "entry_rip_rsp": proto.entry_rip_rsp, "entry_cheap": proto.entry_cheap,
+             "rip_k": proto.rip_k, "rsp_k": proto.rsp_k,
+             "rip_bits": draw(st.sampled_from([0, 48, 57, 64])),
+             "value": [draw(st.one_of(U64, st.integers(0, 1 << 33), st.sampled_from(
+                 [0xFFFF800000000000, 0x00007FFFFFFFFFFF, 0x0000800000000000, 0xFFFFFFFF])))
+                       for _ in range(MAX)]}
+    code = draw(st.one_of(st.just(b"\x0f\x01\xc3"), st.just(b"\x0f\x01\xc2"), st.binary(min_size=0, max_size=4)))
+    code += draw(st.binary(max_size=3))
+    return code, draw(st.sampled_from([0, 0, 1])), draw(st.sampled_from([0, 1 << lib.VMLAB_TRAP_IRET, 0xFFFFFFFF, 1 << lib.VMLAB_TRAP_VMX])), table
+
+
+
+@settings(max_examples=500, deadline=None)
+@given(resume_cases())
+def test_native_vmresume_decision_matches_the_python_twin(case):
+    from vmlab.vmm.nested_shadow import resume_ok
+    code, irq_window, kinds, table = case
+    s = ffi.new("vmlab_vmx_shadow *")
+    s.entry_ready, s.dirty, s.entry_rip_rsp, s.entry_cheap = (table["entry_ready"], table["dirty"],
+                                                              table["entry_rip_rsp"], table["entry_cheap"])
+    s.rip_k, s.rsp_k, s.rip_bits = table["rip_k"], table["rsp_k"], table["rip_bits"]
+    for k in range(MAX):
+        s.value[k] = table["value"][k]
+    buf = ffi.new("uint8_t[]", code or b"\0")
+    assert lib.vmlab_vmx_resume_ok(buf, len(code), irq_window, kinds, s) == resume_ok(code, irq_window, kinds, table)
