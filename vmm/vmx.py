@@ -294,11 +294,15 @@ class VmxGuest(NonRootIntercepts):
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
-        self._lazy_ref = weakref.WeakMethod(self._store_guest_state)
+        self._lazy_ref = weakref.WeakMethod(self._store_deferred)
         #: the native fast path's policy (emu/fastpath.py), refreshed at VM entry
         self._fastpath = ffi.new("vmlab_fastpath *")
         self._fast_key = None                 # the controls _fastpath was built from
         self._exit_nmi_blocked = False
+        #: the exit-information fields of the last VM exit are still in the
+        #: native fast-path decision (``_fastpath``: reason, length,
+        #: qualification), stored into the VMCS with the deferred guest state
+        self._native_exit = False
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
         self._p = self._pin = 0
@@ -408,6 +412,20 @@ class VmxGuest(NonRootIntercepts):
             rate = self.caps.misc & 0x1F
             self._vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = \
                 max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
+
+    def _store_deferred(self) -> None:
+        """The deferred part of a VM exit (TrackedVmcs.lazy): the
+        exit-information fields of an exit the run loop's lean path took (SDM
+        Vol. 3C 28.2.1: reason, qualification, instruction length from the
+        native decision; no interruption or IDT-vectoring information), then
+        the guest state."""
+        if self._native_exit:
+            self._native_exit = False
+            f = self._fastpath
+            vals = self._vmcs._values
+            vals[_X_REASON], vals[_X_QUAL], vals[_X_LEN] = f.exit_reason, f.exit_qual, f.exit_len
+            vals[_X_INTR_INFO] = vals[_X_IDT_INFO] = 0
+        self._store_guest_state()
 
     def _store_guest_state(self) -> None:
         """The deferred part of a VM exit: store the vCPU's state into the
@@ -613,8 +631,9 @@ class VmxGuest(NonRootIntercepts):
         """The run loop's lean path (vmm.runloop): the vCPU stopped at a VM
         exit the native fast path decided (``_fastpath`` holds its reason,
         length and qualification) and nothing else needs the loop.  Does what
-        ``intercept`` + ``on_exit`` do for it -- the VM exit (guest state saved
-        lazily, exit-information fields stored, SDM Vol. 3C 28.2), the handler,
+        ``intercept`` + ``on_exit`` do for it -- the VM exit (SDM Vol. 3C 28.2:
+        guest state and the exit-information fields stored when the VMCS is
+        first read or written, the latter from the native decision), the handler,
         VM entry -- with one small exit object.  None: not taken here (no
         handler, exits recorded, a debugger's break-exit); the loop takes the
         general path with nothing changed."""
@@ -627,11 +646,14 @@ class VmxGuest(NonRootIntercepts):
         # _save_guest_state (no preemption timer: ``lean`` says so)
         self._exit_nmi_blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else vm.nmi_blocked
         vmcs = self._vmcs
-        _set_attr(vmcs, "lazy", self._lazy_ref)
+        ref = self._lazy_ref
+        if vmcs.lazy is not ref:
+            _set_attr(vmcs, "lazy", ref)
         self._saved = True
+        # The exit-information fields stay in the native decision until the
+        # VMCS is read or written (``_store_deferred``).
+        self._native_exit = True
         qual, length = f.exit_qual, f.exit_len
-        vals = vmcs._values
-        vals[_X_REASON], vals[_X_QUAL], vals[_X_INTR_INFO], vals[_X_IDT_INFO], vals[_X_LEN] = reason, qual, 0, 0, length
         ex = _new(VmExit)                     # VmExit.__init__'s fields, without its call
         ex.reason, ex.qualification, ex.vmcs, ex.guest, ex._decoded = _REASONS[reason], qual, vmcs, self, None
         ex.instruction_length, ex.entry_failure, ex._mex, ex.action, ex._skipped = length, False, _FAST_SITE, RESUME, False
@@ -648,7 +670,7 @@ class VmxGuest(NonRootIntercepts):
             # be in ``dirty``.)
             cpu_dirty = vmcs.cpu_dirty
             if cpu_dirty:
-                self.cpu.set_rip(vals[_E_RIP])
+                self.cpu.set_rip(vmcs._values[_E_RIP])
                 cpu_dirty.clear()
             return HANDLED
         out = self._after_handler(ex)
@@ -670,6 +692,7 @@ class VmxGuest(NonRootIntercepts):
         from the CPU and are in range by construction), build the handler's
         view."""
         self._save_guest_state()
+        self._native_exit = False
         vals = self._vmcs._values
         vals[_X_REASON] = int(reason)
         vals[_X_QUAL] = qual if type(qual) is int else _as_int(qual)
@@ -826,4 +849,5 @@ _X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LE
                                                     int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS),
                                                     int(F.VM_EXIT_INTR_ERROR_CODE))
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
-_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) | {_E_INTR}
+_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) | {_E_INTR, _X_REASON, _X_QUAL, _X_LEN, _X_INTR_INFO,
+                                                                   _X_IDT_INFO}
