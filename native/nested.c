@@ -161,8 +161,8 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
 
 /* ---- the L1<->L2 level switch in bulk (vmlab.h VMLAB_LV_*) -------------------------
  * A VM exit stores the guest state into the VMCS (SDM Vol. 3C 28.3) and loads
- * the host state (28.5); a VM entry loads the guest state (28.3.2 of the entry
- * chapter, "Loading Guest State").  vmm/nested.py moves the fields between the
+ * the host state (28.5); a VM entry loads the guest state (27.3.2 "Loading
+ * Guest State").  vmm/nested.py moves the fields between the
  * VMCS and an image of VMLAB_LV_N values in Python (one list, one dict update);
  * these routines move the image into or out of the vCPU in one call each.
  * Python twin: vmm/nested_state.py (tests compare the two). */

@@ -656,7 +656,7 @@ class _L2Guest(VmxGuest):
     the guest state with the native level switch (vmm/nested_state.py)."""
 
     def _load_guest_state(self) -> None:
-        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 27.3.2 checked, then
+        """VM entry: guest-state area -> vCPU (SDM Vol. 3C 27.3.1 checked, 27.3.2
         loaded as VmxGuest._load_guest_state does), as one image."""
         v, cpu = self.vmcs, self.cpu
         v.materialize()
@@ -702,7 +702,7 @@ class _L2Guest(VmxGuest):
             super()._inject_from_entry_field()
 
     def _store_guest_state(self) -> None:
-        """The deferred part of a VM exit (SDM Vol. 3C 28.3.2): the vCPU's
+        """The deferred part of a VM exit (SDM Vol. 3C 28.3): the vCPU's
         state into the guest-state area, as one image; interruptibility bit 3
         (blocking by NMI, Table 25-3) as at the exit."""
         nested = self.vm.nested

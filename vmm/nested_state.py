@@ -3,7 +3,7 @@ its pure-Python twin.
 
 A VM exit stores the guest state into the VMCS (SDM Vol. 3C 28.3 "Saving
 Guest State") and loads the host-state area (28.5 "Loading Host State"); a VM
-entry loads the guest-state area (27.3.2 checks, then "Loading Guest State").
+entry checks the guest-state area (27.3.1) and loads it (27.3.2 "Loading Guest State").
 vmm/nested.py moves the fields between L1's VMCS and an *image* -- one value
 per field in the order of ``GUEST_IMAGE`` (vmlab.h ``VMLAB_LV_*``) -- and one
 native call moves the image into or out of the vCPU:
