@@ -125,6 +125,9 @@ class NestedVmx:
         self._switch: LevelSwitch | None = None
         #: the VMCS whose L2 state is in the native table's l2_img (stored at its last VM exit)
         self._img_for = None
+        #: the host-state image of the last VM exit: (vmcs, _host_gen, EFER, native buffer)
+        self._host_img = None
+        self._host_gen = 0
         #: VMREAD/VMWRITE sites decoded for the register-form path: id(insn) -> (insn, form)
         self._sites: dict[int, tuple] = {}
         #: encodings VMWRITE may write (full access) -> the field's width mask
@@ -583,10 +586,18 @@ class NestedVmx:
         by one native call.  (Host-state fields are read from the VMCS's dict:
         each is a valid field, whose VMREAD is the stored value.)"""
         cpu = self.vm.vcpu
-        g = v._values.get
         cpu.set_ept(None)
         cpu.native.tsc_offset = 0
-        self._switch_for(cpu).load(host_image(g, g(_X_CTLS, 0), cpu.regs.efer))
+        efer = cpu.regs.efer            # the host's EFER without "load IA32_EFER" (host_image)
+        hc = self._host_img
+        if hc is None or hc[0] is not v or hc[1] != self._host_gen or hc[2] != efer:
+            # The host-state fields change only by VMWRITE, and a VM entry after
+            # one takes the full path, which bumps _host_gen (_L2Guest._enter).
+            g = v._values.get
+            buf = ffi.new("uint64_t[]", LEVEL_N)
+            buf[0:LEVEL_N] = host_image(g, g(_X_CTLS, 0), efer)
+            hc = self._host_img = (v, self._host_gen, efer, buf)
+        self._switch_for(cpu).load_image(hc[3])
         self._arm_l1()
         cpu.flush()
 
@@ -683,6 +694,7 @@ class _L2Guest(VmxGuest):
                 or armed != (get(_ENC_PRIMARY, 0), get(_ENC_SECONDARY, 0), self.vm.nmi_blocked,
                              self.virtual_nmi_blocked)
                 or (v.dirty - _CHEAP_FIELDS and not self._rip_only_valid())):
+            self.vm.nested._host_gen += 1         # the VMM may have written host-state fields
             return super()._enter()
         self._load_guest_state_if_changed()
         p = self._p

@@ -101,6 +101,14 @@ class LevelSwitch:
         if err:
             raise NativeError(f"VMX level switch: loading the state failed ({err})")
 
+    def load_image(self, img) -> None:
+        """Load a native image (a cffi ``uint64_t[N]`` the caller keeps)."""
+        cpu = self.cpu
+        cpu.flush()
+        err = lib.vmlab_level_load(cpu._v, cpu._uch, cpu.regs, img)
+        if err:
+            raise NativeError(f"VMX level switch: loading the state failed ({err})")
+
     def save(self) -> list[int]:
         """The image of the vCPU's register file (as last read)."""
         lib.vmlab_level_save(self.cpu.regs, self.img)

@@ -157,3 +157,31 @@ def test_host_image_attributes():
     assert img[EFER] == x86.EFER_SCE | x86.EFER_NXE | x86.EFER_LME and img[RFLAGS] == 2
     img32 = host_image(vals.get, 1 << 21, 0)
     assert img32[EFER] == 0xD01 and not img32[SEG + 4 + 3] & (1 << 13) and img32[SEG + 4 + 3] & (1 << 14)
+
+
+def test_host_state_image_is_rebuilt_after_a_full_entry_and_an_efer_change():
+    """NestedVmx keeps the host-state image of the last VM exit; a VMWRITE of a
+    host-state field makes the next VM entry take the full path, which must
+    make the next VM exit load the new value (here: HOST_RIP)."""
+    from vmlab.vmm.nested import _L2Guest
+    from vmlab.vmm.vmx import TrackedVmcs, VmEntryFailed
+    with Vm(16 << 20, serial=None) as vm:
+        n = vm.enable_nested_vmx()
+        v = TrackedVmcs.wrap(n.caps.new_vmcs())
+        for f, val in ((F.HOST_CR0, x86.CR0_PE | x86.CR0_ET | x86.CR0_NE), (F.HOST_CS_SELECTOR, 8),
+                       (F.HOST_SS_SELECTOR, 0x10), (F.HOST_TR_SELECTOR, 0x18), (F.HOST_RIP, 0x1000)):
+            v.write(f, val)
+        cpu = vm.vcpu
+        n._load_host_state(v)
+        assert cpu.refresh().rip == 0x1000
+        v.write(F.HOST_RIP, 0x2000)
+        g = _L2Guest(vm, n.caps, v)
+        g._checked = True
+        with pytest.raises(VmEntryFailed):      # the rest of this VMCS is empty: VMfailValid
+            g._enter()
+        n._load_host_state(v)
+        assert cpu.refresh().rip == 0x2000
+        v._values[int(F.HOST_RIP)] = 0x3000     # (not how a VMM writes: only an EFER change rebuilds now)
+        cpu.write_efer(x86.EFER_NXE)
+        n._load_host_state(v)
+        assert cpu.refresh().rip == 0x3000
