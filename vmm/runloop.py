@@ -125,12 +125,15 @@ HALT = Halt()
 class InterceptPolicy(Protocol):
     """VMX non-root operation as seen by the loop (vmm.vmx.VmxGuest)."""
     single_step: bool                    # monitor trap flag: one instruction per run
+    lean: bool                           # nothing asked for between instructions: the loop's lean path may run
 
     def intercept(self, ex: Exit) -> Outcome | None: ...      # None: the platform handles it
     def events(self, src: str | None) -> Outcome | None: ...  # exits the controls ask for between instructions
     def deliver(self, ev: Event) -> Outcome: ...              # event delivery under the exception bitmap
     def on_exit(self, vmexit) -> Outcome: ...                 # handlers, then VM entry
     def deadline(self) -> int | None: ...                     # e.g. the preemption timer
+    def lean_exit(self) -> Outcome | None: ...                # a fast-path VM exit, handled whole (None: not here)
+    def policy_exit(self) -> Exit: ...                        # that exit as a PolicyExit, for the general path
 
 
 class Machine(Protocol):
@@ -481,7 +484,7 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                     idle_since = None
                     continue
                 if decided is None:
-                    ex = policy._policy_exit()     # decided the general way below
+                    ex = policy.policy_exit()      # decided the general way below
             else:
                 try:
                     if kind < 0:

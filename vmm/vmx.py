@@ -214,7 +214,7 @@ class VmExit:
         it when first asked for, from the fast-path decision it came from."""
         mex = self._mex
         if mex is _FAST_SITE:
-            mex = self._mex = self.guest._policy_exit()
+            mex = self._mex = self.guest.policy_exit()
         return mex
 
     @machine_exit.setter
@@ -678,7 +678,7 @@ class VmxGuest(NonRootIntercepts):
             ex.machine_exit         # the run may end here: build it while the decision is current
         return out
 
-    def _policy_exit(self) -> PolicyExit:
+    def policy_exit(self) -> PolicyExit:
         """The PolicyExit of the last fast-path decision (``lean_exit``)."""
         f, v = self._fastpath, self.cpu.native
         return PolicyExit(f.exit_rip, f.exit_len, f.exit_reason, f.exit_qual,
