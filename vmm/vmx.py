@@ -415,10 +415,10 @@ class VmxGuest(NonRootIntercepts):
 
     def _store_deferred(self) -> None:
         """The deferred part of a VM exit (TrackedVmcs.lazy): the
-        exit-information fields of an exit the run loop's lean path took (SDM
-        Vol. 3C 28.2.1: reason, qualification, instruction length from the
-        native decision; no interruption or IDT-vectoring information), then
-        the guest state."""
+        exit-information fields of an exit the run loop's lean path took
+        (exit reason and qualification, SDM Vol. 3C 28.2.1 "Basic VM-Exit
+        Information"; instruction length, 28.2.5; from the native decision;
+        no interruption or IDT-vectoring information), then the guest state."""
         if self._native_exit:
             self._native_exit = False
             f = self._fastpath
