@@ -55,6 +55,22 @@ def make_user_accessible(machine, pde: int = 0):
     machine.mem.write_int(pd + 8 * pde, 8, machine.u64(pd + 8 * pde) | 4)
 
 
+def _smap_to_ring3(user_code: int, user_stack: int, iopl3: bool = False) -> str:
+    """Set CR4.SMAP, then IRETQ to ring 3 at user_code (IOPL 3 if asked)."""
+    iopl = "    or qword ptr [rsp], 0x3000\n" if iopl3 else ""
+    return f"""
+    mov rax, cr4
+    bts rax, 21                                     # CR4.SMAP
+    mov cr4, rax
+    push 0x23
+    push {user_stack:#x}
+    pushfq
+{iopl}    push 0x1b
+    push {user_code:#x}
+    iretq
+"""
+
+
 def make_second_2m_user(machine):
     """User code and stack go in the second 2 MiB page, while the first (GDT,
     IDT, TSS, kernel stack) stays supervisor (SMAP forbids implicit supervisor
@@ -166,18 +182,7 @@ def test_page_fault_in_user_code_under_smap_reports_cr2(machine):
     Python traceback."""
     target = 0x0000_7000_0000_1238                   # no PML4 entry: not present
     user_code, user_stack = 0x200000, 0x280000       # the second 2 MiB page: user; the first stays supervisor
-    body = f"""
-    mov rax, cr4
-    bts rax, 21                                     # CR4.SMAP
-    mov cr4, rax
-    push 0x23
-    push {user_stack:#x}
-    pushfq
-    push 0x1b
-    push {user_code:#x}
-    iretq
-"""
-    setup(machine, body, {14: {}})
+    setup(machine, _smap_to_ring3(user_code, user_stack), {14: {}})
     machine.mem.write(user_code, asm(f"mov rbx, {target:#x}\n mov qword ptr [rbx], rax\n hlt", user_code, 64))
     make_second_2m_user(machine)
     machine.mem.write(HANDLER, asm(f"mov rax, cr2\n mov qword ptr [{SAVE + 8:#x}], rax\n" + HANDLER_CODE,
@@ -195,19 +200,7 @@ def test_port_io_in_user_code_under_smap_reaches_the_device(machine):
     access (SMAP forbids it on a user page) the block went unclassified and
     Unicorn ran the OUT itself, so the debug-exit port never saw it."""
     user_code, user_stack = 0x200000, 0x280000
-    body = f"""
-    mov rax, cr4
-    bts rax, 21                                     # CR4.SMAP
-    mov cr4, rax
-    push 0x23
-    push {user_stack:#x}
-    pushfq
-    or qword ptr [rsp], 0x3000                      # IOPL 3
-    push 0x1b
-    push {user_code:#x}
-    iretq
-"""
-    setup(machine, body, {})
+    setup(machine, _smap_to_ring3(user_code, user_stack, iopl3=True), {})
     machine.mem.write(user_code, asm("mov al, 0x21\n out 0xf4, al\n hlt", user_code, 64))
     make_second_2m_user(machine)
     res = machine.run()
