@@ -104,7 +104,7 @@ class TbCache:
         v = self._v
         return {"blocks": v.ntbs, "translations": v.stat_tb_translations,
                 "invalidations": v.stat_tb_invalidations, "trap_sites": v.nexits,
-                "blocks_classified": v.stat_scans, "tlb_fills": v.stat_fills,
+                "blocks_classified": v.stat_blocks_classified, "tlb_fills": v.stat_fills,
                 "code_page_writes": v.stat_code_writes}
 
     def disassemble(self, block: Block) -> list[tuple[int, str, str]]:

@@ -31,15 +31,7 @@
 
 .code32
 image_start:
-mb_header:
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header
-    .long image_start
-    .long image_end
-    .long image_end
-    .long _start
+%include "multiboot.inc"
 
 %include "common.inc"
 
@@ -262,19 +254,7 @@ nmi_waited:
     mov dword ptr [pd64], 0x000000 | 0x87          ; P | RW | US | PS
     mov dword ptr [pd64 + 8], 0x200000 | 0x87
     mov dword ptr [pd64_apic + 0x1f7 * 8], LAPIC | 0x9b   ; P | RW | PWT | PCD | PS
-    mov eax, cr4
-    or eax, 0x20
-    mov cr4, eax
-    mov eax, pml4
-    mov cr3, eax
-    mov ecx, EFER
-    rdmsr
-    or eax, 0x100
-    wrmsr
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    ljmp KERNEL_CS64:long_mode
+    ENTER_LONG_MODE pml4, KERNEL_CS64, long_mode
 
 .code64
 long_mode:

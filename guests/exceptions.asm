@@ -19,15 +19,7 @@
 
 .code32
 image_start:
-mb_header:                      ; Multiboot v1 header, a.out kludge (flags bit 16)
-    .long 0x1badb002
-    .long 0x00010003            ; page-align modules, memory info, a.out kludge
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header             ; header_addr
-    .long image_start           ; load_addr
-    .long image_end             ; load_end_addr
-    .long image_end             ; bss_end_addr (no bss)
-    .long _start                ; entry_addr
+%include "multiboot.inc"
 
 %include "common.inc"
 
@@ -326,19 +318,7 @@ user_pf_done:
     mov eax, cr0
     and eax, 0x7fffffff         ; paging off before changing the paging mode
     mov cr0, eax
-    mov eax, cr4
-    or eax, 0x20                ; PAE
-    mov cr4, eax
-    mov eax, pml4
-    mov cr3, eax
-    mov ecx, EFER
-    rdmsr
-    or eax, 0x100               ; LME
-    wrmsr
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    ljmp KERNEL_CS64:long_mode
+    ENTER_LONG_MODE pml4, KERNEL_CS64, long_mode
 
 .code64
 long_mode:

@@ -24,15 +24,7 @@
 
 .code32
 image_start:
-mb_header:
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header
-    .long image_start
-    .long image_end
-    .long image_end
-    .long _start
+%include "multiboot.inc"
 
 %include "common.inc"
 
@@ -155,19 +147,7 @@ map_pd:
     inc ecx
     cmp ecx, 8 * 512
     jb map_pd
-    mov eax, cr4
-    or eax, 0x20
-    mov cr4, eax
-    mov eax, pml4
-    mov cr3, eax
-    mov ecx, EFER
-    rdmsr
-    or eax, 0x100
-    wrmsr
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    ljmp KERNEL_CS64:long_mode
+    ENTER_LONG_MODE pml4, KERNEL_CS64, long_mode
 
 .code64
 long_mode:

@@ -14,15 +14,7 @@
 
 .code32
 image_start:
-mb_header:
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header
-    .long image_start
-    .long image_end
-    .long image_end
-    .long _start
+%include "multiboot.inc"
 
 %include "common.inc"
 
@@ -64,19 +56,7 @@ back32:
     mov dword ptr [pml4], pdpt + 3
     mov dword ptr [pdpt], pd + 3
     mov dword ptr [pd], 0x83
-    mov eax, cr4
-    or eax, 0x20
-    mov cr4, eax
-    mov eax, pml4
-    mov cr3, eax
-    mov ecx, EFER
-    rdmsr
-    or eax, 0x100
-    wrmsr
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    ljmp CODE64_SEL:run64
+    ENTER_LONG_MODE pml4, CODE64_SEL, run64
 
 .code16
 run16:

@@ -55,15 +55,7 @@
 
 .code32
 image_start:
-mb_header:                      ; Multiboot v1 header, a.out kludge (flags bit 16)
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header             ; header_addr
-    .long image_start           ; load_addr
-    .long image_end             ; load_end_addr
-    .long image_end             ; bss_end_addr (no bss)
-    .long _start                ; entry_addr
+%include "multiboot.inc"
 
 %include "common.inc"
 

@@ -16,15 +16,7 @@
 
 .code32
 image_start:
-mb_header:
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header
-    .long image_start
-    .long image_end
-    .long image_end
-    .long _start
+%include "multiboot.inc"
 
 %include "common.inc"
 

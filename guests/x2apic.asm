@@ -32,15 +32,7 @@
 
 .code32
 image_start:
-mb_header:
-    .long 0x1badb002
-    .long 0x00010003
-    .long -(0x1badb002 + 0x00010003)
-    .long mb_header
-    .long image_start
-    .long image_end
-    .long image_end
-    .long _start
+%include "multiboot.inc"
 
 %include "common.inc"
 
@@ -331,19 +323,7 @@ t9: ENDTRY
     mov dword ptr [pdpt], pd64 + 3
     mov dword ptr [pd64], 0x000000 | 0x83
     mov dword ptr [pd64 + 8], 0x200000 | 0x83
-    mov eax, cr4
-    or eax, 0x20
-    mov cr4, eax
-    mov eax, pml4
-    mov cr3, eax
-    mov ecx, EFER
-    rdmsr
-    or eax, 0x100
-    wrmsr
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    ljmp KERNEL_CS64:long_mode
+    ENTER_LONG_MODE pml4, KERNEL_CS64, long_mode
 
 .code64
 long_mode:

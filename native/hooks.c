@@ -742,8 +742,10 @@ static void tbhash_rebuild(vmlab_vcpu *v, struct priv *p, uint32_t cap)
     }
 }
 
-/* The registry entry of a block, or -1. */
-static int64_t tb_find(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr, uint32_t hf, uint32_t size)
+/* The registry entry of a block, or -1 (then *slot, if given, is the free
+ * hash slot where it would go). */
+static int64_t tb_find(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr, uint32_t hf, uint32_t size,
+                       uint32_t *slot)
 {
     hf &= HF_DECODE_MASK;
     uint32_t k = tb_hash(pc, paddr, hf, size) & (p->tbhash_cap - 1);
@@ -753,6 +755,8 @@ static int64_t tb_find(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t padd
             return p->tbhash[k] - 1;
         k = (k + 1) & (p->tbhash_cap - 1);
     }
+    if (slot)
+        *slot = k;
     return -1;
 }
 
@@ -761,21 +765,19 @@ static int64_t tb_find(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t padd
 static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t paddr,
                             uint32_t hf, uint32_t size, uint32_t ninsn)
 {
+    uint32_t k = 0;
+    const int64_t found = tb_find(v, p, pc, paddr, hf, size, &k);
     hf &= HF_DECODE_MASK;
-    uint32_t k = tb_hash(pc, paddr, hf, size) & (p->tbhash_cap - 1);
-    while (p->tbhash[k]) {
-        vmlab_tb *t = &v->tbs[p->tbhash[k] - 1];
-        if (t->pc == pc && t->paddr == paddr && t->hflags == hf && t->size == size) {
-            if (!t->valid) {
-                t->valid = 1;
-                t->ninsn = ninsn;
-                t->translations++;
-                v->stat_tb_translations++;
-                push_u32(&v->tb_new, &v->ntb_new, &v->tb_new_cap, p->tbhash[k] - 1);
-            }
-            return p->tbhash[k] - 1;
+    if (found >= 0) {
+        vmlab_tb *t = &v->tbs[found];
+        if (!t->valid) {
+            t->valid = 1;
+            t->ninsn = ninsn;
+            t->translations++;
+            v->stat_tb_translations++;
+            push_u32(&v->tb_new, &v->ntb_new, &v->tb_new_cap, (uint32_t)found);
         }
-        k = (k + 1) & (p->tbhash_cap - 1);
+        return (uint32_t)found;
     }
     if (v->ntbs == v->tbs_cap) {
         v->tbs_cap = v->tbs_cap ? v->tbs_cap * 2 : 1024;
@@ -807,6 +809,35 @@ static uint32_t tb_register(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint64_t
     return idx;
 }
 
+/* -d exec / exec counts: one more run of registry block tb. */
+static inline void note_exec(vmlab_vcpu *v, uint32_t tb)
+{
+    if (__builtin_expect(v->count_exec | v->log_exec, 0)) {
+        v->tbs[tb].exec_count++;
+        if (v->log_exec)
+            push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, tb);
+    }
+}
+
+static inline void icache_fill(struct icache_entry *ce, uint64_t pc, uint32_t size, int mode, uint32_t ninsn,
+                               uint64_t paddr, uint32_t hfm, uint32_t tb)
+{
+    ce->pc = pc;
+    ce->size_mode = (size << 2) | (uint32_t)mode;
+    ce->ninsn = ninsn;
+    ce->ppage = paddr & ~0xfffull;
+    ce->hf = hfm;
+    ce->tb = tb;
+}
+
+/* Address and length of the i-th entry of cs_disasm's cs_insn array. */
+static inline void cs_insn_at(const void *insn, size_t i, uint64_t *addr, uint16_t *len)
+{
+    const uint8_t *e = (const uint8_t *)insn + i * VMLAB_CS_INSN_SIZE;
+    memcpy(addr, e + VMLAB_CS_INSN_ADDRESS, sizeof *addr);
+    memcpy(len, e + VMLAB_CS_INSN_LEN, sizeof *len);
+}
+
 /* Arm the trap sites of a block at its first run (again after a store to its
  * page or a change of the armed kinds): the instruction starts Capstone found
  * in buf[0..size) (buf holds got >= size bytes: the block and up to 15 past it), plus every offset of a tail Capstone could not decode
@@ -820,7 +851,7 @@ static int arm_block_sites(vmlab_vcpu *v, struct priv *p, uint64_t pc, const uin
     uint32_t covered = 0;
     int added = 0;
     size_t i = 0;
-    v->stat_scans++;
+    v->stat_blocks_classified++;
     /* Bounded: Unicorn walks its hook list for every instruction it
      * translates, so a guest that keeps making new code with trapped
      * instructions in it (a JIT) must not grow the list without end.  Past
@@ -834,8 +865,7 @@ static int arm_block_sites(vmlab_vcpu *v, struct priv *p, uint64_t pc, const uin
         for (; i < cnt && n < 64; i++) {
             uint64_t a;
             uint16_t len;
-            memcpy(&a, insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_ADDRESS, sizeof a);
-            memcpy(&len, insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_LEN, sizeof len);
+            cs_insn_at(insn, i, &a, &len);
             if (a - pc >= size)
                 break;
             starts[n++] = (uint32_t)(a - pc);
@@ -870,11 +900,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     const uint32_t hfm = read_hflags(v, p) & HF_DECODE_MASK;
     *armed = 0;
     if (__builtin_expect(ce->pc == pc && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
-        if (__builtin_expect(v->count_exec | v->log_exec, 0)) {
-            v->tbs[ce->tb].exec_count++;
-            if (v->log_exec)
-                push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
-        }
+        note_exec(v, ce->tb);
         return ce->ninsn;
     }
     v->stat_icount_misses++;
@@ -889,21 +915,11 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
          * no need to decode it again. */
         vmlab_walk w0;
         if (vmlab_walk_do(v, pc, facc, 0, &w0) == VMLAB_OK) {
-            const int64_t idx = tb_find(v, p, pc, w0.paddr, hf, size);
+            const int64_t idx = tb_find(v, p, pc, w0.paddr, hf, size, NULL);
             if (idx >= 0 && v->tbs[idx].valid && v->tbs[idx].sites_gen == v->sites_gen) {
-                vmlab_tb *t = &v->tbs[idx];
-                ce->pc = pc;
-                ce->size_mode = (size << 2) | (uint32_t)mode;
-                ce->ninsn = t->ninsn;
-                ce->ppage = w0.paddr & ~0xfffull;
-                ce->hf = hfm;
-                ce->tb = (uint32_t)idx;
-                if (v->count_exec | v->log_exec) {
-                    t->exec_count++;
-                    if (v->log_exec)
-                        push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
-                }
-                return t->ninsn;
+                icache_fill(ce, pc, size, mode, v->tbs[idx].ninsn, w0.paddr, hfm, (uint32_t)idx);
+                note_exec(v, ce->tb);
+                return ce->ninsn;
             }
         }
     }
@@ -936,8 +952,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
         for (size_t i = 0; i < cnt; i++) {
             uint64_t a;
             uint16_t len;
-            memcpy(&a, (uint8_t *)insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_ADDRESS, sizeof a);
-            memcpy(&len, (uint8_t *)insn + i * VMLAB_CS_INSN_SIZE + VMLAB_CS_INSN_LEN, sizeof len);
+            cs_insn_at(insn, i, &a, &len);
             if (a - pc + len > size)
                 break;
             n++;
@@ -945,12 +960,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     }
     if (n == 0)
         n = size / 3 + 1;   /* undecodable: a deterministic estimate */
-    ce->pc = pc;
-    ce->size_mode = (size << 2) | (uint32_t)mode;
-    ce->ninsn = n;
-    ce->ppage = paddr & ~0xfffull;
-    ce->hf = hfm;
-    ce->tb = tb_register(v, p, pc, paddr, hf, size, n);
+    icache_fill(ce, pc, size, mode, n, paddr, hfm, tb_register(v, p, pc, paddr, hf, size, n));
     vmlab_tb *t = &v->tbs[ce->tb];
     if (t->sites_gen != v->sites_gen) {
         /* Bytes the walk could not fetch (the block's page went away since it
@@ -961,11 +971,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
     }
     if (insn)
         api.cs_free(insn, cnt);
-    if (v->count_exec | v->log_exec) {
-        t->exec_count++;
-        if (v->log_exec)
-            push_u32(&v->exec_log, &v->nexec_log, &v->exec_log_cap, ce->tb);
-    }
+    note_exec(v, ce->tb);
     return n;
 }
 
@@ -989,7 +995,7 @@ static uint32_t block_icount(vmlab_vcpu *v, struct priv *p, uint64_t pc, uint32_
  *
  * Last, the written pages were handed out with W: take it back so the next
  * store to them comes through the fill again. */
-static void rescan_written(vmlab_vcpu *v, struct priv *p)
+static void drop_written_code(vmlab_vcpu *v, struct priv *p)
 {
     const uint32_t xacc = VMLAB_ACC_FETCH | (current_cpl(v, p) == 3 ? VMLAB_ACC_USER : 0);
     if (p->rescan_overflow) {
@@ -1050,7 +1056,7 @@ static void __attribute__((noinline)) hook_block_slow(uc_engine *uc, uint64_t ad
     if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_block(v, uc))
         return;      /* a debugger stop (native/debug.c): before the block runs */
     if (p->nrescan | p->rescan_overflow)
-        rescan_written(v, p);
+        drop_written_code(v, p);
     /* A stop requested here takes effect before the block runs (Unicorn checks
      * right after the block hook), so the block is only counted when it runs:
      * the deadline is checked before adding it (a block may overshoot it). */

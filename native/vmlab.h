@@ -269,7 +269,7 @@ typedef struct vmlab_vcpu {
     /* ---- statistics ---- */
     uint64_t stat_fills, stat_fill_faults, stat_mmio, stat_blocks, stat_icount_misses;
     uint64_t stat_stlb_hits, stat_stlb_flushes;
-    uint64_t stat_scans, stat_code_writes, stat_sites_armed;   /* scans: blocks classified */
+    uint64_t stat_blocks_classified, stat_code_writes, stat_sites_armed;
     uint64_t stat_sites_resets;        /* times VMLAB_MAX_SITES was reached and every site dropped */
 
     /* ---- block registry (Python reads these arrays, drains the logs) ---- */

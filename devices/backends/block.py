@@ -167,34 +167,35 @@ class Overlay(BlockBackend):
             self.clusters[c] = buf
         return buf
 
+    @staticmethod
+    def _pieces(offset: int, bufs: list):
+        """(cluster, offset in it, image offset, the part of a buffer) for the
+        buffers laid end to end from ``offset``, split at cluster boundaries."""
+        for b in bufs:
+            view = memoryview(b)            # parts are views: readv fills the caller's buffer
+            n = len(view)
+            pos = 0
+            while pos < n:
+                c, off = divmod(offset + pos, CLUSTER)
+                k = min(n - pos, CLUSTER - off)
+                yield c, off, offset + pos, view[pos:pos + k]
+                pos += k
+            offset += n
+
     def readv(self, offset: int, bufs: list) -> None:
         if not self.clusters:
             self.base.readv(offset, bufs)
             return
-        for b in bufs:
-            n = len(b)
-            pos = 0
-            while pos < n:
-                c, off = divmod(offset + pos, CLUSTER)
-                k = min(n - pos, CLUSTER - off)
-                data = self.clusters.get(c)
-                if data is None:
-                    self.base.readv(offset + pos, [b[pos:pos + k]])
-                else:
-                    b[pos:pos + k] = data[off:off + k]
-                pos += k
-            offset += n
+        for c, off, at, part in self._pieces(offset, bufs):
+            data = self.clusters.get(c)
+            if data is None:
+                self.base.readv(at, [part])
+            else:
+                part[:] = data[off:off + len(part)]
 
     def writev(self, offset: int, bufs: list) -> None:
-        for b in bufs:
-            n = len(b)
-            pos = 0
-            while pos < n:
-                c, off = divmod(offset + pos, CLUSTER)
-                k = min(n - pos, CLUSTER - off)
-                self._cluster(c)[off:off + k] = b[pos:pos + k]
-                pos += k
-            offset += n
+        for c, off, _, part in self._pieces(offset, bufs):
+            self._cluster(c)[off:off + len(part)] = part
 
     def discard(self, offset: int, length: int) -> None:
         pass                        # contents after a discard are unspecified

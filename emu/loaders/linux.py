@@ -50,8 +50,8 @@ import struct
 from vmlab.emu.loaders.elf import parse_elf, place_segments
 from vmlab.emu.loaders.errors import LoaderConfigError, LoaderFormatError
 from vmlab.emu.loaders.image import BootImage
-from vmlab.emu.memory import HIGH_RAM_BASE, split_ram
 from vmlab.emu.loaders.layout import GiB, MiB, GuestLayout, align_up, fmt_range, fmt_size
+from vmlab.emu.loaders.mbinfo import memory_map
 from vmlab.emu.loaders.x86 import (BOOT_STACK_PREFERRED, BOOT_STACK_SIZE, BOOT_STRUCT_LIMIT, GDT_PREFERRED,
                              IDENTITY_MAP_END, LOW_MEM_END, PAGE_TABLES_PREFERRED, PAGE_TABLES_SIZE,
                              build_identity_page_tables, reserve_firmware_areas)
@@ -152,15 +152,7 @@ def e820_map(ram_size: int) -> list[tuple[int, int, int]]:
     and the RAM above 4 GiB when there is more than 3 GiB (emu/memory.py
     split_ram, QEMU pc's split).
     """
-    ram_size, high = split_ram(ram_size)
-    entries = [(0, min(ram_size, LOW_MEM_END), E820_RAM),
-               (LOW_MEM_END, 0xA0000 - LOW_MEM_END, E820_RESERVED),
-               (ACPI_AREA[0], ACPI_AREA[1] - ACPI_AREA[0], E820_RESERVED)]
-    if ram_size > 1 * MiB:
-        entries.append((1 * MiB, ram_size - 1 * MiB, E820_RAM))
-    if high:
-        entries.append((HIGH_RAM_BASE, high, E820_RAM))
-    return entries
+    return memory_map(ram_size, bios_area=ACPI_AREA[0])
 
 
 def _cmdline_bytes(cmdline: str, limit: int | None) -> bytes:

@@ -79,12 +79,15 @@ EBDA_START = LOW_MEM_END
 BIOS_ROM = (0xF0000, 0x100000)
 
 
-def memory_map(ram_size: int) -> list[tuple[int, int, int]]:
-    """``(base_addr, length, type)`` entries for a machine with ``ram_size`` bytes."""
+def memory_map(ram_size: int, bios_area: int = BIOS_ROM[0]) -> list[tuple[int, int, int]]:
+    """``(base_addr, length, type)`` entries for a machine with ``ram_size``
+    bytes, [bios_area, 1 MiB) reserved.  The types are also E820's (1 usable,
+    2 reserved: the ACPI spec's address range types), so the Linux loader's
+    E820 table is this map too."""
     ram_size, high = split_ram(ram_size)
     entries = [(0, min(ram_size, EBDA_START), MULTIBOOT_MEMORY_AVAILABLE),
                (EBDA_START, 0xA0000 - EBDA_START, MULTIBOOT_MEMORY_RESERVED),
-               (BIOS_ROM[0], BIOS_ROM[1] - BIOS_ROM[0], MULTIBOOT_MEMORY_RESERVED)]
+               (bios_area, BIOS_ROM[1] - bios_area, MULTIBOOT_MEMORY_RESERVED)]
     if ram_size > 1 * MiB:
         entries.append((1 * MiB, ram_size - 1 * MiB, MULTIBOOT_MEMORY_AVAILABLE))
     if high:
