@@ -21,7 +21,14 @@
  *  - a VM entry with invalid guest state: exit reason 33 with bit 31 (27.8);
  *  - VMRESUME after advancing GUEST_RIP; L2's registers reach L1 unchanged;
  *  - CR0/CR4 fixed bits in VMX operation (24.8, A.7-A.8): MOV to CR4 clearing
- *    VMXE and MOV to CR0 clearing NE are #GP(0) after VMXON, fine after VMXOFF.
+ *    VMXE and MOV to CR0 clearing NE are #GP(0) after VMXON, fine after VMXOFF;
+ *  - the MSR areas (25.7.2, 25.8.2): the VM-entry MSR-load area gives L2 its
+ *    IA32_KERNEL_GS_BASE (27.4), the VM-exit MSR-store area records it (28.4),
+ *    the VM-exit MSR-load area gives L1 its own back (28.6); an entry that
+ *    may not be loaded (IA32_FS_BASE, an x2APIC MSR, reserved bits 63:32)
+ *    fails the VM entry with exit reason 34 | bit 31 and the entry's number
+ *    (from 1) as exit qualification (27.8), with the VM-exit MSR-load area
+ *    loaded and nothing stored.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -72,6 +79,7 @@ enum {
     EPT_POINTER = 0x201a, GUEST_PHYSICAL_ADDRESS = 0x2400,
     VMCS_LINK_POINTER = 0x2800, GUEST_IA32_EFER = 0x2806,
     PIN_BASED = 0x4000, PROC_BASED = 0x4002, EXCEPTION_BITMAP = 0x4004, CR3_TARGET_COUNT = 0x400a,
+    EXIT_MSR_STORE_ADDR = 0x2006, EXIT_MSR_LOAD_ADDR = 0x2008, ENTRY_MSR_LOAD_ADDR = 0x200a,
     EXIT_CONTROLS = 0x400c, EXIT_MSR_STORE_COUNT = 0x400e, EXIT_MSR_LOAD_COUNT = 0x4010,
     ENTRY_CONTROLS = 0x4012, ENTRY_MSR_LOAD_COUNT = 0x4014, ENTRY_INTR_INFO = 0x4016,
     VM_INSTRUCTION_ERROR = 0x4400, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR_CODE = 0x4406,
@@ -139,6 +147,7 @@ void l2_isr(void);
 void l2_clear_vmxe(void);
 void l2_mov_cr4(void);
 void l2_vmcall(void);
+void l2_msr_vmcall(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -175,6 +184,10 @@ __asm__(
     "l2_vmcall:\n"
     "  vmcall\n"                      /* exit 18, length 3 */
     "2: jmp 2b\n"
+    ".globl l2_msr_vmcall\n"
+    "l2_msr_vmcall:\n"
+    "  vmcall\n"                      /* exit 18 with the MSR areas in use */
+    "3: jmp 3b\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
     "  movq %rbx, l2_rbx(%rip)\n"
@@ -233,6 +246,18 @@ static u64 host_rsp;
 static int stage;
 
 void finish_checks(void);
+
+/* MSR areas (SDM Vol. 3C Table 25-15: index in bits 31:0, bits 63:32 reserved, data in 127:64) */
+struct msr_entry { u32 index, reserved; u64 data; };
+static struct msr_entry entry_load[2] __attribute__((aligned(16)));
+static struct msr_entry exit_store[1] __attribute__((aligned(16)));
+static struct msr_entry exit_load[1] __attribute__((aligned(16)));
+#define IA32_KERNEL_GS_BASE 0xC0000102u
+#define IA32_FS_BASE 0xC0000100u
+#define KGS_L1 0x00007f0011112222ull      /* L1's value before VM entry */
+#define KGS_L2 0x00007f0033334444ull      /* the VM-entry MSR-load area's */
+#define KGS_HOST 0x00007f0055556666ull    /* the VM-exit MSR-load area's */
+#define STORE_SENTINEL 0x5a5a5a5a5a5a5a5aull
 
 void vmresume_failed(void) {
     check(0, "VMRESUME succeeds", vmread(VM_INSTRUCTION_ERROR));
@@ -316,6 +341,60 @@ int l1_exit(void) {
     case 7:
         /* VM-entry failure due to invalid guest state: exit reason 33 with bit 31 (SDM 27.8) */
         check(reason == 0x80000021ull, "bad guest RFLAGS: VM-entry failure, reason 33 | bit 31", reason);
+        /* The MSR areas: L2 gets KGS_L2 on entry, its value is stored on exit,
+         * L1 gets KGS_HOST on exit. */
+        wrmsr(IA32_KERNEL_GS_BASE, KGS_L1);
+        entry_load[0] = (struct msr_entry){IA32_KERNEL_GS_BASE, 0, KGS_L2};
+        exit_store[0] = (struct msr_entry){IA32_KERNEL_GS_BASE, 0, STORE_SENTINEL};
+        exit_load[0] = (struct msr_entry){IA32_KERNEL_GS_BASE, 0, KGS_HOST};
+        vmwrite(ENTRY_MSR_LOAD_ADDR, (u64)entry_load); vmwrite(ENTRY_MSR_LOAD_COUNT, 1);
+        vmwrite(EXIT_MSR_STORE_ADDR, (u64)exit_store); vmwrite(EXIT_MSR_STORE_COUNT, 1);
+        vmwrite(EXIT_MSR_LOAD_ADDR, (u64)exit_load); vmwrite(EXIT_MSR_LOAD_COUNT, 1);
+        vmwrite(GUEST_RFLAGS, 2);
+        vmwrite(GUEST_RIP, (u64)l2_msr_vmcall);
+        return 1;
+    case 8:
+        check(reason == 18 && rip == (u64)l2_msr_vmcall, "L2 entered with the MSR areas: VMCALL exit", reason);
+        check(exit_store[0].data == KGS_L2,
+              "VM-exit MSR-store area holds L2's IA32_KERNEL_GS_BASE from the VM-entry MSR-load area",
+              exit_store[0].data);
+        check(rdmsr(IA32_KERNEL_GS_BASE) == KGS_HOST, "VM-exit MSR-load area loaded L1's IA32_KERNEL_GS_BASE",
+              rdmsr(IA32_KERNEL_GS_BASE));
+        /* Entry 2 names IA32_FS_BASE, which the VM-entry MSR-load area may not
+         * load (SDM 27.4): the entry fails with qualification 2, after entry 1
+         * was loaded; the VM-exit MSR-load area is loaded (27.8 step 4). */
+        wrmsr(IA32_KERNEL_GS_BASE, KGS_L1);
+        exit_store[0].data = STORE_SENTINEL;
+        entry_load[1] = (struct msr_entry){IA32_FS_BASE, 0, 0};
+        vmwrite(ENTRY_MSR_LOAD_COUNT, 2);
+        return 1;
+    case 9:
+        check(reason == 0x80000022ull, "IA32_FS_BASE in the VM-entry MSR-load area: reason 34 | bit 31", reason);
+        check(qual == 2, "MSR-loading failure: exit qualification is the entry number (2)", qual);
+        check(rip == (u64)l2_msr_vmcall, "failed VM entry: GUEST_RIP unmodified", rip);
+        check(rdmsr(IA32_KERNEL_GS_BASE) == KGS_HOST && exit_store[0].data == STORE_SENTINEL,
+              "failed VM entry: VM-exit MSR-load area loaded, nothing stored", exit_store[0].data);
+        /* Reserved bits 63:32 of entry 1: fails with qualification 1. */
+        entry_load[0].reserved = 1;
+        vmwrite(ENTRY_MSR_LOAD_COUNT, 1);
+        return 1;
+    case 10:
+        check(reason == 0x80000022ull && qual == 1, "MSR entry with reserved bits 63:32: reason 34, qualification 1",
+              qual);
+        /* An x2APIC MSR (bits 31:8 = 000008H) as entry 1. */
+        entry_load[0] = (struct msr_entry){0x808, 0, 0};
+        return 1;
+    case 11:
+        check(reason == 0x80000022ull && qual == 1, "x2APIC MSR 808H in the VM-entry MSR-load area: reason 34", qual);
+        vmwrite(ENTRY_MSR_LOAD_COUNT, 0); vmwrite(EXIT_MSR_STORE_COUNT, 0); vmwrite(EXIT_MSR_LOAD_COUNT, 0);
+#ifdef VMX_ABORT_TEST
+        /* IA32_FS_BASE in the VM-exit MSR-load area (28.6): L2's next exit is
+         * a VMX abort, indicator 4 (28.7), and the machine shuts down. */
+        exit_load[0] = (struct msr_entry){IA32_FS_BASE, 0, 0};
+        vmwrite(EXIT_MSR_LOAD_COUNT, 1);
+        puts("VMX ABORT NEXT\n");
+        return 1;
+#endif
         return 0;
     default:
         check(0, "no unexpected exit", reason);

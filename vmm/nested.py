@@ -51,10 +51,12 @@ from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
 from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
 from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls
-from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmxGuest
+from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmExit, VmxGuest
+from .exit_reasons import ExitReason
 from .nested_shadow import VmcsCache
 from .nested_state import GUEST_IMAGE, N as LEVEL_N, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
+from . import vmx_msr_areas as msr_areas
 
 #: layout of a VMCS region in guest memory (see the module docstring)
 _OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
@@ -84,6 +86,7 @@ _E_PIN, _E_ENTRY_CTLS, _E_CS_AR = (int(F.PIN_BASED_VM_EXEC_CONTROL), int(F.VM_EN
 _ENTRY_IA32E = 1 << 9                 # VM-entry control "IA-32e mode guest" (Table 25-15)
 
 _PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
+_E_ENTRY_MSR_COUNT = int(F.VM_ENTRY_MSR_LOAD_COUNT)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -260,7 +263,7 @@ class NestedVmx:
                 or g._armed_for != (p, get(_ENC_SECONDARY, 0), False, False)
                 or get(_E_ENTRY_INTR, 0) >> 31 & 1 or p & (_PP_MTF | _PP_IRQ_WINDOW)
                 or get(_E_PIN, 0) & _PIN_PREEMPT or g._preempt_deadline is not None
-                or g._pending_exits or g._halt_requested):
+                or g._pending_exits or g._halt_requested or msr_areas.counts_nonzero(v._values)):
             return
         sec = get(_ENC_SECONDARY, 0) if p & _PP_SECONDARY else 0
         long_cs = get(_E_ENTRY_CTLS, 0) & _ENTRY_IA32E and get(_E_CS_AR, 0) & (1 << 13)
@@ -541,11 +544,15 @@ class NestedVmx:
             # (The checks come before any trap site is armed for L2.)
             err = getattr(exc.result, "error", None)
             return self._fail(ex, int(err) if err is not None else E.ENTRY_INVALID_CONTROL_FIELD)
+        if failed is None and g.msr_load_failed:
+            failed = self._msr_entry_failure(g)
         if failed is not None:
             # Guest-state failure: a VM exit with bit 31 set, host state loaded (SDM 27.8).
             if self.record:
                 self.trace.append(failed)
             self._load_host_state(self.vmcs)
+            if not self._exit_msr_load(self.vmcs):
+                return HANDLED
             brk = getattr(vm, "exit_break", None)
             if brk is not None and brk(failed):
                 # The debugger's break-exit: L1 is already at HOST_RIP.
@@ -572,7 +579,12 @@ class NestedVmx:
         vm.intercept = None
         vm.vcpu.fastpath = None
         self.l2 = None
+        stored = msr_areas.store_on_exit(vm, vmcs._values, self.caps.misc)      # SDM 28.4, after 28.3
         self._load_host_state(vmcs)
+        if stored:
+            self._vmx_abort(msr_areas.ABORT_SAVING_GUEST_MSRS, f"VM-exit MSR-store entry {stored}")
+        else:
+            self._exit_msr_load(vmcs)                                          # SDM 28.6, after 28.5
         # The vCPU holds L1 now: the next entry loads the guest state in full.
         # The trap sites stay (both levels share one set; _arm_l1 says when not).
         ex.guest._saved = None
@@ -600,6 +612,42 @@ class NestedVmx:
         self._switch_for(cpu).load_image(hc[3])
         self._arm_l1()
         cpu.flush()
+
+    # ------------------------------------------------------------------ MSR areas (vmm/vmx_msr_areas.py)
+    def _msr_entry_failure(self, g):
+        """The VM-entry MSR-load area failed at entry ``g.msr_load_failed`` (SDM
+        27.4): a VM-entry failure (27.8) -- exit reason 34 with bit 31, the
+        exit qualification the entry's number (from 1), the other exit
+        fields unmodified; the guest state stays as it was in the VMCS (the
+        vCPU's copy is dropped: the host state is loaded next) and the VM-entry
+        interruption information keeps its valid bit (no injection ran)."""
+        n, g.msr_load_failed = g.msr_load_failed, 0
+        vals = self.vmcs._values
+        vals[int(F.VM_EXIT_REASON)] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31)
+        vals[int(F.EXIT_QUALIFICATION)] = n
+        g._saved = None
+        g._pending_exits.clear()
+        return VmExit(ExitReason.ENTRY_FAIL_MSR_LOADING, n, self.vmcs, g, entry_failure=True)
+
+    def _exit_msr_load(self, v) -> bool:
+        """SDM 28.6 (and 27.8 step 4 for a failed VM entry): load the VM-exit
+        MSR-load area once the host state is loaded; a failure is a VMX abort
+        (28.7).  False after an abort."""
+        n = msr_areas.load_on_exit(self.vm, v._values, self.caps.misc)
+        if n:
+            self._vmx_abort(msr_areas.ABORT_LOADING_HOST_MSRS, f"VM-exit MSR-load entry {n}")
+            return False
+        return True
+
+    def _vmx_abort(self, indicator: int, why: str) -> None:
+        """SDM 28.7 "VMX Aborts": the nonzero VMX-abort indicator is saved in
+        bytes 4-7 of the current VMCS's region and the logical processor enters
+        the shutdown state -- the run ends as for a triple fault."""
+        vm = self.vm
+        at = self.current
+        if at is not None and vm.mem.contains(at + _OFF_ABORT) and vm.mem.contains(at + _OFF_ABORT + 3):
+            vm.mem.write(at + _OFF_ABORT, struct.pack("<I", indicator))
+        vm.pending_stop = Stop(StopReason.SHUTDOWN, f"VMX abort {indicator}: {why} failed (SDM 28.7)")
 
     def _switch_for(self, cpu) -> LevelSwitch:
         sw = self._switch
@@ -690,6 +738,13 @@ class _L2Guest(VmxGuest):
         vals = v._values
         get = vals.get
         armed = self._armed_for
+        if msr_areas.counts_nonzero(vals):
+            # MSR areas (SDM 27.4): the full entry, whose MSR-load step is
+            # _inject_from_entry_field's first part; the vCPU's copy of the
+            # guest state is loaded afresh (a failed entry dropped it).
+            self._saved = None
+            self.vm.nested._host_gen += 1
+            return super()._enter()
         if (not self._checked or armed is None or get(_E_ENTRY_INTR, 0) >> 31 & 1
                 or armed != (get(_ENC_PRIMARY, 0), get(_ENC_SECONDARY, 0), self.vm.nmi_blocked,
                              self.virtual_nmi_blocked)
@@ -707,7 +762,19 @@ class _L2Guest(VmxGuest):
             self._arm_preemption_timer()
         return None
 
+    #: the VM-entry MSR-load area failed at this entry (1-based), 0 if not
+    msr_load_failed = 0
+
     def _inject_from_entry_field(self) -> None:
+        # SDM 27.4: the VM-entry MSR-load area is processed after the guest
+        # state is loaded and before event injection (27.6); a failure ends
+        # the VM entry (27.8, NestedVmx._msr_entry_failure) with no injection.
+        vals = self._vmcs._values
+        if vals.get(_E_ENTRY_MSR_COUNT, 0):
+            n = msr_areas.load_on_entry(self.vm, vals, self.caps.misc)
+            if n:
+                self.msr_load_failed = n
+                return
         # Nothing to inject unless the VM-entry interruption-information
         # field is valid (bit 31, SDM Vol. 3C 25.8.3): the common VMRESUME.
         if self._vmcs._values.get(_E_ENTRY_INTR, 0) >> 31 & 1:

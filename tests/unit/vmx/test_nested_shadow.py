@@ -116,7 +116,7 @@ def test_l1s_exit_handler_vmreads_and_vmwrites_are_served_in_c_and_reach_the_vmc
     try:
         res = vm.run(max_insns=50_000_000)
         assert res.status == 1, (res, vm.serial_output)
-        assert n._cache.native.hits >= 300 and n.reflected == 107
+        assert n._cache.native.hits >= 300 and n.reflected == 108
         assert vm.vcpu.vmx_shadow is None and not n._cache.native.active        # VMXOFF synced it
     finally:
         vm.close()
@@ -128,7 +128,7 @@ def test_no_native_vmread_while_a_debugger_watches(tmp_path):
     vm, n = _bench_vm(tmp_path, 20, debugger=True)
     try:
         assert vm.run(max_insns=50_000_000).status == 1
-        assert n._cache.native.hits == 0 and n.reflected == 27
+        assert n._cache.native.hits == 0 and n.reflected == 28
     finally:
         vm.close()
 
