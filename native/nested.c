@@ -117,8 +117,76 @@ static int vmx_resume_l2(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_vmx_shado
     v->tsc_offset = s->tsc_offset;
     s->active = 0;
     s->entered = 1;
+    s->in_l2 = 1;
     s->entries++;
     return 0;
+}
+
+/* ---- VM exits of L2 reflected to L1 without leaving C ----------------------------
+ * An L2 VM exit the fast path decided (f: reason, length, qualification;
+ * SDM Vol. 3C 26.1-26.2 under L2's controls) after a VMRESUME executed here
+ * is what vmm/nested.py _reflect does with it, when Python armed it
+ * (reflect_ready: no recorder, exit log or break-exit, no VM-exit MSR-store/
+ * MSR-load or VM-entry MSR-load area, the exit goes to L1's default reflection,
+ * L1's trap kinds already armed, the host-state image built): 28.2 the
+ * exit-information fields, 28.3 "Saving Guest State" into the image and the
+ * table, 28.5 "Loading Host State" from host_img (vmlab_level_load), then L1
+ * runs on at HOST_RIP with the table serving its VMREAD/VMWRITE and its
+ * VMRESUME armed again -- the conditions Python checked for it hold as they
+ * did, since nothing but this exit and the table changed the VMCS.  Left to
+ * Python: NMIs blocked (the IRET trap is armed exactly then), and an EFER
+ * other than the one host_img was built for ("load IA32_EFER" clear: the
+ * host's EFER comes from L2's, 28.5.1).  Twins: vmm/nested_shadow.py
+ * reflect_ok, reflect_store. */
+int vmlab_vmx_reflect_ok(const vmlab_regs *r, uint32_t trap_kinds, const vmlab_vmx_shadow *s)
+{
+    if (!s->reflect_ready || !s->in_l2 || s->active)
+        return 0;
+    if (trap_kinds & (1u << VMLAB_TRAP_IRET))
+        return 0;
+    return r->efer == s->host_efer;
+}
+
+void vmlab_vmx_reflect_store(const vmlab_regs *r, const vmlab_fastpath *f, vmlab_vmx_shadow *s)
+{
+    const uint32_t count = s->n < VMLAB_VMX_SHADOW_MAX ? s->n : VMLAB_VMX_SHADOW_MAX;
+    /* 28.3: the guest-state area (the fields the table holds are read from it) */
+    vmlab_level_save(r, s->l2_img);
+    for (int k = 0; k < VMLAB_LV_N; k++)
+        if (s->img_k[k] < count)
+            s->value[s->img_k[k]] = s->l2_img[k];
+    /* Table 25-3 bit 3, blocking by NMI: NMIs were unblocked (vmlab_vmx_reflect_ok) */
+    if (s->intr_k < count)
+        s->value[s->intr_k] &= ~8ull;
+    /* 28.2.1 exit reason and qualification, 28.2.5 instruction length; no
+     * interruption or IDT-vectoring information */
+    const uint64_t x[5] = {f->exit_reason, f->exit_qual, f->exit_len, 0, 0};
+    for (int i = 0; i < 5; i++)
+        if (s->x_k[i] < count)
+            s->value[s->x_k[i]] = x[i];
+    s->dirty = 0;
+    s->active = 1;
+    s->entry_ready = 1;
+    s->in_l2 = 0;
+    s->entered = 1;
+    s->reflections++;
+    s->reflected_total++;
+}
+
+/* The reflection itself: the store above, then host state with EPT off and
+ * no TSC offset (root operation has neither). */
+static int vmx_reflect_l2(vmlab_vcpu *v, void *uc, vmlab_regs *r, const vmlab_fastpath *f,
+                          vmlab_vmx_shadow *s)
+{
+    vmlab_vmx_reflect_store(r, f, s);
+    if (v->ept_enabled) {
+        v->eptp = 0;
+        v->ept_enabled = 0;
+        vmlab_stlb_flush(v);
+        vmlab_tlb_flush(uc);
+    }
+    v->tsc_offset = 0;
+    return vmlab_level_load(v, uc, r, s->host_img);
 }
 
 int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
@@ -126,6 +194,14 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
 {
     for (;;) {
         const int kind = vmlab_run_exit(v, uc, deadline, flags, r, f, err);
+        if (kind == VMLAB_STOP_FAST_EXIT && f == s->l2_fastpath && vmlab_vmx_reflect_ok(r, v->trap_kinds, s)) {
+            if (vmx_reflect_l2(v, uc, r, f, s))
+                return -1;
+            f = NULL;                      /* L1 runs without a fast-path policy (no VMX over it) */
+            if (v->icount >= deadline)
+                return VMLAB_STOP_DEADLINE;
+            continue;
+        }
         if (kind != VMLAB_STOP_TRAP || *err || !s->active)
             return kind;
         /* 64-bit mode at CPL 0 (so CR0.PE = 1, RFLAGS.VM = 0, CS.L = 1), CR4.VMXE,

@@ -490,6 +490,20 @@ typedef struct vmlab_vmx_shadow {
     uint64_t entries;          /* VMRESUMEs executed here (statistics) */
     vmlab_fastpath *l2_fastpath;   /* L2's fast-path policy, the run goes on with it */
     uint64_t l2_img[43];       /* L2's state as stored at its last VM exit (VMLAB_LV_*) */
+    /* VM exits of L2 reflected to L1 in C (vmlab_vmx_reflect_ok/_store): Python
+     * sets reflect_ready when an L2 exit the fast path decides needs nothing
+     * Python tracks; entered is then set on every level change made here */
+    uint32_t reflect_ready;
+    uint32_t in_l2;            /* L2 runs, entered here (cleared by a reflection here) */
+    uint64_t reflections;      /* VM exits reflected here since Python last looked */
+    uint64_t reflected_total;  /* statistics */
+    uint64_t host_efer;        /* the EFER host_img was built for (without "load IA32_EFER" it depends on L2's) */
+    uint8_t img_k[43];         /* table index of each VMLAB_LV_* field, VMLAB_VMX_SHADOW_MAX when not there */
+    uint8_t x_k[5];            /* table indices: exit reason, qualification, instruction length,
+                                  exit interruption information, IDT-vectoring information */
+    uint8_t intr_k;            /* table index of the guest interruptibility state */
+    uint8_t pad_k[7];
+    uint64_t host_img[43];     /* L1's host-state area as an image (vmm/nested_state.py host_image) */
 } vmlab_vmx_shadow;
 /* A VMRESUME at code[0..n) that C may execute (3, its length) or 0. */
 int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, uint32_t trap_kinds,
@@ -497,6 +511,11 @@ int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, ui
 /* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it. */
 int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64_t *rflags,
                           vmlab_vmx_shadow *s);
+/* May C reflect the L2 VM exit the fast path just decided (1) or not (0)? */
+int vmlab_vmx_reflect_ok(const vmlab_regs *r, uint32_t trap_kinds, const vmlab_vmx_shadow *s);
+/* Pure: that exit's guest state into l2_img and the table, its exit information
+ * from f into the table; the table serves L1 again with its VMRESUME armed. */
+void vmlab_vmx_reflect_store(const vmlab_regs *r, const vmlab_fastpath *f, vmlab_vmx_shadow *s);
 /* vmlab_run_exit, serving the VMREADs and VMWRITEs the table can (s->active). */
 int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                        vmlab_fastpath *f, vmlab_vmx_shadow *s, int *err);

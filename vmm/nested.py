@@ -54,7 +54,7 @@ from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcB
 from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmExit, VmxGuest
 from .exit_reasons import ExitReason
 from .nested_shadow import VmcsCache
-from .nested_state import GUEST_IMAGE, N as LEVEL_N, LevelSwitch, host_image
+from .nested_state import EFER as LEVEL_EFER, GUEST_IMAGE, N as LEVEL_N, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
 from . import vmx_msr_areas as msr_areas
 
@@ -136,6 +136,8 @@ class NestedVmx:
         #: encodings VMWRITE may write (full access) -> the field's width mask
         self._write_masks = {int(f.encoding): f.mask for f in F.FIELDS
                              if not f.read_only or self.caps.vmwrite_any_field}
+        #: L2's VM exits may be reflected to L1 in C (_arm_reflect); False keeps them in Python
+        self.native_reflect = True
         #: the debugger sets it: the last reflected exits are kept in ``trace``
         self.record = False
         self.trace: collections.deque = collections.deque(maxlen=1000)
@@ -274,17 +276,61 @@ class NestedVmx:
         sh.l2_fastpath = g._fastpath
         vm.vcpu.vmx_entered = self._entered_natively
         sh.entry_ready = 1
+        self._arm_reflect(v, g, sh)
+
+    def _arm_reflect(self, v, g, sh) -> None:
+        """Let native/nested.c reflect the VM exits of the L2 it enters
+        (vmlab_vmx_reflect_ok and _store, whose comment lists what they do)
+        when nothing Python tracks is in the way: no exit recorder or exit
+        log, the exit goes to _reflect (no handler of L0's own), no MSR area
+        to load or store at the exit or the entry, and the trap sites L1
+        needs are armed already (_arm_l1 would change nothing).  The
+        host-state image goes with it, built for L2's EFER as last stored."""
+        vm = self.vm
+        if (not self.native_reflect or self.record or g.record or g.handlers or g.default_handler != self._reflect
+                or vm.log.enabled("exits") or msr_areas.counts_nonzero(v._values)
+                or self._l1_traps is None or not self._l1_traps <= vm.vcpu.trap_kinds):
+            return
+        efer = sh.l2_img[LEVEL_EFER]
+        ffi.memmove(sh.host_img, self._host_image(v, efer), 8 * LEVEL_N)
+        sh.host_efer = efer
+        sh.reflect_ready = 1
+
+    def _disarm_native(self) -> None:
+        """The trap sites changed while L1 runs: the next VM entry and the
+        exits after it go through Python (which arms them again)."""
+        sh = self._cache.native
+        sh.entry_ready = sh.reflect_ready = 0
 
     def _entered_natively(self) -> None:
-        """native/nested.c executed L1's VMRESUME and L2 runs: the VMWRITEs it
-        served go into the VMCS, then what _vmentry and _L2Guest._enter do
-        after the state load (the entry consumed the writes; L2's policy)."""
+        """native/nested.c changed the level: it executed L1's VMRESUMEs and
+        maybe reflected L2's VM exits to L1 (``reflections``), and L2 runs
+        (``in_l2``) or L1 does.  The VMCS gets what C stored -- L2's guest
+        state of the last reflection, the table's values (exit information,
+        the VMWRITEs the entries consumed) -- then what _vmentry and
+        _L2Guest._enter do after the state load (L2's policy), or what
+        _reflect does after the host-state load (L1 runs on the table)."""
         vm = self.vm
         cpu = vm.vcpu
-        self._cache.sync()
-        cpu.vmx_shadow = None
+        sh = self._cache.native
         g = self._guest
         v = g._vmcs
+        n = sh.reflections
+        if n:
+            sh.reflections = 0
+            self.reflected += n
+            v._values.update(zip(GUEST_IMAGE, ffi.unpack(sh.l2_img, LEVEL_N)))
+        self._cache.store_all()
+        if not sh.in_l2:
+            # L1 at HOST_RIP, the table serving it (as _reflect then _cache_on)
+            g._saved = None
+            self._img_for = v
+            self.l2 = None
+            vm.intercept = None
+            cpu.fastpath = None
+            return
+        self._cache.sync()
+        cpu.vmx_shadow = None
         v.dirty.clear()
         v.cpu_dirty.clear()
         g._saved = True
@@ -600,7 +646,13 @@ class NestedVmx:
         cpu = self.vm.vcpu
         cpu.set_ept(None)
         cpu.native.tsc_offset = 0
-        efer = cpu.regs.efer            # the host's EFER without "load IA32_EFER" (host_image)
+        # the host's EFER without "load IA32_EFER" (host_image)
+        self._switch_for(cpu).load_image(self._host_image(v, cpu.regs.efer))
+        self._arm_l1()
+        cpu.flush()
+
+    def _host_image(self, v, efer: int):
+        """The host-state image of ``v`` (a native buffer) for L2's EFER ``efer``."""
         hc = self._host_img
         if hc is None or hc[0] is not v or hc[1] != self._host_gen or hc[2] != efer:
             # The host-state fields change only by VMWRITE, and a VM entry after
@@ -609,9 +661,7 @@ class NestedVmx:
             buf = ffi.new("uint64_t[]", LEVEL_N)
             buf[0:LEVEL_N] = host_image(g, g(_X_CTLS, 0), efer)
             hc = self._host_img = (v, self._host_gen, efer, buf)
-        self._switch_for(cpu).load_image(hc[3])
-        self._arm_l1()
-        cpu.flush()
+        return hc[3]
 
     # ------------------------------------------------------------------ MSR areas (vmm/vmx_msr_areas.py)
     def _msr_entry_failure(self, g):
@@ -682,6 +732,7 @@ class NestedVmx:
             kinds |= {"iret"}
         if kinds != cpu.trap_kinds:
             cpu.set_traps(kinds)
+            self._disarm_native()
             if self._guest is not None:
                 self._guest._armed_for = None      # L2's next entry arms its kinds again
 
@@ -703,6 +754,7 @@ class NestedVmx:
             cpu.skip(ex.insn_len)
             return HANDLED
         cpu.set_traps(cpu.trap_kinds - {ex.kind})
+        self._disarm_native()
         if self._guest is not None:
             self._guest._armed_for = None
         return HANDLED

@@ -95,6 +95,46 @@ def resume_ok(code: bytes, irq_window: int, trap_kinds: int, table: dict) -> int
     return 3
 
 
+#: the exit-information fields an L2 VM exit reflected in C stores (x_k order)
+EXIT_FIELDS = tuple(int(f) for f in (F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN,
+                                     F.VM_EXIT_INTR_INFO, F.IDT_VECTORING_INFO))
+_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
+
+
+def reflect_ok(r, trap_kinds: int, table: dict) -> int:
+    """The twin of vmlab_vmx_reflect_ok: 1 when C may reflect the L2 VM exit
+    the fast path just decided (``table``: ``reflect_ready``, ``in_l2``,
+    ``active``, ``host_efer``; ``r`` has ``efer``), else 0."""
+    if not table["reflect_ready"] or not table["in_l2"] or table["active"]:
+        return 0
+    if trap_kinds & _TRAP_IRET:
+        return 0
+    return 1 if r.efer == table["host_efer"] else 0
+
+
+def reflect_store(r, f, table: dict) -> None:
+    """The twin of vmlab_vmx_reflect_store (SDM Vol. 3C 28.2, 28.3): the
+    image of register file ``r`` into ``table["l2_img"]`` and the table's
+    guest-state fields, blocking by NMI cleared, the exit information of the
+    fast-path decision ``f`` (``exit_reason``, ``exit_qual``, ``exit_len``);
+    the table serves L1 with its VMRESUME armed (changed in place)."""
+    from .nested_state import level_save
+    count = min(table["n"], MAX)
+    img = level_save(r)
+    table["l2_img"] = img
+    value = table["value"]
+    for i, k in enumerate(table["img_k"]):
+        if k < count:
+            value[k] = img[i]
+    if table["intr_k"] < count:
+        value[table["intr_k"]] &= ~8
+    for k, x in zip(table["x_k"], (f.exit_reason, f.exit_qual, f.exit_len, 0, 0)):
+        if k < count:
+            value[k] = x
+    table.update(dirty=0, active=1, entry_ready=1, in_l2=0, entered=1,
+                 reflections=table["reflections"] + 1, reflected_total=table["reflected_total"] + 1)
+
+
 class VmcsCache:
     """The native table for one NestedVmx (see the module docstring)."""
 
@@ -109,6 +149,12 @@ class VmcsCache:
         s.rip_k, s.rsp_k = HOT_FIELDS.index(int(F.GUEST_RIP)), HOT_FIELDS.index(int(F.GUEST_RSP))
         s.entry_rip_rsp = 1 << s.rip_k | 1 << s.rsp_k
         s.entry_cheap = sum(1 << k for k, enc in enumerate(HOT_FIELDS) if by_enc[enc].read_only)
+        from .nested_state import GUEST_IMAGE
+        for i, enc in enumerate(GUEST_IMAGE):
+            s.img_k[i] = HOT_FIELDS.index(enc) if enc in HOT_FIELDS else MAX
+        for i, enc in enumerate(EXIT_FIELDS):
+            s.x_k[i] = HOT_FIELDS.index(enc)
+        s.intr_k = HOT_FIELDS.index(_INTR)
         self.vmcs = None
 
     def fill(self, vmcs) -> None:
@@ -117,14 +163,21 @@ class VmcsCache:
         get = vmcs._values.get
         ffi.memmove(s.value, _PACK(*[get(enc, 0) for enc in HOT_FIELDS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
-        s.entry_ready = 0
+        s.entry_ready = s.reflect_ready = 0
         s.active = 1
         self.vmcs = vmcs
+
+    def store_all(self) -> None:
+        """Every value of the table into the VMCS's dict, untracked: after C
+        reflected L2 exits (the exit information and guest state it stored)
+        and executed VMRESUMEs (which consumed the VMWRITEs before them)."""
+        if self.vmcs is not None:
+            self.vmcs._values.update(zip(HOT_FIELDS, ffi.unpack(self.native.value, len(HOT_FIELDS))))
 
     def sync(self) -> None:
         """Stop serving; the VMWRITEs served go into the VMCS (tracked)."""
         s = self.native
-        s.active = s.entry_ready = 0
+        s.active = s.entry_ready = s.reflect_ready = 0
         d = s.dirty
         if d and self.vmcs is not None:
             v = self.vmcs

@@ -242,6 +242,9 @@ def test_short_vmresume_path_keeps_every_check(tmp_path, monkeypatch):
     assert out.count("PASS:") == 48 and res.status == 1, (res, out)
     assert reflected == 48
     assert 1 <= len(full) <= 10, len(full)     # the launch, the injection, the entry failure...
-    # most of the loop's VMRESUMEs were executed by native/nested.c (vmlab_vmx_resume_ok)
-    assert len(entries) >= 35 and entries[-1] == len(entries), entries
+    # most of the loop's VMRESUMEs were executed by native/nested.c (vmlab_vmx_resume_ok),
+    # and most of its exits reflected there too (vmlab_vmx_reflect_ok), Python
+    # told of both at a few level changes only
+    assert entries and entries[-1] >= 35, entries
+    assert 1 <= len(entries) <= 12, entries
     assert nested._L2Guest._enter is not VmxGuest._enter
