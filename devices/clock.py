@@ -130,6 +130,10 @@ class TimerQueue:
         #: the heap itself, read-only for the run loop's lean path
         #: (vmm.runloop): ``heap[0][0]`` is what ``peek`` returns
         self.heap = self._heap
+        #: the run loop's lean-path context while it runs (vmm/runloop.py): an
+        #: object whose ``timer`` is the earliest deadline it runs to; a timer
+        #: armed earlier lowers it (``_push``)
+        self.watch = None
         self._seq = itertools.count()
 
     def timer(self, callback: Callable[[int], None], name: str = "") -> Timer:
@@ -138,8 +142,12 @@ class TimerQueue:
 
     def _push(self, timer: Timer) -> None:
         assert timer._deadline is not None  # internal invariant, not guest data
-        heapq.heappush(self._heap, (timer._deadline, next(self._seq),
+        deadline = timer._deadline
+        heapq.heappush(self._heap, (deadline, next(self._seq),
                                     timer._generation, timer))
+        w = self.watch
+        if w is not None and deadline < w.timer:
+            w.timer = max(deadline, 0)
 
     def _drop_stale(self) -> None:
         heap = self._heap

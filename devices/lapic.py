@@ -191,8 +191,11 @@ class LocalApic:
                  eoi_broadcast: Callable[[int], None] | None = None,
                  init: Callable[[], None] | None = None,
                  x2apic: bool = False,
-                 tsc: Callable[[], int] | None = None) -> None:
+                 tsc: Callable[[], int] | None = None,
+                 kick: Callable[[], None] | None = None) -> None:
         self._clock = clock
+        #: called when a vector enters IRR (the CPU has something to look at)
+        self._kick = kick
         self._timer = timers.timer(self._on_timer, "lapic-timer")
         #: x2APIC mode may be entered (CPUID.01H:ECX[21])
         self.x2apic_capable = x2apic
@@ -350,6 +353,8 @@ class LocalApic:
             return
         bit = 1 << vector
         self.irr |= bit
+        if self._kick is not None:
+            self._kick()
         if level_triggered:
             self.tmr |= bit
         else:

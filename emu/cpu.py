@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import time
 from functools import lru_cache
+from typing import Callable
 
 from capstone import CS_ARCH_X86, CS_MODE_16, CS_MODE_32, CS_MODE_64, Cs
 from keystone import KS_ARCH_X86, KS_MODE_16, KS_MODE_32, KS_MODE_64, Ks
@@ -235,6 +236,9 @@ class Vcpu:
         #: called after C entered L2 from L1's VMRESUME (set by vmm/nested.py)
         self.vmx_entered = None
         self._err = ffi.new("int *")
+        #: the run loop's lean path context (emu/lean.py): one argument per exit
+        lean = self.lean = ffi.new("vmlab_lean *")
+        lean.v, lean.uc, lean.r = v, self._uch, self.regs
         self._counting = False         # the last run was a one-instruction step
         self._scratch_mapped = False
         self._trap_names: frozenset[str] = frozenset()
@@ -416,6 +420,16 @@ class Vcpu:
         if err:
             raise NativeError(f"register read failed ({err})")
         return self.regs
+
+    def attention_setter(self) -> Callable[..., None]:
+        """A callback (any arguments, any thread) that sets the vCPU's
+        attention word: the run loop's lean path (emu/lean.py) looks before
+        the next run.  It holds the native state, not the Vcpu."""
+        v = self._v
+
+        def attend(*_args) -> None:
+            v.attention = 1
+        return attend
 
     def flush(self) -> None:
         """Write back registers changed through set_* (one native call)."""

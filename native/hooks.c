@@ -2018,6 +2018,35 @@ int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, v
     return (int)kind;
 }
 
+uint64_t vmlab_lean_deadline(uint32_t attention, uint64_t now, uint64_t slice, uint64_t timer, uint64_t limit)
+{
+    if (attention || timer <= now || limit <= now)
+        return 0;
+    uint64_t deadline = now + slice;
+    if (deadline < now || timer < deadline)
+        deadline = timer;
+    if (limit < deadline)
+        deadline = limit;
+    return deadline;
+}
+
+/* The lean path's one call per exit (see vmlab.h; twin emu/lean.py lean_run). */
+int64_t vmlab_lean_run(vmlab_lean *c)
+{
+    vmlab_vcpu *v = c->v;
+    const uint64_t deadline = vmlab_lean_deadline(v->attention, v->icount, c->slice, c->timer, c->limit);
+    if (!deadline)
+        return VMLAB_LEAN_LOOK;
+    c->runs++;
+    int err = 0;
+    const int kind = vmlab_run_exit(v, c->uc, deadline, 0, c->r, c->f, &err);
+    c->err = err;
+    if (kind == VMLAB_STOP_FAST_EXIT && c->f->exit_qual < (1ull << 32) && c->f->exit_len < 16)
+        return VMLAB_LEAN_EXIT | (int64_t)(c->f->exit_reason & 0xffff) | ((int64_t)c->f->exit_len << 17)
+               | ((int64_t)c->f->exit_qual << 21);
+    return kind;
+}
+
 /* ---- paging registers of a VMX level switch (native/nested.c) -------------------
  * What vmm/vmx.py load_paging_state does through Vcpu.write_cr/write_efer, in one
  * call: paging off first when it is on, then EFER (LMA is the CPU's), CR4, CR3,

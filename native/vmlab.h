@@ -212,7 +212,11 @@ typedef struct vmlab_vcpu {
     uint32_t tsc_aux;
     uint32_t irq_window;       /* 1: stop at the next block boundary with IF=1 */
     uint32_t icount_shift;     /* one instruction = 2^shift ns of virtual time (QEMU -icount shift=N) */
-    uint32_t icount_pad;
+    /* Nonzero: something outside the run asks the run loop to look before the
+     * next run (an NMI/INIT or interrupt line raised, a stop requested, host
+     * input queued); vmlab_lean_run returns at once.  Set by Python (any
+     * thread), cleared by the run loop before it looks. */
+    uint32_t attention;
 
     /* ---- why we stopped (filled by C, cleared by Python) ---- */
     uint32_t stop_kind;
@@ -427,6 +431,40 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 enum { VMLAB_STOP_FAST_EXIT = 100 };
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err);
+/* ---- the run loop's lean path (hooks.c; Python twin emu/lean.py) ----------
+ * One exit in one native call with one argument: what the run loop's lean
+ * path (vmm/runloop.py) did around vmlab_run_exit in Python -- the attention
+ * word and the deadline (the slice, the next timer, the instruction limit)
+ * -- done here. */
+typedef struct vmlab_lean {
+    vmlab_vcpu *v;
+    void *uc;
+    vmlab_regs *r;
+    vmlab_fastpath *f;         /* the intercept policy's fast path, or NULL */
+    uint64_t slice;            /* instructions (virtual ns) one run may take at most */
+    uint64_t timer;            /* earliest timer deadline in virtual time; ~0: none */
+    uint64_t limit;            /* the run's instruction limit in virtual time; ~0: none */
+    uint64_t runs;             /* runs made (the machine's exit count adds them) */
+    int32_t err;               /* uc_err of the last run */
+    uint32_t pad;
+} vmlab_lean;
+/* VMLAB_LEAN_LOOK: nothing ran -- the attention word is set, or a timer or
+ * the limit is due; the loop's general path looks.  A fast-path VM exit comes
+ * back as one word, VMLAB_LEAN_EXIT | reason (bits 15:0) | instruction length
+ * << 17 | qualification << 21 (the fast path's qualifications fit 32 bits;
+ * a larger one comes back as VMLAB_STOP_FAST_EXIT, decided in Python), so
+ * the handler needs no field read. */
+enum { VMLAB_LEAN_LOOK = 101 };
+enum { VMLAB_LEAN_EXIT = 0x10000 };
+/* The run's deadline: min(now + slice, timer, limit) (a slice past 2^64
+ * ends at the timer), or 0 -- do not run, look -- when attention is set or
+ * now has reached the timer or the limit. */
+uint64_t vmlab_lean_deadline(uint32_t attention, uint64_t now, uint64_t slice, uint64_t timer, uint64_t limit);
+/* As vmlab_run_exit from r->rip with the deadline min(icount + slice,
+ * timer, limit) and flags 0; VMLAB_LEAN_LOOK without running when the
+ * attention word is set or icount has reached the timer or the limit. */
+int64_t vmlab_lean_run(vmlab_lean *c);
+
 /* ---- split virtqueue fast paths (virtq.c; Python twins in devices/virtio/virtq.py) ----
  * RAM is [0, ram_low) and [4 GiB, 4 GiB + ram_high) (emu/memory.py). */
 enum { VMLAB_VQ_MAX_INDIRECT = 1024, VMLAB_VQ_MAX_SEGS = 512 };

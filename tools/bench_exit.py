@@ -11,8 +11,9 @@ process, so the differences are the layers' costs:
                   for one cffi call per exit
   regs_read_us    + the bulk register read (one native call)
   native_decide_us  the one native call of the lean path instead
-                  (vmlab_run_exit: run, register read, the fast-path decision
-                  in C, the exit RIP stored): what it adds to the two above
+                  (vmlab_lean_run: the deadline, run, register read, the
+                  fast-path decision in C, the exit word): what it adds to
+                  the two above
   lean_exit_us    + VmxGuest.lean_exit with a handler that does nothing: the
                   exit-information fields, the exit object, the handler call,
                   the re-entry check
@@ -40,6 +41,7 @@ def _cpuid_guest(n: int):
 
 
 def exit_breakdown(n: int = 20_000) -> dict:
+    from vmlab.emu.lean import LEAN_EXIT, NEVER
     from vmlab.emu.native import lib
     from vmlab.vmm.exit_reasons import ExitReason
 
@@ -86,24 +88,24 @@ def exit_breakdown(n: int = 20_000) -> dict:
         lib.vmlab_emu_start(uch, site)
         lib.vmlab_regs_read(v, uch, regs)
 
-    f, err = g._fastpath, cpu._err
-    deadline = 1 << 62
-    run_exit = lib.vmlab_run_exit
+    f = g._fastpath
+    ctx, lean_run = cpu.lean, lib.vmlab_lean_run
+    ctx.f, ctx.slice, ctx.timer, ctx.limit = f, 1 << 40, NEVER, NEVER
 
     def native_exit():
         regs.rip = site
-        if run_exit(v, uch, deadline, 0, regs, f, err) != lib.VMLAB_STOP_FAST_EXIT:
+        if lean_run(ctx) < LEAN_EXIT:
             raise RuntimeError("exit breakdown: the fast path did not decide the CPUID exit")
 
     lean_exit = g.lean_exit
 
     def lean():
         regs.rip = site
-        run_exit(v, uch, deadline, 0, regs, f, err)
-        lean_exit()
+        lean_exit(lean_run(ctx))
 
     vm.intercept = g
     cpu.fastpath = f
+    g.lean_begin()
     out["reentry_us"] = stage(reentry)
     out["regs_read_us"] = stage(with_regs) - out["reentry_us"]
     t_native = stage(native_exit)

@@ -35,6 +35,7 @@ from vmlab.emu.cpu import _M_RIP, _STOP_FAST_EXIT, EptFault, GuestFault
 from vmlab.emu.errors import UnsupportedError
 from vmlab.emu.events import Event
 from vmlab.emu.errors import NativeError
+from vmlab.emu.lean import LEAN_EXIT, LOOK, NEVER, clamp
 from vmlab.emu.native import ffi, lib
 from vmlab.emu.exits import BreakpointExit, DebugStopExit, WatchpointExit
 from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IoExit,
@@ -132,7 +133,8 @@ class InterceptPolicy(Protocol):
     def deliver(self, ev: Event) -> Outcome: ...              # event delivery under the exception bitmap
     def on_exit(self, vmexit) -> Outcome: ...                 # handlers, then VM entry
     def deadline(self) -> int | None: ...                     # e.g. the preemption timer
-    def lean_exit(self) -> Outcome | None: ...                # a fast-path VM exit, handled whole (None: not here)
+    def lean_begin(self) -> None: ...                         # a stint of lean_exit calls starts
+    def lean_exit(self, word: int) -> Outcome | None: ...     # a fast-path VM exit, handled whole (None: not here)
     def policy_exit(self) -> Exit: ...                        # that exit as a PolicyExit, for the general path
 
 
@@ -436,39 +438,37 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
     # The lean path: while the machine is quiet -- no host input, no stop
     # asked for, no NMI/INIT/interrupt line raised, no timer due, no one-step
     # IRET, an intercept policy whose controls ask for nothing between
-    # instructions (``policy.lean``) -- an iteration is one native call (run,
-    # read the registers, decide a trap site: vmlab_run_exit) and, for a VM
-    # exit the fast path decided, the policy's ``lean_exit`` (the exit, its
-    # handler, VM entry).  In that state the general path's arbiter would
-    # return None and its deadline is the one computed here.  Any other exit
-    # is decided the general way below; a quiet check that fails takes the
-    # general path from the top.
+    # instructions (``policy.lean``) -- exits are taken in an inner loop of
+    # one native call each (vmlab_lean_run, emu/lean.py: the deadline of the
+    # slice, the next timer and the limit; run; read the registers; decide a
+    # trap site) and, for a VM exit the fast path decided, the policy's
+    # ``lean_exit`` (the exit, its handler, VM entry).  What would end the
+    # quiet comes in through the vCPU's attention word (a stop, NMI, INIT,
+    # an interrupt line, host input: Vm._attend) and the timer queue's watch
+    # (a timer armed earlier than the run's deadline): the native call then
+    # returns LOOK without running, and the loop looks from the top.  In the
+    # quiet state the general path's arbiter would return None and its
+    # deadline is the one computed here.  Any other exit is decided the
+    # general way below.
     lean_ok = (not one_step and not log_exits and not log_cpu and not log_blocks and timeout is None
                and not m.wall_clock and cpu.clock != "host" and getattr(m, "lapic", None) is not None)
     if lean_ok:
-        lapic, pic_master, heap = m.lapic, m.pic.master, m.timers.heap
-        run_exit, err_box, uch, regs = lib.vmlab_run_exit, cpu._err, cpu._uch, cpu.regs
+        lapic, pic_master, timers, heap = m.lapic, m.pic.master, m.timers, m.timers.heap
+        ctx, lean_run = cpu.lean, lib.vmlab_lean_run
+        ctx.slice = SLICE_INSNS
+        ctx.limit = limit if limit is not None else NEVER
+    look = False                              # the general path runs this iteration
     while True:
         policy = m.intercept
         lean = False
-        if (lean_ok and policy is not None and policy.lean and not m.host_input and m.pending_stop is None
-                and not m.nmi_pending and not m.init_pending and not m.step_next and not lapic.irr
-                and not pic_master.int_output and cpu.vmx_shadow is None and not cpu._counting
-                and not cpu.keep_block_logs):
-            icount = v.icount
-            deadline = icount + SLICE_INSNS
-            lean = True
-            if heap:
-                nxt = heap[0][0]
-                if nxt <= icount:
-                    lean = False              # a timer is due: the general path runs it
-                elif nxt < deadline:
-                    deadline = nxt
-            if limit is not None:
-                if icount >= limit:
-                    lean = False
-                elif limit < deadline:
-                    deadline = limit
+        if look:
+            look = False
+        elif lean_ok and policy is not None and policy.lean:
+            v.attention = 0                   # before the look: what comes in later is seen
+            if (not m.host_input and m.pending_stop is None and not m.nmi_pending and not m.init_pending
+                    and not m.step_next and not lapic.irr and not pic_master.int_output
+                    and cpu.vmx_shadow is None and not cpu._counting and not cpu.keep_block_logs):
+                lean = True
         decided = None
         if lean:
             if cpu._dirty & ~_M_RIP:
@@ -476,20 +476,45 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
             else:
                 cpu._dirty = 0                # RIP alone: the run starts at regs.rip
             f = cpu.fastpath
-            kind = run_exit(v, uch, deadline, 0, regs, f if f is not None else ffi.NULL, err_box)
-            m.exit_count += 1
-            if kind == _STOP_FAST_EXIT:
-                decided = policy.lean_exit()
-                if decided is HANDLED:
-                    idle_since = None
-                    continue
+            ctx.f = f if f is not None else ffi.NULL
+            ctx.timer = clamp(heap[0][0]) if heap else NEVER
+            runs = ctx.runs
+            timers.watch = ctx
+            lean_exit = policy.lean_exit
+            policy.lean_begin()
+            try:
+                while True:
+                    kind = lean_run(ctx)
+                    if kind < LEAN_EXIT:
+                        decided = None
+                        break
+                    decided = lean_exit(kind)
+                    if decided is not HANDLED:
+                        break
+                    d = cpu._dirty
+                    if d:
+                        if d & ~_M_RIP:
+                            cpu.flush()
+                        else:
+                            cpu._dirty = 0
+            finally:
+                timers.watch = None
+                m.exit_count += ctx.runs - runs
+            idle_since = None
+            if kind == LOOK:
+                # Nothing ran: the attention word is set (also by a handler
+                # whose VM entry took the full path, VmxGuest.lean_exit), or a
+                # timer or the limit is due.  The general path looks next.
+                look = True
+                continue
+            if kind >= LEAN_EXIT or kind == _STOP_FAST_EXIT:
                 if decided is None:
                     ex = policy.policy_exit()      # decided the general way below
             else:
                 try:
                     if kind < 0:
                         raise NativeError("register read failed")
-                    ex = cpu.exit_of(kind, err_box[0])
+                    ex = cpu.exit_of(kind, ctx.err)
                 except Exception as exc:   # as below: decoding an exit must not become a traceback
                     return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at "
                                                              f"rip={cpu.regs.rip:#x}: {type(exc).__name__}: {exc}"))

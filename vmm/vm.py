@@ -20,7 +20,7 @@ from vmlab.devices.bus import Bus
 from vmlab.devices.clock import Clock, TimerQueue
 from vmlab.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
 from vmlab.devices.fw_cfg import FwCfg
-from vmlab.devices.irq import line_to
+from vmlab.devices.irq import IrqLine, line_to
 from vmlab.devices.lapic import APIC_LVT_LINT0, APIC_LVT_LINT1, DM_EXTINT, DM_NMI, LVT_DELIVERY_MODE_SHIFT, LocalApic
 from vmlab.devices.pic8259 import Pic8259Pair
 from vmlab.devices.pit8254 import Pit8254
@@ -87,6 +87,11 @@ class Vm:
         self.mem = GuestMemory(ram_size)
         self.cpuid = cpuid or CpuidModel()
         self.vcpu = Vcpu(self.mem, cpuid=self.cpuid)
+        #: sets the vCPU's attention word: the run loop's lean path looks
+        #: before the next run (emu/lean.py); every source of work for the
+        #: loop between runs calls it -- a stop, NMI, INIT, an interrupt line,
+        #: host input
+        self._attend = self.vcpu.attention_setter()
         self.msrs = MsrModel(self.vcpu, self.cpuid)
         self.log = log or DebugLog()
         # clock="host": virtual time is host time for the devices (wall_clock) and
@@ -108,7 +113,7 @@ class Vm:
         self.serial_output = bytearray()
         self._serial_sink = serial
 
-        self.pic = Pic8259Pair()
+        self.pic = Pic8259Pair(IrqLine(self._attend, "intr"))
         self.pic.attach(self.pio)
         # ISA interrupt lines reach both the 8259 pair and the I/O APIC
         # (devices/ioapic.py; IRQ 0 -> pin 2, as the MADT says).
@@ -143,7 +148,7 @@ class Vm:
         self.init_pending = False
         self.lapic = LocalApic(self.clock, self.timers, nmi=_weak(self._on_nmi), init=_weak(self._on_init),
                                eoi_broadcast=_weak(self._on_lapic_eoi), x2apic=self.cpuid.x2apic,
-                               tsc=_weak(self._tsc) if self.cpuid.tsc_deadline else None)
+                               tsc=_weak(self._tsc) if self.cpuid.tsc_deadline else None, kick=self._attend)
         self.msrs.apic = self.lapic
         self.mmio.register(LAPIC_BASE, 0x1000, self.lapic, "lapic")
         # What PC firmware leaves behind (SeaBIOS does this before any boot
@@ -160,8 +165,7 @@ class Vm:
         if self.log.enabled("exec"):
             self.tbs.set_exec_logging(True)
 
-        #: set by a device (debug-exit) or Vm.stop(): the run loop ends with it
-        self.pending_stop: Stop | None = None
+        self.pending_stop = None
         self.host_input: collections.deque[bytes] = collections.deque()
         self.image = None
         self.exit_count = 0
@@ -349,6 +353,7 @@ class Vm:
     def post_input(self, data: bytes) -> None:
         """Queue host input for the UART (thread-safe; fed at the next exit)."""
         self.host_input.append(bytes(data))
+        self._attend()
 
     def feed_input(self) -> None:
         """Move queued host input into the UART, no more than its receiver has
@@ -364,6 +369,40 @@ class Vm:
                 q.appendleft(chunk[room:])
                 chunk = chunk[:room]
             uart.feed(chunk)
+
+    # What the run loop must look at before the next run; setting one sets the
+    # attention word (the lean path runs on until it is set, vmm/runloop.py).
+    @property
+    def pending_stop(self) -> Stop | None:
+        """Set by a device (debug-exit, reset, power-off) or Vm.stop(): the run
+        loop ends with it."""
+        return self._pending_stop
+
+    @pending_stop.setter
+    def pending_stop(self, value: Stop | None) -> None:
+        self._pending_stop = value
+        if value is not None:
+            self._attend()
+
+    @property
+    def nmi_pending(self) -> bool:
+        return self._nmi_pending
+
+    @nmi_pending.setter
+    def nmi_pending(self, value: bool) -> None:
+        self._nmi_pending = value
+        if value:
+            self._attend()
+
+    @property
+    def init_pending(self) -> bool:
+        return self._init_pending
+
+    @init_pending.setter
+    def init_pending(self, value: bool) -> None:
+        self._init_pending = value
+        if value:
+            self._attend()
 
     def stop(self, message: str = "stopped") -> None:
         self.pending_stop = Stop(StopReason.STOPPED, message)

@@ -627,24 +627,36 @@ class VmxGuest(NonRootIntercepts):
         return self.run(max_insns)
 
     # ------------------------------------------------------------------ exit decisions
-    def lean_exit(self) -> "runloop.Outcome | None":
+    def lean_begin(self) -> None:
+        """The run loop's lean path starts a stint of fast-path exits
+        (``lean_exit``): what holds for all of them until one takes the
+        general way.  Blocking by NMI, as stored at each of these exits (SDM
+        Vol. 3C 28.3.1.5), is what it is now: in the lean state nothing the
+        guest runs changes it (an NMI arrives through the general path; IRET
+        is trapped while NMIs are blocked and is never a fast-path exit), and
+        a handler that changes it fails the re-entry check, which ends the
+        stint."""
+        vm = self.vm
+        self._exit_nmi_blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else vm.nmi_blocked
+        self._halt_requested = False
+
+    def lean_exit(self, word: int) -> "runloop.Outcome | None":
         """The run loop's lean path (vmm.runloop): the vCPU stopped at a VM
-        exit the native fast path decided (``_fastpath`` holds its reason,
-        length and qualification) and nothing else needs the loop.  Does what
-        ``intercept`` + ``on_exit`` do for it -- the VM exit (SDM Vol. 3C 28.2:
-        guest state and the exit-information fields stored when the VMCS is
-        first read or written, the latter from the native decision), the handler,
-        VM entry -- with one small exit object.  None: not taken here (no
-        handler, exits recorded, a debugger's break-exit); the loop takes the
-        general path with nothing changed."""
-        f = self._fastpath
-        reason = f.exit_reason
+        exit the native fast path decided (``word``: the exit word of
+        emu/lean.py, reason, length and qualification; ``_fastpath`` holds
+        them too) and nothing else needs the loop.  Does what ``intercept`` +
+        ``on_exit`` do for it -- the VM exit (SDM Vol. 3C 28.2: guest state
+        and the exit-information fields stored when the VMCS is first read or
+        written, the latter from the native decision), the handler, VM entry
+        -- with one small exit object.  None: not taken here (no handler,
+        exits recorded, a debugger's break-exit); the loop takes the general
+        path with nothing changed."""
+        reason = word & 0xFFFF
         fn = self.handlers.get(reason) or self.default_handler
         vm = self.vm
         if fn is None or self.record or vm.exit_break is not None:
             return None
-        # _save_guest_state (no preemption timer: ``lean`` says so)
-        self._exit_nmi_blocked = self.virtual_nmi_blocked if self._pin & _PIN.VIRTUAL_NMIS else vm.nmi_blocked
+        # _save_guest_state, deferred (lean_begin took the NMI blocking)
         vmcs = self._vmcs
         ref = self._lazy_ref
         if vmcs.lazy is not ref:
@@ -653,26 +665,36 @@ class VmxGuest(NonRootIntercepts):
         # The exit-information fields stay in the native decision until the
         # VMCS is read or written (``_store_deferred``).
         self._native_exit = True
-        qual, length = f.exit_qual, f.exit_len
         ex = _new(VmExit)                     # VmExit.__init__'s fields, without its call
-        ex.reason, ex.qualification, ex.vmcs, ex.guest, ex._decoded = _REASONS[reason], qual, vmcs, self, None
-        ex.instruction_length, ex.entry_failure, ex._mex, ex.action, ex._skipped = length, False, _FAST_SITE, RESUME, False
-        self._halt_requested = False
+        ex.reason = _REASONS[reason]
+        ex.qualification = word >> 21
+        ex.instruction_length = (word >> 17) & 0xF
+        ex.vmcs = vmcs
+        ex.guest = self
+        ex._decoded = None
+        ex.entry_failure = False
+        ex._mex = _FAST_SITE
+        ex.action = RESUME
+        ex._skipped = False
         fn(ex)
         armed = self._armed_for
-        if (ex.action == RESUME and not vmcs.dirty and self._saved and self._checked and armed is not None
+        if (ex.action == RESUME and not vmcs.dirty and self._vmcs is vmcs and self._checked and armed is not None
                 and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
-                and not self._halt_requested and self._vmcs is vmcs):
+                and not self._halt_requested):
             # _enter's common re-entry: nothing written but what the CPU
             # itself changes (``skip``), so only RIP moves.  (No event to
             # inject either: the full entry that set ``lean`` consumed the
             # VM-entry interruption information, and a VMWRITE since would
-            # be in ``dirty``.)
+            # be in ``dirty``.  ``_saved`` holds: only a new VMCS clears it.)
             cpu_dirty = vmcs.cpu_dirty
             if cpu_dirty:
                 self.cpu.set_rip(vmcs._values[_E_RIP])
                 cpu_dirty.clear()
             return HANDLED
+        # Anything else: the general way, after which the run loop looks
+        # again before the next run (the controls, the policy or the
+        # machine's events may have changed).
+        vm._attend()
         out = self._after_handler(ex)
         if out is not HANDLED and ex._mex is _FAST_SITE:
             ex.machine_exit         # the run may end here: build it while the decision is current

@@ -38,9 +38,9 @@ def _run(actions: list[int], lean: bool):
     if lean:
         real = g.lean_exit
 
-        def counting():
+        def counting(word):
             taken[0] += 1
-            return real()
+            return real(word)
         g.lean_exit = counting
     else:
         g.record = True
