@@ -24,6 +24,7 @@ vCPU, and handlers read and write them through ``exit.regs``.
 from __future__ import annotations
 
 import contextlib
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Callable
@@ -48,6 +49,7 @@ from .vmx_intercept import (_ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _REASONS, _
 
 
 _set_attr, _new = object.__setattr__, object.__new__
+_refcount = sys.getrefcount
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
 
@@ -241,20 +243,20 @@ class VmExit:
     def skip(self) -> None:
         """Advance GUEST_RIP past the exiting instruction (VM-exit instruction length)."""
         if not self._skipped:
+            self._skipped = True
             v = self.vmcs
-            guest = self.guest
-            if v is guest._vmcs and v.lazy is not None:
+            cpu = self.guest.cpu
+            if v.lazy is not None and v is self.guest._vmcs:
                 # Guest state not stored yet: it is still the vCPU's (Vcpu.set_rip, inline).
-                cpu = guest.cpu
                 r = cpu.regs
                 r.rip = (r.rip + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 cpu._dirty |= _M_RIP
-            elif isinstance(v, TrackedVmcs):
+                return
+            if isinstance(v, TrackedVmcs):
                 v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 v.cpu_dirty.add(_E_RIP)
             else:
                 v.write(F.GUEST_RIP, v.read(F.GUEST_RIP) + self.instruction_length)
-            self._skipped = True
 
     def inject(self, info: InterruptionInfo, error_code: int | None = None, instruction_length: int = 0) -> None:
         """Queue an event for the next VM entry (VM-entry interruption information)."""
@@ -315,6 +317,8 @@ class VmxGuest(NonRootIntercepts):
         #: instructions (no windows, no monitor trap flag, no preemption
         #: timer) and that left no exit pending
         self.lean = False
+        #: the exit object lean_exit made last (reused when unreferenced)
+        self._lean_ex: VmExit | None = None
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -665,7 +669,15 @@ class VmxGuest(NonRootIntercepts):
         # The exit-information fields stay in the native decision until the
         # VMCS is read or written (``_store_deferred``).
         self._native_exit = True
-        ex = _new(VmExit)                     # VmExit.__init__'s fields, without its call
+        # The exit object of the last lean exit is reused when nothing but
+        # this guest holds it (the cache, ``ex`` and getrefcount's argument:
+        # 3; a handler that kept it, a RunResult, a trace -- any other
+        # reference -- and a new one is made), as CPython's own dict-items
+        # and zip iterators reuse their result tuple: an exit no one can see
+        # again needs no fresh object.  Every field is set below.
+        ex = self._lean_ex
+        if ex is None or _refcount(ex) != 3:
+            ex = self._lean_ex = _new(VmExit)     # VmExit.__init__'s fields, without its call
         ex.reason = _REASONS[reason]
         ex.qualification = word >> 21
         ex.instruction_length = (word >> 17) & 0xF

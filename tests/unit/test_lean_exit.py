@@ -111,3 +111,37 @@ def test_lean_exit_builds_the_machine_exit_of_the_decision():
         assert (mex.rip, mex.insn_len, mex.reason, mex.qualification) == (0x100005, 2, int(ExitReason.CPUID), 0)
     finally:
         close_guests()
+
+
+def test_kept_exits_keep_their_fields_and_unkept_ones_are_reused():
+    # lean_exit reuses its exit object only when no one else holds it: a
+    # handler that keeps every exit gets a new one each time, with its own
+    # fields; one that keeps none gets the same object back.
+    g = vmx_guest("mov ecx, 4\n l: mov eax, 1\n cpuid\n out 0x80, al\n dec ecx\n jnz l\n vmcall",
+                  proc=(PP.UNCONDITIONAL_IO_EXITING, PP.USE_IO_BITMAPS))
+    try:
+        kept = []
+
+        def keep(ex):
+            kept.append(ex)
+            ex.skip()
+        g.handler(ExitReason.CPUID)(keep)
+        g.handler(ExitReason.IO_INSTRUCTION)(keep)
+        last = g.run()
+        assert last.reason == ExitReason.VMCALL
+        assert len({id(ex) for ex in kept}) == len(kept) == 8
+        assert [(ex.reason, ex.instruction_length, ex.qualification) for ex in kept] == \
+            [(ExitReason.CPUID, 2, 0), (ExitReason.IO_INSTRUCTION, 2, 0x800040)] * 4
+        assert all(ex._skipped for ex in kept) and last not in kept
+
+        g2 = vmx_guest("mov ecx, 4\n l: mov eax, 1\n cpuid\n dec ecx\n jnz l\n vmcall")
+        ids = []
+
+        def look(ex):
+            ids.append(id(ex))
+            ex.skip()
+        g2.handler(ExitReason.CPUID)(look)
+        assert g2.run().reason == ExitReason.VMCALL
+        assert len(ids) == 4 and len(set(ids)) == 1
+    finally:
+        close_guests()
