@@ -16,6 +16,8 @@
 #include <string.h>
 #include "vmlab.h"
 
+static int level_load_fresh(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img);
+
 #define SH_HF_CPL 3u
 #define SH_HF_INHIBIT_IRQ (1u << 3)
 #define SH_HF_CS64 (1u << 15)
@@ -104,7 +106,7 @@ static int vmx_resume_l2(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_vmx_shado
         img[VMLAB_LV_RIP] = s->value[s->rip_k];
         img[VMLAB_LV_RSP] = s->value[s->rsp_k];
     }
-    int err = vmlab_level_load(v, uc, r, img);
+    int err = level_load_fresh(v, uc, r, img);      /* r: read when the run stopped at the VMRESUME */
     if (err)
         return err;
     const uint32_t on = s->ept_enabled ? 1 : 0;
@@ -186,7 +188,7 @@ static int vmx_reflect_l2(vmlab_vcpu *v, void *uc, vmlab_regs *r, const vmlab_fa
         vmlab_tlb_flush(uc);
     }
     v->tsc_offset = 0;
-    return vmlab_level_load(v, uc, r, s->host_img);
+    return level_load_fresh(v, uc, r, s->host_img);  /* r: read when the run stopped at the exit */
 }
 
 int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
@@ -215,6 +217,8 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
         uint32_t nb = 4096 - (uint32_t)(pa & 0xfff);
         if (nb > 15) nb = 15;
         if (pa + nb > v->ram_size) nb = (uint32_t)(v->ram_size - pa);
+        uint64_t before[16];
+        memcpy(before, r->gpr, sizeof before);
         const int len = vmlab_vmx_shadow_insn(v->ram + pa, nb, r->gpr, &r->rflags, s);
         if (!len) {
             if (!vmlab_vmx_resume_ok(v->ram + pa, nb, v->irq_window, v->trap_kinds, s))
@@ -227,8 +231,12 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
             continue;
         }
         r->rip += (uint64_t)len;
-        /* the 16 GPRs, RIP (bit 16) and RFLAGS (bit 17) of vmlab_regs_write */
-        if (vmlab_regs_write(v, uc, r, 0xFFFFull | (1ull << 16) | (1ull << 17)))
+        /* RIP (bit 16), RFLAGS (bit 17) and the GPR a VMREAD wrote, of vmlab_regs_write */
+        uint64_t mask = (1ull << 16) | (1ull << 17);
+        for (int k = 0; k < 16; k++)
+            if (r->gpr[k] != before[k])
+                mask |= 1ull << k;
+        if (vmlab_regs_write(v, uc, r, mask))
             return -1;
         if (v->icount >= deadline)
             return VMLAB_STOP_DEADLINE;
@@ -349,11 +357,11 @@ void vmlab_level_compose(vmlab_regs *r, const uint64_t *img)
     r->hflags = hf;
 }
 
-int vmlab_level_load(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img)
+/* vmlab_level_load on a register file r the caller knows is the vCPU's
+ * (read at the stop, nothing written since but through it). */
+static int level_load_fresh(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img)
 {
     int err;
-    if ((err = vmlab_regs_read(v, uc, r)))
-        return err;
     const uint64_t cr0 = img[VMLAB_LV_CR0], cr3 = img[VMLAB_LV_CR3], cr4 = img[VMLAB_LV_CR4];
     const uint64_t efer = img[VMLAB_LV_EFER];
     /* vmm/vmx.py load_paging_state: nothing is written when the four hold those
@@ -369,4 +377,12 @@ int vmlab_level_load(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img
     if ((err = vmlab_regs_write(v, uc, r, (1ull << 4) | (1ull << 16) | (1ull << 17) | (1ull << 22) | (1ull << 23))))
         return err;
     return vmlab_env_set_segs(v, uc, r, 0xFF, 0xFFFFFFFFu, r->hflags, 1);
+}
+
+int vmlab_level_load(vmlab_vcpu *v, void *uc, vmlab_regs *r, const uint64_t *img)
+{
+    int err;
+    if ((err = vmlab_regs_read(v, uc, r)))
+        return err;
+    return level_load_fresh(v, uc, r, img);
 }

@@ -361,3 +361,32 @@ def test_l2_exits_reflected_in_c_leave_the_machine_as_python_does(tmp_path, monk
         python = exits[1][k][-1][1]
         assert fields == {e: python[e] for e in fields}, k
     assert states[0] == states[1]
+
+
+@pytest.mark.parametrize("watch", ["record", "exits-log", "debugger"])
+def test_no_reflection_in_c_while_python_watches_the_exits(tmp_path, watch):
+    """The exit recorder (the debugger's ``exits``), ``-d exits`` and a
+    debugger keep every reflection in Python (vmm/nested.py _reflect)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    import io
+
+    from vmlab.emu.loaders import load
+    from vmlab.tools.bench_nested import build
+    from vmlab.vmm.log import DebugLog
+    from vmlab.vmm.vm import Vm
+    if watch == "debugger":
+        vm, n = _bench_vm(tmp_path, 20, debugger=True)
+    else:
+        image = build(tmp_path / "bench20.elf", 20)
+        vm = Vm(64 << 20, serial=None, log=DebugLog(["exits"], io.StringIO()) if watch == "exits-log" else None)
+        n = vm.enable_nested_vmx()
+        vm.load(load(str(image), fmt="elf64", ram_size=64 << 20))
+        n.record = watch == "record"
+    try:
+        assert vm.run(max_insns=50_000_000).status == 1
+        assert n.reflected == 28 and n._cache.native.reflected_total == 0
+        if watch == "record":
+            assert len(n.trace) >= 28          # the reflected exits and the failed VM entries
+    finally:
+        vm.close()
