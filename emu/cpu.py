@@ -44,6 +44,7 @@ TRAP_KINDS = {
     "hlt": 7, "io": 8, "cpuid": 9, "rdtsc": 10, "rdtscp": 11, "rdpmc": 12, "wbinvd": 13,
     "invd": 14, "xsetbv": 15, "mwait": 16, "monitor": 17, "pause": 18, "dr": 19, "desc": 20,
     "rdrand": 21, "rdseed": 22, "vmx": 23, "invpcid": 24, "smsw": 25, "int1": 26, "iret": 27,
+    "task": 28,
 }
 #: Unicorn's CPU model: Broadwell is the oldest model that executes CLAC/STAC
 #: (SMAP, which the CPUID model advertises); the default (Haswell) raises #UD

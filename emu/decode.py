@@ -268,6 +268,7 @@ _MNEMONICS = {
     "vmx": {"vmcall", "vmlaunch", "vmresume", "vmxoff", "vmread", "vmwrite", "vmptrld", "vmptrst", "vmclear",
             "vmxon", "invept", "invvpid", "getsec"},
     "invpcid": {"invpcid"}, "smsw": {"smsw"}, "int1": {"int1"}, "iret": {"iret", "iretd", "iretq"},
+    "task": {"ljmp", "lcall", "jmp", "call"},     # far JMP/CALL (Capstone spells FF /3, FF /5 so)
 }
 #: kinds whose exit carries operands that only the Capstone decode gives
 #: (LMSW with a memory operand too)

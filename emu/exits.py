@@ -45,6 +45,7 @@ class TrapKind(StrEnum):
     SMSW = "smsw"
     INT1 = "int1"
     IRET = "iret"
+    TASK = "task"           # far JMP/CALL (may switch tasks)
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ new task: the state already loaded stays.
 from __future__ import annotations
 
 from . import x86
-from .cpu import GuestFault
+from .cpu import EptFault, GuestFault
 
 #: 32-bit TSS (SDM Vol. 3A Figure 8-2): offsets of the dynamic fields.
 TSS32 = dict(link=0x00, cr3=0x1C, eip=0x20, eflags=0x24, gpr=0x28, seg=0x48, ldt=0x60, trap=0x64,
@@ -294,3 +294,133 @@ def finish_native(vcpu) -> None:
     if new_eip > vcpu.regs.seg[x86.R_CS].limit:
         raise GuestFault(x86.GP, 0)
     vcpu.flush()
+
+
+# ---------------------------------------------------------------------- VMX non-root operation
+# Far JMP/CALL are trap sites (kind "task", emu/trapscan.py) while a VMCS
+# governs the vCPU: "Task switches are not allowed in VMX non-root operation.
+# Any attempt to effect a task switch in VMX non-root operation causes a VM
+# exit" (SDM Vol. 3C 26.4.2 "Treatment of Task Switches"), exit reason 9.  The
+# checks 1-4 of 26.4.2 come first and fault as outside VMX:
+#   1. privilege: a task gate's DPL against CPL and RPL (and its P bit); a TSS
+#      descriptor reached directly by CALL or JMP outside IA-32e mode has its
+#      privilege levels checked (in IA-32e mode such a CALL/JMP is #GP);
+#   2. the new TSS selector (in the GDT, within its limit);
+#   3. the new TSS descriptor is read (a #PF if its GDT page is not present);
+#   4. its type (for CALL/JMP an available TSS), P bit, S bit and limit.
+# Only then is the transfer a VM exit.  A far JMP/CALL to a code segment or a
+# call gate is no task switch: it runs natively (:func:`run_past`).
+
+SOURCE_CALL, SOURCE_IRET, SOURCE_JMP, SOURCE_TASK_GATE = 0, 1, 2, 3    # exit qualification bits 31:30
+_TSS_TYPES = (TYPE_TSS16_AVAIL, TYPE_TSS16_BUSY, TYPE_TSS32_AVAIL, TYPE_TSS32_BUSY)
+
+
+def _far_selector(vcpu, insn) -> int | None:
+    """The selector operand of a far JMP/CALL (``insn`` from Capstone): the
+    ptr16:16/32 immediate (EA, 9A), or the word after the offset of an m16:16,
+    m16:32 or m16:64 operand (FF /3, FF /5).  None if Capstone gave no operands."""
+    from capstone import x86_const as C
+
+    from .decode import mem_operand_address
+    ops = insn.operands
+    if not ops:
+        return None
+    if ops[0].type == C.X86_OP_MEM:
+        # The offset is as wide as the operand size (SDM Vol. 2A "JMP": m16:16,
+        # m16:32, m16:64 with REX.W), the selector follows it.
+        mode = vcpu.mode_bits
+        opsize16 = (mode == 16) != (0x66 in insn.prefix)
+        offset_size = 8 if mode == 64 and insn.rex & 8 else 2 if opsize16 else 4
+        addr = mem_operand_address(vcpu, insn, ops[0])
+        return vcpu.read_linear_int(addr + offset_size, 2)
+    if len(ops) == 2 and ops[0].type == C.X86_OP_IMM:
+        return ops[0].imm & 0xFFFF                # Capstone: "ljmp sel, offset"
+    return None
+
+
+def _tss_checks(vcpu, sel: int, hi: int) -> None:
+    """Check 4 of SDM Vol. 3C 26.4.2 for the TSS descriptor of a CALL/JMP
+    (Table 8-2 / the CALL and JMP pseudo-code of Vol. 2A): an available TSS
+    (a busy one is #GP(selector)), present (#NP(selector)), limit at least
+    67H for a 32-bit TSS and 2BH for a 16-bit one (#TS(selector))."""
+    err = sel & 0xFFFC
+    dtype = (hi >> 8) & 0x1F
+    if dtype not in (TYPE_TSS16_AVAIL, TYPE_TSS32_AVAIL):
+        raise GuestFault(x86.GP, err)
+    if not hi & x86.DESC_P:
+        raise GuestFault(x86.NP, err)
+
+
+def far_task_switch(vcpu, insn) -> tuple[int, int] | None:
+    """Is the far JMP/CALL ``insn`` at RIP a task switch?  (TSS selector,
+    source) for the VM exit (SDM Vol. 3C Table 28-2: bits 15:0 the selector of
+    the TSS switched to, bits 31:30 the source: 0 CALL, 2 JMP); None when it is
+    no task switch (a code segment, a call gate, real or virtual-8086 mode,
+    IA-32e mode, where CALL/JMP to a TSS is #GP) or when the selector or
+    descriptor cannot be read, so the instruction runs natively and faults as
+    it would.  The faults of checks 1-4 (26.4.2) are raised as GuestFault."""
+    r = vcpu.regs
+    if not r.cr0 & x86.CR0_PE or r.rflags & x86.RFLAGS_VM or r.efer & x86.EFER_LMA or insn is None:
+        return None
+    source = SOURCE_CALL if "call" in insn.mnemonic else SOURCE_JMP
+    try:
+        sel = _far_selector(vcpu, insn)
+        if sel is None or sel & 0xFFFC == 0:
+            return None
+        idx = sel & 0xFFF8
+        if sel & 4:
+            if r.ldtr.selector & 0xFFFC == 0 or idx + 7 > r.ldtr.limit:
+                return None
+            base = r.ldtr.base
+        else:
+            if idx + 7 > r.gdtr_limit:
+                return None
+            base = r.gdtr_base
+        hi = vcpu.read_linear_int(base + idx + 4, 4, implicit=True)
+        lo = vcpu.read_linear_int(base + idx, 4, implicit=True)
+    except (GuestFault, EptFault):
+        return None                   # the native run takes the same fault (or EPT exit)
+    if hi & x86.DESC_S:
+        return None                   # a code or data segment: no task switch
+    dtype = (hi >> 8) & 0x1F
+    cpl, rpl, dpl = vcpu.cpl, sel & 3, (hi >> 13) & 3
+    if dtype == TYPE_TASK_GATE:
+        # Check 1: the gate's DPL >= CPL and >= RPL (#GP(gate selector)), P (#NP(gate selector)).
+        if dpl < cpl or dpl < rpl:
+            raise GuestFault(x86.GP, sel & 0xFFFC)
+        if not hi & x86.DESC_P:
+            raise GuestFault(x86.NP, sel & 0xFFFC)
+        # Checks 2-4 on the TSS the gate names (in the GDT; available, present).
+        tss_sel, _, tlo, thi = task_gate_target(vcpu, lo, 0)
+    elif dtype in _TSS_TYPES:
+        # Check 1 for a TSS descriptor reached directly: DPL >= CPL and >= RPL.
+        if dpl < cpl or dpl < rpl:
+            raise GuestFault(x86.GP, sel & 0xFFFC)
+        if sel & 4:
+            raise GuestFault(x86.GP, sel & 0xFFFC)         # a TSS descriptor is in the GDT only
+        _tss_checks(vcpu, sel, hi)
+        tss_sel, tlo, thi = sel, lo, hi
+    else:
+        return None                   # a call gate (or a type the native run refuses)
+    _, limit, _ = x86.desc_to_cache(tlo, thi)
+    if limit < (TSS32 if (thi >> 8) & 0x8 else TSS16)["min_limit"]:
+        raise GuestFault(x86.TS, tss_sel & 0xFFFC)
+    return tss_sel & 0xFFFF, source
+
+
+def run_past(vcpu, linear: int):
+    """Run the trapped instruction at RIP (the trap site at ``linear``) once,
+    natively (native ``vmlab_step_past_site``), and return the exit that run
+    ended with: a DeadlineExit when it completed, else its fault or the like
+    for the caller to handle as any exit."""
+    from .errors import NativeError
+    from .native import lib
+    v = vcpu._v
+    vcpu.flush()
+    v.stop_kind = 0
+    err = lib.vmlab_step_past_site(v, vcpu._uch, vcpu.regs.rip, linear)
+    kind = v.stop_kind
+    v.stop_kind = 0
+    if lib.vmlab_regs_read(v, vcpu._uch, vcpu.regs):
+        raise NativeError("register read failed")
+    return vcpu.exit_of(kind, err, single_step=True)

@@ -51,7 +51,7 @@ from pathlib import Path
 KIND_NAMES = (
     "rdmsr", "wrmsr", "cr_read", "cr_write", "clts", "lmsw", "invlpg", "hlt", "io", "cpuid", "rdtsc",
     "rdtscp", "rdpmc", "wbinvd", "invd", "xsetbv", "mwait", "monitor", "pause", "dr", "desc", "rdrand",
-    "rdseed", "vmx", "invpcid", "smsw", "int1", "iret",
+    "rdseed", "vmx", "invpcid", "smsw", "int1", "iret", "task",
 )
 KIND_BIT = {n: i for i, n in enumerate(KIND_NAMES)}
 
@@ -69,6 +69,7 @@ MOD_ANY, MOD_MEM, MOD_REG = 0, 1, 2
 ANY = 0xFF                  # ModRM.reg / ModRM.rm: any value
 # Form flags.
 F_NO_REX_B = 1              # not with REX.B (90 with REX.B is XCHG r8, rAX)
+F_IMM_PTR = 2               # a ptr16:16/ptr16:32 immediate: 4 bytes with 16-bit operands, else 6
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ FORMS: tuple[Form, ...] = (
     Form("int1", MAP_1, 0xF1, sdm="A-2 F1: INT1 (ICEBP)"),
     Form("iret", MAP_1, 0xCF, sdm="A-2 CF: IRET/IRETD/IRETQ"),
     Form("pause", MAP_1, 0x90, pfx=P_F3, flags=F_NO_REX_B, sdm="A-2 90 with F3: PAUSE"),
+    # far JMP/CALL, which may switch tasks (SDM Vol. 3A 8.3; a VM exit in VMX non-root operation)
+    Form("task", MAP_1, 0x9A, flags=F_IMM_PTR, sdm="A-2 9A: CALL Ap (far, ptr16:16/32; invalid in 64-bit mode)"),
+    Form("task", MAP_1, 0xEA, flags=F_IMM_PTR, sdm="A-2 EA: JMP Ap (far, ptr16:16/32; invalid in 64-bit mode)"),
+    _g("task", MAP_1, 0xFF, 3, MOD_MEM, sdm="A-6 group 5 mem /3: CALL Ep (far)"),
+    _g("task", MAP_1, 0xFF, 5, MOD_MEM, sdm="A-6 group 5 mem /5: JMP Mp (far)"),
     # ---- two-byte map, Table A-3; groups 6, 7 and 9 from Table A-6
     _g("desc", MAP_0F, 0x00, 0, MOD_ANY, sdm="A-6 group 6 /0: SLDT"),
     _g("desc", MAP_0F, 0x00, 1, MOD_ANY, sdm="A-6 group 6 /1: STR"),
@@ -368,6 +374,8 @@ def classify(code: bytes, mode: int) -> Insn:
                 disp = 4 if mod == 2 or (mod == 0 and base == 5) else mod
             p += disp
     p += form.imm
+    if form.flags & F_IMM_PTR:
+        p += 4 if (mode == 16) != bool(pfx & PFX_OPSIZE) else 6
     if p > MAX_INSN:
         return out
     out.status, out.kind, out.length = CLASS_TRAP, KIND_BIT[form.kind], p
@@ -423,6 +431,7 @@ def c_table() -> str:
         "#define TT_MOD_REG 2",
         "#define TT_ANY 0xff",
         "#define TT_NO_REX_B 1",
+        "#define TT_IMM_PTR 2        /* ptr16:16 (4 bytes) or ptr16:32 (6 bytes) by operand size */",
         "#define TT_P_NONE 1         /* mandatory-prefix classes */",
         "#define TT_P_66 2",
         "#define TT_P_F3 4",
@@ -443,7 +452,8 @@ def c_table() -> str:
                                          ("TT_P_F2", P_F2)) if f.pfx & b)
         modrm = ("TT_NO_MODRM", "TT_MODRM", "TT_MODRM_REG")[f.modrm]
         mod = ("TT_MOD_ANY", "TT_MOD_MEM", "TT_MOD_REG")[f.mod]
-        flags = "TT_NO_REX_B" if f.flags & F_NO_REX_B else "0"
+        flags = " | ".join(n for n, b in (("TT_NO_REX_B", F_NO_REX_B), ("TT_IMM_PTR", F_IMM_PTR))
+                           if f.flags & b) or "0"
         lines.append(f"    {{{f.map}, 0x{f.op:02x}, VMLAB_TRAP_{f.kind.upper()}, {pfx}, {modrm}, {mod}, {reg}, "
                      f"{rm}, {f.imm}, {flags}}},   /* SDM {f.sdm} */")
     lines += ["};", "", "/* (map, opcode) -> first form and number of forms */",

@@ -28,7 +28,12 @@
  *    may not be loaded (IA32_FS_BASE, an x2APIC MSR, reserved bits 63:32)
  *    fails the VM entry with exit reason 34 | bit 31 and the entry's number
  *    (from 1) as exit qualification (27.8), with the VM-exit MSR-load area
- *    loaded and nothing stored.
+ *    loaded and nothing stored;
+ *  - task switches (26.4.2): a 32-bit L2 (unrestricted guest, paging off) runs a
+ *    far JMP to its own code segment without an exit, then a far JMP to a TSS
+ *    and a far CALL through a task gate each exit with reason 9, the Table
+ *    28-2 qualification (TSS selector, source 2 JMP / 0 CALL) and the
+ *    instruction length, with L2's task state unswitched.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -107,6 +112,7 @@ enum {
 #define PROC_UNCOND_IO (1u << 24)
 #define PROC_SECONDARY (1u << 31)
 #define PROC2_ENABLE_EPT (1u << 1)
+#define PROC2_UNRESTRICTED (1u << 7)
 #define EXIT_HOST_64 (1u << 9)
 #define ENTRY_IA32E_GUEST (1u << 9)
 
@@ -114,7 +120,10 @@ enum {
 static u32 adjust(u32 want, u32 msr) { u64 cap = rdmsr(msr); return (want | (u32)cap) & (u32)(cap >> 32); }
 
 /* Our own GDT with a 64-bit TSS (the host TR selector must not be 0, SDM 26.2.3). */
-static u64 gdt[6] __attribute__((aligned(16)));
+static u64 gdt[10] __attribute__((aligned(16)));
+/* L2's 32-bit tasks (SDM Vol. 3A Figure 8-2): the one TR names, the one the far JMP targets */
+static u32 l2_tss_a[26] __attribute__((aligned(16)));
+static u32 l2_tss_b[26] __attribute__((aligned(16)));
 static u8 tss[104] __attribute__((aligned(16)));
 static u8 vmxon_region[4096] __attribute__((aligned(4096)));
 static u8 vmcs_region[4096] __attribute__((aligned(4096)));
@@ -148,6 +157,9 @@ void l2_clear_vmxe(void);
 void l2_mov_cr4(void);
 void l2_vmcall(void);
 void l2_msr_vmcall(void);
+void l2_task32(void);
+void l2_task_jmp(void);
+void l2_task_call(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -188,6 +200,20 @@ __asm__(
     "l2_msr_vmcall:\n"
     "  vmcall\n"                      /* exit 18 with the MSR areas in use */
     "3: jmp 3b\n"
+    ".code32\n"                       /* L2 in 32-bit protected mode, CS = 0x28 */
+    ".globl l2_task32\n"
+    "l2_task32:\n"
+    "  ljmp $0x28, $4f\n"             /* a far JMP to a code segment: no task switch, no exit */
+    "4: movl $0xc0ffee, %ebx\n"
+    ".globl l2_task_jmp\n"
+    "l2_task_jmp:\n"
+    "  ljmp $0x38, $0\n"              /* to TSS 0x38: exit 9, source JMP, length 7 */
+    "5: jmp 5b\n"
+    ".globl l2_task_call\n"
+    "l2_task_call:\n"
+    "  lcall *task_gate_ptr\n"        /* through task gate 0x40 to TSS 0x38: exit 9, source CALL, length 6 */
+    "6: jmp 6b\n"
+    ".code64\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
     "  movq %rbx, l2_rbx(%rip)\n"
@@ -246,6 +272,11 @@ static u64 host_rsp;
 static int stage;
 
 void finish_checks(void);
+
+/* far pointer (offset, selector) of the far CALL through the task gate */
+struct __attribute__((packed)) { u32 offset; u16 selector; } task_gate_ptr = {0, 0x40};
+#define TSS_SENTINEL 0x5eed5eedu
+static void l2_enter_32bit_task_test(void);
 
 /* MSR areas (SDM Vol. 3C Table 25-15: index in bits 31:0, bits 63:32 reserved, data in 127:64) */
 struct msr_entry { u32 index, reserved; u64 data; };
@@ -387,6 +418,25 @@ int l1_exit(void) {
     case 11:
         check(reason == 0x80000022ull && qual == 1, "x2APIC MSR 808H in the VM-entry MSR-load area: reason 34", qual);
         vmwrite(ENTRY_MSR_LOAD_COUNT, 0); vmwrite(EXIT_MSR_STORE_COUNT, 0); vmwrite(EXIT_MSR_LOAD_COUNT, 0);
+        l2_enter_32bit_task_test();
+        return 1;
+    case 12:
+        /* SDM Vol. 3C 26.4.2: a task switch in VMX non-root operation is a VM
+         * exit; Table 28-2: bits 15:0 the TSS selector, bits 31:30 the source. */
+        check(reason == 9, "32-bit L2 far JMP to a TSS: VM exit reason 9 (task switch)", reason);
+        check(qual == (0x38ull | (2ull << 30)), "task-switch qualification: TSS 0x38, source 2 (JMP)", qual);
+        check(len == 7 && rip == (u64)l2_task_jmp, "task switch by JMP: instruction length 7, GUEST_RIP at the JMP", len);
+        check(l2_rbx == 0xc0ffee, "L2's far JMP to a code segment ran without an exit", l2_rbx);
+        check(vmread(GUEST_TR_SELECTOR) == 0x30 && vmread(GUEST_CS_SELECTOR) == 0x28
+              && !(gdt[7] & (1ull << 41)) && l2_tss_a[8] == TSS_SENTINEL && l2_tss_b[0] == 0,
+              "no task switched: TR, CS, the new TSS's busy bit, the old TSS's EIP and the back link unchanged",
+              vmread(GUEST_TR_SELECTOR));
+        vmwrite(GUEST_RIP, (u64)l2_task_call);
+        return 1;
+    case 13:
+        check(reason == 9 && qual == 0x38ull, "far CALL through task gate 0x40: reason 9, TSS 0x38, source 0 (CALL)",
+              qual);
+        check(len == 6 && rip == (u64)l2_task_call, "task switch by CALL: instruction length 6", len);
 #ifdef VMX_ABORT_TEST
         /* IA32_FS_BASE in the VM-exit MSR-load area (28.6): L2's next exit is
          * a VMX abort, indicator 4 (28.7), and the machine shuts down. */
@@ -402,6 +452,27 @@ int l1_exit(void) {
     }
     vmwrite(GUEST_RIP, rip + len);
     return 1;
+}
+
+/* Stage 11 -> 12: L2 becomes a 32-bit protected-mode guest with paging off
+ * (unrestricted guest under L1's identity EPT), CS = 0x28, TR = 0x30. */
+static void l2_enter_32bit_task_test(void) {
+    u64 a = (u64)l2_tss_a, b = (u64)l2_tss_b;
+    gdt[5] = 0x00CF9B000000FFFFull;                                          /* 32-bit code 0x28 */
+    gdt[6] = 0x67 | ((a & 0xFFFFFF) << 16) | (0x8Bull << 40) | (((a >> 24) & 0xFF) << 56);   /* busy TSS 0x30 */
+    gdt[7] = 0x67 | ((b & 0xFFFFFF) << 16) | (0x89ull << 40) | (((b >> 24) & 0xFF) << 56);   /* available TSS 0x38 */
+    gdt[8] = (0x38ull << 16) | (0x85ull << 40);                             /* task gate 0x40 -> TSS 0x38 */
+    l2_tss_a[8] = TSS_SENTINEL;                                              /* EIP field (offset 20H) */
+    l2_tss_b[8] = (u32)(u64)l2_task32;                                       /* where the new task would start */
+    vmwrite(ENTRY_CONTROLS, adjust(0, 0x484));                               /* not an IA-32e mode guest */
+    vmwrite(SECONDARY_BASED, adjust(PROC2_ENABLE_EPT | PROC2_UNRESTRICTED, 0x48B));
+    vmwrite(GUEST_CR0, 0x31); vmwrite(GUEST_CR4, 1u << 13); vmwrite(GUEST_IA32_EFER, 0);    /* PE, ET, NE; VMXE */
+    vmwrite(GUEST_CS_SELECTOR, 0x28); vmwrite(GUEST_CS_AR, 0xC09B);
+    vmwrite(GUEST_TR_SELECTOR, 0x30); vmwrite(GUEST_TR_BASE, a); vmwrite(GUEST_TR_AR, 0x8B);
+    vmwrite(GUEST_GDTR_LIMIT, sizeof gdt - 1);
+    vmwrite(GUEST_RFLAGS, 2);
+    vmwrite(GUEST_RSP, (u64)(guest_stack + sizeof guest_stack));
+    vmwrite(GUEST_RIP, (u64)l2_task32);
 }
 
 void l1_main(void) {

@@ -82,6 +82,7 @@ struct icache_entry { uint64_t pc; uint32_t size_mode; uint32_t ninsn; uint64_t 
 
 struct priv {
     uc_engine *uc;
+    uint64_t pass_site;         /* vmlab_step_past_site: the site whose hook lets it run once (~0: none) */
     uc_context *ctx;
     size_t cs_handle[3];        /* capstone handles: 16, 32, 64-bit */
     struct icache_entry icache[ICACHE_SIZE];
@@ -328,6 +329,8 @@ int vmlab_classify(const uint8_t *code, uint32_t n, int mode, vmlab_insn *out)
         }
     }
     p += form->imm;
+    if (form->flags & TT_IMM_PTR)
+        p += ((mode == 16) != ((pfx & VMLAB_PFX_OPSIZE) != 0)) ? 4 : 6;
     if (p > 15)
         return -1;
     out->status = VMLAB_CLASS_TRAP;
@@ -1153,6 +1156,11 @@ static void hook_site(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     (void)size;
     if (__builtin_expect(v->dbg != NULL, 0) && vmlab_dbg_break_hit(v, uc, addr))
         return;      /* a breakpoint on a trap site stops as a breakpoint */
+    struct priv *pp = v->priv;
+    if (__builtin_expect(addr == pp->pass_site, 0)) {
+        pp->pass_site = ~0ull;  /* vmlab_step_past_site: this one runs */
+        return;
+    }
     v->stop_kind = VMLAB_STOP_TRAP;
     v->fault_vaddr = addr;
     /* Where the site's bytes are, and their page's write generation: Python
@@ -1296,6 +1304,7 @@ int vmlab_vcpu_init(vmlab_vcpu *v, void *uc, uint8_t *ram, uint64_t ram_size, ui
         return -1;
     v->priv = p;
     p->uc = uc;
+    p->pass_site = ~0ull;
     v->ram = ram;
     v->ram_size = ram_size;
     v->ram_high = ram_high;
@@ -1619,6 +1628,20 @@ int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin)
     if (v == NULL)
         return api.emu_start(uc, begin, 0, 0, 1);
     return run_sites(v, uc, begin, 1);
+}
+
+/* Execute one instruction at begin natively although it is an armed trap site
+ * (linear address site): its hook lets it run once.  A trap kind that VM-exits
+ * only for some operands (a far JMP/CALL switches tasks only through a TSS or
+ * task gate, emu/taskswitch.py) runs so when it does not exit, without
+ * disarming the kind (which would drop every translated block). */
+int vmlab_step_past_site(vmlab_vcpu *v, void *uc, uint64_t begin, uint64_t site)
+{
+    struct priv *p = v->priv;
+    p->pass_site = site;
+    const int err = run_sites(v, uc, begin, 1);
+    p->pass_site = ~0ull;
+    return err;
 }
 
 /* ---- clock modes and the run entry point ---------------------------------------

@@ -12,12 +12,13 @@
 #define TT_MOD_REG 2
 #define TT_ANY 0xff
 #define TT_NO_REX_B 1
+#define TT_IMM_PTR 2        /* ptr16:16 (4 bytes) or ptr16:32 (6 bytes) by operand size */
 #define TT_P_NONE 1         /* mandatory-prefix classes */
 #define TT_P_66 2
 #define TT_P_F3 4
 #define TT_P_F2 8
-#define TT_NFORMS 57
-#define TT_ALL_KINDS 0xfffffffu
+#define TT_NFORMS 61
+#define TT_ALL_KINDS 0x1fffffffu
 
 struct trap_form {
     uint8_t map, op, kind, pfx, modrm, mod, reg, rm, imm, flags;
@@ -29,17 +30,21 @@ static const struct trap_form trap_forms[TT_NFORMS] = {
     {0, 0x6e, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 6E: OUTS DX, Xb */
     {0, 0x6f, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 6F: OUTS DX, Xz */
     {0, 0x90, VMLAB_TRAP_PAUSE, TT_P_F3, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, TT_NO_REX_B},   /* SDM A-2 90 with F3: PAUSE */
+    {0, 0x9a, VMLAB_TRAP_TASK, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, TT_IMM_PTR},   /* SDM A-2 9A: CALL Ap (far, ptr16:16/32; invalid in 64-bit mode) */
     {0, 0xcf, VMLAB_TRAP_IRET, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 CF: IRET/IRETD/IRETQ */
     {0, 0xe4, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 1, 0},   /* SDM A-2 E4: IN AL, Ib */
     {0, 0xe5, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 1, 0},   /* SDM A-2 E5: IN eAX, Ib */
     {0, 0xe6, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 1, 0},   /* SDM A-2 E6: OUT Ib, AL */
     {0, 0xe7, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 1, 0},   /* SDM A-2 E7: OUT Ib, eAX */
+    {0, 0xea, VMLAB_TRAP_TASK, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, TT_IMM_PTR},   /* SDM A-2 EA: JMP Ap (far, ptr16:16/32; invalid in 64-bit mode) */
     {0, 0xec, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 EC: IN AL, DX */
     {0, 0xed, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 ED: IN eAX, DX */
     {0, 0xee, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 EE: OUT DX, AL */
     {0, 0xef, VMLAB_TRAP_IO, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 EF: OUT DX, eAX */
     {0, 0xf1, VMLAB_TRAP_INT1, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 F1: INT1 (ICEBP) */
     {0, 0xf4, VMLAB_TRAP_HLT, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_NO_MODRM, TT_MOD_ANY, TT_ANY, TT_ANY, 0, 0},   /* SDM A-2 F4: HLT */
+    {0, 0xff, VMLAB_TRAP_TASK, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_MODRM, TT_MOD_MEM, 3, TT_ANY, 0, 0},   /* SDM A-6 group 5 mem /3: CALL Ep (far) */
+    {0, 0xff, VMLAB_TRAP_TASK, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_MODRM, TT_MOD_MEM, 5, TT_ANY, 0, 0},   /* SDM A-6 group 5 mem /5: JMP Mp (far) */
     {1, 0x00, VMLAB_TRAP_DESC, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_MODRM, TT_MOD_ANY, 0, TT_ANY, 0, 0},   /* SDM A-6 group 6 /0: SLDT */
     {1, 0x00, VMLAB_TRAP_DESC, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_MODRM, TT_MOD_ANY, 1, TT_ANY, 0, 0},   /* SDM A-6 group 6 /1: STR */
     {1, 0x00, VMLAB_TRAP_DESC, TT_P_NONE | TT_P_66 | TT_P_F3 | TT_P_F2, TT_MODRM, TT_MOD_ANY, 2, TT_ANY, 0, 0},   /* SDM A-6 group 6 /2: LLDT */
@@ -90,38 +95,41 @@ static const uint8_t trap_first[3][256] = {
     [0][0x6e] = 2,
     [0][0x6f] = 3,
     [0][0x90] = 4,
-    [0][0xcf] = 5,
-    [0][0xe4] = 6,
-    [0][0xe5] = 7,
-    [0][0xe6] = 8,
-    [0][0xe7] = 9,
-    [0][0xec] = 10,
-    [0][0xed] = 11,
-    [0][0xee] = 12,
-    [0][0xef] = 13,
-    [0][0xf1] = 14,
-    [0][0xf4] = 15,
-    [1][0x00] = 16,
-    [1][0x01] = 20,
-    [1][0x06] = 35,
-    [1][0x08] = 36,
-    [1][0x09] = 37,
-    [1][0x20] = 38,
-    [1][0x21] = 39,
-    [1][0x22] = 40,
-    [1][0x23] = 41,
-    [1][0x30] = 42,
-    [1][0x31] = 43,
-    [1][0x32] = 44,
-    [1][0x33] = 45,
-    [1][0x37] = 46,
-    [1][0x78] = 47,
-    [1][0x79] = 48,
-    [1][0xa2] = 49,
-    [1][0xc7] = 50,
-    [2][0x80] = 54,
-    [2][0x81] = 55,
-    [2][0x82] = 56,
+    [0][0x9a] = 5,
+    [0][0xcf] = 6,
+    [0][0xe4] = 7,
+    [0][0xe5] = 8,
+    [0][0xe6] = 9,
+    [0][0xe7] = 10,
+    [0][0xea] = 11,
+    [0][0xec] = 12,
+    [0][0xed] = 13,
+    [0][0xee] = 14,
+    [0][0xef] = 15,
+    [0][0xf1] = 16,
+    [0][0xf4] = 17,
+    [0][0xff] = 18,
+    [1][0x00] = 20,
+    [1][0x01] = 24,
+    [1][0x06] = 39,
+    [1][0x08] = 40,
+    [1][0x09] = 41,
+    [1][0x20] = 42,
+    [1][0x21] = 43,
+    [1][0x22] = 44,
+    [1][0x23] = 45,
+    [1][0x30] = 46,
+    [1][0x31] = 47,
+    [1][0x32] = 48,
+    [1][0x33] = 49,
+    [1][0x37] = 50,
+    [1][0x78] = 51,
+    [1][0x79] = 52,
+    [1][0xa2] = 53,
+    [1][0xc7] = 54,
+    [2][0x80] = 58,
+    [2][0x81] = 59,
+    [2][0x82] = 60,
 };
 static const uint8_t trap_count[3][256] = {
     [0][0x6c] = 1,
@@ -129,17 +137,20 @@ static const uint8_t trap_count[3][256] = {
     [0][0x6e] = 1,
     [0][0x6f] = 1,
     [0][0x90] = 1,
+    [0][0x9a] = 1,
     [0][0xcf] = 1,
     [0][0xe4] = 1,
     [0][0xe5] = 1,
     [0][0xe6] = 1,
     [0][0xe7] = 1,
+    [0][0xea] = 1,
     [0][0xec] = 1,
     [0][0xed] = 1,
     [0][0xee] = 1,
     [0][0xef] = 1,
     [0][0xf1] = 1,
     [0][0xf4] = 1,
+    [0][0xff] = 2,
     [1][0x00] = 4,
     [1][0x01] = 15,
     [1][0x06] = 1,
@@ -199,6 +210,7 @@ static const uint8_t trap_byte_class[256] = {
     [0x6e] = TT_BC_START,
     [0x6f] = TT_BC_START,
     [0x90] = TT_BC_START,
+    [0x9a] = TT_BC_START,
     [0xc4] = TT_BC_START,
     [0xc5] = TT_BC_START,
     [0xcf] = TT_BC_START,
@@ -206,6 +218,7 @@ static const uint8_t trap_byte_class[256] = {
     [0xe5] = TT_BC_START,
     [0xe6] = TT_BC_START,
     [0xe7] = TT_BC_START,
+    [0xea] = TT_BC_START,
     [0xec] = TT_BC_START,
     [0xed] = TT_BC_START,
     [0xee] = TT_BC_START,
@@ -215,6 +228,7 @@ static const uint8_t trap_byte_class[256] = {
     [0xf2] = TT_BC_LEGACY,
     [0xf3] = TT_BC_LEGACY,
     [0xf4] = TT_BC_START,
+    [0xff] = TT_BC_START,
 };
 
 #endif

@@ -89,7 +89,8 @@ enum {
     VMLAB_TRAP_PAUSE = 18, VMLAB_TRAP_DR = 19, VMLAB_TRAP_DESC = 20,
     VMLAB_TRAP_RDRAND = 21, VMLAB_TRAP_RDSEED = 22, VMLAB_TRAP_VMX = 23,
     VMLAB_TRAP_INVPCID = 24, VMLAB_TRAP_SMSW = 25, VMLAB_TRAP_INT1 = 26, VMLAB_TRAP_IRET = 27,
-    VMLAB_TRAP_COUNT = 28,
+    VMLAB_TRAP_TASK = 28,
+    VMLAB_TRAP_COUNT = 29,
 };
 
 typedef struct vmlab_walk {
@@ -360,6 +361,7 @@ void vmlab_set_cs_close(void *cs_close);
 void vmlab_set_cc_compute_all(void *fn);
 int vmlab_emu_start(void *uc, uint64_t begin);
 int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin);
+int vmlab_step_past_site(vmlab_vcpu *v, void *uc, uint64_t begin, uint64_t site);
 
 /* ---- trap-site classifier (native/hooks.c; opcode table native/trap_table.h,
  * generated from emu/trapscan.py, which also holds the Python twin) ---- */
@@ -409,7 +411,7 @@ typedef struct vmlab_fastpath {
     uint32_t msr_mode;         /* VMLAB_FAST_MSR_*: how RDMSR/WRMSR exit (SDM Vol. 3C 26.1.3) */
     uint32_t pad_msr;
     uint64_t msr_bitmap;       /* guest-physical address of the 4 KiB MSR bitmaps (25.6.9) */
-    uint16_t reason[28];       /* basic exit reason by trap kind (VMLAB_TRAP_COUNT entries) */
+    uint16_t reason[29];       /* basic exit reason by trap kind (VMLAB_TRAP_COUNT entries) */
     /* ---- the decision (out) ---- */
     uint32_t exit_reason;
     uint32_t exit_len;

@@ -43,13 +43,13 @@ from vmlab.emu import x86
 from vmlab.emu.cpu import GuestFault
 from vmlab.emu.decode import mem_operand_address, reg_value, set_reg_value
 from vmlab.emu.events import Event
-from vmlab.emu.exits import TrapExit
+from vmlab.emu.exits import DeadlineExit, TrapExit
 from vmlab.emu.native import ffi, lib
 
 from . import vmcs as F
 from .capabilities import VmxCapabilities
 from .exit_reasons import VmInstructionError as E
-from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason
+from .runloop import HANDLED, Deliver, Outcome, Stop, StopReason, platform
 from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcBasedControls
 from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmExit, VmxGuest
 from .exit_reasons import ExitReason
@@ -746,6 +746,12 @@ class NestedVmx:
         cpu = vm.vcpu
         if self._l1_traps is None or ex.kind in self._l1_traps:
             return None
+        if ex.kind == "task":
+            # A far JMP/CALL of L1: it runs natively, the kind stays armed for L2
+            # (disarming it would drop every translated block at each level switch).
+            from vmlab.emu.taskswitch import run_past
+            out = run_past(cpu, cpu.linear_rip())
+            return HANDLED if isinstance(out, DeadlineExit) else platform(vm, out)
         if ex.kind == "cpuid":
             r = cpu.regs
             a, b, c, d = vm.cpuid.lookup(r.gpr[0] & 0xFFFFFFFF, r.gpr[1] & 0xFFFFFFFF)

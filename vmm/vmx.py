@@ -369,7 +369,7 @@ class VmxGuest(NonRootIntercepts):
         """The trap kinds the controls need armed in non-root operation."""
         from vmlab.emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
-        kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw"}
+        kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw", "task"}
         if self.vm.nmi_blocked or self.virtual_nmi_blocked:
             kinds.add("iret")
         for ctl, names in _TRAPS_BY_PRIMARY:

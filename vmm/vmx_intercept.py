@@ -10,10 +10,11 @@ controls as SDM Vol. 3C ch. 26 ("VMX Non-Root Operation") specifies.
 """
 from __future__ import annotations
 
-from vmlab.emu import sensitive, x86
-from vmlab.emu.cpu import EptFault
+from vmlab.emu import sensitive, taskswitch, x86
+from vmlab.emu.cpu import EptFault, GuestFault
 from vmlab.emu.events import DeliveryIntercepted, Event, TripleFault, deliver
-from vmlab.emu.exits import CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit, TrapExit
+from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit,
+                             TrapExit)
 from vmlab.emu.fastpath import (FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy,
                           io_bitmap_location, msr_bitmap_location)
 from vmlab.emu.trapscan import KIND_BIT
@@ -24,7 +25,7 @@ from .controls import (InterruptionInfo, PinBasedControls, PrimaryProcBasedContr
 from .exit_reasons import ExitReason
 from .insninfo import instruction_info
 from .qualification import (AddressSize, CrAccessQualification, CrAccessType, DrAccessQualification, Gpr,
-                            InsOutsInfo, IoQualification, SegmentReg)
+                            InsOutsInfo, IoQualification, SegmentReg, TaskSwitchQualification, TaskSwitchSource)
 from .runloop import HALT, HANDLED, Intercepted, Outcome, Stop, StopReason
 
 RESUME, STOP = "resume", "stop"
@@ -360,6 +361,8 @@ class NonRootIntercepts:
             if p & _PP.INVLPG_EXITING:
                 return Intercepted(self._make_exit(ExitReason.INVLPG, mex.operand, mex, length=mex.insn_len))
             return None
+        if mex.kind == "task":
+            return self._far_transfer(mex)
         if mex.kind == "iret":
             # Ends (virtual-)NMI blocking (SDM 26.3 "Changes to NMI blocking"); the
             # IRET then runs natively once the trap is disarmed.
@@ -487,6 +490,38 @@ class NonRootIntercepts:
         q = EptViolationQualification.decode(qual & EptViolationQualification.defined_mask())
         return self._make_exit(ExitReason.EPT_VIOLATION, qual, mex, gpa=gpa, decoded=q,
                                gla=gla if qual & (1 << 7) else None)
+
+    def _far_transfer(self, mex: TrapExit) -> Outcome:
+        """A far JMP/CALL (trap kind "task", armed in every non-root
+        operation): a task switch is a VM exit whatever the controls (SDM Vol.
+        3C 26.4.2 "Treatment of Task Switches"), reason 9 with the Table 28-2
+        qualification (bits 15:0 the new TSS's selector, bits 31:30 the source:
+        0 CALL, 2 JMP) and the instruction's length (28.2.5), before the
+        instruction changes anything (GUEST_RIP is the JMP's).  The checks
+        26.4.2 puts first fault as they would outside VMX (the exception
+        bitmap then decides); any other far transfer runs natively."""
+        cpu = self.cpu
+        try:
+            ts = taskswitch.far_task_switch(cpu, mex.insn)
+        except GuestFault as f:
+            return self._exception(ExceptionExit(rip=cpu.regs.rip, vector=f.vector, error_code=f.error_code,
+                                                 cr2=f.cr2))
+        except EptFault as f:
+            return Intercepted(self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, mex))
+        if ts is not None:
+            q = TaskSwitchQualification(selector=ts[0], source=TaskSwitchSource(ts[1]))
+            return Intercepted(self._make_exit(ExitReason.TASK_SWITCH, q.encode(), mex, length=mex.insn_len,
+                                               decoded=q))
+        out = taskswitch.run_past(cpu, cpu.linear_rip())
+        if isinstance(out, DeadlineExit):
+            return HANDLED
+        # The native run ended in a fault, an EPT exit…: decided as any exit
+        # (one level: ``out`` is never a far-transfer trap).
+        res = self.intercept(out)
+        if res is not None:
+            return res
+        from .runloop import platform
+        return platform(self.vm, out)
 
     def _exception(self, mex: ExceptionExit) -> Outcome:
         """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""

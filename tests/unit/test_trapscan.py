@@ -95,6 +95,7 @@ PLANT_FORMS = [
         (b"\x0f\x38\x80", _modrm("mem"), b"\x66"), (b"\x0f\x38\x81", _modrm("mem"), b"\x66")]),
     _op("rdrand", b"\x0f\xc7", _modrm(3, 6)), _op("rdseed", b"\x0f\xc7", _modrm(3, 7)),
     _op("invpcid", b"\x0f\x38\x82", _modrm("mem"), b"\x66"),
+    _ops("task", [(b"\x9a",), (b"\xea",), (b"\xff", _modrm("mem", 3)), (b"\xff", _modrm("mem", 5))]),
 ]
 PLANTS = st.one_of([strategy for _, strategy in PLANT_FORMS])
 PLANTS_BY_KIND = {kind: strategy for kind, strategy in PLANT_FORMS}
@@ -296,6 +297,7 @@ _CS_KIND = {
     "vmlaunch": "vmx", "vmresume": "vmx", "vmxoff": "vmx", "vmread": "vmx", "vmwrite": "vmx", "vmptrld": "vmx",
     "vmptrst": "vmx", "vmclear": "vmx", "vmxon": "vmx", "invept": "vmx", "invvpid": "vmx", "getsec": "vmx",
     "invpcid": "invpcid", "smsw": "smsw", "int1": "int1", "iret": "iret", "iretd": "iret", "iretq": "iret",
+    "ljmp": "task", "lcall": "task",
 }
 
 
@@ -310,6 +312,8 @@ def capstone_view(code: bytes, mode: int):
         kind = ("cr_write" if regs[0].startswith("cr") else "cr_read" if regs[1].startswith("cr")
                 else "dr" if any(r.startswith("dr") for r in regs) else None)
         return kind, insn.size, mn
+    if mn in ("jmp", "call") and insn.opcode[0] == 0xFF and (insn.modrm >> 3) & 7 in (3, 5):
+        return "task", insn.size, mn        # Capstone spells some far FF /3, FF /5 without the l
     return _CS_KIND.get(mn), insn.size, mn
 
 
@@ -346,6 +350,9 @@ CANONICAL = [
     ("invpcid", LEGACY_MODES, ["invpcid eax, [{m}]"]), ("invpcid", LONG_MODE, ["invpcid rax, [{m}]", "invpcid r9, [{m}]"]),
     ("smsw", ANY_MODE, ["smsw ax", "smsw eax", "smsw word ptr [{m}]"]), ("smsw", LONG_MODE, ["smsw rax"]),
     ("int1", ANY_MODE, ["int1"]), ("iret", ANY_MODE, ["iret", "iretd"]), ("iret", LONG_MODE, ["iretq"]),
+    ("task", ANY_MODE, ["ljmp [{m}]", "lcall [{m}]"]),
+    ("task", (16,), [bytes.fromhex("ea00102800"), bytes.fromhex("9a00102800"), bytes.fromhex("66ea001000002800")]),
+    ("task", (32,), [bytes.fromhex("ea001000002800"), bytes.fromhex("9a001000002800"), bytes.fromhex("66ea00102800")]),
 ]
 #: memory operands per mode (the other address size too: Keystone adds 67)
 MEMORY = {16: ["bx+si", "bp+0x10", "0x1234", "bx+di+0x1234", "eax", "esp+8"],
