@@ -385,8 +385,8 @@ def test_no_reflection_in_c_while_python_watches_the_exits(tmp_path, watch):
         n.record = watch == "record"
     try:
         assert vm.run(max_insns=50_000_000).status == 1
-        assert n.reflected == 28 and n._cache.native.reflected_total == 0
+        assert n.reflected == 30 and n._cache.native.reflected_total == 0
         if watch == "record":
-            assert len(n.trace) >= 28          # the reflected exits and the failed VM entries
+            assert len(n.trace) >= 30          # the reflected exits and the failed VM entries
     finally:
         vm.close()
