@@ -143,6 +143,18 @@ class NestedVmx:
         self.trace: collections.deque = collections.deque(maxlen=1000)
 
     @property
+    def record(self) -> bool:
+        return self._record
+
+    @record.setter
+    def record(self, on: bool) -> None:
+        # A debugger attached between runs sees every exit from then on: what
+        # C was armed to do without Python is not done any more.
+        self._record = on
+        if on:
+            self._disarm_native()
+
+    @property
     def vm(self):
         return self._vm()
 

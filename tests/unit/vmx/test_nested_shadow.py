@@ -390,3 +390,26 @@ def test_no_reflection_in_c_while_python_watches_the_exits(tmp_path, watch):
             assert len(n.trace) >= 30          # the reflected exits and the failed VM entries
     finally:
         vm.close()
+
+
+def test_a_debugger_attached_between_runs_sees_the_exits_after_it(tmp_path):
+    """C was armed to reflect L2's exits (the run stopped at its limit in the
+    bench loop); a debugger attached then gets every later exit recorded."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed")
+    from vmlab.tools.debugger import Debugger
+    vm, n = _bench_vm(tmp_path, 2000)
+    try:
+        assert vm.run(max_insns=60_000).reason == "limit"
+        for _ in range(200):                # on until a limit stops the run in L1, C armed
+            if n._cache.native.reflect_ready:
+                break
+            assert vm.run(max_insns=37).reason == "limit"
+        done = n._cache.native.reflected_total
+        assert done > 100 and n._cache.native.reflect_ready and n.l2 is None
+        Debugger(vm)
+        assert vm.run(max_insns=50_000_000).status == 1
+        assert n._cache.native.reflected_total == done
+        assert len(n.trace) >= n.reflected - done > 0
+    finally:
+        vm.close()
