@@ -1630,16 +1630,30 @@ int vmlab_emu_step(vmlab_vcpu *v, void *uc, uint64_t begin)
     return run_sites(v, uc, begin, 1);
 }
 
-/* Execute one instruction at begin natively although it is an armed trap site
+/* Execute the instruction at begin natively although it is an armed trap site
  * (linear address site): its hook lets it run once.  A trap kind that VM-exits
  * only for some operands (a far JMP/CALL switches tasks only through a TSS or
  * task gate, emu/taskswitch.py) runs so when it does not exit, without
- * disarming the kind (which would drop every translated block). */
+ * disarming the kind (which would drop every translated block).  For an
+ * instruction that ends its translation block (a far JMP/CALL does): with the
+ * virtual clock the run is one block long (the deadline one instruction
+ * ahead), not a count=1 run, after which Unicorn 2.1.4 drops every
+ * translated block when the next run counts nothing. */
 int vmlab_step_past_site(vmlab_vcpu *v, void *uc, uint64_t begin, uint64_t site)
 {
     struct priv *p = v->priv;
+    int err;
     p->pass_site = site;
-    const int err = run_sites(v, uc, begin, 1);
+    if (!p->clock_host) {
+        const uint64_t deadline = v->icount_deadline;
+        v->icount_deadline = v->icount + 1;
+        refresh_fast(v, p);
+        err = run_sites(v, uc, begin, 0);
+        v->icount_deadline = deadline;
+        refresh_fast(v, p);
+    } else {
+        err = run_sites(v, uc, begin, 1);
+    }
     p->pass_site = ~0ull;
     return err;
 }
