@@ -85,15 +85,46 @@ def _msr_bitmap_exits(policy: Policy, ram, msr: int, write: bool) -> bool:
     return bool(ram[loc[0]] >> loc[1] & 1)
 
 
-def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram) -> tuple[int, int, int] | None:
+#: ``priv`` of decide_bytes: bits 1:0 CPL, then (native VMLAB_PRIV_*)
+PRIV_TSD, PRIV_PCE, PRIV_IOPL_SHIFT, PRIV_VM, PRIV_PE, PRIV_OSXSAVE = 1 << 2, 1 << 3, 4, 1 << 6, 1 << 7, 1 << 8
+_ANY_CPL = frozenset(trapscan.KIND_BIT[k] for k in ("cpuid", "pause", "io"))
+
+
+def priv_of(cpl: int, cr0: int, cr4: int, rflags: int) -> int:
+    """``priv`` for the CPU state: CPL, CR4.TSD/PCE/OSXSAVE, RFLAGS.IOPL/VM, CR0.PE."""
+    return ((cpl & 3) | (PRIV_TSD if cr4 & (1 << 2) else 0) | (PRIV_PCE if cr4 & (1 << 8) else 0)
+            | ((rflags >> 12) & 3) << PRIV_IOPL_SHIFT | (PRIV_VM if rflags & (1 << 17) else 0)
+            | (PRIV_PE if cr0 & 1 else 0) | (PRIV_OSXSAVE if cr4 & (1 << 18) else 0))
+
+
+def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram,
+                 priv: int) -> tuple[int, int, int] | None:
     """(exit reason, instruction length, exit qualification) of a fast VM exit
-    for the instruction at ``code[0]`` in 16/32/64-bit code, or None."""
+    for the instruction at ``code[0]`` in 16/32/64-bit code, or None.
+    ``priv`` (``priv_of``) says whether a fault may come first (SDM Vol. 3C
+    26.1.1: invalid opcode, privilege level, the TSS I/O bitmap): then it is
+    not decided here."""
     c = trapscan.classify(code, mode)
     if c.status != trapscan.CLASS_TRAP:
         return None
     if c.prefixes & (trapscan.PFX_LOCK | trapscan.PFX_VEX):
         return None            # #UD has priority over any VM exit
     kind = c.kind
+    cpl = priv & 3
+    if kind == trapscan.KIND_BIT["xsetbv"] and not priv & PRIV_OSXSAVE:
+        return None            # #UD: CR4.OSXSAVE = 0
+    if cpl:
+        if kind in (trapscan.KIND_BIT["rdtsc"], trapscan.KIND_BIT["rdtscp"]):
+            if priv & PRIV_TSD:
+                return None
+        elif kind == trapscan.KIND_BIT["rdpmc"]:
+            if not priv & PRIV_PCE:
+                return None
+        elif kind not in _ANY_CPL:
+            return None        # needs CPL 0 (#GP), or MONITOR/MWAIT (#UD)
+    if (kind == trapscan.KIND_BIT["io"] and priv & PRIV_PE
+            and (priv & PRIV_VM or cpl > (priv >> PRIV_IOPL_SHIFT) & 3)):
+        return None            # the TSS I/O permission bitmap decides first
     if 0 <= kind < len(trapscan.KIND_NAMES) and policy.exit_kinds >> kind & 1:
         return policy.reason[kind], c.length, 0
     if kind in (trapscan.KIND_BIT["rdmsr"], trapscan.KIND_BIT["wrmsr"]) and policy.msr_mode != FAST_MSR_NONE:
@@ -127,12 +158,12 @@ def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram
 
 
 def decide_bytes_native(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy,
-                        ram) -> tuple[int, int, int] | None:
+                        ram, priv: int) -> tuple[int, int, int] | None:
     """The same question asked of ``vmlab_fast_decide_bytes``."""
     from .native import ffi, lib
     f = ffi.new("vmlab_fastpath *")
     policy.to_native(f)
     buf = ffi.from_buffer(bytes(ram)) if len(ram) else ffi.NULL
-    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rcx, rdx, f, buf, len(ram)):
+    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rcx, rdx, f, buf, len(ram), priv):
         return f.exit_reason, f.exit_len, f.exit_qual
     return None

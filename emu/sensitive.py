@@ -12,7 +12,7 @@ from capstone import x86_const as C
 from . import x86
 from .cpu import GuestFault
 from .decode import _reg_table, set_reg_value
-from .exits import CrExit, IoExit, MmioExit, MsrExit
+from .exits import CrExit, HltExit, IoExit, MmioExit, MsrExit, TrapExit
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -24,6 +24,60 @@ def _gp0():
 def _require_cpl0(vcpu) -> None:
     if vcpu.cpl != 0:
         raise _gp0()
+
+
+# ---------------------------------------------------------------- faults before VM exits
+#: trap kinds whose instruction needs CPL 0 (#GP(0) otherwise; SDM Vol. 2
+#: "Protected Mode Exceptions" of INVLPG, WBINVD, INVD, XSETBV, MOV DR,
+#: INVPCID, LGDT/LIDT/LLDT/LTR, HLT, RDMSR/WRMSR, MOV CR, CLTS, LMSW)
+_CPL0_KINDS = frozenset({"invlpg", "wbinvd", "invd", "xsetbv", "dr", "invpcid"})
+_DESC_LOADS = frozenset({"lgdt", "lidt", "lldt", "ltr"})
+_DESC_STORES = frozenset({"sgdt", "sidt", "sldt", "str", "smsw"})
+_CR4_TSD, _CR4_PCE, _CR4_UMIP, _CR4_OSXSAVE = 1 << 2, 1 << 8, 1 << 11, 1 << 18
+
+
+def priority_fault(vcpu, ex) -> GuestFault | None:
+    """The fault an instruction at a trap site raises before it could cause a
+    VM exit, or None.  SDM Vol. 3C 26.1.1: "Certain exceptions have priority
+    over VM exits. These include invalid-opcode exceptions, faults based on
+    privilege level, and general-protection exceptions that are based on
+    checking I/O permission bits in the task-state segment (TSS)."  So a HLT,
+    RDMSR, MOV CR… at CPL > 0 is #GP(0) whatever the VM-execution controls
+    say, an IN/OUT the TSS I/O bitmap refuses is #GP(0), MONITOR/MWAIT at
+    CPL > 0 #UD, RDPMC at CPL > 0 without CR4.PCE and RDTSC(P) at CPL > 0
+    with CR4.TSD #GP(0), SGDT/SIDT/SLDT/STR/SMSW at CPL > 0 with CR4.UMIP
+    #GP(0), XSETBV without CR4.OSXSAVE #UD.  (VMX instructions are not here: in VMX non-root operation they
+    VM-exit before their CPL check, SDM Vol. 3C 31.3.)"""
+    if type(ex) is IoExit:
+        try:
+            check_io_permission(vcpu, ex.port, ex.size)
+        except GuestFault as f:
+            return f
+        return None
+    cr4 = vcpu.regs.cr4
+    if type(ex) is TrapExit and ex.kind == "xsetbv" and not cr4 & _CR4_OSXSAVE:
+        return GuestFault(x86.UD)          # XSETBV: #UD when CR4.OSXSAVE = 0, then the CPL check
+    cpl = vcpu.cpl
+    if not cpl:
+        return None
+    if type(ex) in (HltExit, MsrExit, CrExit):
+        return _gp0()
+    if type(ex) is not TrapExit:
+        return None
+    kind = ex.kind
+    if kind in _CPL0_KINDS:
+        return _gp0()
+    if kind in ("monitor", "mwait"):
+        return GuestFault(x86.UD)
+    if kind == "rdpmc":
+        return None if cr4 & _CR4_PCE else _gp0()
+    if kind in ("rdtsc", "rdtscp"):
+        return _gp0() if cr4 & _CR4_TSD else None
+    if kind in ("desc", "smsw") and ex.insn is not None:
+        m = ex.insn.mnemonic
+        if m in _DESC_LOADS or (m in _DESC_STORES and cr4 & _CR4_UMIP):
+            return _gp0()
+    return None
 
 
 # ---------------------------------------------------------------- port I/O

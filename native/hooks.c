@@ -1941,7 +1941,7 @@ static int msr_bitmap_exits(const vmlab_fastpath *f, const uint8_t *ram, uint64_
 }
 
 int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
-                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size)
+                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t priv)
 {
     vmlab_insn c;
     if (vmlab_classify(code, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP)
@@ -1950,6 +1950,31 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t 
     if (c.prefixes & (VMLAB_PFX_LOCK | VMLAB_PFX_VEX))
         return 0;
     const uint32_t kind = (uint32_t)c.kind;
+    /* SDM Vol. 3C 26.1.1: invalid-opcode exceptions, faults based on
+     * privilege level and #GP from the TSS I/O permission bitmap come before
+     * VM exits.  Where one may apply, Python decides (priority_fault). */
+    const uint32_t cpl = priv & 3;
+    if (kind == VMLAB_TRAP_XSETBV && !(priv & VMLAB_PRIV_OSXSAVE))
+        return 0;                                   /* #UD: CR4.OSXSAVE = 0 */
+    if (cpl) {
+        switch (kind) {
+        case VMLAB_TRAP_CPUID: case VMLAB_TRAP_PAUSE: case VMLAB_TRAP_IO:
+            break;
+        case VMLAB_TRAP_RDTSC: case VMLAB_TRAP_RDTSCP:
+            if (priv & VMLAB_PRIV_TSD)
+                return 0;
+            break;
+        case VMLAB_TRAP_RDPMC:
+            if (!(priv & VMLAB_PRIV_PCE))
+                return 0;
+            break;
+        default:
+            return 0;                               /* needs CPL 0 (#GP), or MONITOR/MWAIT (#UD) */
+        }
+    }
+    if (kind == VMLAB_TRAP_IO && (priv & VMLAB_PRIV_PE)
+        && ((priv & VMLAB_PRIV_VM) || cpl > ((priv >> VMLAB_PRIV_IOPL_SHIFT) & 3)))
+        return 0;                                   /* the TSS I/O bitmap decides first */
     if (kind < VMLAB_TRAP_COUNT && (f->exit_kinds >> kind) & 1) {
         f->exit_reason = f->reason[kind];
         f->exit_len = c.length;
@@ -2026,7 +2051,13 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
     uint64_t rcx, rdx;
     memcpy(&rcx, v->env + 1 * 8, 8);     /* CPUX86State.regs[R_ECX] */
     memcpy(&rdx, v->env + 2 * 8, 8);     /* CPUX86State.regs[R_EDX] */
-    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rcx, rdx, f, v->ram, v->ram_size);
+    uint64_t eflags;
+    memcpy(&eflags, v->env + 136, 8);    /* CPUX86State.eflags: IOPL and VM are kept there */
+    const uint32_t priv = (hf & HF_CPL_MASK) | ((v->cr4 & (1u << 2)) ? VMLAB_PRIV_TSD : 0)
+        | ((v->cr4 & (1u << 8)) ? VMLAB_PRIV_PCE : 0) | (uint32_t)((eflags >> 12) & 3) << VMLAB_PRIV_IOPL_SHIFT
+        | ((eflags & (1u << 17)) ? VMLAB_PRIV_VM : 0) | ((v->cr0 & 1) ? VMLAB_PRIV_PE : 0)
+        | ((v->cr4 & (1u << 18)) ? VMLAB_PRIV_OSXSAVE : 0);
+    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rcx, rdx, f, v->ram, v->ram_size, priv);
 }
 
 /* One exit in one native call (the common path of Vcpu.run): run from r->rip

@@ -423,10 +423,15 @@ enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
 
 /* The decision on an instruction's bytes (mode 16/32/64, RCX for RDMSR/WRMSR,
- * RDX for IN/OUT DX):
+ * RDX for IN/OUT DX, priv as below):
  * 1 = a fast VM exit (f->exit_* filled), 0 = not decided here. */
 int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
-                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size);
+                            vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t priv);
+/* priv: what decides the faults that come before VM exits (SDM Vol. 3C
+ * 26.1.1): bits 1:0 CPL, then the flags below.  A fault is never decided
+ * here: the site is left to Python (emu/sensitive.py priority_fault). */
+enum { VMLAB_PRIV_TSD = 1 << 2, VMLAB_PRIV_PCE = 1 << 3, VMLAB_PRIV_IOPL_SHIFT = 4, VMLAB_PRIV_VM = 1 << 6,
+       VMLAB_PRIV_PE = 1 << 7, VMLAB_PRIV_OSXSAVE = 1 << 8 };
 /* The same at the trap site the vCPU stopped at (fault_vaddr/fault_paddr). */
 int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 /* Run, read the registers and decide the fast path in one call (hooks.c). */

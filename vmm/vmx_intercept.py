@@ -57,6 +57,8 @@ _KIND_CONTROL = {
 }
 #: the window-exiting controls (SDM 26.7.5, 26.7.6)
 _WINDOWS = _PP.INTERRUPT_WINDOW_EXITING | _PP.NMI_WINDOW_EXITING
+#: machine exits whose instruction may fault before it VM-exits (intercept)
+_FAULT_FIRST = (IoExit, MsrExit, HltExit, CrExit, TrapExit)
 _ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
 
 
@@ -122,6 +124,13 @@ class NonRootIntercepts:
         handling (a MOV from CR0 reads the shadow…), or None: the platform
         handles it as on bare metal."""
         p = self._p
+        if type(mex) in _FAULT_FIRST:
+            # A fault the instruction raises before any VM exit (SDM Vol. 3C
+            # 26.1.1: privilege level, #UD, the TSS I/O bitmap) is an
+            # exception, which the exception bitmap decides.
+            f = sensitive.priority_fault(self.cpu, mex)
+            if f is not None:
+                return self._exception(ExceptionExit(rip=mex.rip, vector=f.vector, error_code=f.error_code))
         match mex:
             case PolicyExit():
                 # Decided in C by the policy this guest installed at VM entry.

@@ -11,6 +11,8 @@ from vmlab.emu import trapscan
 from vmlab.emu.fastpath import Policy, decide_bytes, decide_bytes_native
 
 KINDS = trapscan.KIND_BIT
+#: CPL 0 with CR4.OSXSAVE: nothing comes before a VM exit
+P0 = fp.PRIV_OSXSAVE
 
 # Instructions that matter to the fast path, with prefixes the decoder must see.
 _PLANTED = [
@@ -59,9 +61,10 @@ def codes(draw):
 
 @settings(max_examples=1500)
 @given(code=codes(), mode=st.sampled_from([16, 32, 64]), rcx=msr_numbers(), rdx=st.integers(0, (1 << 64) - 1),
-       policy=policies(), ram=st.binary(min_size=0, max_size=0x2000))
-def test_fast_decide_c_and_python_agree(code, mode, rcx, rdx, policy, ram):
-    assert decide_bytes_native(code, mode, rcx, rdx, policy, ram) == decide_bytes(code, mode, rcx, rdx, policy, ram)
+       policy=policies(), ram=st.binary(min_size=0, max_size=0x2000), priv=st.integers(0, 0x1FF))
+def test_fast_decide_c_and_python_agree(code, mode, rcx, rdx, policy, ram, priv):
+    assert (decide_bytes_native(code, mode, rcx, rdx, policy, ram, priv)
+            == decide_bytes(code, mode, rcx, rdx, policy, ram, priv))
 
 
 def _policy(**kw):
@@ -73,70 +76,93 @@ def _policy(**kw):
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_cpuid_in_exit_kinds_exits_with_reason_10_length_2(decide):
-    assert decide(b"\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") == (10, 2, 0)
+    assert decide(b"\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"", P0) == (10, 2, 0)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_unarmed_kind_is_left_to_python(decide):
-    assert decide(b"\xf4", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
+    assert decide(b"\xf4", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"", P0) is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_lock_prefix_is_left_to_python_for_ud(decide):
-    assert decide(b"\xf0\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"") is None
+    assert decide(b"\xf0\x0f\xa2", 64, 0, 0, _policy(exit_kinds=1 << KINDS["cpuid"]), b"", P0) is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_in_imm8_qualification_matches_table_28_5(decide):
     # in al, 0x60: size 1 (0), IN (bit 3), immediate (bit 6), port 0x60 in 31:16
-    assert decide(b"\xe4\x60", 32, 0, 0, _policy(io_mode=fp.FAST_IO_ALL), b"") == (30, 2, 0x8 | 0x40 | 0x60 << 16)
+    assert decide(b"\xe4\x60", 32, 0, 0, _policy(io_mode=fp.FAST_IO_ALL), b"", P0) == (30, 2, 0x8 | 0x40 | 0x60 << 16)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_out_dx_operand_size_follows_mode_and_66(decide):
     pol = _policy(io_mode=fp.FAST_IO_ALL)
-    assert decide(b"\xef", 16, 0, 0x3F8, pol, b"") == (30, 1, 1 | 0x3F8 << 16)          # out dx, ax
-    assert decide(b"\x66\xef", 16, 0, 0x3F8, pol, b"") == (30, 2, 3 | 0x3F8 << 16)      # out dx, eax
-    assert decide(b"\xef", 64, 0, 0x3F8, pol, b"") == (30, 1, 3 | 0x3F8 << 16)          # out dx, eax
-    assert decide(b"\x66\xef", 64, 0, 0xFFFF3F8, pol, b"") == (30, 2, 1 | 0xF3F8 << 16)  # DX only
+    assert decide(b"\xef", 16, 0, 0x3F8, pol, b"", P0) == (30, 1, 1 | 0x3F8 << 16)          # out dx, ax
+    assert decide(b"\x66\xef", 16, 0, 0x3F8, pol, b"", P0) == (30, 2, 3 | 0x3F8 << 16)      # out dx, eax
+    assert decide(b"\xef", 64, 0, 0x3F8, pol, b"", P0) == (30, 1, 3 | 0x3F8 << 16)          # out dx, eax
+    assert decide(b"\x66\xef", 64, 0, 0xFFFF3F8, pol, b"", P0) == (30, 2, 1 | 0xF3F8 << 16)  # DX only
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_io_bitmaps_exit_only_when_a_port_bit_is_set(decide):
     ram = bytearray(0x3000)
     pol = _policy(io_mode=fp.FAST_IO_BITMAPS, io_bitmap_a=0x1000, io_bitmap_b=0x2000)
-    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram)) is None
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram), P0) is None
     ram[0x1000 + 0x80 // 8] |= 1 << (0x80 & 7)
-    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram)) == (30, 2, 0x40 | 0x80 << 16)
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, bytes(ram), P0) == (30, 2, 0x40 | 0x80 << 16)
     # a 4-byte access exits when any of its ports' bits is set (SDM 26.1.3), bitmap B above 7FFF
     ram[0x2000 + (0x8003 & 0x7FFF) // 8] |= 1 << (0x8003 & 7)
-    assert decide(b"\xef", 64, 0, 0x8000, pol, bytes(ram)) == (30, 1, 3 | 0x8000 << 16)
+    assert decide(b"\xef", 64, 0, 0x8000, pol, bytes(ram), P0) == (30, 1, 3 | 0x8000 << 16)
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_string_io_needs_instruction_information(decide):
-    assert decide(b"\xf3\x6e", 64, 0, 0x80, _policy(io_mode=fp.FAST_IO_ALL), b"") is None
+    assert decide(b"\xf3\x6e", 64, 0, 0x80, _policy(io_mode=fp.FAST_IO_ALL), b"", P0) is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_bitmap_outside_ram_reads_as_zero(decide):
     pol = _policy(io_mode=fp.FAST_IO_BITMAPS, io_bitmap_a=(1 << 40), io_bitmap_b=(1 << 40))
-    assert decide(b"\xe4\x10", 64, 0, 0, pol, b"\xff" * 64) is None
+    assert decide(b"\xe4\x10", 64, 0, 0, pol, b"\xff" * 64, P0) is None
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_msr_bitmaps_follow_sdm_25_6_9(decide):
     ram = bytearray(0x3000)
     pol = _policy(msr_mode=fp.FAST_MSR_BITMAPS, msr_bitmap=0x1000)
-    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram)) is None            # bit clear: no exit
+    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram), P0) is None            # bit clear: no exit
     ram[0x1000 + 0x1B // 8] |= 1 << (0x1B & 7)                                  # read-low bit of 1BH
-    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram)) == (31, 2, 0)
-    assert decide(b"\x0f\x30", 64, 0x1B, 0, pol, bytes(ram)) is None            # write-low bit still clear
+    assert decide(b"\x0f\x32", 64, 0x1B, 0, pol, bytes(ram), P0) == (31, 2, 0)
+    assert decide(b"\x0f\x30", 64, 0x1B, 0, pol, bytes(ram), P0) is None            # write-low bit still clear
     ram[0x1000 + 0xC00 + 0x80 // 8] |= 1 << (0x80 & 7)                          # write-high bit of C0000080H
-    assert decide(b"\x0f\x30", 64, 0xC0000080, 0, pol, bytes(ram)) == (32, 2, 0)
-    assert decide(b"\x0f\x32", 64, 0x40000000, 0, pol, bytes(ram)) == (31, 2, 0)  # outside both ranges
+    assert decide(b"\x0f\x30", 64, 0xC0000080, 0, pol, bytes(ram), P0) == (32, 2, 0)
+    assert decide(b"\x0f\x32", 64, 0x40000000, 0, pol, bytes(ram), P0) == (31, 2, 0)  # outside both ranges
 
 
 @pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
 def test_fast_decide_msr_without_bitmaps_always_exits(decide):
-    assert decide(b"\x0f\x30", 32, 0x10, 0, _policy(msr_mode=fp.FAST_MSR_ALL), b"") == (32, 2, 0)
+    assert decide(b"\x0f\x30", 32, 0x10, 0, _policy(msr_mode=fp.FAST_MSR_ALL), b"", P0) == (32, 2, 0)
+
+
+@pytest.mark.parametrize("decide", [decide_bytes, decide_bytes_native])
+def test_fast_decide_leaves_faults_before_vm_exits_to_python(decide):
+    # SDM Vol. 3C 26.1.1: privilege-level faults, #UD and the TSS I/O bitmap's
+    # #GP come before VM exits; the fast path decides none of those sites.
+    kinds = 0
+    for k in ("cpuid", "hlt", "rdtsc", "rdpmc", "wbinvd", "invd", "xsetbv", "pause"):
+        kinds |= 1 << KINDS[k]
+    pol = _policy(exit_kinds=kinds, io_mode=fp.FAST_IO_ALL, msr_mode=fp.FAST_MSR_ALL)
+    ring3 = 3 | fp.PRIV_PE | fp.PRIV_OSXSAVE
+    assert decide(b"\x0f\xa2", 64, 0, 0, pol, b"", ring3) == (10, 2, 0)      # CPUID: any CPL
+    assert decide(b"\xf4", 64, 0, 0, pol, b"", ring3) is None                 # HLT: #GP
+    assert decide(b"\x0f\x32", 64, 0x10, 0, pol, b"", ring3) is None         # RDMSR: #GP
+    assert decide(b"\x0f\x09", 64, 0, 0, pol, b"", ring3) is None            # WBINVD: #GP
+    assert decide(b"\x0f\x31", 64, 0, 0, pol, b"", ring3) is not None        # RDTSC, TSD clear
+    assert decide(b"\x0f\x31", 64, 0, 0, pol, b"", ring3 | fp.PRIV_TSD) is None
+    assert decide(b"\x0f\x33", 64, 0, 0, pol, b"", ring3) is None            # RDPMC without PCE
+    assert decide(b"\x0f\x33", 64, 0, 0, pol, b"", ring3 | fp.PRIV_PCE) is not None
+    assert decide(b"\x0f\x01\xd1", 64, 0, 0, pol, b"", 0) is None           # XSETBV, OSXSAVE clear: #UD
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, b"", ring3) is None            # OUT, CPL 3 > IOPL 0
+    assert decide(b"\xe6\x80", 64, 0, 0, pol, b"", ring3 | 3 << fp.PRIV_IOPL_SHIFT) is not None
+    assert decide(b"\xe6\x80", 16, 0, 0, pol, b"", 3) is not None            # real mode: no I/O check
