@@ -625,6 +625,7 @@ class VmxGuest(NonRootIntercepts):
         finally:
             vm.intercept = None
             self.cpu.fastpath = None
+            self._lean_ex = None          # it refers to this guest: no cycle outlives the run
 
     def resume(self, max_insns: int | None = None) -> VmExit:
         """VMRESUME after handling a returned exit: same as run()."""

@@ -532,6 +532,25 @@ def test_vmx_guest_dropped_without_close_frees_guest_ram_without_the_cycle_colle
             gc.enable()
 
 
+def test_vmx_guest_dropped_after_lean_exits_frees_guest_ram_without_the_cycle_collector():
+    """The same after exits the run loop's lean path took (lean_exit keeps its
+    last exit object for reuse while the run lasts; the exit refers to the guest)."""
+    import gc
+    import weakref
+    g = vmx_guest("mov ecx, 3\n l: cpuid\n dec ecx\n jnz l\n vmcall")
+    g.handler(ExitReason.CPUID)(lambda ex: ex.skip())
+    assert g.run().reason == ExitReason.VMCALL
+    ram = weakref.ref(g.vm.mem)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del g
+        assert ram() is None
+    finally:
+        if was:
+            gc.enable()
+
+
 def test_vmcs_write_to_a_deferred_guest_field_after_an_exit_is_kept():
     """Guest state is stored into the VMCS lazily after an exit; a handler's
     VMWRITE of such a field must win over the deferred save."""
