@@ -57,16 +57,18 @@ def _cls(vector: int) -> str:
     return "benign"
 
 
-def deliver(vcpu, event: Event, log=None, intercept=None) -> None:
+def deliver(vcpu, event: Event, log=None, intercept=None, task_gates_exit: bool = False) -> None:
     """Deliver an event to the guest.  Faults met on the way follow SDM Table
     6-5: contributory-on-contributory or on #PF gives #DF; any of them while
     delivering #DF raises TripleFault.  ``intercept(event, fault_event)``, if
     given, may claim a fault met during delivery: DeliveryIntercepted is raised
-    instead of going on."""
+    instead of going on.  ``task_gates_exit`` (VMX non-root operation): a
+    task gate in the IDT raises taskswitch.TaskGateIntercepted once its
+    checks pass, instead of switching tasks (emu/taskswitch.py)."""
     first = event
     for _ in range(3):
         try:
-            _deliver_once(vcpu, event)
+            _deliver_once(vcpu, event, task_gates_exit)
             if log is not None:
                 log(event)
             return
@@ -155,7 +157,7 @@ def _code_segment(vcpu, selector: int, cpl: int, ext: int, need_64: bool):
 
 
 # ---------------------------------------------------------------- delivery
-def _deliver_once(vcpu, ev: Event) -> None:
+def _deliver_once(vcpu, ev: Event, task_gates_exit: bool = False) -> None:
     r = vcpu.refresh()
     if ev.vector == x86.PF and ev.cr2 is not None:
         vcpu.write_cr(2, ev.cr2)
@@ -166,7 +168,7 @@ def _deliver_once(vcpu, ev: Event) -> None:
     elif r.efer & x86.EFER_LMA:
         _deliver_long(vcpu, ev)
     else:
-        _deliver_protected(vcpu, ev)
+        _deliver_protected(vcpu, ev, task_gates_exit)
 
 
 def _pushed_flags(r, ev: Event) -> int:
@@ -229,7 +231,7 @@ def _push(vcpu, base: int, sp: int, mask: int, size: int, values, user: bool) ->
     return sp
 
 
-def _deliver_protected(vcpu, ev: Event) -> None:
+def _deliver_protected(vcpu, ev: Event, task_gates_exit: bool = False) -> None:
     """32-bit protected mode through an interrupt or trap gate (SDM 6.12.1)."""
     r = vcpu.regs
     cpl = vcpu.cpl
@@ -239,6 +241,8 @@ def _deliver_protected(vcpu, ev: Event) -> None:
         # Task gate (SDM Vol. 3A 6.12.2 "Interrupt Tasks", 8.3): a nested task
         # switch; the error code goes on the new task's stack.
         sel, addr, dlo, dhi = taskswitch.task_gate_target(vcpu, lo, ext)
+        if task_gates_exit:
+            taskswitch.task_gate_exit(sel, dlo, dhi, ext, ev)
         taskswitch.switch_to_task(vcpu, sel, addr, dlo, dhi, ext=ext, next_eip=r.rip,
                                   saved_eflags=_pushed_flags(r, ev), error_code=ev.error_code)
         vcpu.clear_exception_state()

@@ -312,6 +312,31 @@ def finish_native(vcpu) -> None:
 # call gate is no task switch: it runs natively (:func:`run_past`).
 
 SOURCE_CALL, SOURCE_IRET, SOURCE_JMP, SOURCE_TASK_GATE = 0, 1, 2, 3    # exit qualification bits 31:30
+
+
+class TaskGateIntercepted(Exception):
+    """Raised by event delivery in VMX non-root operation (emu/events.py
+    ``deliver(task_gates_exit=True)``) at a task gate in the IDT whose checks
+    passed: the task switch is a VM exit (SDM Vol. 3C 26.4.2), whose
+    IDT-vectoring information is ``event`` (28.2.4)."""
+
+    def __init__(self, selector: int, event):
+        super().__init__(f"task switch to TSS {selector:#x} through the IDT")
+        self.selector, self.event = selector, event
+
+
+def task_gate_exit(sel: int, lo: int, hi: int, ext: int, event) -> None:
+    """A task gate in the IDT in VMX non-root operation: after the gate and
+    TSS checks of task_gate_target (26.4.2 checks 1-4: "If a non-maskable
+    interrupt (NMI), an exception other than breakpoint exceptions (#BP) and
+    overflow exceptions (#OF), or an external interrupt accesses a task gate in
+    the IDT outside IA-32e mode, no privilege checks are performed"; a
+    software interrupt's gate DPL was checked with the gate), the TSS limit
+    (#TS(selector), Table 8-2), then the VM exit."""
+    _, limit, _ = x86.desc_to_cache(lo, hi)
+    if limit < (TSS32 if (hi >> 8) & 0x8 else TSS16)["min_limit"]:
+        raise GuestFault(x86.TS, (sel & 0xFFFC) | ext)
+    raise TaskGateIntercepted(sel & 0xFFFF, event)
 _TSS_TYPES = (TYPE_TSS16_AVAIL, TYPE_TSS16_BUSY, TYPE_TSS32_AVAIL, TYPE_TSS32_BUSY)
 
 

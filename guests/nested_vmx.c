@@ -33,7 +33,9 @@
  *    far JMP to its own code segment without an exit, then a far JMP to a TSS
  *    and a far CALL through a task gate each exit with reason 9, the Table
  *    28-2 qualification (TSS selector, source 2 JMP / 0 CALL) and the
- *    instruction length, with L2's task state unswitched.
+ *    instruction length, with L2's task state unswitched; so does an INT n
+ *    through a task gate in L2's IDT (source 3, the IDT-vectoring information
+ *    of the software interrupt, 28.2.4).
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -88,7 +90,7 @@ enum {
     EXIT_CONTROLS = 0x400c, EXIT_MSR_STORE_COUNT = 0x400e, EXIT_MSR_LOAD_COUNT = 0x4010,
     ENTRY_CONTROLS = 0x4012, ENTRY_MSR_LOAD_COUNT = 0x4014, ENTRY_INTR_INFO = 0x4016,
     VM_INSTRUCTION_ERROR = 0x4400, EXIT_REASON = 0x4402, EXIT_INTR_INFO = 0x4404, EXIT_INTR_ERROR_CODE = 0x4406,
-    EXIT_INSTRUCTION_LEN = 0x440c,
+    EXIT_INSTRUCTION_LEN = 0x440c, IDT_VECTORING_INFO = 0x4408,
     GUEST_ES_LIMIT = 0x4800, GUEST_CS_LIMIT = 0x4802, GUEST_SS_LIMIT = 0x4804, GUEST_DS_LIMIT = 0x4806,
     GUEST_FS_LIMIT = 0x4808, GUEST_GS_LIMIT = 0x480a, GUEST_LDTR_LIMIT = 0x480c, GUEST_TR_LIMIT = 0x480e,
     GUEST_GDTR_LIMIT = 0x4810, GUEST_IDTR_LIMIT = 0x4812,
@@ -124,6 +126,7 @@ static u64 gdt[10] __attribute__((aligned(16)));
 /* L2's 32-bit tasks (SDM Vol. 3A Figure 8-2): the one TR names, the one the far JMP targets */
 static u32 l2_tss_a[26] __attribute__((aligned(16)));
 static u32 l2_tss_b[26] __attribute__((aligned(16)));
+static u64 l2_idt32[64] __attribute__((aligned(16)));     /* L2's 32-bit IDT: 8-byte gates */
 static u8 tss[104] __attribute__((aligned(16)));
 static u8 vmxon_region[4096] __attribute__((aligned(4096)));
 static u8 vmcs_region[4096] __attribute__((aligned(4096)));
@@ -160,6 +163,7 @@ void l2_msr_vmcall(void);
 void l2_task32(void);
 void l2_task_jmp(void);
 void l2_task_call(void);
+void l2_task_int(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -213,6 +217,10 @@ __asm__(
     "l2_task_call:\n"
     "  lcall *task_gate_ptr\n"        /* through task gate 0x40 to TSS 0x38: exit 9, source CALL, length 6 */
     "6: jmp 6b\n"
+    ".globl l2_task_int\n"
+    "l2_task_int:\n"
+    "  int $0x31\n"                   /* IDT vector 0x31 is a task gate: exit 9, source 3, length 2 */
+    "7: jmp 7b\n"
     ".code64\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
@@ -437,6 +445,17 @@ int l1_exit(void) {
         check(reason == 9 && qual == 0x38ull, "far CALL through task gate 0x40: reason 9, TSS 0x38, source 0 (CALL)",
               qual);
         check(len == 6 && rip == (u64)l2_task_call, "task switch by CALL: instruction length 6", len);
+        l2_idt32[0x31] = (0x38ull << 16) | (0x85ull << 40);                   /* task gate -> TSS 0x38 */
+        vmwrite(GUEST_IDTR_BASE, (u64)l2_idt32); vmwrite(GUEST_IDTR_LIMIT, sizeof l2_idt32 - 1);
+        vmwrite(GUEST_RIP, (u64)l2_task_int);
+        return 1;
+    case 14: {
+        u64 idt_info = vmread(IDT_VECTORING_INFO);
+        check(reason == 9 && qual == (0x38ull | (3ull << 30)),
+              "INT 0x31 through a task gate in L2's IDT: reason 9, TSS 0x38, source 3", qual);
+        check(len == 2 && rip == (u64)l2_task_int, "task gate in the IDT: GUEST_RIP at the INT, length 2", len);
+        /* SDM 28.2.4: valid (bit 31), type 4 (software interrupt), vector 0x31 */
+        check(idt_info == 0x80000431ull, "IDT-vectoring information: the software interrupt 0x31", idt_info);
 #ifdef VMX_ABORT_TEST
         /* IA32_FS_BASE in the VM-exit MSR-load area (28.6): L2's next exit is
          * a VMX abort, indicator 4 (28.7), and the machine shuts down. */
@@ -446,6 +465,7 @@ int l1_exit(void) {
         return 1;
 #endif
         return 0;
+    }
     default:
         check(0, "no unexpected exit", reason);
         return 0;

@@ -460,7 +460,25 @@ class NonRootIntercepts:
 
     def _deliver_or_exit(self, ev: Event):
         try:
-            deliver(self.cpu, ev, intercept=lambda first, f: self._bitmap_exits(f.vector, f.error_code))
+            deliver(self.cpu, ev, intercept=lambda first, f: self._bitmap_exits(f.vector, f.error_code),
+                    task_gates_exit=True)
+        except taskswitch.TaskGateIntercepted as t:
+            # A task gate in the IDT: VM exit 9, source 3 (Table 28-2), the event
+            # whose delivery met it in the IDT-vectoring information (28.2.4); a
+            # software interrupt's RIP is the INT instruction, with its length
+            # (28.2.5).
+            first = t.event
+            length = 0
+            if first.software or first.icebp:
+                length = 2 if first.software and first.vector not in (x86.BP, x86.OF) else 1
+                self.cpu.set_rip(self.cpu.regs.rip - length)
+                self.cpu.flush()
+            q = TaskSwitchQualification(selector=t.selector, source=TaskSwitchSource.TASK_GATE_IN_IDT)
+            ex = self._make_exit(ExitReason.TASK_SWITCH, q.encode(), None, length=length, decoded=q)
+            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = _event_info(first).encode()
+            if first.error_code is not None:
+                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = first.error_code
+            return ex
         except DeliveryIntercepted as di:
             first, f = di.event, di.fault
             vinfo = _event_info(first)

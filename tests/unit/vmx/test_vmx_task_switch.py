@@ -92,3 +92,31 @@ def test_the_checks_before_the_exit_fault_as_outside_vmx():
     ex = g.run()
     assert ex.reason == ExitReason.EXCEPTION_NMI
     assert g.vmcs.read(F.VM_EXIT_INTR_INFO) & 0xFF == 11 and g.vmcs.read(F.VM_EXIT_INTR_ERROR_CODE) == 0x20
+
+
+IDT = 0x7000      # the harness's IDT for protected32 (limit 0xFFF)
+TASK_GATE_0x20 = (0x20 << 16) | (0x85 << 40)        # present task gate, DPL 0 -> TSS 0x20
+
+
+def test_int_n_through_a_task_gate_exits_with_source_3_and_idt_vectoring_information():
+    g = _guest(bytes.fromhex("cd31f4"), {0x20: _tss(NEW_TSS)})          # INT 0x31; HLT
+    g.vm.mem.write(IDT + 0x31 * 8, struct.pack("<Q", TASK_GATE_0x20))
+    ex = g.run()
+    assert ex.reason == ExitReason.TASK_SWITCH and ex.qualification == 0x20 | (3 << 30)
+    assert ex.instruction_length == 2 and g.vmcs.read(F.GUEST_RIP) == 0x100000
+    # valid, type 4 (software interrupt), vector 0x31 (SDM Vol. 3C Table 25-18)
+    assert g.vmcs.read(F.IDT_VECTORING_INFO) == 0x80000431
+    assert _unswitched(g)
+
+
+def test_an_exception_through_a_task_gate_records_it_with_its_error_code():
+    # A far JMP to a busy TSS is #GP(0x20) (SDM Vol. 3C 26.4.2 check 4),
+    # and #GP's IDT entry is a task gate: exit 9 with the #GP in the IDT-vectoring fields.
+    g = _guest(JMP_FAR_0x20, {0x20: _tss(NEW_TSS, 0x8B), 0x28: _tss(NEW_TSS + 0x100)})
+    g.vmcs.write(F.EXCEPTION_BITMAP, 0)
+    g.vm.mem.write(IDT + 13 * 8, struct.pack("<Q", (0x28 << 16) | (0x85 << 40)))
+    ex = g.run()
+    assert ex.reason == ExitReason.TASK_SWITCH and ex.qualification == 0x28 | (3 << 30)
+    assert ex.instruction_length == 0 and g.vmcs.read(F.GUEST_RIP) == 0x100000
+    # valid, error code valid (bit 11), type 3 (hardware exception), vector 13
+    assert g.vmcs.read(F.IDT_VECTORING_INFO) == 0x80000B0D and g.vmcs.read(F.IDT_VECTORING_ERROR_CODE) == 0x20
