@@ -286,7 +286,7 @@ struct __attribute__((packed)) { u32 offset; u16 selector; } task_gate_ptr = {0,
 #define TSS_SENTINEL 0x5eed5eedu
 static void l2_enter_32bit_task_test(void);
 
-/* MSR areas (SDM Vol. 3C Table 25-15: index in bits 31:0, bits 63:32 reserved, data in 127:64) */
+/* MSR areas (an MSR entry, SDM Vol. 3C 25.7.2: index in bits 31:0, bits 63:32 reserved, data in 127:64) */
 struct msr_entry { u32 index, reserved; u64 data; };
 static struct msr_entry entry_load[2] __attribute__((aligned(16)));
 static struct msr_entry exit_store[1] __attribute__((aligned(16)));

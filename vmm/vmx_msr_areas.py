@@ -2,8 +2,8 @@
 the VM-exit MSR-store area and the VM-exit MSR-load area (SDM Vol. 3C 25.7.2
 "VM-Exit Controls for MSRs", 25.8.2 "VM-Entry Controls for MSRs").
 
-Each area is a table of 16-byte entries in guest-physical memory (Table 25-15
-"Format of an MSR Entry"): bits 31:0 the MSR index, bits 63:32 reserved (must
+Each area is a table of 16-byte entries in guest-physical memory (the format
+of an MSR entry, 25.7.2): bits 31:0 the MSR index, bits 63:32 reserved (must
 be 0), bits 127:64 the MSR data.  The VM-entry checks (vmm/entry_checks.py,
 27.2.1.2/27.2.1.3) already require a nonzero count's address to be 16-byte
 aligned and the whole area to lie within the physical-address width; what is

@@ -104,7 +104,7 @@ def test_int_n_through_a_task_gate_exits_with_source_3_and_idt_vectoring_informa
     ex = g.run()
     assert ex.reason == ExitReason.TASK_SWITCH and ex.qualification == 0x20 | (3 << 30)
     assert ex.instruction_length == 2 and g.vmcs.read(F.GUEST_RIP) == 0x100000
-    # valid, type 4 (software interrupt), vector 0x31 (SDM Vol. 3C Table 25-18)
+    # valid, type 4 (software interrupt), vector 0x31 (the IDT-vectoring information, SDM Vol. 3C 28.2.4)
     assert g.vmcs.read(F.IDT_VECTORING_INFO) == 0x80000431
     assert _unswitched(g)
 
