@@ -23,6 +23,10 @@ from . import trapscan
 
 FAST_IO_NONE, FAST_IO_ALL, FAST_IO_BITMAPS = 0, 1, 2
 FAST_MSR_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS = 0, 1, 2
+#: Policy.cr_ctl bits (native VMLAB_CR3_LOAD...)
+CR3_LOAD, CR3_STORE, CR8_LOAD, CR8_STORE = 1, 2, 4, 8
+#: basic exit reason of control-register accesses (SDM Vol. 3C Appendix C)
+EXIT_REASON_CR_ACCESS = 28
 #: basic exit reasons of RDMSR and WRMSR (SDM Vol. 3C Appendix C)
 EXIT_REASON_RDMSR, EXIT_REASON_WRMSR = 31, 32
 #: basic exit reason of an I/O instruction (SDM Vol. 3C Appendix C)
@@ -39,6 +43,15 @@ class Policy:
     msr_mode: int = FAST_MSR_NONE
     msr_bitmap: int = 0
     reason: list[int] = field(default_factory=lambda: [0] * len(trapscan.KIND_NAMES))
+    #: MOV to/from CR decided here (native cr_mode; SDM Vol. 3C 26.1.3)
+    cr_mode: int = 0
+    cr_ctl: int = 0                      # CR3_LOAD | CR3_STORE | CR8_LOAD | CR8_STORE
+    cr0_mask: int = 0
+    cr0_shadow: int = 0
+    cr4_mask: int = 0
+    cr4_shadow: int = 0
+    cr3_count: int = 0
+    cr3_target: list[int] = field(default_factory=lambda: [0] * 4)
 
     def to_native(self, out) -> None:
         """Fill a cffi ``vmlab_fastpath``."""
@@ -47,6 +60,12 @@ class Policy:
         out.msr_mode, out.msr_bitmap = self.msr_mode, self.msr_bitmap
         for i, r in enumerate(self.reason):
             out.reason[i] = r
+        out.cr_mode, out.cr_ctl = self.cr_mode, self.cr_ctl
+        out.cr0_mask, out.cr0_shadow, out.cr4_mask, out.cr4_shadow = (self.cr0_mask, self.cr0_shadow,
+                                                                      self.cr4_mask, self.cr4_shadow)
+        out.cr3_count = self.cr3_count
+        for i in range(4):
+            out.cr3_target[i] = self.cr3_target[i]
 
 
 def io_bitmap_location(bitmap_a: int, bitmap_b: int, port: int) -> tuple[int, int]:
@@ -97,10 +116,43 @@ def priv_of(cpl: int, cr0: int, cr4: int, rflags: int) -> int:
             | (PRIV_PE if cr0 & 1 else 0) | (PRIV_OSXSAVE if cr4 & (1 << 18) else 0))
 
 
-def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram,
+def _decide_cr(c, mode: int, gpr, policy: Policy) -> tuple[int, int, int] | None:
+    """MOV to/from CR under the policy (native fast_decide_cr); qualification
+    SDM Vol. 3C Table 28-3 (3:0 CR, 5:4 access type, 11:8 register)."""
+    cr = ((c.rex >> 2) & 1) << 3 | (c.modrm >> 3) & 7
+    g = (c.rex & 1) << 3 | c.modrm & 7
+    write = c.kind == trapscan.KIND_BIT["cr_write"]
+    if cr == 8 and mode != 64:
+        return None
+    if write:
+        value = gpr[g] if mode == 64 else gpr[g] & 0xFFFFFFFF
+        if cr == 0:
+            exits = bool((value ^ policy.cr0_shadow) & policy.cr0_mask)
+        elif cr == 4:
+            exits = bool((value ^ policy.cr4_shadow) & policy.cr4_mask)
+        elif cr == 3 and policy.cr_ctl & CR3_LOAD:
+            exits = value not in policy.cr3_target[:min(policy.cr3_count, 4)]
+        elif cr == 8:
+            exits = bool(policy.cr_ctl & CR8_LOAD)
+        else:
+            return None
+    elif cr == 3:
+        exits = bool(policy.cr_ctl & CR3_STORE)
+    elif cr == 8:
+        exits = bool(policy.cr_ctl & CR8_STORE)
+    else:
+        return None
+    if not exits:
+        return None
+    return EXIT_REASON_CR_ACCESS, c.length, cr | (0 if write else 1) << 4 | g << 8
+
+
+def decide_bytes(code: bytes, mode: int, gpr, policy: Policy, ram,
                  priv: int) -> tuple[int, int, int] | None:
     """(exit reason, instruction length, exit qualification) of a fast VM exit
-    for the instruction at ``code[0]`` in 16/32/64-bit code, or None.
+    for the instruction at ``code[0]`` in 16/32/64-bit code, or None.  ``gpr``:
+    the 16 general registers (RCX for RDMSR/WRMSR, RDX for IN/OUT DX, the MOV
+    CR source).
     ``priv`` (``priv_of``) says whether a fault may come first (SDM Vol. 3C
     26.1.1: invalid opcode, privilege level, the TSS I/O bitmap): then it is
     not decided here."""
@@ -109,6 +161,7 @@ def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram
         return None
     if c.prefixes & (trapscan.PFX_LOCK | trapscan.PFX_VEX):
         return None            # #UD has priority over any VM exit
+    rcx, rdx = gpr[1], gpr[2]
     kind = c.kind
     cpl = priv & 3
     if kind == trapscan.KIND_BIT["xsetbv"] and not priv & PRIV_OSXSAVE:
@@ -132,6 +185,8 @@ def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram
         if policy.msr_mode == FAST_MSR_BITMAPS and not _msr_bitmap_exits(policy, ram, rcx & 0xFFFFFFFF, write):
             return None
         return (EXIT_REASON_WRMSR if write else EXIT_REASON_RDMSR), c.length, 0
+    if kind in (trapscan.KIND_BIT["cr_read"], trapscan.KIND_BIT["cr_write"]) and policy.cr_mode:
+        return _decide_cr(c, mode, gpr, policy)
     if kind != trapscan.KIND_BIT["io"] or policy.io_mode == FAST_IO_NONE or c.opmap != trapscan.MAP_1:
         return None
     op = c.opcode
@@ -157,13 +212,14 @@ def decide_bytes(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy, ram
     return EXIT_REASON_IO, c.length, qual
 
 
-def decide_bytes_native(code: bytes, mode: int, rcx: int, rdx: int, policy: Policy,
+def decide_bytes_native(code: bytes, mode: int, gpr, policy: Policy,
                         ram, priv: int) -> tuple[int, int, int] | None:
     """The same question asked of ``vmlab_fast_decide_bytes``."""
     from .native import ffi, lib
     f = ffi.new("vmlab_fastpath *")
     policy.to_native(f)
     buf = ffi.from_buffer(bytes(ram)) if len(ram) else ffi.NULL
-    if lib.vmlab_fast_decide_bytes(code, len(code), mode, rcx, rdx, f, buf, len(ram), priv):
+    regs = ffi.new("uint64_t[16]", [x & 0xFFFFFFFFFFFFFFFF for x in gpr])
+    if lib.vmlab_fast_decide_bytes(code, len(code), mode, regs, f, buf, len(ram), priv):
         return f.exit_reason, f.exit_len, f.exit_qual
     return None

@@ -1940,9 +1940,54 @@ static int msr_bitmap_exits(const vmlab_fastpath *f, const uint8_t *ram, uint64_
     return (ram[addr] >> (bit & 7)) & 1;
 }
 
-int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
+/* MOV to/from CR (0F 22 /r, 0F 20 /r) under f's CR policy: 1 = a VM exit
+ * (f->exit_* filled), 0 = not decided here.  Exit qualification for
+ * control-register accesses, SDM Vol. 3C Table 28-3: bits 3:0 the CR, 5:4 the
+ * access type (0 MOV to CR, 1 MOV from CR), 11:8 the general register. */
+static int fast_decide_cr(const vmlab_insn *c, int mode, const uint64_t *gpr, vmlab_fastpath *f)
+{
+    const uint32_t cr = ((c->rex >> 2) & 1) << 3 | ((c->modrm >> 3) & 7);
+    const uint32_t g = (c->rex & 1) << 3 | (c->modrm & 7);
+    const int write = c->kind == VMLAB_TRAP_CR_WRITE;
+    int exits = 0;
+    if (cr == 8 && mode != 64)
+        return 0;                                   /* #UD: CR8 exists in 64-bit mode only */
+    if (write) {
+        const uint64_t value = mode == 64 ? gpr[g] : (gpr[g] & 0xffffffffull);
+        if (cr == 0)
+            exits = ((value ^ f->cr0_shadow) & f->cr0_mask) != 0;
+        else if (cr == 4)
+            exits = ((value ^ f->cr4_shadow) & f->cr4_mask) != 0;
+        else if (cr == 3 && (f->cr_ctl & VMLAB_CR3_LOAD)) {
+            exits = 1;
+            for (uint32_t i = 0; i < f->cr3_count && i < 4; i++)
+                if (value == f->cr3_target[i])
+                    exits = 0;
+        } else if (cr == 8)
+            exits = (f->cr_ctl & VMLAB_CR8_LOAD) != 0;
+        else
+            return 0;                               /* CR2 never exits; others #UD */
+    } else {
+        if (cr == 3)
+            exits = (f->cr_ctl & VMLAB_CR3_STORE) != 0;
+        else if (cr == 8)
+            exits = (f->cr_ctl & VMLAB_CR8_STORE) != 0;
+        else
+            return 0;                               /* reads of CR0/CR4 are emulated (the shadow) */
+    }
+    if (!exits)
+        return 0;
+    f->exit_reason = 28;   /* control-register accesses (SDM Vol. 3C Appendix C) */
+    f->exit_len = c->length;
+    f->exit_qual = (uint64_t)cr | ((uint64_t)(write ? 0 : 1) << 4) | ((uint64_t)g << 8);
+    f->hits++;
+    return 1;
+}
+
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uint64_t *gpr,
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t priv)
 {
+    const uint64_t rcx = gpr[1], rdx = gpr[2];
     vmlab_insn c;
     if (vmlab_classify(code, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP)
         return 0;
@@ -1993,6 +2038,8 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t 
         f->hits++;
         return 1;
     }
+    if ((kind == VMLAB_TRAP_CR_READ || kind == VMLAB_TRAP_CR_WRITE) && f->cr_mode)
+        return fast_decide_cr(&c, mode, gpr, f);
     if (kind != VMLAB_TRAP_IO || f->io_mode == VMLAB_FAST_IO_NONE || c.opmap != 0)
         return 0;
     /* IN/OUT with an immediate port (E4-E7) or DX (EC-EF); INS/OUTS (6C-6F)
@@ -2048,16 +2095,15 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
     if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
     const uint32_t hf = read_hflags(v, p);
     const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
-    uint64_t rcx, rdx;
-    memcpy(&rcx, v->env + 1 * 8, 8);     /* CPUX86State.regs[R_ECX] */
-    memcpy(&rdx, v->env + 2 * 8, 8);     /* CPUX86State.regs[R_EDX] */
+    uint64_t gpr[16];
+    memcpy(gpr, v->env, sizeof gpr);     /* CPUX86State.regs[0..15] (RAX..R15) */
     uint64_t eflags;
     memcpy(&eflags, v->env + 136, 8);    /* CPUX86State.eflags: IOPL and VM are kept there */
     const uint32_t priv = (hf & HF_CPL_MASK) | ((v->cr4 & (1u << 2)) ? VMLAB_PRIV_TSD : 0)
         | ((v->cr4 & (1u << 8)) ? VMLAB_PRIV_PCE : 0) | (uint32_t)((eflags >> 12) & 3) << VMLAB_PRIV_IOPL_SHIFT
         | ((eflags & (1u << 17)) ? VMLAB_PRIV_VM : 0) | ((v->cr0 & 1) ? VMLAB_PRIV_PE : 0)
         | ((v->cr4 & (1u << 18)) ? VMLAB_PRIV_OSXSAVE : 0);
-    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, rcx, rdx, f, v->ram, v->ram_size, priv);
+    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, gpr, f, v->ram, v->ram_size, priv);
 }
 
 /* One exit in one native call (the common path of Vcpu.run): run from r->rip

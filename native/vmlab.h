@@ -412,6 +412,19 @@ typedef struct vmlab_fastpath {
     uint32_t pad_msr;
     uint64_t msr_bitmap;       /* guest-physical address of the 4 KiB MSR bitmaps (25.6.9) */
     uint16_t reason[29];       /* basic exit reason by trap kind (VMLAB_TRAP_COUNT entries) */
+    uint16_t pad_reason[3];
+    /* MOV to/from CR (SDM Vol. 3C 26.1.3), decided when cr_mode is 1: MOV to
+     * CR0/CR4 exits if a bit set in the guest/host mask differs between the
+     * source and the read shadow; MOV to CR3 with CR3-load exiting unless the
+     * source equals one of the first CR3-target-count target values; MOV
+     * from CR3 with CR3-store exiting; MOV to/from CR8 with CR8-load/-store
+     * exiting.  (CLTS and LMSW are left to Python.) */
+    uint32_t cr_mode;
+    uint32_t cr_ctl;           /* VMLAB_CR3_LOAD ... */
+    uint64_t cr0_mask, cr0_shadow, cr4_mask, cr4_shadow;
+    uint32_t cr3_count;        /* CR3-target count (only the first 4 values are used) */
+    uint32_t pad_cr;
+    uint64_t cr3_target[4];
     /* ---- the decision (out) ---- */
     uint32_t exit_reason;
     uint32_t exit_len;
@@ -421,11 +434,13 @@ typedef struct vmlab_fastpath {
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
+enum { VMLAB_CR3_LOAD = 1, VMLAB_CR3_STORE = 2, VMLAB_CR8_LOAD = 4, VMLAB_CR8_STORE = 8 };
 
-/* The decision on an instruction's bytes (mode 16/32/64, RCX for RDMSR/WRMSR,
- * RDX for IN/OUT DX, priv as below):
+/* The decision on an instruction's bytes (mode 16/32/64; gpr: the 16
+ * general registers, RAX..R15 -- RCX for RDMSR/WRMSR, RDX for IN/OUT DX, the
+ * MOV CR source; priv as below):
  * 1 = a fast VM exit (f->exit_* filled), 0 = not decided here. */
-int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, uint64_t rcx, uint64_t rdx,
+int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uint64_t *gpr,
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t priv);
 /* priv: what decides the faults that come before VM exits (SDM Vol. 3C
  * 26.1.1): bits 1:0 CPL, then the flags below.  A fault is never decided

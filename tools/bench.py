@@ -14,7 +14,8 @@ Benchmarks (``vmlab bench list``):
         qemu_s (QEMU TCG, same image) and ratio = qemu_s / vmlab_s
   nested an L2 CPUID loop handled by a guest hypervisor on guest-visible VMX:
         l2_cpuid_us (tools/bench_nested.py)
-  exit  one VM exit handled by a Python handler (best of three runs): cpuid_python_us, io_python_us;
+  exit  one VM exit handled by a Python handler (best of three runs): cpuid_python_us, io_python_us,
+        cr_python_us (MOV to CR0 changing an owned bit);
         a CPUID answered by the native CPU model (no exit): cpuid_native_ns;
         an RDTSC from virtual time: rdtsc_native_ns; a register add: plain_insn_ns;
         breakdown: the CPUID exit layer by layer (tools/bench_exit.py)
@@ -235,12 +236,12 @@ def bench_exit(n: int = 20_000) -> dict:
     from vmlab.vmm.exit_reasons import ExitReason
     from vmlab.vmm.harness import vmx_guest
 
-    def per_exit(code: str, reason, handler) -> float:
+    def per_exit(code: str, reason, handler, **kw) -> float:
         # best of three runs, each on a new guest: the machines are shared and
         # the noise is one-sided (as the nested and breakdown figures)
         best = None
         for _ in range(3):
-            g = vmx_guest(code.format(n=n))
+            g = vmx_guest(code.format(n=n), **kw)
             g.handler(reason)(handler)
             t = time.perf_counter()
             ex = g.run()
@@ -255,6 +256,9 @@ def bench_exit(n: int = 20_000) -> dict:
                      ExitReason.CPUID, lambda ex: ex.skip())
     io = per_exit("mov ecx, {n}\n l: out 0x80, al\n dec ecx\n jnz l\n vmcall",
                   ExitReason.IO_INSTRUCTION, lambda ex: ex.skip())
+    # MOV to CR0 changing a bit the guest/host mask owns (TS; read shadow 0)
+    cr = per_exit("mov ecx, {n}\n mov rax, cr0\n or eax, 8\n l: mov cr0, rax\n dec ecx\n jnz l\n vmcall",
+                  ExitReason.CR_ACCESS, lambda ex: ex.skip(), fields={"CR0_GUEST_HOST_MASK": 8, "CR0_READ_SHADOW": 0})
 
     from vmlab.emu.loaders import load
     from vmlab.vmm.vm import Vm
@@ -275,6 +279,7 @@ def bench_exit(n: int = 20_000) -> dict:
     plain = (native("mov r8, rcx\n mov eax, 1\n" + "add r9, 1\n" * 33 + "mov rcx, r8") - without) / (32 * big)
     from vmlab.tools.bench_exit import exit_breakdown
     return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
+            "cr_python_us": round(cr * 1e6, 2),
             "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1),
             "rdtsc_native_ns": round(max(with_rdtsc - without, 0) / big * 1e9, 1),
             "plain_insn_ns": round(max(plain, 0) * 1e9, 2),

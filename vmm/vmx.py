@@ -226,9 +226,13 @@ class VmExit:
     @property
     def decoded(self):
         d = self._decoded
-        if d is None and self.reason == ExitReason.IO_INSTRUCTION:
-            from .qualification import IoQualification
-            d = self._decoded = IoQualification.decode(self.qualification)
+        if d is None:
+            if self.reason == ExitReason.IO_INSTRUCTION:
+                from .qualification import IoQualification
+                d = self._decoded = IoQualification.decode(self.qualification)
+            elif self.reason == ExitReason.CR_ACCESS:
+                from .qualification import CrAccessQualification
+                d = self._decoded = CrAccessQualification.decode(self.qualification)
         return d
 
     def __repr__(self) -> str:
@@ -541,7 +545,7 @@ class VmxGuest(NonRootIntercepts):
         self._p, self._pin = self._primary(), self._ctl(_E_PIN)
         vals = self._vmcs._values
         fast_key = (self._p, vals.get(_ENC_SECONDARY, 0), vals.get(_E_IO_A, 0), vals.get(_E_IO_B, 0),
-                    vals.get(_E_MSR_BITMAP, 0))
+                    vals.get(_E_MSR_BITMAP, 0), *[vals.get(e, 0) for e in _CR_POLICY_FIELDS])
         if fast_key != self._fast_key:
             # The fast-path policy depends on these controls only (_fast_policy).
             self._fast_policy().to_native(self._fastpath)
@@ -875,6 +879,10 @@ _E_IO_A, _E_IO_B, _E_MSR_BITMAP = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B), int(F.
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
+#: the VMCS fields the fast path's MOV CR decisions follow (vmx_intercept._fast_policy)
+_CR_POLICY_FIELDS = tuple(int(f) for f in (F.CR0_GUEST_HOST_MASK, F.CR0_READ_SHADOW, F.CR4_GUEST_HOST_MASK,
+                                           F.CR4_READ_SHADOW, F.CR3_TARGET_COUNT, F.CR3_TARGET_VALUE0,
+                                           F.CR3_TARGET_VALUE1, F.CR3_TARGET_VALUE2, F.CR3_TARGET_VALUE3))
 _E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
 _E_ENTRY_CTLS, _E_CS_AR = int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_ACCESS_RIGHTS)
 _RIP_RSP = frozenset({_E_RIP, _E_RSP})

@@ -15,8 +15,9 @@ from vmlab.emu.cpu import EptFault, GuestFault
 from vmlab.emu.events import DeliveryIntercepted, Event, TripleFault, deliver
 from vmlab.emu.exits import (CrExit, DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, IoExit, MsrExit, PolicyExit,
                              TrapExit)
-from vmlab.emu.fastpath import (FAST_IO_ALL, FAST_IO_BITMAPS, FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy,
-                          io_bitmap_location, msr_bitmap_location)
+from vmlab.emu.fastpath import (CR3_LOAD, CR3_STORE, CR8_LOAD, CR8_STORE, FAST_IO_ALL, FAST_IO_BITMAPS,
+                                FAST_IO_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS, Policy, io_bitmap_location,
+                                msr_bitmap_location)
 from vmlab.emu.trapscan import KIND_BIT
 
 from . import vmcs as F
@@ -254,6 +255,15 @@ class NonRootIntercepts:
             pol.msr_mode, pol.msr_bitmap = FAST_MSR_BITMAPS, self._ctl(F.MSR_BITMAP)
         else:
             pol.msr_mode = FAST_MSR_ALL
+        # MOV CR: what _cr_access decides by the masks, shadows and CR3/CR8
+        # controls (SDM Vol. 3C 26.1.3), for MOV to/from CR0/3/4/8
+        pol.cr_mode = 1
+        pol.cr_ctl = ((CR3_LOAD if p & _PP.CR3_LOAD_EXITING else 0) | (CR3_STORE if p & _PP.CR3_STORE_EXITING else 0)
+                      | (CR8_LOAD if p & _PP.CR8_LOAD_EXITING else 0) | (CR8_STORE if p & _PP.CR8_STORE_EXITING else 0))
+        pol.cr0_mask, pol.cr0_shadow = self._ctl(F.CR0_GUEST_HOST_MASK), self._ctl(F.CR0_READ_SHADOW)
+        pol.cr4_mask, pol.cr4_shadow = self._ctl(F.CR4_GUEST_HOST_MASK), self._ctl(F.CR4_READ_SHADOW)
+        pol.cr3_count = self._ctl(F.CR3_TARGET_COUNT)
+        pol.cr3_target = [self._ctl(int(F.CR3_TARGET_VALUE0) + 2 * i) for i in range(4)]
         return pol
 
     def _io_exits(self, port: int, size: int) -> bool:
@@ -284,14 +294,16 @@ class NonRootIntercepts:
         gpr = Gpr(mex.gpr)
         if mex.access_type == 0:
             exits = False
+            # the source operand: 64 bits in 64-bit mode, else the low 32 (SDM Vol. 2B MOV)
+            source = mex.value if cpu.mode_bits == 64 else mex.value & 0xFFFFFFFF
             if mex.cr in (0, 4):
                 mask = v.read(F.CR0_GUEST_HOST_MASK if mex.cr == 0 else F.CR4_GUEST_HOST_MASK)
                 shadow = v.read(F.CR0_READ_SHADOW if mex.cr == 0 else F.CR4_READ_SHADOW)
-                exits = bool((mex.value ^ shadow) & mask)
+                exits = bool((source ^ shadow) & mask)
             elif mex.cr == 3:
                 if p & _PP.CR3_LOAD_EXITING:
                     targets = [v.read(F.CR3_TARGET_VALUE0 + 2 * i) for i in range(min(v.read(F.CR3_TARGET_COUNT), 4))]
-                    exits = mex.value not in targets
+                    exits = source not in targets
             elif mex.cr == 8:
                 exits = bool(p & _PP.CR8_LOAD_EXITING)
             if exits:

@@ -25,6 +25,11 @@ l:  mov eax, ecx
     mov dx, 0x71
     in al, dx
     rdtsc
+    mov rax, cr0
+    or eax, 8
+    mov cr0, rax
+    mov rbx, cr3
+    mov cr3, rbx
     dec ecx
     jnz l
     vmcall
@@ -33,7 +38,10 @@ SKIP, EMULATE, SET_RAX, WRITE_RIP, STOP, INSPECT = range(6)
 
 
 def _run(actions: list[int], lean: bool):
-    g = vmx_guest(GUEST, proc=(PP.UNCONDITIONAL_IO_EXITING | PP.RDTSC_EXITING, PP.USE_IO_BITMAPS))
+    # CR0.TS owned (read shadow 0) and CR3-load exiting: the MOV CR exits are
+    # fast-path decisions too
+    g = vmx_guest(GUEST, proc=(PP.UNCONDITIONAL_IO_EXITING | PP.RDTSC_EXITING | PP.CR3_LOAD_EXITING,
+                               PP.USE_IO_BITMAPS), fields={"CR0_GUEST_HOST_MASK": 8, "CR0_READ_SHADOW": 0})
     seen, taken = [], [0]
     if lean:
         real = g.lean_exit
