@@ -73,6 +73,22 @@ def _weak(method):
     return call
 
 
+class _Attending:
+    """A Vm attribute whose setting to a true value (a Stop, True) sets the
+    vCPU's attention word (``Vm._attend``)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.key = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__[self.key]
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.key] = value
+        if value:
+            obj._attend()
+
+
 class ClosedVm(Closed):
     """A Vm after close(): every use raises ClosedError."""
     _what = "Vm"
@@ -370,39 +386,13 @@ class Vm:
                 chunk = chunk[:room]
             uart.feed(chunk)
 
-    # What the run loop must look at before the next run; setting one sets the
-    # attention word (the lean path runs on until it is set, vmm/runloop.py).
-    @property
-    def pending_stop(self) -> Stop | None:
-        """Set by a device (debug-exit, reset, power-off) or Vm.stop(): the run
-        loop ends with it."""
-        return self._pending_stop
-
-    @pending_stop.setter
-    def pending_stop(self, value: Stop | None) -> None:
-        self._pending_stop = value
-        if value is not None:
-            self._attend()
-
-    @property
-    def nmi_pending(self) -> bool:
-        return self._nmi_pending
-
-    @nmi_pending.setter
-    def nmi_pending(self, value: bool) -> None:
-        self._nmi_pending = value
-        if value:
-            self._attend()
-
-    @property
-    def init_pending(self) -> bool:
-        return self._init_pending
-
-    @init_pending.setter
-    def init_pending(self, value: bool) -> None:
-        self._init_pending = value
-        if value:
-            self._attend()
+    #: What the run loop must look at before the next run: setting one to a
+    #: true value sets the attention word (the lean path runs on until it is
+    #: set, vmm/runloop.py).  ``pending_stop`` is set by a device (debug-exit,
+    #: reset, power-off) or Vm.stop(), and the run loop ends with it.
+    pending_stop = _Attending()
+    nmi_pending = _Attending()
+    init_pending = _Attending()
 
     def stop(self, message: str = "stopped") -> None:
         self.pending_stop = Stop(StopReason.STOPPED, message)
