@@ -433,6 +433,30 @@ def far_task_switch(vcpu, insn) -> tuple[int, int] | None:
     return tss_sel & 0xFFFF, source
 
 
+def iret_task_switch(vcpu) -> int:
+    """IRET with NT = 1 outside IA-32e mode in VMX non-root operation: the
+    selector of the TSS it returns to, for the VM exit (SDM Vol. 3C 26.4.2:
+    "If IRET is executed with RFLAGS.NT = 1 outside IA-32e mode, a TSS
+    descriptor is accessed directly and no privilege checks are made"; then
+    checks 2-4 as IRET's TASK-RETURN, SDM Vol. 2A "IRET": the back link of the
+    current TSS in the GDT and within its limit, a busy TSS (#TS(selector)
+    otherwise), present (#NP(selector)), with a large enough limit (#TS))."""
+    r = vcpu.regs
+    sel = vcpu.read_linear_int(r.tr.base + TSS32["link"], 2, implicit=True)    # offset 0 in both layouts
+    err = sel & 0xFFFC
+    if sel & 4 or err == 0 or (sel & 0xFFF8) + 7 > r.gdtr_limit:
+        raise GuestFault(x86.TS, err)
+    _, lo, hi = _gdt_entry(vcpu, sel)
+    if (hi >> 8) & 0x1F not in (TYPE_TSS16_BUSY, TYPE_TSS32_BUSY):
+        raise GuestFault(x86.TS, err)
+    if not hi & x86.DESC_P:
+        raise GuestFault(x86.NP, err)
+    _, limit, _ = x86.desc_to_cache(lo, hi)
+    if limit < (TSS32 if (hi >> 8) & 0x8 else TSS16)["min_limit"]:
+        raise GuestFault(x86.TS, err)
+    return sel & 0xFFFF
+
+
 def run_past(vcpu, linear: int):
     """Run the trapped instruction at RIP (the trap site at ``linear``) once,
     natively (native ``vmlab_step_past_site``), and return the exit that run

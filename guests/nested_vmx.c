@@ -35,7 +35,8 @@
  *    28-2 qualification (TSS selector, source 2 JMP / 0 CALL) and the
  *    instruction length, with L2's task state unswitched; so does an INT n
  *    through a task gate in L2's IDT (source 3, the IDT-vectoring information
- *    of the software interrupt, 28.2.4).
+ *    of the software interrupt, 28.2.4) and an IRET with RFLAGS.NT = 1 back to
+ *    the busy task in the back link (source 1).
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -164,6 +165,7 @@ void l2_task32(void);
 void l2_task_jmp(void);
 void l2_task_call(void);
 void l2_task_int(void);
+void l2_task_iret(void);
 void vmexit_entry(void);
 __asm__(
     ".globl l2_code\n"
@@ -221,6 +223,10 @@ __asm__(
     "l2_task_int:\n"
     "  int $0x31\n"                   /* IDT vector 0x31 is a task gate: exit 9, source 3, length 2 */
     "7: jmp 7b\n"
+    ".globl l2_task_iret\n"
+    "l2_task_iret:\n"
+    "  iret\n"                        /* NT = 1: back to the task in the back link: exit 9, source 1, length 1 */
+    "8: jmp 8b\n"
     ".code64\n"
     ".globl vmexit_entry\n"
     "vmexit_entry:\n"                 /* HOST_RIP: RSP = HOST_RSP, GPRs are L2's */
@@ -456,6 +462,17 @@ int l1_exit(void) {
         check(len == 2 && rip == (u64)l2_task_int, "task gate in the IDT: GUEST_RIP at the INT, length 2", len);
         /* SDM 28.2.4: valid (bit 31), type 4 (software interrupt), vector 0x31 */
         check(idt_info == 0x80000431ull, "IDT-vectoring information: the software interrupt 0x31", idt_info);
+        /* L2 as a nested task (RFLAGS.NT = 1) whose back link is TSS 0x38, busy */
+        gdt[7] |= 1ull << 41;
+        l2_tss_a[0] = 0x38;
+        vmwrite(GUEST_RFLAGS, 0x4002);
+        vmwrite(GUEST_RIP, (u64)l2_task_iret);
+        return 1;
+    }
+    case 15: {
+        check(reason == 9 && qual == (0x38ull | (1ull << 30)) && len == 1 && rip == (u64)l2_task_iret,
+              "IRET with NT = 1: reason 9, TSS 0x38 from the back link, source 1 (IRET), length 1", qual);
+        check(vmread(GUEST_TR_SELECTOR) == 0x30, "IRET task switch: L2's TR unchanged", vmread(GUEST_TR_SELECTOR));
 #ifdef VMX_ABORT_TEST
         /* IA32_FS_BASE in the VM-exit MSR-load area (28.6): L2's next exit is
          * a VMX abort, indicator 4 (28.7), and the machine shuts down. */

@@ -87,6 +87,7 @@ _ENTRY_IA32E = 1 << 9                 # VM-entry control "IA-32e mode guest" (Ta
 
 _PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
 _E_ENTRY_MSR_COUNT = int(F.VM_ENTRY_MSR_LOAD_COUNT)
+_E_RFLAGS = int(F.GUEST_RFLAGS)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -274,7 +275,7 @@ class NestedVmx:
         p = get(_ENC_PRIMARY, 0)
         if (not g._checked or v.dirty or v.cpu_dirty or v.launch_state != F.LaunchState.LAUNCHED
                 or vm.nmi_blocked or g.virtual_nmi_blocked or self._l1_traps is None
-                or g._armed_for != (p, get(_ENC_SECONDARY, 0), False, False)
+                or g._armed_for != (p, get(_ENC_SECONDARY, 0), False, False, False)
                 or get(_E_ENTRY_INTR, 0) >> 31 & 1 or p & (_PP_MTF | _PP_IRQ_WINDOW)
                 or get(_E_PIN, 0) & _PIN_PREEMPT or g._preempt_deadline is not None
                 or g._pending_exits or g._halt_requested or msr_areas.counts_nonzero(v._values)):
@@ -817,7 +818,7 @@ class _L2Guest(VmxGuest):
             return super()._enter()
         if (not self._checked or armed is None or get(_E_ENTRY_INTR, 0) >> 31 & 1
                 or armed != (get(_ENC_PRIMARY, 0), get(_ENC_SECONDARY, 0), self.vm.nmi_blocked,
-                             self.virtual_nmi_blocked)
+                             self.virtual_nmi_blocked, bool(get(_E_RFLAGS, 0) & x86.RFLAGS_NT))
                 or (v.dirty - _CHEAP_FIELDS and not self._rip_only_valid())):
             self.vm.nested._host_gen += 1         # the VMM may have written host-state fields
             return super()._enter()

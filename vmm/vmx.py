@@ -374,7 +374,9 @@ class VmxGuest(NonRootIntercepts):
         from vmlab.emu.cpu import MACHINE_TRAPS
         p, s = self._primary(), self._secondary()
         kinds = set(MACHINE_TRAPS) | {"cpuid", "vmx", "invd", "xsetbv", "cr_read", "smsw", "task"}
-        if self.vm.nmi_blocked or self.virtual_nmi_blocked:
+        if self.vm.nmi_blocked or self.virtual_nmi_blocked or self.cpu.regs.rflags & x86.RFLAGS_NT:
+            # IRET ends NMI blocking; with RFLAGS.NT = 1 (as at VM entry) it may
+            # switch tasks, which is a VM exit (SDM Vol. 3C 26.4.2)
             kinds.add("iret")
         for ctl, names in _TRAPS_BY_PRIMARY:
             if p & ctl:
@@ -537,7 +539,7 @@ class VmxGuest(NonRootIntercepts):
             raise VmEntryFailed(result)
         self._load_guest_state_if_changed()
         ctl = (self._ctl(F.CPU_BASED_VM_EXEC_CONTROL), self._ctl(F.SECONDARY_VM_EXEC_CONTROL),
-               self.vm.nmi_blocked, self.virtual_nmi_blocked)
+               self.vm.nmi_blocked, self.virtual_nmi_blocked, bool(self.cpu.regs.rflags & x86.RFLAGS_NT))
         if ctl != self._armed_for:
             self._arm_traps()
             self._armed_for = ctl

@@ -385,14 +385,38 @@ class NonRootIntercepts:
         if mex.kind == "task":
             return self._far_transfer(mex)
         if mex.kind == "iret":
+            r = cpu.regs
+            if r.rflags & x86.RFLAGS_NT and r.cr0 & x86.CR0_PE and not r.rflags & x86.RFLAGS_VM \
+                    and not r.efer & x86.EFER_LMA:
+                # A task switch back to the previous task: VM exit 9, source 1
+                # (SDM Vol. 3C 26.4.2, Table 28-2), after its checks.
+                try:
+                    sel = taskswitch.iret_task_switch(cpu)
+                except GuestFault as f:
+                    return self._exception(ExceptionExit(rip=r.rip, vector=f.vector, error_code=f.error_code,
+                                                         cr2=f.cr2))
+                except EptFault as f:
+                    return Intercepted(self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, mex))
+                q = TaskSwitchQualification(selector=sel, source=TaskSwitchSource.IRET)
+                return Intercepted(self._make_exit(ExitReason.TASK_SWITCH, q.encode(), mex, length=mex.insn_len,
+                                                   decoded=q))
             # Ends (virtual-)NMI blocking (SDM 26.3 "Changes to NMI blocking"); the
-            # IRET then runs natively once the trap is disarmed.
+            # IRET then runs natively once the trap is disarmed -- or past its
+            # site now if the kind stays armed (RFLAGS.NT was 1 at VM entry).
             if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
                 self.virtual_nmi_blocked = False
             else:
                 self.vm.nmi_blocked = False
             self._arm_traps()
             self._armed_for = None
+            if "iret" in cpu.trap_kinds:
+                out = taskswitch.run_past(cpu, cpu.linear_rip())
+                if not isinstance(out, DeadlineExit):
+                    res = self.intercept(out)
+                    if res is not None:
+                        return res
+                    from .runloop import platform
+                    return platform(self.vm, out)
             return HANDLED
         ctl = _KIND_CONTROL.get(mex.kind)
         if ctl is not None:

@@ -116,7 +116,7 @@ def test_l1s_exit_handler_vmreads_and_vmwrites_are_served_in_c_and_reach_the_vmc
     try:
         res = vm.run(max_insns=50_000_000)
         assert res.status == 1, (res, vm.serial_output)
-        assert n._cache.native.hits >= 300 and n.reflected == 111
+        assert n._cache.native.hits >= 300 and n.reflected == 112
         assert vm.vcpu.vmx_shadow is None and not n._cache.native.active        # VMXOFF synced it
     finally:
         vm.close()
@@ -128,7 +128,7 @@ def test_no_native_vmread_while_a_debugger_watches(tmp_path):
     vm, n = _bench_vm(tmp_path, 20, debugger=True)
     try:
         assert vm.run(max_insns=50_000_000).status == 1
-        assert n._cache.native.hits == 0 and n.reflected == 31
+        assert n._cache.native.hits == 0 and n.reflected == 32
     finally:
         vm.close()
 
@@ -346,7 +346,7 @@ def test_l2_exits_reflected_in_c_leave_the_machine_as_python_does(tmp_path, monk
             n.native_reflect = native
             res = vm.run(max_insns=50_000_000)
             assert res.status == 1 and b"FAIL" not in vm.serial_output, (res, vm.serial_output)
-            assert n.reflected == 71
+            assert n.reflected == 72
             done = n._cache.native.reflected_total
             assert done >= 55 if native else done == 0, done
             states.append(_machine_state(vm))
@@ -385,9 +385,9 @@ def test_no_reflection_in_c_while_python_watches_the_exits(tmp_path, watch):
         n.record = watch == "record"
     try:
         assert vm.run(max_insns=50_000_000).status == 1
-        assert n.reflected == 31 and n._cache.native.reflected_total == 0
+        assert n.reflected == 32 and n._cache.native.reflected_total == 0
         if watch == "record":
-            assert len(n.trace) >= 31          # the reflected exits and the failed VM entries
+            assert len(n.trace) >= 32          # the reflected exits and the failed VM entries
     finally:
         vm.close()
 

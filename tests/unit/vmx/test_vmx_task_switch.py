@@ -120,3 +120,33 @@ def test_an_exception_through_a_task_gate_records_it_with_its_error_code():
     assert ex.instruction_length == 0 and g.vmcs.read(F.GUEST_RIP) == 0x100000
     # valid, error code valid (bit 11), type 3 (hardware exception), vector 13
     assert g.vmcs.read(F.IDT_VECTORING_INFO) == 0x80000B0D and g.vmcs.read(F.IDT_VECTORING_ERROR_CODE) == 0x20
+
+
+def test_iret_with_nt_returns_to_the_back_link_as_exit_9_source_iret():
+    """RFLAGS.NT = 1 at VM entry: IRET would switch back to the task in the
+    current TSS's back link, a busy TSS: exit 9, source 1, length 1."""
+    g = _guest(bytes.fromhex("cff4"), {0x20: _tss(NEW_TSS, 0x8B)})          # IRET; HLT
+    g.vm.mem.write(0x5000, struct.pack("<H", 0x20))                            # back link of TSS 0x18
+    g.vmcs.write(F.GUEST_RFLAGS, 0x4002)
+    ex = g.run()
+    assert ex.reason == ExitReason.TASK_SWITCH and ex.qualification == 0x20 | (1 << 30)
+    assert ex.instruction_length == 1 and g.vmcs.read(F.GUEST_RIP) == 0x100000
+    assert g.cpu.regs.tr.selector == 0x18
+
+
+def test_iret_with_nt_to_an_available_tss_is_ts_before_any_exit():
+    g = _guest(bytes.fromhex("cff4"), {0x20: _tss(NEW_TSS)})                   # not busy: #TS(0x20)
+    g.vm.mem.write(0x5000, struct.pack("<H", 0x20))
+    g.vmcs.write(F.GUEST_RFLAGS, 0x4002)
+    g.vmcs.write(F.EXCEPTION_BITMAP, 1 << 10)
+    ex = g.run()
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    assert g.vmcs.read(F.VM_EXIT_INTR_INFO) & 0xFF == 10 and g.vmcs.read(F.VM_EXIT_INTR_ERROR_CODE) == 0x20
+
+
+def test_iret_without_nt_runs_natively():
+    # push EFLAGS (2), CS 0x08, EIP 0x10000c; IRET; HLT HLT; at 0x10000c: CPUID
+    code = bytes.fromhex("6a02" "6a08" "680c001000" "cf" "f4f4" "0fa2")
+    g = _guest(code, {0x20: _tss(NEW_TSS)})
+    ex = g.run()
+    assert ex.reason == ExitReason.CPUID and g.vmcs.read(F.GUEST_RIP) == 0x10000c
