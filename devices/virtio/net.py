@@ -30,7 +30,9 @@ outside RAM):
   an Ethernet header (14 bytes), or whose frame is longer than ``mtu + 18``:
   the frame is dropped and counted, the chain returned with used length 0;
 * a received frame longer than the receive buffer (or than ``mtu + 18``):
-  dropped and counted, the buffer kept for the next frame.
+  dropped and counted, the buffer kept for the next frame; one shorter than
+  an Ethernet header (14 bytes, from a broken back-end or peer): dropped and
+  counted.
 
 Frames that arrive while no receive buffer is available wait in a bounded
 backlog (:data:`RX_BACKLOG` frames, the rest dropped), delivered when the
@@ -241,6 +243,13 @@ class VirtioNet(VirtioDevice):
         if not self.active or self.broken or not self.link_up:
             st["rx_dropped"] += len(frames)
             return
+        if any(len(f) < ETH_HLEN for f in frames):
+            # A frame shorter than an Ethernet header is no frame: dropped and
+            # counted (a back-end bug or a hostile peer on the hub), never
+            # handed to the guest's driver, which parses the header.
+            kept = [f for f in frames if len(f) >= ETH_HLEN]
+            st["rx_dropped"] += len(frames) - len(kept)
+            frames = kept
         room = RX_BACKLOG - len(self.backlog)
         if len(frames) > room:
             st["rx_dropped"] += len(frames) - room
