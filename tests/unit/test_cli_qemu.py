@@ -182,9 +182,16 @@ def test_runloop_timeout_on_fresh_code_fires_within_half_a_second():
 
 def test_cli_table_row_130_sigint(tmp_path):
     k = flat(tmp_path, b"\xeb\xfe")
-    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", str(k), "--format", "flat", "--timeout", "30"],
+    log = tmp_path / "in_asm.log"
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.tools", "run", str(k), "--format", "flat", "--timeout", "30",
+                          "-d", "in_asm", "-D", str(log)],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.5)
+    # SIGINT once the guest runs (its first block is in the log): a fixed sleep
+    # could land in the interpreter's start-up on a loaded machine
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
     p.send_signal(2)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in one_line(err.decode())
