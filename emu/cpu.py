@@ -22,6 +22,7 @@ from . import x86
 from .errors import ClosedError, ConfigError, NativeError, UnsupportedError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
+from .fastpath import exception_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
                     RetryExit, TaskSwitchExit, TrapExit)
 from .memory import HIGH_RAM_BASE, GuestMemory
@@ -801,6 +802,10 @@ class Vcpu:
                     self.vmx_entered()
                     f = self.fastpath
             if kind == _STOP_FAST_EXIT:
+                if f.exit_reason == 0:
+                    # an exception the bitmap makes a VM exit: the machine exit
+                    # exit_of would have built (the VMX layer decides it again)
+                    return exception_exit(f, r.rip)
                 return PolicyExit(r.rip, f.exit_len, f.exit_reason, f.exit_qual,
                                   (v.fault_vaddr, v.fault_paddr, v.fault_error_code))
             if kind < 0:

@@ -9,8 +9,11 @@ the MSR bitmaps (26.1.3).  The VMM
 (vmm.vmx) describes the current controls in a :class:`Policy` at VM entry; the
 C side (``vmlab_fast_decide`` in native/hooks.c) decides at the stop and
 ``Vcpu.run`` returns a :class:`emu.exits.PolicyExit` without decoding the site
-in Python.  Everything else (string I/O, MSR bitmaps, CR masks, instructions
-with instruction information) goes the ordinary way.
+in Python.  MOV CR by the masks and shadows is decided the same way, and so is
+an exception the exception bitmap makes a VM exit (SDM Vol. 3C 26.2; decided
+at the stop, :func:`decide_exception`; ``Vcpu.run`` then returns the
+:class:`emu.exits.ExceptionExit`).  Everything else (string I/O, CLTS/LMSW,
+instructions with instruction information) goes the ordinary way.
 
 :func:`decide_bytes` is the pure-Python twin of ``vmlab_fast_decide_bytes``
 (same arguments, same answer); tests/unit/test_fastpath.py compares them.
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import trapscan
+from .exits import ExceptionExit
 
 FAST_IO_NONE, FAST_IO_ALL, FAST_IO_BITMAPS = 0, 1, 2
 FAST_MSR_NONE, FAST_MSR_ALL, FAST_MSR_BITMAPS = 0, 1, 2
@@ -52,6 +56,11 @@ class Policy:
     cr4_shadow: int = 0
     cr3_count: int = 0
     cr3_target: list[int] = field(default_factory=lambda: [0] * 4)
+    #: exceptions decided here (native exc_mode; SDM Vol. 3C 26.2, 25.6.3)
+    exc_mode: int = 0
+    exc_bitmap: int = 0
+    pf_mask: int = 0
+    pf_match: int = 0
 
     def to_native(self, out) -> None:
         """Fill a cffi ``vmlab_fastpath``."""
@@ -66,6 +75,8 @@ class Policy:
         out.cr3_count = self.cr3_count
         for i in range(4):
             out.cr3_target[i] = self.cr3_target[i]
+        out.exc_mode, out.exc_bitmap = self.exc_mode, self.exc_bitmap & 0xFFFFFFFF
+        out.pf_mask, out.pf_match = self.pf_mask & 0xFFFFFFFF, self.pf_match & 0xFFFFFFFF
 
 
 def io_bitmap_location(bitmap_a: int, bitmap_b: int, port: int) -> tuple[int, int]:
@@ -210,6 +221,62 @@ def decide_bytes(code: bytes, mode: int, gpr, policy: Policy, ram,
     # SDM Vol. 3C Table 28-5
     qual = (size - 1) | (int(is_in) << 3) | (int(imm) << 6) | (port << 16)
     return EXIT_REASON_IO, c.length, qual
+
+
+#: the vectors that push an error code (SDM Vol. 3A Table 6-1): #DF #TS #NP #SS #GP #PF #AC #CP
+_EC_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+
+def decide_exception(policy: Policy, vector: int, software: bool, error_code: int,
+                     cr2: int) -> tuple[int, int, int, int, int] | None:
+    """The twin of ``vmlab_fast_decide_exc``: (exit reason 0, instruction
+    length, exit qualification, VM-exit interruption information, its error
+    code) when the exception bitmap makes this exception a VM exit (SDM Vol.
+    3C 26.2; #PF by the error-code mask and match, 25.6.3), else None -- also
+    for what is left to Python: #DB, NMI, #DF, INT n.  ``error_code`` is used
+    for the vectors that push one; ``cr2`` is a #PF's qualification (28.2.1)."""
+    if not policy.exc_mode or not 0 <= vector < 32 or vector in (1, 2, 8):
+        return None
+    if software and vector not in (3, 4):
+        return None                # INT n: a software interrupt, not an exception
+    has_ec = not software and vector in _EC_VECTORS
+    error_code &= 0xFFFFFFFF
+    exits = bool(policy.exc_bitmap >> vector & 1)
+    if vector == 14:
+        match = (error_code & policy.pf_mask & 0xFFFFFFFF) == policy.pf_match & 0xFFFFFFFF
+        exits = exits if match else not exits
+    if not exits:
+        return None
+    # SDM Vol. 3C 28.2.2: vector, type (3 hardware / 6 software exception),
+    # bit 11 error code valid, bit 31 valid; 28.2.5 the INT3/INTO length
+    if software:
+        info, length = vector | 6 << 8 | 1 << 31, 1
+    else:
+        info, length = vector | 3 << 8 | (1 << 11 if has_ec else 0) | 1 << 31, 0
+    return 0, length, (cr2 if vector == 14 else 0), info, (error_code if has_ec else 0)
+
+
+def decide_exception_native(policy: Policy, vector: int, software: bool, error_code: int,
+                            cr2: int) -> tuple[int, int, int, int, int] | None:
+    """The same question asked of ``vmlab_fast_decide_exc``."""
+    from .native import ffi, lib
+    f = ffi.new("vmlab_fastpath *")
+    policy.to_native(f)
+    if lib.vmlab_fast_decide_exc(f, vector & 0xFFFFFFFF, int(bool(software)), error_code & 0xFFFFFFFF,
+                                 cr2 & 0xFFFFFFFFFFFFFFFF):
+        return f.exit_reason, f.exit_len, f.exit_qual, f.exit_intr_info, f.exit_intr_error
+    return None
+
+
+def exception_exit(f, rip: int):
+    """The machine exit (emu.exits.ExceptionExit, as ``Vcpu.exit_of`` builds
+    it at the stop) behind an exception the native fast path decided (``f``: a
+    cffi ``vmlab_fastpath`` whose decision has reason 0); ``rip``: RIP at the
+    stop (after an INT3/INTO)."""
+    info = f.exit_intr_info
+    vector = info & 0xFF
+    return ExceptionExit(rip=rip, vector=vector, error_code=f.exit_intr_error if info >> 11 & 1 else None,
+                         software=(info >> 8 & 7) == 6, cr2=f.exit_qual if vector == 14 else None)
 
 
 def decide_bytes_native(code: bytes, mode: int, gpr, policy: Policy,

@@ -1989,6 +1989,7 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uin
 {
     const uint64_t rcx = gpr[1], rdx = gpr[2];
     vmlab_insn c;
+    f->exit_intr_info = 0;   /* no interruption information in the exits decided here */
     if (vmlab_classify(code, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP)
         return 0;
     /* LOCK or VEX: #UD, which has priority over any VM exit (left to Python). */
@@ -2106,6 +2107,83 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
     return vmlab_fast_decide_bytes(v->ram + pa, n, mode, gpr, f, v->ram, v->ram_size, priv);
 }
 
+/* Exceptions under the exception bitmap (SDM Vol. 3C 26.2; the #PF rule with
+ * the page-fault error-code mask and match, 25.6.3), as vmm/vmx_intercept.py
+ * _exception decides them; the exiting case only, delivery stays Python's. */
+int vmlab_fast_decide_exc(vmlab_fastpath *f, uint32_t vector, uint32_t sw, uint32_t error_code, uint64_t cr2)
+{
+    if (!f->exc_mode || vector >= 32)
+        return 0;
+    /* #DB (its exit qualification), NMI and #DF: left to Python. */
+    if (vector == 1 || vector == 2 || vector == 8)
+        return 0;
+    /* INT n is a software interrupt, not an exception: never a VM exit by the
+     * bitmap; INT3 (3) and INTO (4) are software exceptions. */
+    if (sw && vector != 3 && vector != 4)
+        return 0;
+    /* The vectors that push an error code (SDM Vol. 3A Table 6-1): #DF #TS #NP
+     * #SS #GP #PF #AC #CP; a software exception pushes none. */
+    const int has_ec = !sw && ((1u << vector) & ((1u << 8) | (1u << 10) | (1u << 11) | (1u << 12) | (1u << 13)
+                                                | (1u << 14) | (1u << 17) | (1u << 21))) != 0;
+    int exits = (f->exc_bitmap >> vector) & 1;
+    if (vector == 14) {
+        const int match = (error_code & f->pf_mask) == f->pf_match;
+        exits = match ? exits : !exits;
+    }
+    if (!exits)
+        return 0;
+    f->exit_reason = 0;   /* exception or NMI (SDM Vol. 3C Appendix C) */
+    /* 28.2.2 VM-exit interruption information: bits 7:0 vector, 10:8 type (3
+     * hardware exception, 6 software exception), bit 11 error code valid, bit
+     * 31 valid; a software exception's instruction length is in the
+     * VM-exit instruction-length field (28.2.5) and GUEST_RIP is the
+     * instruction's (the caller rewinds RIP). */
+    if (sw) {
+        f->exit_intr_info = vector | (6u << 8) | (1u << 31);
+        f->exit_len = 1;
+    } else {
+        f->exit_intr_info = vector | (3u << 8) | (has_ec ? 1u << 11 : 0) | (1u << 31);
+        f->exit_len = 0;
+    }
+    f->exit_intr_error = has_ec ? error_code : 0;
+    /* 28.2.1: the exit qualification of a #PF is its linear address (CR2) */
+    f->exit_qual = vector == 14 ? cr2 : 0;
+    f->hits++;
+    return 1;
+}
+
+/* The exception a run stopped with (stop kind, uc_err), decided under f as
+ * emu/cpu.py exit_of and _exception do: an exception or INT n Unicorn raised
+ * (its vector, error code and the software flag in the CPU state), a #PF of an
+ * instruction fetch from vmlab's TLB fill (CR2: the fetch's address on the
+ * faulting page; a data access's CR2 needs the instruction decoded -- left to
+ * Python), #UD (Unicorn's invalid-instruction error; INT1 / ICEBP, F1, ends a
+ * run the same way and is left to Python). */
+static int fast_decide_stop(vmlab_vcpu *v, const vmlab_regs *r, uint32_t kind, int err, vmlab_fastpath *f)
+{
+    if (!v->env)
+        return 0;
+    const uint64_t lin = (r->hflags & HF_CS64_MASK) ? r->rip : ((r->seg[1].base + r->rip) & 0xffffffffull);
+    if (kind == VMLAB_STOP_EXCEPTION)
+        return vmlab_fast_decide_exc(f, v->intno, r->exception_is_int != 0, (uint32_t)r->error_code, 0);
+    if (kind == VMLAB_STOP_PAGE_FAULT) {
+        if (!(v->fault_access & VMLAB_ACC_FETCH))
+            return 0;
+        const uint64_t vpage = v->fault_vaddr;
+        return vmlab_fast_decide_exc(f, 14, 0, v->fault_error_code, (lin & ~0xfffull) == vpage ? lin : vpage);
+    }
+    if (kind == VMLAB_STOP_NONE && err == UC_ERR_INSN_INVALID && ((f->exc_bitmap >> 6) & 1)) {
+        /* The byte at RIP, fetched as the CPU does (A bits as the fetch set them). */
+        vmlab_walk w;
+        const uint32_t acc = VMLAB_ACC_FETCH | ((r->hflags & HF_CPL_MASK) == 3 ? VMLAB_ACC_USER : 0);
+        if (vmlab_walk_do(v, lin, acc, VMLAB_WALK_SET_AD, &w) != VMLAB_OK || w.paddr >= v->ram_size
+            || v->ram[w.paddr] == 0xf1)
+            return 0;
+        return vmlab_fast_decide_exc(f, 6, 0, 0, 0);
+    }
+    return 0;
+}
+
 /* One exit in one native call (the common path of Vcpu.run): run from r->rip
  * until something needs attention, read the register file, and at a trap site
  * let the fast path decide (f may be NULL).  Returns the stop kind
@@ -2127,6 +2205,15 @@ int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, v
         v->ntb_new = v->ntb_inval = 0;
     if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f)) {
         f->exit_rip = r->rip;
+        return VMLAB_STOP_FAST_EXIT;
+    }
+    if (f && f->exc_mode && kind <= VMLAB_STOP_PAGE_FAULT && fast_decide_stop(v, r, kind, *err, f)) {
+        /* The exception VM-exits instead of being delivered: it is not in
+         * flight (QEMU's old_exception, which Unicorn leaves set after
+         * UC_HOOK_INTR, would make the next fault a #DF; as _exception). */
+        const int32_t none = -1;
+        memcpy(v->env - v->ctx_env + v->ctx_old_exception, &none, 4);
+        f->exit_rip = r->rip;   /* as at the stop: for INT3/INTO after the instruction */
         return VMLAB_STOP_FAST_EXIT;
     }
     return (int)kind;

@@ -196,7 +196,10 @@ int vmlab_run_exit_vmx(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flag
 {
     for (;;) {
         const int kind = vmlab_run_exit(v, uc, deadline, flags, r, f, err);
-        if (kind == VMLAB_STOP_FAST_EXIT && f == s->l2_fastpath && vmlab_vmx_reflect_ok(r, v->trap_kinds, s)) {
+        /* An exception exit (reason 0) carries interruption information that
+         * vmlab_vmx_reflect_store does not store: reflected in Python. */
+        if (kind == VMLAB_STOP_FAST_EXIT && f == s->l2_fastpath && f->exit_reason != 0
+            && vmlab_vmx_reflect_ok(r, v->trap_kinds, s)) {
             if (vmx_reflect_l2(v, uc, r, f, s))
                 return -1;
             f = NULL;                      /* L1 runs without a fast-path policy (no VMX over it) */

@@ -425,10 +425,19 @@ typedef struct vmlab_fastpath {
     uint32_t cr3_count;        /* CR3-target count (only the first 4 values are used) */
     uint32_t pad_cr;
     uint64_t cr3_target[4];
+    /* Exceptions (SDM Vol. 3C 26.2, 25.6.3), decided when exc_mode is 1: an
+     * exception the guest's code raised (vmlab_fast_decide_exc) VM-exits if
+     * its bit in the exception bitmap is 1 -- for #PF, if the bit is 1 and
+     * (error code AND mask) = match, or the bit is 0 and they differ. */
+    uint32_t exc_mode;
+    uint32_t exc_bitmap;
+    uint32_t pf_mask, pf_match;
     /* ---- the decision (out) ---- */
     uint32_t exit_reason;
     uint32_t exit_len;
     uint64_t exit_qual;
+    uint32_t exit_intr_info;   /* VM-exit interruption information (28.2.2); 0: none */
+    uint32_t exit_intr_error;  /* VM-exit interruption error code (if intr_info bit 11) */
     uint64_t hits;             /* decisions made here (statistics) */
     uint64_t exit_rip;         /* RIP of the exiting instruction (vmlab_run_exit) */
 } vmlab_fastpath;
@@ -447,6 +456,13 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uin
  * here: the site is left to Python (emu/sensitive.py priority_fault). */
 enum { VMLAB_PRIV_TSD = 1 << 2, VMLAB_PRIV_PCE = 1 << 3, VMLAB_PRIV_IOPL_SHIFT = 4, VMLAB_PRIV_VM = 1 << 6,
        VMLAB_PRIV_PE = 1 << 7, VMLAB_PRIV_OSXSAVE = 1 << 8 };
+/* An exception raised by guest code (vector; sw: INT3/INTO/INT n, RIP is
+ * after the instruction; error_code as pushed, used only for the vectors that
+ * push one; cr2 the #PF's linear address) under f's exception policy: 1 = a
+ * VM exit (f->exit_*: reason 0, qualification CR2 for #PF, the interruption
+ * information and error code; SDM Vol. 3C 28.2.1, 28.2.2), 0 = not decided
+ * here (delivered, or left to Python: #DB, NMI, #DF, INT n). */
+int vmlab_fast_decide_exc(vmlab_fastpath *f, uint32_t vector, uint32_t sw, uint32_t error_code, uint64_t cr2);
 /* The same at the trap site the vCPU stopped at (fault_vaddr/fault_paddr). */
 int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 /* Run, read the registers and decide the fast path in one call (hooks.c). */

@@ -15,7 +15,8 @@ Benchmarks (``vmlab bench list``):
   nested an L2 CPUID loop handled by a guest hypervisor on guest-visible VMX:
         l2_cpuid_us (tools/bench_nested.py)
   exit  one VM exit handled by a Python handler (best of three runs): cpuid_python_us, io_python_us,
-        cr_python_us (MOV to CR0 changing an owned bit);
+        cr_python_us (MOV to CR0 changing an owned bit), exc_python_us (a #UD the exception
+        bitmap intercepts);
         a CPUID answered by the native CPU model (no exit): cpuid_native_ns;
         an RDTSC from virtual time: rdtsc_native_ns; a register add: plain_insn_ns;
         breakdown: the CPUID exit layer by layer (tools/bench_exit.py)
@@ -230,8 +231,8 @@ def bench_smc(n: int = 20_000) -> dict:
 
 
 def bench_exit(n: int = 20_000) -> dict:
-    """Cost of one VM exit handled in Python (CPUID and OUT loops under a VMCS,
-    handler = skip / emulate), and of a CPUID answered by the native policy path
+    """Cost of one VM exit handled in Python (CPUID, OUT, MOV CR0 and #UD loops
+    under a VMCS, handler = skip / emulate), and of a CPUID answered by the native policy path
     (the CPU model in C, no exit), same process."""
     from vmlab.vmm.exit_reasons import ExitReason
     from vmlab.vmm.harness import vmx_guest
@@ -260,6 +261,14 @@ def bench_exit(n: int = 20_000) -> dict:
     cr = per_exit("mov ecx, {n}\n mov rax, cr0\n or eax, 8\n l: mov cr0, rax\n dec ecx\n jnz l\n vmcall",
                   ExitReason.CR_ACCESS, lambda ex: ex.skip(), fields={"CR0_GUEST_HOST_MASK": 8, "CR0_READ_SHADOW": 0})
 
+    def skip_ud2(ex):
+        # a fault's exit has instruction length 0: the handler skips the ud2's 2 bytes
+        ex.instruction_length = 2
+        ex.skip()
+    # #UD intercepted by the exception bitmap (bit 6)
+    exc = per_exit("mov ecx, {n}\n l: ud2\n dec ecx\n jnz l\n vmcall", ExitReason.EXCEPTION_NMI, skip_ud2,
+                   exception_bitmap=1 << 6)
+
     from vmlab.emu.loaders import load
     from vmlab.vmm.vm import Vm
     big = 2_000_000
@@ -279,7 +288,7 @@ def bench_exit(n: int = 20_000) -> dict:
     plain = (native("mov r8, rcx\n mov eax, 1\n" + "add r9, 1\n" * 33 + "mov rcx, r8") - without) / (32 * big)
     from vmlab.tools.bench_exit import exit_breakdown
     return {"cpuid_python_us": round(cpuid * 1e6, 2), "io_python_us": round(io * 1e6, 2),
-            "cr_python_us": round(cr * 1e6, 2),
+            "cr_python_us": round(cr * 1e6, 2), "exc_python_us": round(exc * 1e6, 2),
             "cpuid_native_ns": round(max(with_cpuid - without, 0) / big * 1e9, 1),
             "rdtsc_native_ns": round(max(with_rdtsc - without, 0) / big * 1e9, 1),
             "plain_insn_ns": round(max(plain, 0) * 1e9, 2),

@@ -33,6 +33,7 @@ from vmlab.emu import x86
 from vmlab.emu.cpu import _M_RIP, GuestFault
 from vmlab.emu.events import Event, TripleFault, deliver
 from vmlab.emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
+from vmlab.emu.fastpath import exception_exit
 from vmlab.emu.native import ffi
 
 from . import runloop
@@ -427,14 +428,18 @@ class VmxGuest(NonRootIntercepts):
         """The deferred part of a VM exit (TrackedVmcs.lazy): the
         exit-information fields of an exit the run loop's lean path took
         (exit reason and qualification, SDM Vol. 3C 28.2.1 "Basic VM-Exit
-        Information"; instruction length, 28.2.5; from the native decision;
-        no interruption or IDT-vectoring information), then the guest state."""
+        Information"; instruction length, 28.2.5; the VM-exit interruption
+        information and error code of an exception, 28.2.2; from the native
+        decision; no IDT-vectoring information), then the guest state."""
         if self._native_exit:
             self._native_exit = False
             f = self._fastpath
             vals = self._vmcs._values
             vals[_X_REASON], vals[_X_QUAL], vals[_X_LEN] = f.exit_reason, f.exit_qual, f.exit_len
-            vals[_X_INTR_INFO] = vals[_X_IDT_INFO] = 0
+            info = vals[_X_INTR_INFO] = f.exit_intr_info
+            vals[_X_IDT_INFO] = 0
+            if info & 0x800:                    # error code valid (else the field keeps its value)
+                vals[_X_INTR_EC] = f.exit_intr_error
         self._store_guest_state()
 
     def _store_guest_state(self) -> None:
@@ -676,6 +681,17 @@ class VmxGuest(NonRootIntercepts):
         # The exit-information fields stay in the native decision until the
         # VMCS is read or written (``_store_deferred``).
         self._native_exit = True
+        if not reason:
+            # An exception (SDM Vol. 3C 28.2.2).  Its error code is stored now:
+            # the field keeps its value through exits without one, so a
+            # deferred store that never happens would lose it for a later read.
+            f = self._fastpath
+            if f.exit_intr_info & 0x800:
+                vmcs._values[_X_INTR_EC] = f.exit_intr_error
+            if word & 0x1E0000:
+                # INT3/INTO: GUEST_RIP is the instruction's own (_exception,
+                # 28.2.5; the run stopped after it)
+                self.cpu.set_rip(self.cpu.regs.rip - ((word >> 17) & 0xF))
         # The exit object of the last lean exit is reused when nothing but
         # this guest holds it (the cache, ``ex`` and getrefcount's argument:
         # 3; a handler that kept it, a RunResult, a trace -- any other
@@ -719,9 +735,12 @@ class VmxGuest(NonRootIntercepts):
             ex.machine_exit         # the run may end here: build it while the decision is current
         return out
 
-    def policy_exit(self) -> PolicyExit:
-        """The PolicyExit of the last fast-path decision (``lean_exit``)."""
+    def policy_exit(self) -> Exit:
+        """The machine exit of the last fast-path decision (``lean_exit``): a
+        PolicyExit for a trap site, the ExceptionExit for an exception."""
         f, v = self._fastpath, self.cpu.native
+        if f.exit_reason == 0:
+            return exception_exit(f, f.exit_rip)
         return PolicyExit(f.exit_rip, f.exit_len, f.exit_reason, f.exit_qual,
                           (v.fault_vaddr, v.fault_paddr, v.fault_error_code))
 
@@ -881,10 +900,12 @@ _E_IO_A, _E_IO_B, _E_MSR_BITMAP = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B), int(F.
 _E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
-#: the VMCS fields the fast path's MOV CR decisions follow (vmx_intercept._fast_policy)
+#: the VMCS fields the fast path's MOV CR and exception decisions follow (vmx_intercept._fast_policy)
 _CR_POLICY_FIELDS = tuple(int(f) for f in (F.CR0_GUEST_HOST_MASK, F.CR0_READ_SHADOW, F.CR4_GUEST_HOST_MASK,
                                            F.CR4_READ_SHADOW, F.CR3_TARGET_COUNT, F.CR3_TARGET_VALUE0,
-                                           F.CR3_TARGET_VALUE1, F.CR3_TARGET_VALUE2, F.CR3_TARGET_VALUE3))
+                                           F.CR3_TARGET_VALUE1, F.CR3_TARGET_VALUE2, F.CR3_TARGET_VALUE3,
+                                           F.EXCEPTION_BITMAP, F.PAGE_FAULT_ERROR_CODE_MASK,
+                                           F.PAGE_FAULT_ERROR_CODE_MATCH))
 _E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
 _E_ENTRY_CTLS, _E_CS_AR = int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_ACCESS_RIGHTS)
 _RIP_RSP = frozenset({_E_RIP, _E_RSP})

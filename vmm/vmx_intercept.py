@@ -264,6 +264,12 @@ class NonRootIntercepts:
         pol.cr4_mask, pol.cr4_shadow = self._ctl(F.CR4_GUEST_HOST_MASK), self._ctl(F.CR4_READ_SHADOW)
         pol.cr3_count = self._ctl(F.CR3_TARGET_COUNT)
         pol.cr3_target = [self._ctl(int(F.CR3_TARGET_VALUE0) + 2 * i) for i in range(4)]
+        # Exceptions: what _exception decides by the exception bitmap and the
+        # #PF error-code mask and match (SDM Vol. 3C 26.2, 25.6.3)
+        pol.exc_mode = 1
+        pol.exc_bitmap = self._ctl(F.EXCEPTION_BITMAP)
+        pol.pf_mask = self._ctl(F.PAGE_FAULT_ERROR_CODE_MASK)
+        pol.pf_match = self._ctl(F.PAGE_FAULT_ERROR_CODE_MATCH)
         return pol
 
     def _io_exits(self, port: int, size: int) -> bool:
@@ -599,6 +605,10 @@ class NonRootIntercepts:
             exits = False                  # INT n is not an exception (software interrupt)
         if not exits:
             return self.deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
+        # A VM exit instead of delivery: the exception is not in flight (QEMU's
+        # old_exception, left set after UC_HOOK_INTR, would make the next
+        # contributory fault or #PF a #DF, SDM Vol. 3A 6.15 Table 6-5).
+        self.cpu.clear_exception_state()
         if mex.software:
             info = InterruptionInfo.software_exception(vec)
             length = 1 if vec in (x86.BP, x86.OF) else 2

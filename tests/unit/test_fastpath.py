@@ -211,3 +211,57 @@ def test_fast_decide_mov_cr_follows_sdm_26_1_3_and_table_28_3(decide):
     assert decide(b"\x0f\x22\xc0", 64, G(r0=0x11), pol, b"", 3 | fp.PRIV_PE | fp.PRIV_OSXSAVE) is None
     # not decided without cr_mode
     assert decide(b"\x0f\x22\xc0", 64, G(r0=0x11), _policy(), b"", P0) is None
+
+
+# ---- exceptions under the exception bitmap (vmlab_fast_decide_exc) ----------
+
+@settings(max_examples=3000)
+@given(vector=st.one_of(st.integers(0, 33), st.integers(0, (1 << 32) - 1)), software=st.booleans(),
+       error_code=st.one_of(st.sampled_from([0, 1, 2, 4, 5, 0x10, 0x1234, 0xFFFFFFFF]), st.integers(0, (1 << 32) - 1)),
+       cr2=st.integers(0, (1 << 64) - 1), exc_mode=st.integers(0, 1),
+       bitmap=st.one_of(st.sampled_from([0, 0xFFFFFFFF, 1 << 14, 1 << 6, 1 << 3 | 1 << 13]),
+                        st.integers(0, (1 << 32) - 1)),
+       pf_mask=st.sampled_from([0, 1, 2, 4, 5, 0x1F, 0xFFFFFFFF]), pf_match=st.sampled_from([0, 1, 2, 4, 5, 0x1F]))
+def test_fast_decide_exception_c_and_python_agree(vector, software, error_code, cr2, exc_mode, bitmap, pf_mask,
+                                                  pf_match):
+    p = Policy(exc_mode=exc_mode, exc_bitmap=bitmap, pf_mask=pf_mask, pf_match=pf_match)
+    assert (fp.decide_exception_native(p, vector, software, error_code, cr2)
+            == fp.decide_exception(p, vector, software, error_code, cr2))
+
+
+_EXC = [fp.decide_exception, fp.decide_exception_native]
+
+
+@pytest.mark.parametrize("decide", _EXC)
+def test_fast_decide_exception_follows_sdm_26_2_and_28_2_2(decide):
+    on = Policy(exc_mode=1, exc_bitmap=0xFFFFFFFF)
+    # #UD: hardware exception (type 3), no error code, qualification 0
+    assert decide(on, 6, False, 0x55, 0x1234) == (0, 0, 0, 0x80000306, 0)
+    # #GP(0x1234): error code valid (bit 11)
+    assert decide(on, 13, False, 0x1234, 0) == (0, 0, 0, 0x80000B0D, 0x1234)
+    # INT3 / INTO: software exceptions (type 6), instruction length 1, no error code
+    assert decide(on, 3, True, 7, 0) == (0, 1, 0, 0x80000603, 0)
+    assert decide(on, 4, True, 7, 0) == (0, 1, 0, 0x80000604, 0)
+    # #PF: the qualification is CR2 (28.2.1)
+    assert decide(on, 14, False, 0x11, 0xDEAD_BEEF_000) == (0, 0, 0xDEAD_BEEF_000, 0x80000B0E, 0x11)
+    # a bit of 0 in the bitmap: delivered, not decided here
+    assert decide(Policy(exc_mode=1, exc_bitmap=~(1 << 6) & 0xFFFFFFFF), 6, False, 0, 0) is None
+    # INT n (a software interrupt, also INT 6), vectors >= 32, #DB, NMI, #DF: never here
+    for vec, sw in ((6, True), (13, True), (32, True), (0x80, True), (1, False), (2, False), (8, False)):
+        assert decide(on, vec, sw, 0, 0) is None
+    # exc_mode 0: nothing decided
+    assert decide(Policy(exc_mode=0, exc_bitmap=0xFFFFFFFF), 6, False, 0, 0) is None
+
+
+@pytest.mark.parametrize("decide", _EXC)
+def test_fast_decide_page_fault_follows_the_mask_and_match_rule(decide):
+    # SDM Vol. 3C 25.6.3: bit 14 = 1 -> exit iff (ec AND mask) = match;
+    # bit 14 = 0 -> exit iff they differ
+    set_, clear = 1 << 14, 0
+    for bit in (set_, clear):
+        p = Policy(exc_mode=1, exc_bitmap=bit, pf_mask=2, pf_match=2)       # write faults only
+        write, read = decide(p, 14, False, 2 | 1, 0x1000), decide(p, 14, False, 1, 0x1000)
+        if bit:
+            assert write is not None and read is None
+        else:
+            assert write is None and read is not None
