@@ -813,6 +813,19 @@ class Vcpu:
             err = self._err[0]
         return self.exit_of(kind, err, single_step)
 
+    def _int_n(self, vector: int) -> bool:
+        """A software interrupt or exception of ``vector`` just raised (RIP is
+        after its instruction): was it INT n (CD ib)?  Vectors 3 and 4 come
+        from INT3 (CC) and INTO (CE) too, which end in that byte; INT 3 / INT 4
+        end in 03 / 04."""
+        if vector not in (x86.BP, x86.OF):
+            return True
+        try:
+            last = self.read_code((self.linear_rip() - 1) & 0xFFFFFFFFFFFFFFFF, 1)
+        except (GuestFault, EptFault):
+            return False
+        return last[0] != (0xCC if vector == x86.BP else 0xCE)
+
     def exit_of(self, kind: int, err: int, single_step: bool = False) -> Exit:
         """The exit value of a run that stopped with stop kind ``kind``
         (VMLAB_STOP_*, not the fast path's) and Unicorn error ``err``; the
@@ -829,7 +842,8 @@ class Vcpu:
             vec = v.intno
             sw = bool(r.exception_is_int)
             ec = r.error_code & 0xFFFFFFFF if vec in x86.ERROR_CODE_VECTORS and not sw else None
-            return ExceptionExit(rip=r.rip, vector=vec, error_code=ec, software=sw)
+            return ExceptionExit(rip=r.rip, vector=vec, error_code=ec, software=sw,
+                                 int_n=sw and self._int_n(vec))
         if kind == 4:
             return self._page_fault_exit(v.fault_vaddr, v.fault_access, v.fault_error_code)
         if kind == 5:

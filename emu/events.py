@@ -45,6 +45,9 @@ class Event:
     external: bool = False
     cr2: int | None = None
     icebp: bool = False
+    #: INT n (CD ib), a software interrupt -- also for vector 3 or 4; INT3 (CC)
+    #: and INTO (CE) are software exceptions (SDM Vol. 3C 25.8.3, types 4 and 6)
+    int_n: bool = False
 
 
 def _cls(vector: int) -> str:

@@ -118,11 +118,13 @@ class HltExit(Exit):
 @dataclass(slots=True)
 class ExceptionExit(Exit):
     """An exception or software interrupt raised by guest code, not yet delivered.
-    ``software`` is True for INT n / INT3 / INTO (RIP is after the instruction)."""
+    ``software`` is True for INT n / INT3 / INTO (RIP is after the instruction);
+    ``int_n`` for INT n (CD ib) alone, whatever its vector: INT 3 is not INT3."""
     vector: int = 0
     error_code: int | None = None
     software: bool = False
     cr2: int | None = None     # for #PF: the faulting linear address
+    int_n: bool = False
 
 
 @dataclass(slots=True)

@@ -2164,8 +2164,20 @@ static int fast_decide_stop(vmlab_vcpu *v, const vmlab_regs *r, uint32_t kind, i
     if (!v->env)
         return 0;
     const uint64_t lin = (r->hflags & HF_CS64_MASK) ? r->rip : ((r->seg[1].base + r->rip) & 0xffffffffull);
-    if (kind == VMLAB_STOP_EXCEPTION)
-        return vmlab_fast_decide_exc(f, v->intno, r->exception_is_int != 0, (uint32_t)r->error_code, 0);
+    if (kind == VMLAB_STOP_EXCEPTION) {
+        const uint32_t vec = v->intno, sw = r->exception_is_int != 0;
+        if (sw && (vec == 3 || vec == 4)) {
+            /* INT3 (CC) and INTO (CE) are software exceptions; INT 3 / INT 4
+             * (CD ib) are software interrupts, which the bitmap does not
+             * decide (emu/cpu.py _int_n): the byte before RIP says which. */
+            vmlab_walk w;
+            const uint32_t acc = VMLAB_ACC_FETCH | ((r->hflags & HF_CPL_MASK) == 3 ? VMLAB_ACC_USER : 0);
+            if (vmlab_walk_do(v, lin - 1, acc, VMLAB_WALK_SET_AD, &w) != VMLAB_OK || w.paddr >= v->ram_size
+                || v->ram[w.paddr] != (vec == 3 ? 0xcc : 0xce))
+                return 0;
+        }
+        return vmlab_fast_decide_exc(f, vec, sw, (uint32_t)r->error_code, 0);
+    }
     if (kind == VMLAB_STOP_PAGE_FAULT) {
         if (!(v->fault_access & VMLAB_ACC_FETCH))
             return 0;

@@ -236,7 +236,7 @@ def platform(m: Machine, ex: Exit) -> Outcome:
                 # not checked (it is not a software interrupt).
                 m.vcpu.set_rip(ex.rip)
                 return Deliver(Event(x86.DB, icebp=True))
-            return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2))
+            return Deliver(Event(ex.vector, ex.error_code, software=ex.software, cr2=ex.cr2, int_n=ex.int_n))
         case TrapExit():
             return _platform_trap(m, ex)
         case TaskSwitchExit():

@@ -582,7 +582,8 @@ class VmxGuest(NonRootIntercepts):
         ev = Event(info.vector, ec, software=t in (InterruptionType.SOFTWARE_INTERRUPT,
                                                    InterruptionType.SOFTWARE_EXCEPTION),
                    external=t in (InterruptionType.EXTERNAL_INTERRUPT, InterruptionType.NMI),
-                   icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION)
+                   icebp=t == InterruptionType.PRIVILEGED_SOFTWARE_EXCEPTION,
+                   int_n=t == InterruptionType.SOFTWARE_INTERRUPT)
         ex = self._deliver_or_exit(ev)
         if t == InterruptionType.NMI:
             if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:

@@ -72,7 +72,7 @@ def _event_info(ev: Event) -> InterruptionInfo:
     if ev.icebp:
         return InterruptionInfo.privileged_software_exception()
     if ev.software:
-        return (InterruptionInfo.software_exception(ev.vector) if ev.vector in (x86.BP, x86.OF)
+        return (InterruptionInfo.software_exception(ev.vector) if ev.vector in (x86.BP, x86.OF) and not ev.int_n
                 else InterruptionInfo.software_interrupt(ev.vector))
     return InterruptionInfo.hardware_exception(ev.vector, deliver_error_code=ev.error_code is not None)
 
@@ -512,7 +512,7 @@ class NonRootIntercepts:
             first = t.event
             length = 0
             if first.software or first.icebp:
-                length = 2 if first.software and first.vector not in (x86.BP, x86.OF) else 1
+                length = 2 if first.software and (first.int_n or first.vector not in (x86.BP, x86.OF)) else 1
                 self.cpu.set_rip(self.cpu.regs.rip - length)
                 self.cpu.flush()
             q = TaskSwitchQualification(selector=t.selector, source=TaskSwitchSource.TASK_GATE_IN_IDT)
@@ -529,7 +529,7 @@ class NonRootIntercepts:
             if first.software or first.icebp:
                 # Saved RIP is the INT n / INT3 / INTO / INT1 itself, with its length
                 # in the VM-exit instruction-length field (SDM 28.2.4, 28.2.5).
-                length = 2 if first.software and first.vector not in (x86.BP, x86.OF) else 1
+                length = 2 if first.software and (first.int_n or first.vector not in (x86.BP, x86.OF)) else 1
                 self.cpu.set_rip(self.cpu.regs.rip - length)
                 self.cpu.flush()
             ex = self._make_exit(ExitReason.EXCEPTION_NMI, f.cr2 if f.vector == x86.PF and f.cr2 is not None else 0,
@@ -601,17 +601,17 @@ class NonRootIntercepts:
         if vec == x86.PF:
             match = (mex.error_code or 0) & v.read(F.PAGE_FAULT_ERROR_CODE_MASK) == v.read(F.PAGE_FAULT_ERROR_CODE_MATCH)
             exits = exits if match else not exits
-        if mex.software and vec not in (x86.BP, x86.OF):
-            exits = False                  # INT n is not an exception (software interrupt)
+        if mex.software and (mex.int_n or vec not in (x86.BP, x86.OF)):
+            exits = False                  # INT n (also INT 3) is not an exception (software interrupt)
         if not exits:
-            return self.deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2))
+            return self.deliver(Event(vec, mex.error_code, software=mex.software, cr2=mex.cr2, int_n=mex.int_n))
         # A VM exit instead of delivery: the exception is not in flight (QEMU's
         # old_exception, left set after UC_HOOK_INTR, would make the next
         # contributory fault or #PF a #DF, SDM Vol. 3A 6.15 Table 6-5).
         self.cpu.clear_exception_state()
         if mex.software:
             info = InterruptionInfo.software_exception(vec)
-            length = 1 if vec in (x86.BP, x86.OF) else 2
+            length = 1                     # INT3 / INTO: INT n never gets here
             self.cpu.set_rip(self.cpu.regs.rip - length)   # RIP of the INT3/INTO instruction itself
             self.cpu.flush()
         else:

@@ -627,3 +627,24 @@ def test_mov_to_cr4_keeps_the_bits_the_guest_host_mask_owns():
     assert ex.reason == ExitReason.CPUID
     cr4 = ex.vmcs.read(F.GUEST_CR4)
     assert cr4 & (1 << 13) and cr4 & 0x80, hex(cr4)      # VMXE kept, PGE (not owned) written
+
+
+@pytest.mark.parametrize("code,info,error_code,vectoring,length", [
+    # INT3 (CC): a software exception (type 6) the bitmap's bit 3 makes a VM exit
+    (b"\xcc", 0x80000603, 0, 0, 1),
+    # INT 3 (CD 03): a software interrupt (type 4), which the bitmap never
+    # decides; delivered through the (empty) IDT it raises #GP(3*8+2), which
+    # exits with the INT 3 as IDT-vectoring information, length 2
+    (b"\xcd\x03", 0x80000B0D, 0x1A, 0x80000403, 2),
+    (b"\xcd\x05", 0x80000B0D, 0x2A, 0x80000405, 2),
+])
+def test_int3_is_a_software_exception_int_n_3_a_software_interrupt(code, info, error_code, vectoring, length):
+    # SDM Vol. 3C 25.8.3 (types 4 and 6), 26.2 (the exception bitmap covers
+    # exceptions; INT n is not one), 28.2.4 (IDT-vectoring information).
+    g = vmx_guest(b"\x90" + code + b"\x0f\x01\xc1", exception_bitmap=(1 << 3) | (1 << 13))
+    ex = run(g)
+    v = ex.vmcs
+    assert ex.reason == ExitReason.EXCEPTION_NMI
+    assert (v.read(F.VM_EXIT_INTR_INFO), v.read(F.VM_EXIT_INTR_ERROR_CODE) if error_code else 0,
+            v.read(F.IDT_VECTORING_INFO), ex.instruction_length) == (info, error_code, vectoring, length)
+    assert v.read(F.GUEST_RIP) == 0x100001          # the INT instruction itself
