@@ -88,3 +88,20 @@ class Machine:
         return bytes(self.vm.serial_output)
 
 
+
+
+def lean_or_general(g, lean: bool) -> list:
+    """Make a VmxGuest take its fast-path exits the run loop's lean way,
+    counted in the returned one-element list, or force the general path
+    (``record``: lean_exit declines recorded runs)."""
+    taken = [0]
+    if lean:
+        real = g.lean_exit
+
+        def counting(word):
+            taken[0] += 1
+            return real(word)
+        g.lean_exit = counting
+    else:
+        g.record = True
+    return taken

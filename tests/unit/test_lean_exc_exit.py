@@ -12,6 +12,7 @@ import struct
 
 from hypothesis import given, settings, strategies as st
 
+from support import lean_or_general
 from vmlab.vmm import vmcs as F
 from vmlab.vmm.exit_reasons import ExitReason
 from vmlab.vmm.harness import close_guests, vmx_guest
@@ -48,16 +49,7 @@ def _run(actions: list[int], bitmap: int, pf_mask: int, pf_match: int, lean: boo
     g = vmx_guest(GUEST, exception_bitmap=bitmap,
                   fields={"PAGE_FAULT_ERROR_CODE_MASK": pf_mask, "PAGE_FAULT_ERROR_CODE_MATCH": pf_match})
     g.vm.mem.write(0x10000 + 8 * (0x40000000 >> 21), struct.pack("<Q", 0))   # the PDE of 0x40000000
-    seen, taken = [], [0]
-    if lean:
-        real = g.lean_exit
-
-        def counting(word):
-            taken[0] += 1
-            return real(word)
-        g.lean_exit = counting
-    else:
-        g.record = True
+    seen, taken = [], lean_or_general(g, lean)
 
     def handler(ex):
         k = len(seen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
+from support import lean_or_general
 from vmlab.vmm import vmcs as F
 from vmlab.vmm.controls import PrimaryProcBasedControls as PP
 from vmlab.vmm.exit_reasons import ExitReason
@@ -42,16 +43,7 @@ def _run(actions: list[int], lean: bool):
     # fast-path decisions too
     g = vmx_guest(GUEST, proc=(PP.UNCONDITIONAL_IO_EXITING | PP.RDTSC_EXITING | PP.CR3_LOAD_EXITING,
                                PP.USE_IO_BITMAPS), fields={"CR0_GUEST_HOST_MASK": 8, "CR0_READ_SHADOW": 0})
-    seen, taken = [], [0]
-    if lean:
-        real = g.lean_exit
-
-        def counting(word):
-            taken[0] += 1
-            return real(word)
-        g.lean_exit = counting
-    else:
-        g.record = True
+    seen, taken = [], lean_or_general(g, lean)
 
     def handler(ex):
         k = len(seen)
