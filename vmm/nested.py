@@ -785,6 +785,9 @@ class _L2Guest(VmxGuest):
     both levels share (NestedVmx._arm_l2) instead of replacing it, and moves
     the guest state with the native level switch (vmm/nested_state.py)."""
 
+    #: NestedVmx processes L1's MSR areas (at entry here, at the reflection)
+    _own_msr_areas = False
+
     def _load_guest_state(self) -> None:
         """VM entry: guest-state area -> vCPU (SDM Vol. 3C 27.3.1 checked, 27.3.2
         loaded as VmxGuest._load_guest_state does), as one image."""

@@ -37,6 +37,7 @@ from vmlab.emu.fastpath import exception_exit
 from vmlab.emu.native import ffi
 
 from . import runloop
+from . import vmx_msr_areas as msr_areas
 from . import vmcs as F
 from .vmcs import _as_int
 from .capabilities import VmxCapabilities
@@ -324,6 +325,12 @@ class VmxGuest(NonRootIntercepts):
         self.lean = False
         #: the exit object lean_exit made last (reused when unreferenced)
         self._lean_ex: VmExit | None = None
+        #: the VMCS names MSR-load/store areas (set by a full VM entry): every
+        #: entry and exit processes them (SDM 27.4, 28.4, 28.6)
+        self._msr_areas = False
+        #: a VMX abort at the last exit (an MSR area failed, SDM 28.7): the
+        #: run ends with it instead of calling a handler
+        self._abort: Stop | None = None
 
     @property
     def vmcs(self) -> TrackedVmcs:
@@ -516,7 +523,7 @@ class VmxGuest(NonRootIntercepts):
         armed = self._armed_for
         if (self._checked and self._saved and not dirty and armed is not None
                 and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
-                and not self._vmcs._values.get(_E_ENTRY_INTR, 0) & (1 << 31)):
+                and not self._vmcs._values.get(_E_ENTRY_INTR, 0) & (1 << 31) and not self._msr_areas):
             # The common re-entry after a handler that at most skipped the
             # instruction: nothing in the VMCS was written since an entry that
             # passed the checks, so only RIP moves (and the preemption timer
@@ -561,10 +568,43 @@ class VmxGuest(NonRootIntercepts):
         self.wants_irq_window = bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
+        self._msr_areas = self._own_msr_areas and msr_areas.counts_nonzero(vals)
+        if self._msr_areas:
+            # SDM 27.4: the VM-entry MSR-load area, after the guest state is
+            # loaded and before event injection; a failing entry n fails the
+            # VM entry: exit reason 34 with bit 31, qualification n (27.8),
+            # the VM-exit MSR-load area processed, nothing stored.
+            n = msr_areas.load_on_entry(self.vm, vals, self.caps.misc)
+            if n:
+                vals[_X_REASON], vals[_X_QUAL] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31), n
+                self._msr_exit(store=False)
+                return VmExit(ExitReason.ENTRY_FAIL_MSR_LOADING, n, self.vmcs, self, entry_failure=True)
         self._inject_from_entry_field()
         self.lean = (not self._p & (_WINDOWS | _PP.MONITOR_TRAP_FLAG)
-                     and not self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER and not self._pending_exits)
+                     and not self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER and not self._pending_exits
+                     and not self._msr_areas)
         return None
+
+    #: a guest hypervisor's VMCS (vmm/nested.py) processes its MSR areas itself
+    _own_msr_areas = True
+
+    def _msr_exit(self, store: bool = True) -> None:
+        """The MSR areas of a VM exit: the VM-exit MSR-store area (SDM 28.4,
+        after the guest state is saved), then the VM-exit MSR-load area (28.6,
+        after the host state, which the Python harness does not model -- the
+        vCPU's MSRs take the host values, as on hardware).  A failing entry
+        is a VMX abort (28.7: indicator 1 for the store, 4 for the load): the
+        run ends in shutdown."""
+        vm, vals, misc = self.vm, self._vmcs._values, self.caps.misc
+        n = msr_areas.store_on_exit(vm, vals, misc) if store else 0
+        if n:
+            self._abort = Stop(StopReason.SHUTDOWN, f"VMX abort (indicator {msr_areas.ABORT_SAVING_GUEST_MSRS}): "
+                                                    f"VM-exit MSR-store entry {n} failed")
+            return
+        n = msr_areas.load_on_exit(vm, vals, misc)
+        if n:
+            self._abort = Stop(StopReason.SHUTDOWN, f"VMX abort (indicator {msr_areas.ABORT_LOADING_HOST_MSRS}): "
+                                                    f"VM-exit MSR-load entry {n} failed")
 
     def _inject_from_entry_field(self) -> None:
         raw = self.vmcs.read(F.VM_ENTRY_INTR_INFO)
@@ -753,6 +793,8 @@ class VmxGuest(NonRootIntercepts):
         from the CPU and are in range by construction), build the handler's
         view."""
         self._save_guest_state()
+        if self._msr_areas:
+            self._msr_exit()
         self._native_exit = False
         vals = self._vmcs._values
         vals[_X_REASON] = int(reason)

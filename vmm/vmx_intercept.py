@@ -196,7 +196,12 @@ class NonRootIntercepts:
     def on_exit(self, ex) -> Outcome:
         """A VM exit: the handler registered for its reason runs; then VM entry
         (VMRESUME).  No handler, or a handler that stops, ends the run with the
-        exit; so does a failed VM entry."""
+        exit; so does a failed VM entry.  A VMX abort at the exit (an MSR
+        area failed, VmxGuest._msr_exit) ends the run in shutdown."""
+        abort = getattr(self, "_abort", None)
+        if abort is not None:
+            self._abort = None
+            return abort
         if self.record:
             self.trace.append(ex)
         fn = self.handlers.get(ex.reason) or self.default_handler

@@ -116,3 +116,68 @@ def test_a_failing_exit_msr_load_is_a_vmx_abort_that_shuts_the_machine_down(tmp_
         assert "FAIL" not in out and "VMX ABORT NEXT" in out and "DONE" not in out, out
         assert res.reason == "shutdown" and "VMX abort 4" in res.message, res
         assert struct.unpack("<I", vm.mem.read(n.current + 4, 4))[0] == 4
+
+
+# ------------------------------------------------------------------ the Python harness (VmxGuest)
+def _harness(code: str, entry=(), store=(), load=()):
+    """A harness guest whose VMCS names the three MSR areas (at 0x40000,
+    0x41000, 0x42000) with the given entries; the MSR bitmaps are all clear,
+    so the guest's own RDMSR/WRMSR do not exit."""
+    from vmlab.vmm.controls import PrimaryProcBasedControls as PP
+    from vmlab.vmm.harness import vmx_guest
+    fields = {"MSR_BITMAP": 0x43000}
+    for (count, addr), name in (((len(entry), 0x40000), "VM_ENTRY_MSR_LOAD"),
+                                ((len(store), 0x41000), "VM_EXIT_MSR_STORE"),
+                                ((len(load), 0x42000), "VM_EXIT_MSR_LOAD")):
+        fields[name + "_COUNT"], fields[name + "_ADDR"] = count, addr
+    g = vmx_guest(code, proc=(PP.USE_MSR_BITMAPS, 0), fields=fields)
+    for addr, entries in ((0x40000, entry), (0x41000, store), (0x42000, load)):
+        _put(g.vm, addr, entries)
+    return g
+
+
+def test_harness_processes_the_three_areas_at_entry_and_exit():
+    # SDM 27.4: KERNEL_GS_BASE loaded for the guest at entry; the guest reads
+    # it back into RAX:RDX and writes another value; 28.4: that value stored
+    # at the exit; 28.6: the "host" value loaded into the vCPU after it.
+    from vmlab.vmm.exit_reasons import ExitReason
+    from vmlab.vmm.harness import close_guests
+    g = _harness("mov ecx, 0xC0000102\n rdmsr\n mov r8, rax\n mov eax, 0x5678\n xor edx, edx\n wrmsr\n vmcall",
+                 entry=[(IA32_KERNEL_GS_BASE, 0, 0x1234)], store=[(IA32_KERNEL_GS_BASE, 0, 0)],
+                 load=[(IA32_KERNEL_GS_BASE, 0, 0x9999)])
+    try:
+        ex = g.run()
+        assert ex.reason == ExitReason.VMCALL
+        assert g.cpu.regs.gpr[8] == 0x1234                                      # loaded at entry
+        assert struct.unpack("<Q", g.vm.mem.read(0x41008, 8))[0] == 0x5678      # stored at the exit
+        assert g.vm.msrs.read(IA32_KERNEL_GS_BASE) == 0x9999                    # loaded at the exit
+    finally:
+        close_guests()
+
+
+def test_harness_entry_load_failure_is_exit_34_with_the_entry_number():
+    from vmlab.vmm.exit_reasons import ExitReason
+    from vmlab.vmm.harness import close_guests
+    g = _harness("vmcall", entry=[(IA32_SYSENTER_CS, 0, 8), (0xC0000100, 0, 1)],   # FS_BASE: refused (27.4)
+                 load=[(IA32_KERNEL_GS_BASE, 0, 0x77)])
+    try:
+        ex = g.run()
+        assert ex.entry_failure and ex.reason == ExitReason.ENTRY_FAIL_MSR_LOADING and ex.qualification == 2
+        assert g.vmcs.read(F.VM_EXIT_REASON) == 34 | (1 << 31) and g.vmcs.read(F.EXIT_QUALIFICATION) == 2
+        assert g.vm.msrs.read(IA32_SYSENTER_CS) == 8                # the entries before it stay loaded
+        assert g.vm.msrs.read(IA32_KERNEL_GS_BASE) == 0x77           # 27.8: the exit-load area is processed
+    finally:
+        close_guests()
+
+
+def test_harness_exit_store_failure_is_a_vmx_abort():
+    from vmlab.vmm.harness import close_guests
+    from vmlab.vmm.runloop import StopReason
+    from vmlab.vmm.vmx import RunStopped
+    g = _harness("vmcall", store=[(0x808, 0, 0)])                 # an x2APIC MSR: processing fails (28.4)
+    try:
+        res = g.run()
+        assert isinstance(res, RunStopped) and res.result.reason == StopReason.SHUTDOWN
+        assert "VMX abort (indicator 1)" in res.result.message
+    finally:
+        close_guests()
