@@ -56,6 +56,10 @@ class Policy:
     cr4_shadow: int = 0
     cr3_count: int = 0
     cr3_target: list[int] = field(default_factory=lambda: [0] * 4)
+    #: complete a MOV to/from CR0/CR3/CR4 that does not VM-exit in C (cr_value)
+    cr_emulate: int = 0
+    cr4_valid: int = 0                   # the CR4 bits the CPU model accepts
+    maxphyaddr: int = 40
     #: exceptions decided here (native exc_mode; SDM Vol. 3C 26.2, 25.6.3)
     exc_mode: int = 0
     exc_bitmap: int = 0
@@ -75,6 +79,7 @@ class Policy:
         out.cr3_count = self.cr3_count
         for i in range(4):
             out.cr3_target[i] = self.cr3_target[i]
+        out.cr_emulate, out.cr4_valid, out.maxphyaddr = self.cr_emulate, self.cr4_valid, self.maxphyaddr
         out.exc_mode, out.exc_bitmap = self.exc_mode, self.exc_bitmap & 0xFFFFFFFF
         out.pf_mask, out.pf_match = self.pf_mask & 0xFFFFFFFF, self.pf_match & 0xFFFFFFFF
 
@@ -290,3 +295,72 @@ def decide_bytes_native(code: bytes, mode: int, gpr, policy: Policy,
     if lib.vmlab_fast_decide_bytes(code, len(code), mode, regs, f, buf, len(ram), priv):
         return f.exit_reason, f.exit_len, f.exit_qual
     return None
+
+
+# CR0/CR4/EFER bits cr_value reads (SDM Vol. 3A 2.5, Table 2-1/2-2)
+_PE, _ET, _NW, _CD, _PG = 1, 1 << 4, 1 << 29, 1 << 30, 1 << 31
+_CR0_VALID = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 1 << 16 | 1 << 18 | _NW | _CD | _PG
+_PAE, _LA57, _PCIDE, _LME, _LMA = 1 << 5, 1 << 12, 1 << 17, 1 << 8, 1 << 10
+_HF_CS64, _HF_INHIBIT = 1 << 15, 1 << 3
+
+
+def cr_value(cr: int, write: bool, src: int, mode: int, hflags: int, cr0: int, cr3: int, cr4: int, efer: int,
+             cs_flags: int, policy: Policy) -> tuple[int, int]:
+    """A MOV to/from CR0/CR3/CR4 in VMX non-root operation that does not
+    VM-exit, as the Python path completes it (vmm/vmx_intercept.py
+    _cr_access, emu/sensitive.py emulate_cr): (1, value) -- write the CR --,
+    (2, value) -- the register gets it --, or (0, 0): left to Python (a check
+    that faults, CPL > 0, an interrupt shadow, a change of CR0.PE/PG or
+    CR4.PAE/PCIDE/LA57, CR2, CR8).  The twin of ``vmlab_cr_value``."""
+    m64 = (1 << 64) - 1
+    if not policy.cr_emulate or hflags & 3 or hflags & _HF_INHIBIT:
+        return 0, 0
+    if not write:
+        if cr == 0:
+            v = (cr0 & ~policy.cr0_mask) | (policy.cr0_shadow & policy.cr0_mask)   # SDM Vol. 3C 26.3
+        elif cr == 4:
+            v = (cr4 & ~policy.cr4_mask) | (policy.cr4_shadow & policy.cr4_mask)
+        elif cr == 3:
+            v = cr3
+        else:
+            return 0, 0
+        return 2, (v & m64) if mode == 64 else v & 0xFFFFFFFF
+    v = src if mode == 64 else src & 0xFFFFFFFF
+    lma = bool(efer & _LMA)
+    if cr == 0:
+        if v >> 32:
+            return 0, 0
+        v |= _ET
+        if (v & _PG and not v & _PE) or (v & _NW and not v & _CD):
+            return 0, 0
+        if v & _PG and not cr0 & _PG and efer & _LME and (not cr4 & _PAE or cs_flags & (1 << 21)):
+            return 0, 0
+        if lma and hflags & _HF_CS64 and not v & _PG:
+            return 0, 0
+        v = (v & _CR0_VALID & ~policy.cr0_mask) | (cr0 & policy.cr0_mask)
+        if (v ^ cr0) & (_PG | _PE):
+            return 0, 0
+    elif cr == 4:
+        if v & ~policy.cr4_valid or (lma and not v & _PAE):
+            return 0, 0
+        v = (v & ~policy.cr4_mask) | (cr4 & policy.cr4_mask)
+        if (v ^ cr4) & (_PAE | _PCIDE | _LA57):
+            return 0, 0
+    elif cr == 3:
+        v &= ~(1 << 63)
+        if lma and policy.maxphyaddr < 64 and v >> policy.maxphyaddr:
+            return 0, 0
+    else:
+        return 0, 0
+    return 1, v & m64
+
+
+def cr_value_native(cr: int, write: bool, src: int, mode: int, hflags: int, cr0: int, cr3: int, cr4: int,
+                    efer: int, cs_flags: int, policy: Policy) -> tuple[int, int]:
+    """The same question asked of ``vmlab_cr_value``."""
+    from .native import ffi, lib
+    f = ffi.new("vmlab_fastpath *")
+    policy.to_native(f)
+    out = ffi.new("uint64_t *")
+    status = lib.vmlab_cr_value(cr, int(write), src, mode, hflags, cr0, cr3, cr4, efer, cs_flags, f, out)
+    return status, out[0] if status else 0

@@ -1984,6 +1984,117 @@ static int fast_decide_cr(const vmlab_insn *c, int mode, const uint64_t *gpr, vm
     return 1;
 }
 
+int vmlab_cr_value(uint32_t cr, int write, uint64_t src, int mode, uint32_t hflags, uint64_t cr0, uint64_t cr3,
+                   uint64_t cr4, uint64_t efer, uint32_t cs_flags, const vmlab_fastpath *f, uint64_t *out)
+{
+    /* CR0: PE 0, ET 4, NW 29, CD 30, PG 31; the bits MOV keeps (emu/x86.py CR0_VALID) */
+    const uint64_t PE = 1, ET = 1u << 4, NW = 1u << 29, CD = 1u << 30, PG = 1ull << 31;
+    const uint64_t CR0_VALID = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | (1u << 16) | (1u << 18) | NW | CD | PG;
+    const uint64_t PAE = 1u << 5, LA57 = 1u << 12, PCIDE = 1u << 17, LME = 1u << 8, LMA = 1u << 10;
+    if (!f->cr_emulate || (hflags & HF_CPL_MASK) || (hflags & (1u << 3)))
+        return 0;                                   /* CPL > 0 (#GP), or an STI / MOV SS shadow to end */
+    if (!write) {
+        uint64_t v;
+        if (cr == 0)
+            v = (cr0 & ~f->cr0_mask) | (f->cr0_shadow & f->cr0_mask);   /* SDM Vol. 3C 26.3: the shadow */
+        else if (cr == 4)
+            v = (cr4 & ~f->cr4_mask) | (f->cr4_shadow & f->cr4_mask);
+        else if (cr == 3)
+            v = cr3;
+        else
+            return 0;
+        *out = mode == 64 ? v : (v & 0xffffffffull);
+        return 2;
+    }
+    uint64_t v = mode == 64 ? src : (src & 0xffffffffull);
+    const int lma = (efer & LMA) != 0;
+    if (cr == 0) {
+        /* SDM Vol. 2B MOV, Vol. 3A 2.5 (the checks of emulate_cr) */
+        if (v >> 32)
+            return 0;
+        v |= ET;
+        if (((v & PG) && !(v & PE)) || ((v & NW) && !(v & CD)))
+            return 0;
+        if ((v & PG) && !(cr0 & PG) && (efer & LME) && (!(cr4 & PAE) || (cs_flags & (1u << 21))))
+            return 0;
+        if (lma && (hflags & HF_CS64_MASK) && !(v & PG))
+            return 0;
+        /* SDM Vol. 3C 26.3: the bits the guest/host mask owns are not modified */
+        v = ((v & CR0_VALID) & ~f->cr0_mask) | (cr0 & f->cr0_mask);
+        if ((v ^ cr0) & (PG | PE))
+            return 0;
+    } else if (cr == 4) {
+        if ((v & ~f->cr4_valid) || (lma && !(v & PAE)))
+            return 0;
+        v = (v & ~f->cr4_mask) | (cr4 & f->cr4_mask);
+        if ((v ^ cr4) & (PAE | PCIDE | LA57))
+            return 0;
+    } else if (cr == 3) {
+        v &= ~(1ull << 63);                          /* PCID's no-flush bit is not kept */
+        if (lma && f->maxphyaddr < 64 && (v >> f->maxphyaddr))
+            return 0;
+    } else {
+        return 0;
+    }
+    *out = v;
+    return 1;
+}
+
+/* At a trap site the fast path did not decide: a MOV to/from CR0/CR3/CR4 that
+ * does not VM-exit, completed here when vmlab_cr_value can (the write with
+ * the side effects Vcpu.write_cr has: every cached translation dropped, the
+ * paging copies synced; RIP past the instruction).  1: done, run on. */
+static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpath *f)
+{
+    struct priv *p = v->priv;
+    const uint64_t pa = v->fault_paddr;
+    if (!f->cr_emulate || pa == ~0ull || pa >= v->ram_size || !v->env)
+        return 0;
+    uint32_t n = 4096 - (uint32_t)(pa & 0xfff);
+    if (n > 15) n = 15;
+    if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
+    const uint32_t hf = read_hflags(v, p);
+    const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
+    vmlab_insn c;
+    if (vmlab_classify(v->ram + pa, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP
+        || (c.kind != VMLAB_TRAP_CR_READ && c.kind != VMLAB_TRAP_CR_WRITE)
+        || (c.prefixes & (VMLAB_PFX_LOCK | VMLAB_PFX_VEX)))
+        return 0;
+    const uint32_t cr = ((c.rex >> 2) & 1) << 3 | ((c.modrm >> 3) & 7);
+    const uint32_t g = (c.rex & 1) << 3 | (c.modrm & 7);
+    const int write = c.kind == VMLAB_TRAP_CR_WRITE;
+    uint64_t val;
+    const int what = vmlab_cr_value(cr, write, r->gpr[g], mode, hf, r->cr0, r->cr3, r->cr4, r->efer,
+                                    r->seg[1].flags, f, &val);
+    if (!what)
+        return 0;
+    if (what == 2) {
+        if (api.reg_write(uc, gpr_ids[g], &val))
+            return 0;
+        r->gpr[g] = val;
+    } else {
+        static const int ids[5] = {UC_X86_REG_CR0, 0, 0, UC_X86_REG_CR3, UC_X86_REG_CR4};
+        if (api.reg_write(uc, ids[cr], &val))
+            return 0;
+        vmlab_stlb_flush(v);
+        vmlab_tlb_flush(uc);
+        uc_x86_msr e = {0xC0000080u, 0};
+        int rids[4] = {UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_MSR};
+        void *rvals[4] = {&v->cr0, &v->cr3, &v->cr4, &e};
+        if (api.reg_read_batch(uc, rids, rvals, 4))
+            return 0;
+        v->efer = e.value;
+
+        r->cr0 = v->cr0; r->cr3 = v->cr3; r->cr4 = v->cr4;
+    }
+    /* Past the instruction (no interrupt shadow to end: vmlab_cr_value checked) */
+    r->rip += c.length;
+    if (mode != 64)
+        r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
+    f->cr_emulated++;
+    return 1;
+}
+
 int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uint64_t *gpr,
                             vmlab_fastpath *f, const uint8_t *ram, uint64_t ram_size, uint32_t priv)
 {
@@ -2206,18 +2317,27 @@ static int fast_decide_stop(vmlab_vcpu *v, const vmlab_regs *r, uint32_t kind, i
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err)
 {
-    v->stop_kind = 0;
-    v->icount_deadline = deadline;
-    *err = vmlab_run(v, uc, r->rip, flags);
-    if (vmlab_regs_read(v, uc, r))
-        return -1;
-    const uint32_t kind = v->stop_kind;
-    v->stop_kind = 0;
-    if (!(flags & 2))
-        v->ntb_new = v->ntb_inval = 0;
-    if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f)) {
-        f->exit_rip = r->rip;
-        return VMLAB_STOP_FAST_EXIT;
+    uint32_t kind;
+    for (uint32_t round = 0;; round++) {
+        v->stop_kind = 0;
+        v->icount_deadline = deadline;
+        *err = vmlab_run(v, uc, r->rip, flags);
+        if (vmlab_regs_read(v, uc, r))
+            return -1;
+        kind = v->stop_kind;
+        v->stop_kind = 0;
+        if (!(flags & 2))
+            v->ntb_new = v->ntb_inval = 0;
+        if (kind == VMLAB_STOP_TRAP && !*err && f && vmlab_fast_decide(v, f)) {
+            f->exit_rip = r->rip;
+            return VMLAB_STOP_FAST_EXIT;
+        }
+        /* A MOV CR that does not VM-exit, completed in C: run on (bounded;
+         * the deadline and the attention word end it as between runs). */
+        if (kind == VMLAB_STOP_TRAP && !*err && f && !flags && round < 4096 && !v->attention
+            && v->icount < deadline && cr_emulate_site(v, uc, r, f))
+            continue;
+        break;
     }
     if (f && f->exc_mode && kind <= VMLAB_STOP_PAGE_FAULT && fast_decide_stop(v, r, kind, *err, f)) {
         /* The exception VM-exits instead of being delivered: it is not in

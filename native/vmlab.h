@@ -423,8 +423,12 @@ typedef struct vmlab_fastpath {
     uint32_t cr_ctl;           /* VMLAB_CR3_LOAD ... */
     uint64_t cr0_mask, cr0_shadow, cr4_mask, cr4_shadow;
     uint32_t cr3_count;        /* CR3-target count (only the first 4 values are used) */
-    uint32_t pad_cr;
+    uint32_t cr_emulate;       /* 1: a MOV to/from CR0/CR3/CR4 that does not VM-exit is completed in C
+                                  when it can be (vmlab_cr_value) and the run goes on */
     uint64_t cr3_target[4];
+    uint64_t cr4_valid;        /* CR4 bits the CPU model accepts (others: #GP, left to Python) */
+    uint32_t maxphyaddr;       /* physical-address width (CR3 in IA-32e mode) */
+    uint32_t pad_cr2;
     /* Exceptions (SDM Vol. 3C 26.2, 25.6.3), decided when exc_mode is 1: an
      * exception the guest's code raised (vmlab_fast_decide_exc) VM-exits if
      * its bit in the exception bitmap is 1 -- for #PF, if the bit is 1 and
@@ -439,11 +443,22 @@ typedef struct vmlab_fastpath {
     uint32_t exit_intr_info;   /* VM-exit interruption information (28.2.2); 0: none */
     uint32_t exit_intr_error;  /* VM-exit interruption error code (if intr_info bit 11) */
     uint64_t hits;             /* decisions made here (statistics) */
+    uint64_t cr_emulated;      /* MOV CR completed in C without a VM exit (statistics) */
     uint64_t exit_rip;         /* RIP of the exiting instruction (vmlab_run_exit) */
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
 enum { VMLAB_CR3_LOAD = 1, VMLAB_CR3_STORE = 2, VMLAB_CR8_LOAD = 4, VMLAB_CR8_STORE = 8 };
+/* A MOV to/from CR0, CR3 or CR4 in VMX non-root operation that does not VM-exit
+ * (f's policy said so), as the Python path completes it (vmm/vmx_intercept.py
+ * _cr_access, emu/sensitive.py emulate_cr; twin emu/fastpath.py cr_value):
+ * returns 1 -- write CR ``cr`` with *out --, 2 -- the register gets *out (a MOV
+ * from CR) --, or 0: left to Python (any check that faults, CPL > 0, an
+ * interrupt shadow, a change of CR0.PE/PG or CR4.PAE/PCIDE/LA57, CR2, CR8).
+ * src: the source register; mode 16/32/64; hflags: QEMU's; cs_flags: the CS
+ * descriptor flags (L, bit 21). */
+int vmlab_cr_value(uint32_t cr, int write, uint64_t src, int mode, uint32_t hflags, uint64_t cr0, uint64_t cr3,
+                   uint64_t cr4, uint64_t efer, uint32_t cs_flags, const vmlab_fastpath *f, uint64_t *out);
 
 /* The decision on an instruction's bytes (mode 16/32/64; gpr: the 16
  * general registers, RAX..R15 -- RCX for RDMSR/WRMSR, RDX for IN/OUT DX, the

@@ -787,6 +787,8 @@ class _L2Guest(VmxGuest):
 
     #: NestedVmx processes L1's MSR areas (at entry here, at the reflection)
     _own_msr_areas = False
+    #: L2's CR0/CR4 also keep VMX's fixed bits (_cr_access): Python completes MOV CR
+    native_cr = False
 
     def _load_guest_state(self) -> None:
         """VM entry: guest-state area -> vCPU (SDM Vol. 3C 27.3.1 checked, 27.3.2

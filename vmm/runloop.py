@@ -519,6 +519,7 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                     return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at "
                                                              f"rip={cpu.regs.rip:#x}: {type(exc).__name__}: {exc}"))
         else:
+            v.attention = 0                   # the general path looks at everything below
             if m.host_input:
                 m.feed_input()
             timers = m.timers

@@ -559,7 +559,8 @@ class VmxGuest(NonRootIntercepts):
         self._p, self._pin = self._primary(), self._ctl(_E_PIN)
         vals = self._vmcs._values
         fast_key = (self._p, vals.get(_ENC_SECONDARY, 0), vals.get(_E_IO_A, 0), vals.get(_E_IO_B, 0),
-                    vals.get(_E_MSR_BITMAP, 0), *[vals.get(e, 0) for e in _CR_POLICY_FIELDS])
+                    vals.get(_E_MSR_BITMAP, 0), *[vals.get(e, 0) for e in _CR_POLICY_FIELDS], id(self.vm.cpuid),
+                    self.native_cr)
         if fast_key != self._fast_key:
             # The fast-path policy depends on these controls only (_fast_policy).
             self._fast_policy().to_native(self._fastpath)

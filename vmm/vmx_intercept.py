@@ -81,6 +81,10 @@ def _event_info(ev: Event) -> InterruptionInfo:
 class NonRootIntercepts:
     """Mixin of VmxGuest: the intercept policy (see module docstring)."""
 
+    #: a MOV to/from CR0/CR3/CR4 that does not VM-exit is completed in C
+    #: (the fast path's cr_emulate); False: by the Python path
+    native_cr = True
+
     def _preemption_timer_exit(self):
         d = self._preempt_deadline
         if d is None or self.cpu.native.icount < d:
@@ -269,6 +273,12 @@ class NonRootIntercepts:
         pol.cr4_mask, pol.cr4_shadow = self._ctl(F.CR4_GUEST_HOST_MASK), self._ctl(F.CR4_READ_SHADOW)
         pol.cr3_count = self._ctl(F.CR3_TARGET_COUNT)
         pol.cr3_target = [self._ctl(int(F.CR3_TARGET_VALUE0) + 2 * i) for i in range(4)]
+        # ... and a MOV CR that does not exit is completed in C (cr_value),
+        # but for a guest hypervisor's L2, whose CR0/CR4 also keep VMX's
+        # fixed bits (_cr_access: nested.cr_value_supported)
+        model = self.vm.cpuid
+        pol.cr_emulate = int(self.native_cr)
+        pol.cr4_valid, pol.maxphyaddr = model.cr4_valid_mask(), model.maxphyaddr
         # Exceptions: what _exception decides by the exception bitmap and the
         # #PF error-code mask and match (SDM Vol. 3C 26.2, 25.6.3)
         pol.exc_mode = 1
