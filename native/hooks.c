@@ -2044,19 +2044,33 @@ int vmlab_cr_value(uint32_t cr, int write, uint64_t src, int mode, uint32_t hfla
  * does not VM-exit, completed here when vmlab_cr_value can (the write with
  * the side effects Vcpu.write_cr has: every cached translation dropped, the
  * paging copies synced; RIP past the instruction).  1: done, run on. */
+/* The trap site the vCPU stopped at (fault_paddr): its bytes in RAM up to the
+ * end of their page, at most 15 (*n; a straddling instruction is left to
+ * Python, which walks the next page), QEMU's hflags and the code size (16,
+ * 32, 64).  NULL: not in RAM, or no CPU state to read. */
+static const uint8_t *site_bytes(vmlab_vcpu *v, uint32_t *n, uint32_t *hf, int *mode)
+{
+    const uint64_t pa = v->fault_paddr;
+    if (pa == ~0ull || pa >= v->ram_size || !v->env)
+        return NULL;
+    uint32_t k = 4096 - (uint32_t)(pa & 0xfff);
+    if (k > 15) k = 15;
+    if (pa + k > v->ram_size) k = (uint32_t)(v->ram_size - pa);
+    *n = k;
+    *hf = read_hflags(v, v->priv);
+    *mode = (*hf & HF_CS64_MASK) ? 64 : (*hf & HF_CS32_MASK) ? 32 : 16;
+    return v->ram + pa;
+}
+
 static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpath *f)
 {
-    struct priv *p = v->priv;
-    const uint64_t pa = v->fault_paddr;
-    if (!f->cr_emulate || pa == ~0ull || pa >= v->ram_size || !v->env)
+    uint32_t n, hf;
+    int mode;
+    const uint8_t *code = f->cr_emulate ? site_bytes(v, &n, &hf, &mode) : NULL;
+    if (!code)
         return 0;
-    uint32_t n = 4096 - (uint32_t)(pa & 0xfff);
-    if (n > 15) n = 15;
-    if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
-    const uint32_t hf = read_hflags(v, p);
-    const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
     vmlab_insn c;
-    if (vmlab_classify(v->ram + pa, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP
+    if (vmlab_classify(code, n, mode, &c) < 0 || c.status != VMLAB_CLASS_TRAP
         || (c.kind != VMLAB_TRAP_CR_READ && c.kind != VMLAB_TRAP_CR_WRITE)
         || (c.prefixes & (VMLAB_PFX_LOCK | VMLAB_PFX_VEX)))
         return 0;
@@ -2196,17 +2210,11 @@ int vmlab_fast_decide_bytes(const uint8_t *code, uint32_t n, int mode, const uin
 
 int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
 {
-    struct priv *p = v->priv;
-    const uint64_t pa = v->fault_paddr;
-    if (pa == ~0ull || pa >= v->ram_size || !v->env)
+    uint32_t n, hf;
+    int mode;
+    const uint8_t *code = site_bytes(v, &n, &hf, &mode);
+    if (!code)
         return 0;
-    /* The instruction's bytes up to the end of its page (a straddling one is
-     * left to Python, which walks the next page). */
-    uint32_t n = 4096 - (uint32_t)(pa & 0xfff);
-    if (n > 15) n = 15;
-    if (pa + n > v->ram_size) n = (uint32_t)(v->ram_size - pa);
-    const uint32_t hf = read_hflags(v, p);
-    const int mode = (hf & HF_CS64_MASK) ? 64 : (hf & HF_CS32_MASK) ? 32 : 16;
     uint64_t gpr[16];
     memcpy(gpr, v->env, sizeof gpr);     /* CPUX86State.regs[0..15] (RAX..R15) */
     uint64_t eflags;
@@ -2215,7 +2223,7 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f)
         | ((v->cr4 & (1u << 8)) ? VMLAB_PRIV_PCE : 0) | (uint32_t)((eflags >> 12) & 3) << VMLAB_PRIV_IOPL_SHIFT
         | ((eflags & (1u << 17)) ? VMLAB_PRIV_VM : 0) | ((v->cr0 & 1) ? VMLAB_PRIV_PE : 0)
         | ((v->cr4 & (1u << 18)) ? VMLAB_PRIV_OSXSAVE : 0);
-    return vmlab_fast_decide_bytes(v->ram + pa, n, mode, gpr, f, v->ram, v->ram_size, priv);
+    return vmlab_fast_decide_bytes(code, n, mode, gpr, f, v->ram, v->ram_size, priv);
 }
 
 /* Exceptions under the exception bitmap (SDM Vol. 3C 26.2; the #PF rule with
