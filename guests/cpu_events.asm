@@ -54,15 +54,7 @@ _start:
     cld
     mov esp, kstack_top
     call serial_init
-    lgdt [gdtr]
-    ljmp KERNEL_CS:reload
-reload:
-    mov eax, KERNEL_DS
-    mov ds, eax
-    mov es, eax
-    mov fs, eax
-    mov gs, eax
-    mov ss, eax
+    LOAD_GDT gdtr, KERNEL_CS, KERNEL_DS
     call pic_init
     call idt32_init
     PASS "32-bit protected mode with own GDT and IDT"

@@ -124,15 +124,7 @@ _start:
     cld
     mov esp, kstack_top
     call serial_init
-    lgdt [gdtr]
-    ljmp KERNEL_CS:reload_segments
-reload_segments:
-    mov eax, KERNEL_DS
-    mov ds, eax
-    mov es, eax
-    mov fs, eax
-    mov gs, eax
-    mov ss, eax
+    LOAD_GDT gdtr, KERNEL_CS, KERNEL_DS
     call pic_init
 
     ; Identity map 0-8 MiB: PML4[0] -> PDPT -> PD with four 2 MiB user pages.

@@ -37,15 +37,7 @@ _start:
     cld
     mov esp, stack_top
     call serial_init
-    lgdt [gdtr]
-    ljmp KERNEL_CS:reload_segments
-reload_segments:
-    mov eax, KERNEL_DS
-    mov ds, eax
-    mov es, eax
-    mov fs, eax
-    mov gs, eax
-    mov ss, eax
+    LOAD_GDT gdtr, KERNEL_CS, KERNEL_DS
     call pic_init
     call idt32_init
     mov eax, IRQ_VECTOR
