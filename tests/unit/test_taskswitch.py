@@ -91,13 +91,12 @@ def test_bad_ldt_in_the_new_tss_is_ts_in_the_new_task(machine):
     assert tr == 0x20 and top == 0x44
 
 
-def test_not_present_code_segment_in_a_jmp_target_with_paging_is_np_in_the_new_task(machine):
-    # JMP to a TSS with paging on: Unicorn starts the switch, the TLB-fill hook
-    # stops it after the CR3 load and emu/taskswitch.finish_native loads the
-    # segments: CS not present -> #NP(CS selector) in the new task's context.
+def _paging_on_then_jmp_to_tss(machine) -> str:
+    """Identity-map the first 4 MiB at PD/PT; the guest body turns paging on
+    and far-jumps to the TSS at selector 0x20."""
     machine.mem.write(PD, struct.pack("<I", PT | 3))
     machine.mem.write(PT, b"".join(struct.pack("<I", (i << 12) | 3) for i in range(1024)))
-    body = f"""
+    return f"""
     mov eax, {PD:#x}
     mov cr3, eax
     mov eax, cr0
@@ -108,6 +107,13 @@ def test_not_present_code_segment_in_a_jmp_target_with_paging_is_np_in_the_new_t
     .word 0x20
     hlt
 """
+
+
+def test_not_present_code_segment_in_a_jmp_target_with_paging_is_np_in_the_new_task(machine):
+    # JMP to a TSS with paging on: Unicorn starts the switch, the TLB-fill hook
+    # stops it after the CR3 load and emu/taskswitch.finish_native loads the
+    # segments: CS not present -> #NP(CS selector) in the new task's context.
+    body = _paging_on_then_jmp_to_tss(machine)
     setup(machine, body, tss(0x1234, STACK_LOW, cs=0x28, cr3=PD), {11: gate32(HANDLER, 0x08)})
     res = machine.run()
     # The #NP is delivered with the new task's CS (0x28, not present) loaded as a
@@ -121,19 +127,7 @@ def test_not_present_code_segment_in_a_jmp_target_with_paging_is_np_in_the_new_t
 def test_jmp_to_a_tss_with_paging_resumes_at_the_new_eip_once(machine):
     # The Unicorn 2.1.4 trap this guards against: the JMP re-executed in the new
     # task (#GP(0x20), the TSS now busy) instead of running the new task.
-    machine.mem.write(PD, struct.pack("<I", PT | 3))
-    machine.mem.write(PT, b"".join(struct.pack("<I", (i << 12) | 3) for i in range(1024)))
-    body = f"""
-    mov eax, {PD:#x}
-    mov cr3, eax
-    mov eax, cr0
-    or eax, 0x80000000
-    mov cr0, eax
-    .byte 0xea
-    .long 0
-    .word 0x20
-    hlt
-"""
+    body = _paging_on_then_jmp_to_tss(machine)
     setup(machine, body, tss(HANDLER, STACK_B, cr3=PD), {13: gate32(0x1000, 0x08)})
     res = machine.run()
     assert res.reason == "debug-exit", res
