@@ -37,7 +37,6 @@ def exit_fields(word: int) -> tuple[int, int, int]:
     return word & 0xFFFF, (word >> 17) & 0xF, word >> 21
 #: "none" for the context's timer and limit
 NEVER = (1 << 64) - 1
-_M64 = NEVER
 
 
 def lean_deadline(attention: int, now: int, slice_: int, timer: int, limit: int) -> int:
@@ -47,7 +46,7 @@ def lean_deadline(attention: int, now: int, slice_: int, timer: int, limit: int)
     if attention or timer <= now or limit <= now:
         return 0
     deadline = now + slice_
-    if deadline > _M64 or timer < deadline:
+    if deadline > NEVER or timer < deadline:
         deadline = timer
     return min(deadline, limit)
 

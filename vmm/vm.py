@@ -75,16 +75,16 @@ def _weak(method):
 
 class _Attending:
     """A Vm attribute whose setting to a true value (a Stop, True) sets the
-    vCPU's attention word (``Vm._attend``)."""
+    vCPU's attention word (``Vm._attend``).  Only setting goes through here:
+    the value lives in the instance dict under the same name, and a data
+    descriptor without ``__get__`` lets reads find it there (no Python call
+    on the run loop's reads)."""
 
     def __set_name__(self, owner, name: str) -> None:
-        self.key = "_" + name
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else obj.__dict__[self.key]
+        self.name = name
 
     def __set__(self, obj, value) -> None:
-        obj.__dict__[self.key] = value
+        obj.__dict__[self.name] = value
         if value:
             obj._attend()
 
