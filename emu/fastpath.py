@@ -37,6 +37,42 @@ EXIT_REASON_RDMSR, EXIT_REASON_WRMSR = 31, 32
 EXIT_REASON_IO = 30
 
 
+# --------------------------------------------------------------------------- the VMCS area
+# The VMCS lives in native memory (vmm/vmcs.py ``Vmcs.area``; native/vmcs.c):
+# one 64-bit slot per field at (width << 2 | type) << 6 | index of its
+# encoding (SDM Vol. 3C 25.11.2, Table 25-21: bits 14:13 width, 11:10 type,
+# 9:1 index; every supported field's index is at most 38).  The fast path
+# writes a VM exit's information fields there, so the layout is known here.
+
+#: slots of a VMCS area (VMLAB_VMCS_SLOTS)
+VMCS_SLOTS = 1024
+
+
+def vmcs_slot(encoding: int) -> int:
+    """The slot of a field encoding (vmlab_vmcs_slot)."""
+    return ((encoding >> 13 & 3) << 2 | (encoding >> 10 & 3)) << 6 | (encoding >> 1 & 0x3F)
+
+
+#: VM_EXIT_REASON, EXIT_QUALIFICATION, VM_EXIT_INSTRUCTION_LEN,
+#: VM_EXIT_INTR_INFO, VM_EXIT_INTR_ERROR_CODE, IDT_VECTORING_INFO (SDM Vol. 3C B.3.2, B.4.2)
+_X_REASON, _X_QUAL, _X_LEN, _X_INTR_INFO, _X_INTR_EC, _X_IDT_INFO = (
+    vmcs_slot(e) for e in (0x4402, 0x6400, 0x440C, 0x4404, 0x4406, 0x4408))
+
+
+def store_exit(f, vmcs) -> None:
+    """A fast-path VM exit's information fields from the decision in ``f``
+    (a ``vmlab_fastpath``) into the VMCS area ``vmcs`` (vmlab_vmcs_store_exit):
+    the exit reason and qualification (SDM Vol. 3C 28.2.1), the instruction
+    length (28.2.5), the interruption information and, when its bit 11 says
+    an error code was delivered, the error code (28.2.2; the field keeps its
+    value otherwise), and no IDT-vectoring information (28.2.3)."""
+    vmcs[_X_REASON], vmcs[_X_QUAL], vmcs[_X_LEN] = f.exit_reason, f.exit_qual, f.exit_len
+    vmcs[_X_INTR_INFO] = f.exit_intr_info
+    vmcs[_X_IDT_INFO] = 0
+    if f.exit_intr_info & 0x800:
+        vmcs[_X_INTR_EC] = f.exit_intr_error
+
+
 @dataclass
 class Policy:
     """What the controls say, in the terms of native ``vmlab_fastpath``."""

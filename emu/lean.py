@@ -15,6 +15,7 @@ answers; tests/unit/test_lean_run.py compares them.
 """
 from __future__ import annotations
 
+from .fastpath import store_exit
 from .native import lib
 
 #: vmlab_lean_run's answer when nothing ran (VMLAB_LEAN_LOOK)
@@ -59,7 +60,8 @@ def clamp(deadline: int) -> int:
 def lean_run(c) -> int:
     """One exit (vmlab_lean_run): the deadline, then vmlab_run_exit from
     ``c.r.rip`` with flags 0; ``LOOK`` without running; a fast-path VM exit
-    as its exit word."""
+    as its exit word, its information fields written into the policy's VMCS
+    area when it names one."""
     v = c.v
     deadline = lean_deadline(v.attention, v.icount, c.slice, c.timer, c.limit)
     if not deadline:
@@ -73,5 +75,7 @@ def lean_run(c) -> int:
         f = c.f
         word = exit_word(f.exit_reason, f.exit_len, f.exit_qual)
         if word is not None:
+            if f.vmcs != ffi.NULL:          # the exit-information fields, written at the exit
+                store_exit(f, f.vmcs)
             return word
     return kind

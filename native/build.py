@@ -34,7 +34,8 @@ ffibuilder.set_source(
     '#include "vmlab.h"\n',
     sources=[os.path.relpath(HERE / "mmu.c"), os.path.relpath(HERE / "hooks.c"),
              os.path.relpath(HERE / "debug.c"),
-             os.path.relpath(HERE / "virtq.c"), os.path.relpath(HERE / "nested.c")],
+             os.path.relpath(HERE / "virtq.c"), os.path.relpath(HERE / "nested.c"),
+             os.path.relpath(HERE / "vmcs.c")],
     include_dirs=[str(HERE), _unicorn_include()],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
 )

@@ -2382,9 +2382,12 @@ int64_t vmlab_lean_run(vmlab_lean *c)
     int err = 0;
     const int kind = vmlab_run_exit(v, c->uc, deadline, 0, c->r, c->f, &err);
     c->err = err;
-    if (kind == VMLAB_STOP_FAST_EXIT && c->f->exit_qual < (1ull << 32) && c->f->exit_len < 16)
+    if (kind == VMLAB_STOP_FAST_EXIT && c->f->exit_qual < (1ull << 32) && c->f->exit_len < 16) {
+        if (c->f->vmcs)         /* the exit-information fields, written at the exit */
+            vmlab_vmcs_store_exit(c->f, c->f->vmcs);
         return VMLAB_LEAN_EXIT | (int64_t)(c->f->exit_reason & 0xffff) | ((int64_t)c->f->exit_len << 17)
                | ((int64_t)c->f->exit_qual << 21);
+    }
     return kind;
 }
 

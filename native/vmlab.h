@@ -445,6 +445,10 @@ typedef struct vmlab_fastpath {
     uint64_t hits;             /* decisions made here (statistics) */
     uint64_t cr_emulated;      /* MOV CR completed in C without a VM exit (statistics) */
     uint64_t exit_rip;         /* RIP of the exiting instruction (vmlab_run_exit) */
+    /* The current VMCS's area (vmcs.c), or NULL: the lean path writes a
+     * fast-path VM exit's information fields into it at the exit
+     * (vmlab_vmcs_store_exit). */
+    uint64_t *vmcs;
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
@@ -484,6 +488,20 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 enum { VMLAB_STOP_FAST_EXIT = 100 };
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err);
+/* ---- the VMCS in native memory (vmcs.c; Python twins in vmm/vmcs.py) ----------
+ * A fixed layout: one 64-bit slot per field at (width << 2 | type) << 6 |
+ * index of its encoding (SDM Vol. 3C 25.11.2, Table 25-21); 1024 slots. */
+enum { VMLAB_VMCS_SLOTS = 1024 };
+uint32_t vmlab_vmcs_slot(uint32_t encoding);
+/* The encoding of level-image entry k (VMLAB_LV_*), 0 past the end. */
+uint32_t vmlab_vmcs_guest_image_encoding(uint32_t k);
+/* A VM exit's guest-state store (SDM Vol. 3C 28.3): the register file's
+ * level image (vmlab_level_save) into its fields, and bit 3 of the
+ * interruptibility state (blocking by NMI, Table 25-3) from nmi_blocked. */
+void vmlab_vmcs_store_guest(const vmlab_regs *r, uint64_t *vmcs, uint32_t nmi_blocked);
+/* A fast-path VM exit's information fields from f's decision (28.2). */
+void vmlab_vmcs_store_exit(const vmlab_fastpath *f, uint64_t *vmcs);
+
 /* ---- the run loop's lean path (hooks.c; Python twin emu/lean.py) ----------
  * One exit in one native call with one argument: what the run loop's lean
  * path (vmm/runloop.py) did around vmlab_run_exit in Python -- the attention

@@ -61,6 +61,7 @@ from . import vmx_msr_areas as msr_areas
 #: layout of a VMCS region in guest memory (see the module docstring)
 _OFF_REVISION, _OFF_ABORT, _OFF_LAUNCHED, _OFF_FIELDS = 0, 4, 8, 16
 _FIELD_ENCODINGS = tuple(int(f.encoding) for f in F.FIELDS)
+_FIELD_SLOTS = tuple(f.slot for f in F.FIELDS)
 assert _OFF_FIELDS + 8 * len(_FIELD_ENCODINGS) <= 4096, "the VMCS data must fit a 4 KiB region"
 
 IA32_FEATURE_CONTROL = 0x3A
@@ -72,22 +73,25 @@ INVALID_POINTER = (1 << 64) - 1
 _CF, _PF, _AF, _ZF, _SF, _OF = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11
 _ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
 
-_X_CTLS = int(F.VM_EXIT_CONTROLS)
-_E_TSC_OFFSET, _E_INTR = int(F.TSC_OFFSET), int(F.GUEST_INTERRUPTIBILITY_STATE)
-_E_ENTRY_INTR, _E_EPTP = int(F.VM_ENTRY_INTR_INFO), int(F.EPT_POINTER)
-_ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
+# slots of the VMCS area (vmm/vmcs.py ``slot``) read and written directly
+_S_EXIT_CTLS = F.slot(F.VM_EXIT_CONTROLS)
+_S_TSC_OFFSET, _S_INTR = F.slot(F.TSC_OFFSET), F.slot(F.GUEST_INTERRUPTIBILITY_STATE)
+_S_ENTRY_INTR, _S_EPTP = F.slot(F.VM_ENTRY_INTR_INFO), F.slot(F.EPT_POINTER)
+_S_PRIMARY, _S_SECONDARY = F.slot(F.CPU_BASED_VM_EXEC_CONTROL), F.slot(F.SECONDARY_VM_EXEC_CONTROL)
 #: execution controls (SDM Vol. 3C Tables 25-5, 25-6, 25-7)
 _PIN_PREEMPT = int(PinBasedControls.ACTIVATE_PREEMPTION_TIMER)
 _PP_SECONDARY = int(PrimaryProcBasedControls.ACTIVATE_SECONDARY_CONTROLS)
 _PP_MTF, _PP_IRQ_WINDOW = int(PrimaryProcBasedControls.MONITOR_TRAP_FLAG), int(PrimaryProcBasedControls.INTERRUPT_WINDOW_EXITING)
 _SP_ENABLE_EPT = int(SecondaryProcBasedControls.ENABLE_EPT)
-_E_PIN, _E_ENTRY_CTLS, _E_CS_AR = (int(F.PIN_BASED_VM_EXEC_CONTROL), int(F.VM_ENTRY_CONTROLS),
-                                   int(F.GUEST_CS_ACCESS_RIGHTS))
+_S_PIN, _S_ENTRY_CTLS, _S_CS_AR = (F.slot(F.PIN_BASED_VM_EXEC_CONTROL), F.slot(F.VM_ENTRY_CONTROLS),
+                                   F.slot(F.GUEST_CS_ACCESS_RIGHTS))
 _ENTRY_IA32E = 1 << 9                 # VM-entry control "IA-32e mode guest" (Table 25-15)
 
 _PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
-_E_ENTRY_MSR_COUNT = int(F.VM_ENTRY_MSR_LOAD_COUNT)
-_E_RFLAGS = int(F.GUEST_RFLAGS)
+_S_ENTRY_MSR_COUNT = F.slot(F.VM_ENTRY_MSR_LOAD_COUNT)
+_S_RFLAGS = F.slot(F.GUEST_RFLAGS)
+#: the slots of GUEST_IMAGE's fields, in its order
+_IMAGE_SLOTS = tuple(F.slot(e) for e in GUEST_IMAGE)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -210,9 +214,9 @@ class NestedVmx:
         data = bytearray(_OFF_FIELDS + 8 * len(_FIELD_ENCODINGS))
         struct.pack_into("<I", data, _OFF_REVISION, v.revision_id)
         data[_OFF_LAUNCHED] = 1 if v.launch_state == F.LaunchState.LAUNCHED else 0
-        vals = v._values
-        for i, enc in enumerate(_FIELD_ENCODINGS):
-            struct.pack_into("<Q", data, _OFF_FIELDS + 8 * i, vals.get(enc, 0))
+        m = v.mem
+        for i, k in enumerate(_FIELD_SLOTS):
+            struct.pack_into("<Q", data, _OFF_FIELDS + 8 * i, m[k])
         if mem.contains(self.current) and mem.contains(self.current + len(data) - 1):
             mem.write(self.current, bytes(data))
 
@@ -222,12 +226,14 @@ class NestedVmx:
         data = mem.read(addr, n) if mem.contains(addr) and mem.contains(addr + n - 1) else bytes(n)
         v = TrackedVmcs(vmwrite_any_field=self.caps.vmwrite_any_field,
                         revision_id=struct.unpack_from("<I", data, _OFF_REVISION)[0] & 0x7FFFFFFF)
-        for i, enc in enumerate(_FIELD_ENCODINGS):
+        m, written = v.mem, set()
+        for i, f in enumerate(F.FIELDS):
             val = struct.unpack_from("<Q", data, _OFF_FIELDS + 8 * i)[0]
             if val:
-                v._values[enc] = val
+                m[f.slot] = val & f.mask
+                written.add(f.encoding)
         v.launch_state = F.LaunchState.LAUNCHED if data[_OFF_LAUNCHED] == 1 else F.LaunchState.CLEAR
-        v.dirty = set(v._values)
+        v.dirty = written
         return v
 
     # ------------------------------------------------------------------ the instructions
@@ -271,21 +277,21 @@ class NestedVmx:
         injected, and no control asks for one instruction at a time (monitor
         trap flag), an interrupt window or the preemption timer."""
         vm = self.vm
-        get = v._values.get
-        p = get(_ENC_PRIMARY, 0)
+        m = v.mem
+        p = m[_S_PRIMARY]
         if (not g._checked or v.dirty or v.cpu_dirty or v.launch_state != F.LaunchState.LAUNCHED
                 or vm.nmi_blocked or g.virtual_nmi_blocked or self._l1_traps is None
-                or g._armed_for != (p, get(_ENC_SECONDARY, 0), False, False, False)
-                or get(_E_ENTRY_INTR, 0) >> 31 & 1 or p & (_PP_MTF | _PP_IRQ_WINDOW)
-                or get(_E_PIN, 0) & _PIN_PREEMPT or g._preempt_deadline is not None
-                or g._pending_exits or g._halt_requested or msr_areas.counts_nonzero(v._values)):
+                or g._armed_for != (p, m[_S_SECONDARY], False, False, False)
+                or m[_S_ENTRY_INTR] >> 31 & 1 or p & (_PP_MTF | _PP_IRQ_WINDOW)
+                or m[_S_PIN] & _PIN_PREEMPT or g._preempt_deadline is not None
+                or g._pending_exits or g._halt_requested or msr_areas.counts_nonzero(v.mem)):
             return
-        sec = get(_ENC_SECONDARY, 0) if p & _PP_SECONDARY else 0
-        long_cs = get(_E_ENTRY_CTLS, 0) & _ENTRY_IA32E and get(_E_CS_AR, 0) & (1 << 13)
+        sec = m[_S_SECONDARY] if p & _PP_SECONDARY else 0
+        long_cs = m[_S_ENTRY_CTLS] & _ENTRY_IA32E and m[_S_CS_AR] & (1 << 13)
         sh.rip_bits = self.caps.linear_address_width if long_cs else 0
         sh.ept_enabled = 1 if sec & _SP_ENABLE_EPT else 0
-        sh.eptp = get(_E_EPTP, 0) if sec & _SP_ENABLE_EPT else 0
-        sh.tsc_offset = get(_E_TSC_OFFSET, 0) if p & _PP_TSC_OFFSETTING else 0
+        sh.eptp = m[_S_EPTP] if sec & _SP_ENABLE_EPT else 0
+        sh.tsc_offset = m[_S_TSC_OFFSET] if p & _PP_TSC_OFFSETTING else 0
         sh.l2_fastpath = g._fastpath
         vm.vcpu.vmx_entered = self._entered_natively
         sh.entry_ready = 1
@@ -301,7 +307,7 @@ class NestedVmx:
         host-state image goes with it, built for L2's EFER as last stored."""
         vm = self.vm
         if (not self.native_reflect or self.record or g.record or g.handlers or g.default_handler != self._reflect
-                or vm.log.enabled("exits") or msr_areas.counts_nonzero(v._values)
+                or vm.log.enabled("exits") or msr_areas.counts_nonzero(v.mem)
                 or self._l1_traps is None or not self._l1_traps <= vm.vcpu.trap_kinds):
             return
         efer = sh.l2_img[LEVEL_EFER]
@@ -332,7 +338,9 @@ class NestedVmx:
         if n:
             sh.reflections = 0
             self.reflected += n
-            v._values.update(zip(GUEST_IMAGE, ffi.unpack(sh.l2_img, LEVEL_N)))
+            m = v.mem
+            for k, val in zip(_IMAGE_SLOTS, ffi.unpack(sh.l2_img, LEVEL_N)):
+                m[k] = val
         self._cache.store_all()
         if not sh.in_l2:
             # L1 at HOST_RIP, the table serving it (as _reflect then _cache_on)
@@ -434,12 +442,12 @@ class NestedVmx:
             mask = self._write_masks.get(enc)
             if mask is None:
                 return None
-            v._values[enc] = gpr[rm] & mask        # Vmcs.write: the value truncated to the field's width
+            v.mem[F.slot(enc)] = gpr[rm] & mask    # Vmcs.write: the value truncated to the field's width
             v.dirty.add(enc)                       # TrackedVmcs: the entry checks see the write
         else:
             if enc not in F.FIELDS_BY_ENCODING:
                 return None
-            cpu.set_gpr(rm, v._values.get(enc, 0), 8)
+            cpu.set_gpr(rm, v.mem[F.slot(enc)], 8)
         cpu.set_rflags(r.rflags & ~_ARITH)         # VMsucceed (SDM 31.2)
         cpu.set_rip(r.rip + length)
         return HANDLED
@@ -638,7 +646,7 @@ class NestedVmx:
         vm.intercept = None
         vm.vcpu.fastpath = None
         self.l2 = None
-        stored = msr_areas.store_on_exit(vm, vmcs._values, self.caps.misc)      # SDM 28.4, after 28.3
+        stored = msr_areas.store_on_exit(vm, vmcs.mem, self.caps.misc)      # SDM 28.4, after 28.3
         self._load_host_state(vmcs)
         if stored:
             self._vmx_abort(msr_areas.ABORT_SAVING_GUEST_MSRS, f"VM-exit MSR-store entry {stored}")
@@ -670,9 +678,9 @@ class NestedVmx:
         if hc is None or hc[0] is not v or hc[1] != self._host_gen or hc[2] != efer:
             # The host-state fields change only by VMWRITE, and a VM entry after
             # one takes the full path, which bumps _host_gen (_L2Guest._enter).
-            g = v._values.get
+            m = v.mem
             buf = ffi.new("uint64_t[]", LEVEL_N)
-            buf[0:LEVEL_N] = host_image(g, g(_X_CTLS, 0), efer)
+            buf[0:LEVEL_N] = host_image(lambda enc, _default=0: m[F.slot(enc)], m[_S_EXIT_CTLS], efer)
             hc = self._host_img = (v, self._host_gen, efer, buf)
         return hc[3]
 
@@ -685,9 +693,9 @@ class NestedVmx:
         vCPU's copy is dropped: the host state is loaded next) and the VM-entry
         interruption information keeps its valid bit (no injection ran)."""
         n, g.msr_load_failed = g.msr_load_failed, 0
-        vals = self.vmcs._values
-        vals[int(F.VM_EXIT_REASON)] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31)
-        vals[int(F.EXIT_QUALIFICATION)] = n
+        m = self.vmcs.mem
+        m[F.slot(F.VM_EXIT_REASON)] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31)
+        m[F.slot(F.EXIT_QUALIFICATION)] = n
         g._saved = None
         g._pending_exits.clear()
         return VmExit(ExitReason.ENTRY_FAIL_MSR_LOADING, n, self.vmcs, g, entry_failure=True)
@@ -696,7 +704,7 @@ class NestedVmx:
         """SDM 28.6 (and 27.8 step 4 for a failed VM entry): load the VM-exit
         MSR-load area once the host state is loaded; a failure is a VMX abort
         (28.7).  False after an abort."""
-        n = msr_areas.load_on_exit(self.vm, v._values, self.caps.misc)
+        n = msr_areas.load_on_exit(self.vm, v.mem, self.caps.misc)
         if n:
             self._vmx_abort(msr_areas.ABORT_LOADING_HOST_MSRS, f"VM-exit MSR-load entry {n}")
             return False
@@ -795,9 +803,9 @@ class _L2Guest(VmxGuest):
         loaded as VmxGuest._load_guest_state does), as one image."""
         v, cpu = self.vmcs, self.cpu
         v.materialize()
-        g = v._values.get
-        self.vm.nested._switch_for(cpu).load([g(e, 0) for e in GUEST_IMAGE])
-        cpu.native.tsc_offset = g(_E_TSC_OFFSET, 0) if self._primary() & _PP_TSC_OFFSETTING else 0
+        m = v.mem
+        self.vm.nested._switch_for(cpu).load([m[k] for k in _IMAGE_SLOTS])
+        cpu.native.tsc_offset = m[_S_TSC_OFFSET] if self._primary() & _PP_TSC_OFFSETTING else 0
         self._saved = True
 
     def _enter(self):
@@ -811,8 +819,7 @@ class _L2Guest(VmxGuest):
         trap flag and interrupt-window exiting, are those of the last entry;
         what is left is the guest-state load, EPT and the preemption timer."""
         v = self._vmcs
-        vals = v._values
-        get = vals.get
+        vals = m = v.mem
         armed = self._armed_for
         if msr_areas.counts_nonzero(vals):
             # MSR areas (SDM 27.4): the full entry, whose MSR-load step is
@@ -821,15 +828,15 @@ class _L2Guest(VmxGuest):
             self._saved = None
             self.vm.nested._host_gen += 1
             return super()._enter()
-        if (not self._checked or armed is None or get(_E_ENTRY_INTR, 0) >> 31 & 1
-                or armed != (get(_ENC_PRIMARY, 0), get(_ENC_SECONDARY, 0), self.vm.nmi_blocked,
-                             self.virtual_nmi_blocked, bool(get(_E_RFLAGS, 0) & x86.RFLAGS_NT))
+        if (not self._checked or armed is None or m[_S_ENTRY_INTR] >> 31 & 1
+                or armed != (m[_S_PRIMARY], m[_S_SECONDARY], self.vm.nmi_blocked,
+                             self.virtual_nmi_blocked, bool(m[_S_RFLAGS] & x86.RFLAGS_NT))
                 or (v.dirty - _CHEAP_FIELDS and not self._rip_only_valid())):
             self.vm.nested._host_gen += 1         # the VMM may have written host-state fields
             return super()._enter()
         self._load_guest_state_if_changed()
         p = self._p
-        eptp = get(_E_EPTP, 0) if p & _PP_SECONDARY and get(_ENC_SECONDARY, 0) & _SP_ENABLE_EPT else None
+        eptp = m[_S_EPTP] if p & _PP_SECONDARY and m[_S_SECONDARY] & _SP_ENABLE_EPT else None
         self.cpu.set_ept(eptp)
         self.single_step = bool(p & _PP_MTF)
         self.wants_irq_window = bool(p & _PP_IRQ_WINDOW)
@@ -845,15 +852,15 @@ class _L2Guest(VmxGuest):
         # SDM 27.4: the VM-entry MSR-load area is processed after the guest
         # state is loaded and before event injection (27.6); a failure ends
         # the VM entry (27.8, NestedVmx._msr_entry_failure) with no injection.
-        vals = self._vmcs._values
-        if vals.get(_E_ENTRY_MSR_COUNT, 0):
+        vals = self._vmcs.mem
+        if vals[_S_ENTRY_MSR_COUNT]:
             n = msr_areas.load_on_entry(self.vm, vals, self.caps.misc)
             if n:
                 self.msr_load_failed = n
                 return
         # Nothing to inject unless the VM-entry interruption-information
         # field is valid (bit 31, SDM Vol. 3C 25.8.3): the common VMRESUME.
-        if self._vmcs._values.get(_E_ENTRY_INTR, 0) >> 31 & 1:
+        if self._vmcs.mem[_S_ENTRY_INTR] >> 31 & 1:
             super()._inject_from_entry_field()
 
     def _store_guest_state(self) -> None:
@@ -863,11 +870,8 @@ class _L2Guest(VmxGuest):
         nested = self.vm.nested
         img = nested._cache.native.l2_img
         lib.vmlab_level_save(self.cpu.regs, img)
-        vals = self._vmcs._values
-        vals.update(zip(GUEST_IMAGE, ffi.unpack(img, LEVEL_N)))
+        lib.vmlab_vmcs_store_guest(self.cpu.regs, self._vmcs.area, self._exit_nmi_blocked)
         nested._img_for = self._vmcs
-        intr = vals.get(_E_INTR, 0) & ~(1 << 3)
-        vals[_E_INTR] = intr | (8 if self._exit_nmi_blocked else 0)
 
     def _set_trap_kinds(self, kinds: frozenset) -> None:
         self.vm.nested._arm_l2(kinds)

@@ -34,6 +34,8 @@ HOT_FIELDS = tuple(int(f) for f in (
     F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
     F.VM_ENTRY_INTR_INFO, F.VM_ENTRY_EXCEPTION_ERROR_CODE, F.VM_ENTRY_INSTRUCTION_LEN,
     F.CPU_BASED_VM_EXEC_CONTROL, F.EXCEPTION_BITMAP, F.CR0_READ_SHADOW, F.CR4_READ_SHADOW))
+#: where they live in a VMCS area (vmm/vmcs.py ``slot``)
+HOT_SLOTS = tuple(F.slot(e) for e in HOT_FIELDS)
 MAX = lib.VMLAB_VMX_SHADOW_MAX
 _PACK = struct.Struct(f"<{len(HOT_FIELDS)}Q").pack       # the table's values, one memmove
 _VMSUCCEED_CLEAR = 0x8D5            # CF PF AF ZF SF OF (SDM Vol. 3C 31.2)
@@ -160,19 +162,21 @@ class VmcsCache:
     def fill(self, vmcs) -> None:
         """Serve ``vmcs`` (materialized: no deferred guest-state store)."""
         s = self.native
-        get = vmcs._values.get
-        ffi.memmove(s.value, _PACK(*[get(enc, 0) for enc in HOT_FIELDS]), 8 * len(HOT_FIELDS))
+        m = vmcs.mem
+        ffi.memmove(s.value, _PACK(*[m[k] for k in HOT_SLOTS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
         s.entry_ready = s.reflect_ready = 0
         s.active = 1
         self.vmcs = vmcs
 
     def store_all(self) -> None:
-        """Every value of the table into the VMCS's dict, untracked: after C
+        """Every value of the table into the VMCS area, untracked: after C
         reflected L2 exits (the exit information and guest state it stored)
         and executed VMRESUMEs (which consumed the VMWRITEs before them)."""
         if self.vmcs is not None:
-            self.vmcs._values.update(zip(HOT_FIELDS, ffi.unpack(self.native.value, len(HOT_FIELDS))))
+            m = self.vmcs.mem
+            for k, value in zip(HOT_SLOTS, ffi.unpack(self.native.value, len(HOT_FIELDS))):
+                m[k] = value
 
     def sync(self) -> None:
         """Stop serving; the VMWRITEs served go into the VMCS (tracked)."""
@@ -181,13 +185,13 @@ class VmcsCache:
         d = s.dirty
         if d and self.vmcs is not None:
             v = self.vmcs
-            vals, dirty = v._values, v.dirty
+            m, dirty = v.mem, v.dirty
             while d:
                 k = (d & -d).bit_length() - 1          # the lowest field written
                 d &= d - 1
                 if k < len(HOT_FIELDS):
                     enc = HOT_FIELDS[k]
-                    vals[enc] = s.value[k]
+                    m[HOT_SLOTS[k]] = s.value[k]
                     dirty.add(enc)
         s.dirty = 0
         self.vmcs = None

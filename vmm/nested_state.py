@@ -9,7 +9,9 @@ per field in the order of ``GUEST_IMAGE`` (vmlab.h ``VMLAB_LV_*``) -- and one
 native call moves the image into or out of the vCPU:
 
 * ``vmlab_level_save`` (twin :func:`level_save`): the register file -> image,
-  segment caches as VMX access rights (Table 25-2);
+  segment caches as VMX access rights (Table 25-2); ``vmlab_vmcs_store_guest``
+  (native/vmcs.c, twin :func:`store_guest`) puts that image into a VMCS
+  area's guest-state fields, as a VM exit stores them;
 * ``vmlab_level_load``: CR0/CR3/CR4/EFER when they differ (in the order
   vmm/vmx.py ``load_paging_state`` writes them; every cached translation is
   dropped then), then ``vmlab_level_compose`` (twin :func:`level_compose`):
@@ -54,6 +56,9 @@ GUEST_IMAGE = tuple(int(e) for e in (
 assert len(GUEST_IMAGE) == N
 
 _M32 = 0xFFFFFFFF
+#: where the image's fields live in a VMCS area (vmm/vmcs.py ``slot``)
+_IMAGE_SLOTS = tuple(F.slot(e) for e in GUEST_IMAGE)
+_INTR_SLOT = F.slot(F.GUEST_INTERRUPTIBILITY_STATE)
 
 
 def _seg(r, k):
@@ -67,6 +72,17 @@ def level_save(r) -> list[int]:
         s = _seg(r, k)
         img += [s.selector, s.base, s.limit, flags_to_ar(s.flags, s.selector, k in (1, 7))]
     return img + [r.gdtr_base, r.gdtr_limit, r.idtr_base, r.idtr_limit]
+
+
+def store_guest(r, vmcs, nmi_blocked: int) -> None:
+    """The twin of vmlab_vmcs_store_guest (native/vmcs.c): a VM exit's
+    guest-state store (SDM Vol. 3C 28.3) into the VMCS area ``vmcs`` (a cffi
+    ``uint64_t *`` or a memoryview of ``Vmcs.mem``): the image of register
+    file ``r`` into its fields, and bit 3 of the interruptibility state
+    (blocking by NMI, Table 25-3) from ``nmi_blocked``."""
+    for k, value in zip(_IMAGE_SLOTS, level_save(r)):
+        vmcs[k] = value
+    vmcs[_INTR_SLOT] = (vmcs[_INTR_SLOT] & ~8) | (8 if nmi_blocked else 0)
 
 
 def level_compose(r, img) -> None:

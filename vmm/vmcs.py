@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum, IntFlag
 from typing import Iterator
 
+from vmlab.emu.fastpath import VMCS_SLOTS, vmcs_slot as slot
+from vmlab.emu.native import ffi
+
 from .errors import VmmError
 from .exit_reasons import ExitReasonField, VmInstructionError
 
@@ -315,6 +318,12 @@ class Field:
     encoding: int
     width: FieldWidth
     kind: FieldKind
+    #: where the field lives in a VMCS area (:func:`slot`; computed when not given)
+    slot: int = -1
+
+    def __post_init__(self):
+        if self.slot < 0:
+            object.__setattr__(self, "slot", slot(self.encoding))
 
     @property
     def bits(self) -> int:
@@ -359,6 +368,10 @@ FIELDS_BY_ENCODING: dict[int, Field] = {f.encoding: f for f in FIELDS}
 FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 #: Highest index (bits 9:1) of any supported encoding -- IA32_VMX_VMCS_ENUM[9:1] (SDM Vol. 3C A.9).
 MAX_FIELD_INDEX = max(encoding_index(f.encoding) for f in FIELDS)
+#: The encodings of every field (a VMCS whose every field counts as written).
+ALL_ENCODINGS = frozenset(FIELDS_BY_ENCODING)
+if MAX_FIELD_INDEX > 0x3F or len({f.slot for f in FIELDS}) != len(FIELDS):
+    raise ImportError("the VMCS area layout (6-bit index per width/type group) does not fit the field table")
 
 
 class VmInstructionFault(VmmError):
@@ -489,6 +502,15 @@ def _as_int(value) -> int:
 class Vmcs:
     """The data of one VMCS, with VMREAD/VMWRITE semantics (SDM Vol. 3C 25.11.2, 31.3).
 
+    The data live in native memory, a fixed layout as Bochs keeps its VMCS
+    area: ``area`` is a cffi ``uint64_t[VMCS_SLOTS]`` with each field at
+    ``Field.slot`` (:func:`slot`: width, type and index of the encoding), so C
+    reads and writes the same fields in place -- the fast path writes a VM
+    exit's information fields there at the exit (native/vmcs.c).  ``mem`` is
+    the same memory as a memoryview of 64-bit integers, for the VMM's
+    field-by-slot reads and writes that need no VMREAD checks (values must
+    be within the field's width).
+
     ``vmwrite_any_field`` mirrors IA32_VMX_MISC[29] ("software can use VMWRITE
     to write to any supported field in the VMCS"): without it, VMWRITE to a
     VM-exit information field fails with VMWRITE_READ_ONLY_COMPONENT (13).
@@ -497,10 +519,12 @@ class Vmcs:
     VMM owns it (vmlab models no VMPTRLD of guest-physical VMCS regions).
     """
 
-    __slots__ = ("_values", "launch_state", "vmwrite_any_field", "revision_id")
+    __slots__ = ("area", "mem", "launch_state", "vmwrite_any_field", "revision_id")
 
     def __init__(self, *, vmwrite_any_field: bool = True, revision_id: int = 0):
-        self._values: dict[int, int] = {}
+        area = ffi.new("uint64_t[]", VMCS_SLOTS)
+        self.area = area
+        self.mem = memoryview(ffi.buffer(area)).cast("Q")
         self.launch_state = LaunchState.CLEAR
         self.vmwrite_any_field = vmwrite_any_field
         self.revision_id = revision_id
@@ -510,7 +534,7 @@ class Vmcs:
     def read(self, encoding: int) -> int:
         """VMREAD: the field's value, zero-extended to 64 bits; bits 63:32 for a high encoding."""
         field, high = lookup(encoding)
-        value = self._values.get(field.encoding, 0)
+        value = self.mem[field.slot]
         return value >> 32 if high else value
 
     def write(self, encoding: int, value: int) -> None:
@@ -529,8 +553,8 @@ class Vmcs:
 
     def _store(self, field: Field, value: int, high: bool = False) -> None:
         if high:
-            value = (self._values.get(field.encoding, 0) & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
-        self._values[field.encoding] = value & field.mask
+            value = (self.mem[field.slot] & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+        self.mem[field.slot] = value & field.mask
 
     # -- Python access --------------------------------------------------------------
 
@@ -569,12 +593,14 @@ class Vmcs:
         return iter(FIELDS)
 
     def __repr__(self) -> str:
-        nonzero = sum(1 for v in self._values.values() if v)
+        mem = self.mem
+        nonzero = sum(1 for f in FIELDS if mem[f.slot])
         return f"<Vmcs {self.launch_state.value}, {nonzero} nonzero fields>"
 
     def snapshot(self, *, nonzero: bool = False) -> dict[str, int]:
         """{field name: value} for every field, in encoding order (only nonzero ones if asked)."""
-        out = {f.name: self._values.get(f.encoding, 0) for f in FIELDS}
+        mem = self.mem
+        out = {f.name: mem[f.slot] for f in FIELDS}
         return {k: v for k, v in out.items() if v} if nonzero else out
 
     def diff(self, other: "Vmcs") -> dict[str, tuple[int, int]]:
@@ -585,7 +611,7 @@ class Vmcs:
     def copy(self) -> "Vmcs":
         """An independent VMCS with the same fields, launch state and VMWRITE rule."""
         new = Vmcs(vmwrite_any_field=self.vmwrite_any_field, revision_id=self.revision_id)
-        new._values.update(self._values)
+        new.mem[:] = self.mem
         new.launch_state = self.launch_state
         return new
 
@@ -674,8 +700,8 @@ class Vmcs:
 
 __all__ = [
     "ActivityState", "ENC_ACCESS_HIGH", "ENC_RESERVED_MASK", "FIELDS", "FIELDS_BY_ENCODING",
-    "FIELDS_BY_NAME", "Field", "FieldKind", "FieldWidth", "Interruptibility", "LaunchState", "MAX_FIELD_INDEX",
-    "VMCS_LINK_POINTER_NONE", "Vmcs", "VmcsField", "VmInstructionFault", "encoding_index", "encoding_kind",
-    "encoding_width", "field_by_name", "lookup", "make_access_rights", "make_encoding",
+    "ALL_ENCODINGS", "FIELDS_BY_NAME", "Field", "FieldKind", "FieldWidth", "Interruptibility", "LaunchState", "MAX_FIELD_INDEX",
+    "VMCS_LINK_POINTER_NONE", "VMCS_SLOTS", "Vmcs", "VmcsField", "VmInstructionFault", "encoding_index", "encoding_kind",
+    "encoding_width", "field_by_name", "lookup", "make_access_rights", "make_encoding", "slot",
     *VmcsField.__members__,
 ]

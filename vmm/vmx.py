@@ -34,7 +34,7 @@ from vmlab.emu.cpu import _M_RIP, GuestFault
 from vmlab.emu.events import Event, TripleFault, deliver
 from vmlab.emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
 from vmlab.emu.fastpath import exception_exit
-from vmlab.emu.native import ffi
+from vmlab.emu.native import ffi, lib
 
 from . import runloop
 from . import vmx_msr_areas as msr_areas
@@ -139,9 +139,9 @@ class TrackedVmcs(F.Vmcs):
         if isinstance(vmcs, cls):
             return vmcs
         t = cls(vmwrite_any_field=vmcs.vmwrite_any_field, revision_id=vmcs.revision_id)
-        t._values = dict(vmcs._values)
+        t.mem[:] = vmcs.mem
         t.launch_state = vmcs.launch_state
-        t.dirty = set(t._values)
+        t.dirty = set(F.ALL_ENCODINGS)
         return t
 
 
@@ -259,7 +259,8 @@ class VmExit:
                 cpu._dirty |= _M_RIP
                 return
             if isinstance(v, TrackedVmcs):
-                v._values[_E_RIP] = (v._values.get(_E_RIP, 0) + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
+                m = v.mem
+                m[_S_RIP] = (m[_S_RIP] + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 v.cpu_dirty.add(_E_RIP)
             else:
                 v.write(F.GUEST_RIP, v.read(F.GUEST_RIP) + self.instruction_length)
@@ -305,12 +306,9 @@ class VmxGuest(NonRootIntercepts):
         self._lazy_ref = weakref.WeakMethod(self._store_deferred)
         #: the native fast path's policy (emu/fastpath.py), refreshed at VM entry
         self._fastpath = ffi.new("vmlab_fastpath *")
+        self._fastpath.vmcs = self._vmcs.area   # the lean path writes exit information there
         self._fast_key = None                 # the controls _fastpath was built from
         self._exit_nmi_blocked = False
-        #: the exit-information fields of the last VM exit are still in the
-        #: native fast-path decision (``_fastpath``: reason, length,
-        #: qualification), stored into the VMCS with the deferred guest state
-        self._native_exit = False
         #: primary processor-based and pin-based controls as of the last VM
         #: entry (a control written since makes the next entry take the full path)
         self._p = self._pin = 0
@@ -340,6 +338,7 @@ class VmxGuest(NonRootIntercepts):
     @vmcs.setter
     def vmcs(self, value: F.Vmcs) -> None:
         self._vmcs = TrackedVmcs.wrap(value)
+        self._fastpath.vmcs = self._vmcs.area
         self._saved = self._checked = None
 
     # ------------------------------------------------------------------ handler API
@@ -359,15 +358,15 @@ class VmxGuest(NonRootIntercepts):
 
     # ------------------------------------------------------------------ controls
     def _ctl(self, enc) -> int:
-        return self.vmcs._values.get(enc, 0)
+        return self.vmcs.mem[F.slot(enc)]
 
     def _primary(self) -> int:
-        return self.vmcs._values.get(_ENC_PRIMARY, 0)
+        return self.vmcs.mem[_S_PRIMARY]
 
     def _secondary(self) -> int:
         if not self._primary() & _PP.ACTIVATE_SECONDARY_CONTROLS:
             return 0
-        return self.vmcs._values.get(_ENC_SECONDARY, 0)
+        return self.vmcs.mem[_S_SECONDARY]
 
     def _arm_traps(self) -> None:
         """Trap sites follow the controls: only what may exit is armed."""
@@ -397,22 +396,20 @@ class VmxGuest(NonRootIntercepts):
     # ------------------------------------------------------------------ state transfer
     def _load_guest_state(self) -> None:
         """VM entry: guest-state area -> vCPU (SDM Vol. 3C 28.3.2).  The fields
-        are read from the VMCS's dict directly (every encoding here is a valid
+        are read from the VMCS area directly (every field here is a valid
         natural-width or 16/32-bit field, whose VMREAD is the stored value)."""
         v, cpu = self.vmcs, self.cpu
         v.materialize()
         cpu.refresh()
-        g = v._values.get
-        load_paging_state(cpu, g(_E_CR0, 0), g(_E_CR3, 0), g(_E_CR4, 0), g(_E_EFER, 0))
-        segs = {idx: (g(sel, 0), g(base, 0), g(lim, 0), ar_to_flags(g(ar, 0)))
-                for idx, sel, base, lim, ar in _SEG_FIELDS}
-        cpu.set_descriptor_tables(gdtr=(g(_E_GDTR_BASE, 0), g(_E_GDTR_LIMIT, 0)),
-                                  idtr=(g(_E_IDTR_BASE, 0), g(_E_IDTR_LIMIT, 0)))
-        cpu.set_rflags(g(_E_RFLAGS, 0))
-        cpu.set_reg("rsp", g(_E_RSP, 0))
-        cpu.set_rip(g(_E_RIP, 0))
+        m = v.mem
+        load_paging_state(cpu, m[_S_CR0], m[_S_CR3], m[_S_CR4], m[_S_EFER])
+        segs = {idx: (m[sel], m[base], m[lim], ar_to_flags(m[ar])) for idx, sel, base, lim, ar in _SEG_SLOTS}
+        cpu.set_descriptor_tables(gdtr=(m[_S_GDTR_BASE], m[_S_GDTR_LIMIT]), idtr=(m[_S_IDTR_BASE], m[_S_IDTR_LIMIT]))
+        cpu.set_rflags(m[_S_RFLAGS])
+        cpu.set_reg("rsp", m[_S_RSP])
+        cpu.set_rip(m[_S_RIP])
         cpu.load_segments(segs, clear_exception=True)
-        cpu.native.tsc_offset = g(_E_TSC_OFFSET, 0) if self._primary() & _PP.USE_TSC_OFFSETTING else 0
+        cpu.native.tsc_offset = m[_S_TSC_OFFSET] if self._primary() & _PP.USE_TSC_OFFSETTING else 0
         self._saved = True
 
     def _save_guest_state(self) -> None:
@@ -425,66 +422,28 @@ class VmxGuest(NonRootIntercepts):
                                   else self.vm.nmi_blocked)
         object.__setattr__(self._vmcs, "lazy", self._lazy_ref)
         self._saved = True
-        if self._preempt_deadline is not None and self._vmcs._values.get(_E_EXIT_CTLS, 0) & (1 << 22):
+        if self._preempt_deadline is not None and self._vmcs.mem[_S_EXIT_CTLS] & (1 << 22):
             # "save VMX-preemption timer value" (SDM 28.3.4)
             rate = self.caps.misc & 0x1F
-            self._vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = \
+            self._vmcs.mem[_S_PREEMPT_VALUE] = \
                 max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
 
     def _store_deferred(self) -> None:
-        """The deferred part of a VM exit (TrackedVmcs.lazy): the
-        exit-information fields of an exit the run loop's lean path took
-        (exit reason and qualification, SDM Vol. 3C 28.2.1 "Basic VM-Exit
-        Information"; instruction length, 28.2.5; the VM-exit interruption
-        information and error code of an exception, 28.2.2; from the native
-        decision; no IDT-vectoring information), then the guest state."""
-        if self._native_exit:
-            self._native_exit = False
-            f = self._fastpath
-            vals = self._vmcs._values
-            vals[_X_REASON], vals[_X_QUAL], vals[_X_LEN] = f.exit_reason, f.exit_qual, f.exit_len
-            info = vals[_X_INTR_INFO] = f.exit_intr_info
-            vals[_X_IDT_INFO] = 0
-            if info & 0x800:                    # error code valid (else the field keeps its value)
-                vals[_X_INTR_EC] = f.exit_intr_error
+        """The deferred part of a VM exit (TrackedVmcs.lazy): the guest
+        state.  (The exit-information fields are in the VMCS already: the
+        lean path's native call wrote them at the exit, ``_make_exit`` at the
+        general path's.)"""
         self._store_guest_state()
 
     def _store_guest_state(self) -> None:
         """The deferred part of a VM exit: store the vCPU's state into the
-        guest-state area.  Values are in range by construction."""
-        r = self.cpu.regs
-        vals = self._vmcs._values
-        vals[_E_RIP], vals[_E_RSP], vals[_E_RFLAGS] = r.rip, r.gpr[4], r.rflags
-        vals[_E_CR0], vals[_E_CR3], vals[_E_CR4], vals[_E_EFER] = r.cr0, r.cr3, r.cr4, r.efer
-        intr = vals.get(_E_INTR, 0) & ~(1 << 3)
-        vals[_E_INTR] = intr | (8 if self._exit_nmi_blocked else 0)   # bit 3: blocking by NMI (Table 25-3)
-        self._save_segment_state()
-
-    def _save_segment_state(self) -> None:
-        """Segment registers and descriptor tables -> guest-state fields.  The
-        field values are a function of the vCPU's segment state alone, kept for
-        the last few states seen (a guest that does not reload its segments
-        stores the same values on every exit)."""
-        r = self.cpu.regs
-        seg, ldtr, tr = r.seg, r.ldtr, r.tr
-        s0, s1, s2, s3, s4, s5 = seg[0], seg[1], seg[2], seg[3], seg[4], seg[5]
-        key = ((s0.selector, s0.base, s0.limit, s0.flags), (s1.selector, s1.base, s1.limit, s1.flags),
-               (s2.selector, s2.base, s2.limit, s2.flags), (s3.selector, s3.base, s3.limit, s3.flags),
-               (s4.selector, s4.base, s4.limit, s4.flags), (s5.selector, s5.base, s5.limit, s5.flags),
-               (ldtr.selector, ldtr.base, ldtr.limit, ldtr.flags), (tr.selector, tr.base, tr.limit, tr.flags),
-               r.gdtr_base, r.gdtr_limit, r.idtr_base, r.idtr_limit)
-        fields = _SAVED_SEGMENTS.get(key)
-        if fields is None:
-            fields = {_E_GDTR_BASE: r.gdtr_base, _E_GDTR_LIMIT: r.gdtr_limit,
-                      _E_IDTR_BASE: r.idtr_base, _E_IDTR_LIMIT: r.idtr_limit}
-            for i, (idx, sel, base, lim, ar) in enumerate(_SEG_FIELDS):
-                selector, sbase, slimit, flags = key[i]
-                fields[sel], fields[base], fields[lim] = selector, sbase, slimit
-                fields[ar] = flags_to_ar(flags, selector, idx == x86.R_CS or idx == 7)
-            if len(_SAVED_SEGMENTS) >= 64:
-                _SAVED_SEGMENTS.clear()
-            _SAVED_SEGMENTS[key] = fields
-        self._vmcs._values.update(fields)
+        guest-state area (SDM Vol. 3C 28.3) in one native call on the VMCS
+        area (native/vmcs.c ``vmlab_vmcs_store_guest``; twin
+        vmm/nested_state.py ``store_guest``): RIP, RSP, RFLAGS, CR0, CR3,
+        CR4, EFER, the segment registers with their access rights, GDTR and
+        IDTR, and blocking by NMI (interruptibility bit 3, Table 25-3) as at
+        the exit."""
+        lib.vmlab_vmcs_store_guest(self.cpu.regs, self._vmcs.area, self._exit_nmi_blocked)
 
     # ------------------------------------------------------------------ VM entry
     def launch(self) -> None:
@@ -500,9 +459,9 @@ class VmxGuest(NonRootIntercepts):
         dirty = self._vmcs.dirty
         if not self._checked or not dirty or not dirty <= _RIP_RSP:
             return False
-        vals = self._vmcs._values
-        rip = vals.get(_E_RIP, 0)
-        long_cs = vals.get(_E_ENTRY_CTLS, 0) & (1 << 9) and vals.get(_E_CS_AR, 0) & (1 << 13)
+        m = self._vmcs.mem
+        rip = m[_S_RIP]
+        long_cs = m[_S_ENTRY_CTLS] & (1 << 9) and m[_S_CS_AR] & (1 << 13)
         if not long_cs:
             return rip >> 32 == 0
         top = rip >> (self.caps.linear_address_width - 1)
@@ -523,14 +482,14 @@ class VmxGuest(NonRootIntercepts):
         armed = self._armed_for
         if (self._checked and self._saved and not dirty and armed is not None
                 and armed[2] == vm.nmi_blocked and armed[3] == self.virtual_nmi_blocked
-                and not self._vmcs._values.get(_E_ENTRY_INTR, 0) & (1 << 31) and not self._msr_areas):
+                and not self._vmcs.mem[_S_ENTRY_INTR] & (1 << 31) and not self._msr_areas):
             # The common re-entry after a handler that at most skipped the
             # instruction: nothing in the VMCS was written since an entry that
             # passed the checks, so only RIP moves (and the preemption timer
             # reloads, SDM 26.5.1).
             cpu_dirty = self._vmcs.cpu_dirty
             if cpu_dirty:
-                self.cpu.set_rip(self._vmcs._values[_E_RIP])
+                self.cpu.set_rip(self._vmcs.mem[_S_RIP])
                 cpu_dirty.clear()
             if self._preempt_deadline is not None or self._pin & _PIN.ACTIVATE_PREEMPTION_TIMER:
                 self._arm_preemption_timer()
@@ -556,11 +515,10 @@ class VmxGuest(NonRootIntercepts):
             self._arm_traps()
             self._armed_for = ctl
         self.cpu.set_ept(self._ctl(int(F.EPT_POINTER)) if self._secondary() & _SP.ENABLE_EPT else None)
-        self._p, self._pin = self._primary(), self._ctl(_E_PIN)
-        vals = self._vmcs._values
-        fast_key = (self._p, vals.get(_ENC_SECONDARY, 0), vals.get(_E_IO_A, 0), vals.get(_E_IO_B, 0),
-                    vals.get(_E_MSR_BITMAP, 0), *[vals.get(e, 0) for e in _CR_POLICY_FIELDS], id(self.vm.cpuid),
-                    self.native_cr)
+        self._p, self._pin = self._primary(), self._vmcs.mem[_S_PIN]
+        m = self._vmcs.mem
+        fast_key = (self._p, m[_S_SECONDARY], m[_S_IO_A], m[_S_IO_B], m[_S_MSR_BITMAP],
+                    *[m[k] for k in _CR_POLICY_SLOTS], id(self.vm.cpuid), self.native_cr)
         if fast_key != self._fast_key:
             # The fast-path policy depends on these controls only (_fast_policy).
             self._fast_policy().to_native(self._fastpath)
@@ -569,15 +527,15 @@ class VmxGuest(NonRootIntercepts):
         self.wants_irq_window = bool(self._p & _PP.INTERRUPT_WINDOW_EXITING)
         self.vmcs.dirty.clear()
         self._arm_preemption_timer()
-        self._msr_areas = self._own_msr_areas and msr_areas.counts_nonzero(vals)
+        self._msr_areas = self._own_msr_areas and msr_areas.counts_nonzero(m)
         if self._msr_areas:
             # SDM 27.4: the VM-entry MSR-load area, after the guest state is
             # loaded and before event injection; a failing entry n fails the
             # VM entry: exit reason 34 with bit 31, qualification n (27.8),
             # the VM-exit MSR-load area processed, nothing stored.
-            n = msr_areas.load_on_entry(self.vm, vals, self.caps.misc)
+            n = msr_areas.load_on_entry(self.vm, m, self.caps.misc)
             if n:
-                vals[_X_REASON], vals[_X_QUAL] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31), n
+                m[_S_X_REASON], m[_S_X_QUAL] = int(ExitReason.ENTRY_FAIL_MSR_LOADING) | (1 << 31), n
                 self._msr_exit(store=False)
                 return VmExit(ExitReason.ENTRY_FAIL_MSR_LOADING, n, self.vmcs, self, entry_failure=True)
         self._inject_from_entry_field()
@@ -596,7 +554,7 @@ class VmxGuest(NonRootIntercepts):
         vCPU's MSRs take the host values, as on hardware).  A failing entry
         is a VMX abort (28.7: indicator 1 for the store, 4 for the load): the
         run ends in shutdown."""
-        vm, vals, misc = self.vm, self._vmcs._values, self.caps.misc
+        vm, vals, misc = self.vm, self._vmcs.mem, self.caps.misc
         n = msr_areas.store_on_exit(vm, vals, misc) if store else 0
         if n:
             self._abort = Stop(StopReason.SHUTDOWN, f"VMX abort (indicator {msr_areas.ABORT_SAVING_GUEST_MSRS}): "
@@ -612,7 +570,7 @@ class VmxGuest(NonRootIntercepts):
         if not raw & (1 << 31):
             return
         info = InterruptionInfo.decode(raw)
-        self.vmcs._values[int(F.VM_ENTRY_INTR_INFO)] = raw & ~(1 << 31)
+        self.vmcs.mem[_S_ENTRY_INTR] = raw & ~(1 << 31)
         ec = self.vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info.deliver_error_code else None
         cpu = self.cpu
         t = info.type
@@ -703,9 +661,10 @@ class VmxGuest(NonRootIntercepts):
         exit the native fast path decided (``word``: the exit word of
         emu/lean.py, reason, length and qualification; ``_fastpath`` holds
         them too) and nothing else needs the loop.  Does what ``intercept`` +
-        ``on_exit`` do for it -- the VM exit (SDM Vol. 3C 28.2: guest state
-        and the exit-information fields stored when the VMCS is first read or
-        written, the latter from the native decision), the handler, VM entry
+        ``on_exit`` do for it -- the VM exit (SDM Vol. 3C 28.2: the
+        exit-information fields are in the VMCS area already, written by the
+        native call at the exit; the guest state is stored when the VMCS is
+        first read or written), the handler, VM entry
         -- with one small exit object.  None: not taken here (no handler,
         exits recorded, a debugger's break-exit); the loop takes the general
         path with nothing changed."""
@@ -720,16 +679,8 @@ class VmxGuest(NonRootIntercepts):
         if vmcs.lazy is not ref:
             _set_attr(vmcs, "lazy", ref)
         self._saved = True
-        # The exit-information fields stay in the native decision until the
-        # VMCS is read or written (``_store_deferred``).
-        self._native_exit = True
         if not reason:
-            # An exception (SDM Vol. 3C 28.2.2).  Its error code is stored now:
-            # the field keeps its value through exits without one, so a
-            # deferred store that never happens would lose it for a later read.
-            f = self._fastpath
-            if f.exit_intr_info & 0x800:
-                vmcs._values[_X_INTR_EC] = f.exit_intr_error
+            # An exception (SDM Vol. 3C 28.2.2)
             if word & 0x1E0000:
                 # INT3/INTO: GUEST_RIP is the instruction's own (_exception,
                 # 28.2.5; the run stopped after it)
@@ -765,7 +716,7 @@ class VmxGuest(NonRootIntercepts):
             # be in ``dirty``.  ``_saved`` holds: only a new VMCS clears it.)
             cpu_dirty = vmcs.cpu_dirty
             if cpu_dirty:
-                self.cpu.set_rip(vmcs._values[_E_RIP])
+                self.cpu.set_rip(vmcs.mem[_S_RIP])
                 cpu_dirty.clear()
             return HANDLED
         # Anything else: the general way, after which the run loop looks
@@ -796,21 +747,20 @@ class VmxGuest(NonRootIntercepts):
         self._save_guest_state()
         if self._msr_areas:
             self._msr_exit()
-        self._native_exit = False
-        vals = self._vmcs._values
-        vals[_X_REASON] = int(reason)
-        vals[_X_QUAL] = qual if type(qual) is int else _as_int(qual)
-        vals[_X_INTR_INFO] = interruption.encode() if interruption else 0
-        vals[_X_IDT_INFO] = 0
-        vals[_X_LEN] = length
+        m = self._vmcs.mem
+        m[_S_X_REASON] = int(reason)
+        m[_S_X_QUAL] = qual if type(qual) is int else _as_int(qual)
+        m[_S_X_INTR_INFO] = interruption.encode() if interruption else 0
+        m[_S_X_IDT_INFO] = 0
+        m[_S_X_LEN] = length
         if instruction_info is not None:
-            vals[_X_INSN_INFO] = _as_int(instruction_info)
+            m[_S_X_INSN_INFO] = _as_int(instruction_info)
         if gpa is not None:
-            vals[_X_GPA] = gpa
+            m[_S_X_GPA] = gpa
         if gla is not None:
-            vals[_X_GLA] = gla
+            m[_S_X_GLA] = gla
         if error_code is not None:
-            vals[_X_INTR_EC] = error_code
+            m[_S_X_INTR_EC] = error_code
         return VmExit(reason if type(reason) is ExitReason else ExitReason(reason), qual, self._vmcs, self,
                       decoded, length, False, mex)
 
@@ -876,7 +826,7 @@ class VmxGuest(NonRootIntercepts):
 
     def _load_guest_state_if_changed(self) -> None:
         if _E_INTR in self.vmcs.dirty:
-            blocked = bool(self.vmcs._values.get(_E_INTR, 0) & 8)
+            blocked = bool(self.vmcs.mem[_S_INTR] & 8)
             if self._ctl(int(F.PIN_BASED_VM_EXEC_CONTROL)) & _PIN.VIRTUAL_NMIS:
                 self.virtual_nmi_blocked = blocked
             else:
@@ -929,35 +879,38 @@ _TRAPS_BY_SECONDARY = (
     (_SP.RDSEED_EXITING, {"rdseed"}),
 )
 _E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
-#: (vCPU segment index: 0-5 ES..GS, 6 LDTR, 7 TR; selector, base, limit, access-rights encodings)
-_SEG_FIELDS = tuple((idx, int(F.GUEST_ES_SELECTOR) + 2 * i, int(F.GUEST_ES_BASE) + 2 * i,
-                     int(F.GUEST_ES_LIMIT) + 2 * i, int(F.GUEST_ES_ACCESS_RIGHTS) + 2 * i)
-                    for i, idx in enumerate(_SEG_ORDER)) + (
-    (6, int(F.GUEST_LDTR_SELECTOR), int(F.GUEST_LDTR_BASE), int(F.GUEST_LDTR_LIMIT), int(F.GUEST_LDTR_ACCESS_RIGHTS)),
-    (7, int(F.GUEST_TR_SELECTOR), int(F.GUEST_TR_BASE), int(F.GUEST_TR_LIMIT), int(F.GUEST_TR_ACCESS_RIGHTS)))
-_E_GDTR_BASE, _E_GDTR_LIMIT = int(F.GUEST_GDTR_BASE), int(F.GUEST_GDTR_LIMIT)
-_E_IDTR_BASE, _E_IDTR_LIMIT = int(F.GUEST_IDTR_BASE), int(F.GUEST_IDTR_LIMIT)
-_E_TSC_OFFSET = int(F.TSC_OFFSET)
-#: vCPU segment state -> the guest-state field values it is saved as (_save_segment_state)
-_SAVED_SEGMENTS: dict[tuple, dict[int, int]] = {}
-_E_IO_A, _E_IO_B, _E_MSR_BITMAP = int(F.IO_BITMAP_A), int(F.IO_BITMAP_B), int(F.MSR_BITMAP)
-_E_CR0, _E_CR3, _E_CR4, _E_EFER = int(F.GUEST_CR0), int(F.GUEST_CR3), int(F.GUEST_CR4), int(F.GUEST_IA32_EFER)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
-_E_ENTRY_INTR, _E_PIN = int(F.VM_ENTRY_INTR_INFO), int(F.PIN_BASED_VM_EXEC_CONTROL)
-#: the VMCS fields the fast path's MOV CR and exception decisions follow (vmx_intercept._fast_policy)
-_CR_POLICY_FIELDS = tuple(int(f) for f in (F.CR0_GUEST_HOST_MASK, F.CR0_READ_SHADOW, F.CR4_GUEST_HOST_MASK,
-                                           F.CR4_READ_SHADOW, F.CR3_TARGET_COUNT, F.CR3_TARGET_VALUE0,
-                                           F.CR3_TARGET_VALUE1, F.CR3_TARGET_VALUE2, F.CR3_TARGET_VALUE3,
-                                           F.EXCEPTION_BITMAP, F.PAGE_FAULT_ERROR_CODE_MASK,
-                                           F.PAGE_FAULT_ERROR_CODE_MATCH))
-_E_EXIT_CTLS = int(F.VM_EXIT_CONTROLS)
-_E_ENTRY_CTLS, _E_CS_AR = int(F.VM_ENTRY_CONTROLS), int(F.GUEST_CS_ACCESS_RIGHTS)
 _RIP_RSP = frozenset({_E_RIP, _E_RSP})
-_X_REASON, _X_QUAL, _X_INTR_INFO, _X_IDT_INFO = (int(F.VM_EXIT_REASON), int(F.EXIT_QUALIFICATION),
-                                                 int(F.VM_EXIT_INTR_INFO), int(F.IDT_VECTORING_INFO))
-_X_LEN, _X_INSN_INFO, _X_GPA, _X_GLA, _X_INTR_EC = (int(F.VM_EXIT_INSTRUCTION_LEN), int(F.VM_EXIT_INSTRUCTION_INFO),
-                                                    int(F.GUEST_PHYSICAL_ADDRESS), int(F.GUEST_LINEAR_ADDRESS),
-                                                    int(F.VM_EXIT_INTR_ERROR_CODE))
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)
-_LAZY_FIELDS = frozenset(int(e) for e in _GUEST_STATE_FIELDS) | {_E_INTR, _X_REASON, _X_QUAL, _X_LEN, _X_INTR_INFO,
-                                                                   _X_IDT_INFO}
+_LAZY_FIELDS = frozenset(_GUEST_STATE_FIELDS) | {_E_INTR}
+
+# Slots of the VMCS area (vmm/vmcs.py ``slot``) the VMM reads and writes directly.
+_S = F.slot
+_S_RIP, _S_RSP, _S_RFLAGS = _S(F.GUEST_RIP), _S(F.GUEST_RSP), _S(F.GUEST_RFLAGS)
+_S_CR0, _S_CR3, _S_CR4, _S_EFER = _S(F.GUEST_CR0), _S(F.GUEST_CR3), _S(F.GUEST_CR4), _S(F.GUEST_IA32_EFER)
+#: (vCPU segment index: 0-5 ES..GS, 6 LDTR, 7 TR; selector, base, limit, access-rights slots)
+_SEG_SLOTS = tuple((idx, _S(F.GUEST_ES_SELECTOR + 2 * i), _S(F.GUEST_ES_BASE + 2 * i),
+                    _S(F.GUEST_ES_LIMIT + 2 * i), _S(F.GUEST_ES_ACCESS_RIGHTS + 2 * i))
+                   for i, idx in enumerate(_SEG_ORDER)) + (
+    (6, _S(F.GUEST_LDTR_SELECTOR), _S(F.GUEST_LDTR_BASE), _S(F.GUEST_LDTR_LIMIT), _S(F.GUEST_LDTR_ACCESS_RIGHTS)),
+    (7, _S(F.GUEST_TR_SELECTOR), _S(F.GUEST_TR_BASE), _S(F.GUEST_TR_LIMIT), _S(F.GUEST_TR_ACCESS_RIGHTS)))
+_S_GDTR_BASE, _S_GDTR_LIMIT = _S(F.GUEST_GDTR_BASE), _S(F.GUEST_GDTR_LIMIT)
+_S_IDTR_BASE, _S_IDTR_LIMIT = _S(F.GUEST_IDTR_BASE), _S(F.GUEST_IDTR_LIMIT)
+_S_TSC_OFFSET = _S(F.TSC_OFFSET)
+_S_IO_A, _S_IO_B, _S_MSR_BITMAP = _S(F.IO_BITMAP_A), _S(F.IO_BITMAP_B), _S(F.MSR_BITMAP)
+_S_PRIMARY, _S_SECONDARY = _S(_ENC_PRIMARY), _S(_ENC_SECONDARY)
+_S_INTR, _S_ENTRY_INTR, _S_PIN = (_S(F.GUEST_INTERRUPTIBILITY_STATE), _S(F.VM_ENTRY_INTR_INFO),
+                                _S(F.PIN_BASED_VM_EXEC_CONTROL))
+_S_EXIT_CTLS, _S_PREEMPT_VALUE = _S(F.VM_EXIT_CONTROLS), _S(F.VMX_PREEMPTION_TIMER_VALUE)
+_S_ENTRY_CTLS, _S_CS_AR = _S(F.VM_ENTRY_CONTROLS), _S(F.GUEST_CS_ACCESS_RIGHTS)
+#: the VMCS fields the fast path's MOV CR and exception decisions follow (vmx_intercept._fast_policy)
+_CR_POLICY_SLOTS = tuple(_S(f) for f in (F.CR0_GUEST_HOST_MASK, F.CR0_READ_SHADOW, F.CR4_GUEST_HOST_MASK,
+                                         F.CR4_READ_SHADOW, F.CR3_TARGET_COUNT, F.CR3_TARGET_VALUE0,
+                                         F.CR3_TARGET_VALUE1, F.CR3_TARGET_VALUE2, F.CR3_TARGET_VALUE3,
+                                         F.EXCEPTION_BITMAP, F.PAGE_FAULT_ERROR_CODE_MASK,
+                                         F.PAGE_FAULT_ERROR_CODE_MATCH))
+_S_X_REASON, _S_X_QUAL, _S_X_INTR_INFO, _S_X_IDT_INFO = (_S(F.VM_EXIT_REASON), _S(F.EXIT_QUALIFICATION),
+                                                         _S(F.VM_EXIT_INTR_INFO), _S(F.IDT_VECTORING_INFO))
+_S_X_LEN, _S_X_INSN_INFO, _S_X_GPA, _S_X_GLA, _S_X_INTR_EC = (
+    _S(F.VM_EXIT_INSTRUCTION_LEN), _S(F.VM_EXIT_INSTRUCTION_INFO), _S(F.GUEST_PHYSICAL_ADDRESS),
+    _S(F.GUEST_LINEAR_ADDRESS), _S(F.VM_EXIT_INTR_ERROR_CODE))

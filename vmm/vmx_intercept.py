@@ -61,6 +61,8 @@ _WINDOWS = _PP.INTERRUPT_WINDOW_EXITING | _PP.NMI_WINDOW_EXITING
 #: machine exits whose instruction may fault before it VM-exits (intercept)
 _FAULT_FIRST = (IoExit, MsrExit, HltExit, CrExit, TrapExit)
 _ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
+#: slots of the VMCS area (vmm/vmcs.py ``slot``) written directly at event-delivery exits
+_S_IDT_INFO, _S_IDT_EC = F.slot(F.IDT_VECTORING_INFO), F.slot(F.IDT_VECTORING_ERROR_CODE)
 
 
 def _event_info(ev: Event) -> InterruptionInfo:
@@ -90,7 +92,7 @@ class NonRootIntercepts:
         if d is None or self.cpu.native.icount < d:
             return None
         self._preempt_deadline = None
-        self.vmcs._values[int(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
+        self.vmcs.mem[F.slot(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
         return self._make_exit(ExitReason.PREEMPTION_TIMER, 0, None)
 
     def _external_interrupt_exit(self, src: str | None):
@@ -500,11 +502,11 @@ class NonRootIntercepts:
         return None
 
     def _bitmap_exits(self, vector: int, error_code: int | None) -> bool:
-        v = self._vmcs._values
-        exits = bool(v.get(int(F.EXCEPTION_BITMAP), 0) >> vector & 1) if vector < 32 else False
+        v = self._vmcs.mem
+        exits = bool(v[F.slot(F.EXCEPTION_BITMAP)] >> vector & 1) if vector < 32 else False
         if vector == x86.PF:
-            match = ((error_code or 0) & v.get(int(F.PAGE_FAULT_ERROR_CODE_MASK), 0)) == \
-                v.get(int(F.PAGE_FAULT_ERROR_CODE_MATCH), 0)
+            match = ((error_code or 0) & v[F.slot(F.PAGE_FAULT_ERROR_CODE_MASK)]) == \
+                v[F.slot(F.PAGE_FAULT_ERROR_CODE_MATCH)]
             exits = exits if match else not exits
         return exits
 
@@ -532,9 +534,9 @@ class NonRootIntercepts:
                 self.cpu.flush()
             q = TaskSwitchQualification(selector=t.selector, source=TaskSwitchSource.TASK_GATE_IN_IDT)
             ex = self._make_exit(ExitReason.TASK_SWITCH, q.encode(), None, length=length, decoded=q)
-            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = _event_info(first).encode()
+            self.vmcs.mem[_S_IDT_INFO] = _event_info(first).encode()
             if first.error_code is not None:
-                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = first.error_code
+                self.vmcs.mem[_S_IDT_EC] = first.error_code
             return ex
         except DeliveryIntercepted as di:
             first, f = di.event, di.fault
@@ -549,9 +551,9 @@ class NonRootIntercepts:
                 self.cpu.flush()
             ex = self._make_exit(ExitReason.EXCEPTION_NMI, f.cr2 if f.vector == x86.PF and f.cr2 is not None else 0,
                                  None, interruption=info, error_code=f.error_code, length=length)
-            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = vinfo.encode()
+            self.vmcs.mem[_S_IDT_INFO] = vinfo.encode()
             if first.error_code is not None:
-                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = first.error_code
+                self.vmcs.mem[_S_IDT_EC] = first.error_code
             return ex
         except TripleFault:
             return self._make_exit(ExitReason.TRIPLE_FAULT, 0, None)
@@ -559,9 +561,9 @@ class NonRootIntercepts:
             # An EPT violation while delivering an event: IDT-vectoring information
             # says which (SDM 28.2.4).
             ex = self._ept_exit(f.gpa, f.gla, f.qualification, f.misconfig, None)
-            self.vmcs._values[int(F.IDT_VECTORING_INFO)] = _event_info(ev).encode()
+            self.vmcs.mem[_S_IDT_INFO] = _event_info(ev).encode()
             if ev.error_code is not None:
-                self.vmcs._values[int(F.IDT_VECTORING_ERROR_CODE)] = ev.error_code
+                self.vmcs.mem[_S_IDT_EC] = ev.error_code
             return ex
         return None
 

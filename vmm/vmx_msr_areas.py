@@ -59,15 +59,15 @@ def max_entries(misc: int) -> int:
     return 512 * (((misc >> 25) & 7) + 1)
 
 
-def counts_nonzero(values: dict) -> bool:
-    """Any of the three MSR-area counts of a VMCS (its field dict) is nonzero."""
-    get = values.get
-    return bool(get(_ENTRY_LOAD_COUNT, 0) or get(_EXIT_STORE_COUNT, 0) or get(_EXIT_LOAD_COUNT, 0))
+def counts_nonzero(mem) -> bool:
+    """Any of the three MSR-area counts of a VMCS (its area, ``Vmcs.mem``) is nonzero."""
+    return bool(mem[_ENTRY_LOAD_COUNT] or mem[_EXIT_STORE_COUNT] or mem[_EXIT_LOAD_COUNT])
 
 
-_ENTRY_LOAD_COUNT, _ENTRY_LOAD_ADDR = int(F.VM_ENTRY_MSR_LOAD_COUNT), int(F.VM_ENTRY_MSR_LOAD_ADDR)
-_EXIT_STORE_COUNT, _EXIT_STORE_ADDR = int(F.VM_EXIT_MSR_STORE_COUNT), int(F.VM_EXIT_MSR_STORE_ADDR)
-_EXIT_LOAD_COUNT, _EXIT_LOAD_ADDR = int(F.VM_EXIT_MSR_LOAD_COUNT), int(F.VM_EXIT_MSR_LOAD_ADDR)
+# slots of the VMCS area (vmm/vmcs.py ``slot``)
+_ENTRY_LOAD_COUNT, _ENTRY_LOAD_ADDR = F.slot(F.VM_ENTRY_MSR_LOAD_COUNT), F.slot(F.VM_ENTRY_MSR_LOAD_ADDR)
+_EXIT_STORE_COUNT, _EXIT_STORE_ADDR = F.slot(F.VM_EXIT_MSR_STORE_COUNT), F.slot(F.VM_EXIT_MSR_STORE_ADDR)
+_EXIT_LOAD_COUNT, _EXIT_LOAD_ADDR = F.slot(F.VM_EXIT_MSR_LOAD_COUNT), F.slot(F.VM_EXIT_MSR_LOAD_ADDR)
 
 
 def _read_entry(mem, addr: int) -> tuple[int, int, int]:
@@ -113,34 +113,31 @@ def _load(vm, count: int, addr: int, misc: int) -> int:
     return 0
 
 
-def load_on_entry(vm, values: dict, misc: int) -> int:
-    """SDM 27.4: process the VM-entry MSR-load area of a VMCS (its field
-    dict).  0: every entry loaded; n > 0: entry n failed -- the VM entry fails
-    with exit reason 34 and exit qualification n (27.8); the entries before it
-    stay loaded."""
-    get = values.get
-    return _load(vm, get(_ENTRY_LOAD_COUNT, 0) & 0xFFFFFFFF, get(_ENTRY_LOAD_ADDR, 0), misc)
+def load_on_entry(vm, mem, misc: int) -> int:
+    """SDM 27.4: process the VM-entry MSR-load area of a VMCS (its area,
+    ``Vmcs.mem``).  0: every entry loaded; n > 0: entry n failed -- the VM
+    entry fails with exit reason 34 and exit qualification n (27.8); the
+    entries before it stay loaded."""
+    return _load(vm, mem[_ENTRY_LOAD_COUNT] & 0xFFFFFFFF, mem[_ENTRY_LOAD_ADDR], misc)
 
 
-def load_on_exit(vm, values: dict, misc: int) -> int:
+def load_on_exit(vm, mem, misc: int) -> int:
     """SDM 28.6: process the VM-exit MSR-load area after the host state is
     loaded.  0, or the 1-based number of the entry that failed (a VMX abort,
     indicator 4, 28.7)."""
-    get = values.get
-    return _load(vm, get(_EXIT_LOAD_COUNT, 0) & 0xFFFFFFFF, get(_EXIT_LOAD_ADDR, 0), misc)
+    return _load(vm, mem[_EXIT_LOAD_COUNT] & 0xFFFFFFFF, mem[_EXIT_LOAD_ADDR], misc)
 
 
-def store_on_exit(vm, values: dict, misc: int) -> int:
+def store_on_exit(vm, mem, misc: int) -> int:
     """SDM 28.4: store the MSRs the VM-exit MSR-store area names into its
     entries' data (bits 127:64).  Processing of an entry fails when bits 31:8
     are 000008H (x2APIC), the MSR is read only in SMM (IA32_SMBASE), bits
     63:32 are not all 0, or RDMSR at CPL 0 would fault.  0, or the 1-based
     number of the entry that failed (a VMX abort, indicator 1, 28.7)."""
-    get = values.get
-    count = get(_EXIT_STORE_COUNT, 0) & 0xFFFFFFFF
+    count = mem[_EXIT_STORE_COUNT] & 0xFFFFFFFF
     if not count:
         return 0
-    addr = get(_EXIT_STORE_ADDR, 0)
+    addr = mem[_EXIT_STORE_ADDR]
     mem, msrs = vm.mem, vm.msrs
     limit = max_entries(misc)
     for i in range(min(count, limit + 1)):

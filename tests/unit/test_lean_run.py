@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from vmlab.emu import lean
 from vmlab.emu.native import lib
+from vmlab.vmm import vmcs as F
 from vmlab.vmm.controls import PinBasedControls as PIN
 from vmlab.vmm.controls import PrimaryProcBasedControls as PP
 from vmlab.vmm.exit_reasons import ExitReason
@@ -47,6 +48,10 @@ l:  mov eax, ecx
 """
 
 
+_EXIT_SLOTS = tuple(F.slot(e) for e in (F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.VM_EXIT_INSTRUCTION_LEN,
+                                        F.VM_EXIT_INTR_INFO, F.IDT_VECTORING_INFO))
+
+
 def _trace(runner, slice_: int, timer_at: int, limit_at: int):
     """Run LOOP under unconditional I/O exiting with ``runner`` as the native
     call, skipping each exit by hand; the sequence of answers and states."""
@@ -63,7 +68,9 @@ def _trace(runner, slice_: int, timer_at: int, limit_at: int):
         out = []
         for _ in range(200):
             word = runner(ctx)
-            out.append((word, cpu.regs.rip, v.icount - now, ctx.runs, ctx.err))
+            # the exit-information fields the call wrote into the VMCS area
+            fields = tuple(g.vmcs.mem[k] for k in _EXIT_SLOTS)
+            out.append((word, cpu.regs.rip, v.icount - now, ctx.runs, ctx.err, fields))
             if word >= lean.LEAN_EXIT:
                 cpu.regs.rip += lean.exit_fields(word)[1]
             elif word == lean.LOOK:
@@ -80,7 +87,14 @@ def _trace(runner, slice_: int, timer_at: int, limit_at: int):
 @settings(max_examples=12, deadline=None)
 @given(st.integers(1, 400), st.integers(0, 600), st.integers(0, 900))
 def test_lean_run_twin(slice_, timer_at, limit_at):
-    assert _trace(lib.vmlab_lean_run, slice_, timer_at, limit_at) == _trace(lean.lean_run, slice_, timer_at, limit_at)
+    native = _trace(lib.vmlab_lean_run, slice_, timer_at, limit_at)
+    assert native == _trace(lean.lean_run, slice_, timer_at, limit_at)
+    # each exit word's fields are in the VMCS area when the call returns
+    # (SDM Vol. 3C 28.2.1, 28.2.5; no interruption or IDT-vectoring information)
+    for word, *_, fields in native:
+        if word >= lean.LEAN_EXIT:
+            reason, length, qual = lean.exit_fields(word)
+            assert fields == (reason, qual, length, 0, 0)
 
 
 # ---------------------------------------------------------------- what ends a stint

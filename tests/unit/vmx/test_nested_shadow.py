@@ -329,16 +329,16 @@ def test_l2_exits_reflected_in_c_leave_the_machine_as_python_does(tmp_path, monk
         v = self.vmcs
         if v is not None:
             v.materialize()
-            seen.append((ex.insn.mnemonic if ex.insn is not None else None, sorted(v._values.items()),
+            seen.append((ex.insn.mnemonic if ex.insn is not None else None, sorted(v.snapshot().items()),
                          sorted(v.dirty)))
         return orig(self, ex)
 
     def snap(self, by):
         sh = self._cache.native
         written = {HOT_FIELDS[k] for k in range(len(HOT_FIELDS)) if sh.dirty >> k & 1}
-        vals = self._guest._vmcs._values
+        mem = self._guest._vmcs.mem
         after_exit.setdefault(self.reflected, []).append(
-            (by, {e: vals.get(e, 0) for e in compared - written}))
+            (by, {e: mem[F.slot(e)] for e in compared - written}))
 
     def reflect(self, ex):
         orig_reflect(self, ex)

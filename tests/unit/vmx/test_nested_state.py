@@ -181,7 +181,7 @@ def test_host_state_image_is_rebuilt_after_a_full_entry_and_an_efer_change():
             g._enter()
         n._load_host_state(v)
         assert cpu.refresh().rip == 0x2000
-        v._values[int(F.HOST_RIP)] = 0x3000     # (not how a VMM writes: only an EFER change rebuilds now)
+        v.mem[F.slot(F.HOST_RIP)] = 0x3000      # (not how a VMM writes: only an EFER change rebuilds now)
         cpu.write_efer(x86.EFER_NXE)
         n._load_host_state(v)
         assert cpu.refresh().rip == 0x3000

@@ -30,8 +30,16 @@ def _put(vm, addr, entries):
         vm.mem.write(addr + 16 * i, struct.pack("<IIQ", index, reserved, data))
 
 
+def _mem(fields):
+    """A VMCS area (``Vmcs.mem``) holding ``fields`` ({encoding: value})."""
+    v = F.Vmcs()
+    for enc, value in fields.items():
+        v.write(enc, value)
+    return v.mem
+
+
 def _entry(count, addr=AREA):
-    return {int(F.VM_ENTRY_MSR_LOAD_COUNT): count, int(F.VM_ENTRY_MSR_LOAD_ADDR): addr}
+    return _mem({int(F.VM_ENTRY_MSR_LOAD_COUNT): count, int(F.VM_ENTRY_MSR_LOAD_ADDR): addr})
 
 
 MISC = 0          # IA32_VMX_MISC bits 27:25 = 0: 512 entries
@@ -75,7 +83,7 @@ def test_a_huge_count_is_bounded_by_the_advertised_maximum(vm):
 
 def test_exit_store_reads_each_msr_and_refuses_what_rdmsr_cannot(vm):
     vm.msrs.write(IA32_KERNEL_GS_BASE, 0xABC000)
-    st = {int(F.VM_EXIT_MSR_STORE_COUNT): 1, int(F.VM_EXIT_MSR_STORE_ADDR): AREA}
+    st = _mem({int(F.VM_EXIT_MSR_STORE_COUNT): 1, int(F.VM_EXIT_MSR_STORE_ADDR): AREA})
     _put(vm, AREA, [(IA32_KERNEL_GS_BASE, 0, 0x5A5A)])
     assert A.store_on_exit(vm, st, MISC) == 0
     assert struct.unpack_from("<IIQ", vm.mem.read(AREA, 16)) == (IA32_KERNEL_GS_BASE, 0, 0xABC000)
@@ -90,7 +98,7 @@ def test_exit_store_into_an_area_straddling_the_end_of_ram_writes_only_ram(vm):
     at = top - 12               # index and reserved in RAM, then 4 data bytes in RAM, 4 past it
     vm.mem.write(at, struct.pack("<II", IA32_KERNEL_GS_BASE, 0) + b"\0" * 4)
     vm.msrs.write(IA32_KERNEL_GS_BASE, 0x1122334455)
-    st = {int(F.VM_EXIT_MSR_STORE_COUNT): 1, int(F.VM_EXIT_MSR_STORE_ADDR): at}
+    st = _mem({int(F.VM_EXIT_MSR_STORE_COUNT): 1, int(F.VM_EXIT_MSR_STORE_ADDR): at})
     # reading the entry: bits 127:64 partly open bus, but only index and reserved matter for a store
     assert A.store_on_exit(vm, st, MISC) == 0
     assert vm.mem.read(at + 8, 4) == struct.pack("<I", 0x22334455)
