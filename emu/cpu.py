@@ -22,7 +22,7 @@ from . import x86
 from .errors import ClosedError, ConfigError, NativeError, UnsupportedError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
-from .fastpath import exception_exit
+from .fastpath import Policy, exception_exit
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
                     RetryExit, TaskSwitchExit, TrapExit)
 from .memory import HIGH_RAM_BASE, GuestMemory
@@ -233,6 +233,15 @@ class Vcpu:
         #: the VM-exit fast path's policy (a cffi ``vmlab_fastpath``) while a VMM
         #: runs the guest under one (emu/fastpath.py), else None
         self.fastpath = None
+        #: the policy outside VMX non-root operation (``fastpath`` None): nothing
+        #: VM-exits, and a MOV to/from CR0, CR3 or CR4 that needs only MOV's own
+        #: checks is completed in C (vmlab_cr_value, as emulate_cr does it) --
+        #: a kernel's CR3 writes (every context switch, a TLB flush) do not come
+        #: to Python.  ``bare_fastpath`` is it while the machine's run loop lets
+        #: it be used (None: every MOV CR comes to Python -- exits logged, or
+        #: guest-visible VMX, whose CR0/CR4 fixed bits are Python's).
+        self.bare_policy = ffi.new("vmlab_fastpath *")
+        self.bare_fastpath = None
         #: guest-visible VMX: L1's VMREAD/VMWRITE served in C (vmm/nested_shadow.py), or None
         self.vmx_shadow = None
         #: called after C entered L2 from L1's VMRESUME (set by vmm/nested.py)
@@ -341,6 +350,7 @@ class Vcpu:
         self._v.pdpe1gb = 1 if model.has_pdpe1gb else 0
         self._v.maxphyaddr = model.maxphyaddr
         self.cpuid = model
+        Policy(cr_emulate=1, cr4_valid=model.cr4_valid_mask(), maxphyaddr=model.maxphyaddr).to_native(self.bare_policy)
 
     def set_traps(self, names) -> None:
         """Arm the trap sites of these kinds (TRAP_KINDS names) and only those."""
@@ -788,6 +798,8 @@ class Vcpu:
             # The common path in one native call: run, read the registers, and
             # let the fast path decide a trap site.
             f = self.fastpath
+            if f is None:
+                f = self.bare_fastpath
             sh = self.vmx_shadow
             if sh is None:
                 kind = lib.vmlab_run_exit(v, self._uch, deadline, flags, r, f if f is not None else ffi.NULL,

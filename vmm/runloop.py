@@ -424,6 +424,10 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
     idle_since: int | None = None
     log = m.log
     log_exits, log_cpu, log_blocks = log.enabled("exits"), log.enabled("cpu"), m.log_blocks
+    # MOV CR completed in C outside non-root operation (Vcpu.bare_policy),
+    # unless every exit is logged or the guest may enter VMX operation.
+    cpu.bare_fastpath = (cpu.bare_policy if not log_exits and not log_cpu and getattr(m, "nested", None) is None
+                         else None)
     cpu.refresh()
     halted = False
     resume = getattr(m, "resume_outcome", None)
