@@ -121,6 +121,10 @@ class Uart16550:
         self._sink = sink
         self._irq = irq
         self._irq_level = False
+        #: on_fast(lsr, thr): told whenever what a polling driver's accesses
+        #: may skip the model changes (:meth:`fast_registers`); None: no one asks
+        self.on_fast: Callable[[int | None, bool], object] | None = None
+        self._fast: tuple | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -230,6 +234,22 @@ class Uart16550:
             self._irq_level = level
             if self._irq is not None:
                 self._irq.set_level(level)
+        if self.on_fast is not None:
+            fast = self.fast_registers()
+            if fast != self._fast:
+                self._fast = fast
+                self.on_fast(*fast)
+
+    def fast_registers(self) -> tuple[int | None, bool]:
+        """(LSR value, THR) for a polling driver's accesses that need no model
+        (coalesced port I/O): the LSR value a read returns while reading it
+        changes nothing -- no error bit set, which a read would clear -- else
+        None; and whether a THR write does nothing but send its byte -- DLAB 0,
+        no loopback, no THR-empty interrupt enabled (IER.ETBEI 0) -- so it may
+        be queued and handed to :meth:`write` later."""
+        lsr = None if self.lsr & LSR_ERRORS else self.lsr
+        thr = not (self.lcr & LCR_DLAB) and not (self.mcr & MCR_LOOP) and not (self.ier & IER_ETBEI)
+        return lsr, thr
 
     @property
     def irq_level(self) -> bool:

@@ -23,6 +23,7 @@ from .errors import ClosedError, ConfigError, NativeError, UnsupportedError
 from .debugpoints import debug_exit
 from .decode import decode_site, fault_address, mmio_access, noncanonical_vector, site_exit
 from .fastpath import Policy, exception_exit
+from .pio import PORTS
 from .exits import (DeadlineExit, EptExit, ExceptionExit, Exit, HltExit, InternalErrorExit, IrqWindowExit, PolicyExit,
                     RetryExit, TaskSwitchExit, TrapExit)
 from .memory import HIGH_RAM_BASE, GuestMemory
@@ -242,6 +243,9 @@ class Vcpu:
         #: guest-visible VMX, whose CR0/CR4 fixed bits are Python's).
         self.bare_policy = ffi.new("vmlab_fastpath *")
         self.bare_fastpath = None
+        #: coalesced port I/O served under bare_policy (emu/pio.py; fast_port)
+        self.pio = ffi.new("vmlab_pio *")
+        self.bare_policy.pio = self.pio
         #: guest-visible VMX: L1's VMREAD/VMWRITE served in C (vmm/nested_shadow.py), or None
         self.vmx_shadow = None
         #: called after C entered L2 from L1's VMRESUME (set by vmm/nested.py)
@@ -351,6 +355,38 @@ class Vcpu:
         self._v.maxphyaddr = model.maxphyaddr
         self.cpuid = model
         Policy(cr_emulate=1, cr4_valid=model.cr4_valid_mask(), maxphyaddr=model.maxphyaddr).to_native(self.bare_policy)
+
+    def fast_port(self, port: int, read_value: int | None = None, write: bool = False) -> None:
+        """Publish how ``port`` may be served without an exit (emu/pio.py): a
+        1-byte IN returns ``read_value`` (None: the IN exits), a 1-byte OUT is
+        queued when ``write``.  A port with neither leaves the table."""
+        t = self.pio
+        n = min(t.nports, PORTS)
+        k = next((i for i in range(n) if t.port[i] == port), n)
+        if read_value is None and not write:
+            if k < n:                       # remove: the last entry takes its place
+                last = n - 1
+                t.port[k], t.read_ok[k], t.read_value[k], t.write_ok[k] = (
+                    t.port[last], t.read_ok[last], t.read_value[last], t.write_ok[last])
+                t.nports = last
+            return
+        if k == n:
+            if n == PORTS:
+                return                      # table full: the port keeps exiting
+            t.port[k] = port
+            t.nports = n + 1
+        t.read_ok[k], t.read_value[k] = (0, 0) if read_value is None else (1, read_value & 0xFF)
+        t.write_ok[k] = 1 if write else 0
+
+    def take_queued_io(self) -> list[tuple[int, int]]:
+        """The OUTs queued since the last call, in order, as (port, byte)."""
+        t = self.pio
+        n = t.nqueued
+        if not n:
+            return []
+        words = ffi.unpack(t.ring, n)
+        t.nqueued = 0
+        return [(w >> 8, w & 0xFF) for w in words]
 
     def set_traps(self, names) -> None:
         """Arm the trap sites of these kinds (TRAP_KINDS names) and only those."""

@@ -2066,7 +2066,8 @@ static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpat
 {
     uint32_t n, hf;
     int mode;
-    const uint8_t *code = f->cr_emulate ? site_bytes(v, &n, &hf, &mode) : NULL;
+    /* RFLAGS.TF: the single-step #DB after the instruction is Python's */
+    const uint8_t *code = f->cr_emulate && !(r->rflags & (1ull << 8)) ? site_bytes(v, &n, &hf, &mode) : NULL;
     if (!code)
         return 0;
     vmlab_insn c;
@@ -2106,6 +2107,79 @@ static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpat
     if (mode != 64)
         r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
     f->cr_emulated++;
+    return 1;
+}
+
+int vmlab_pio_decide(const uint8_t *code, uint32_t n, uint32_t hflags, uint64_t rflags, uint64_t rax,
+                     uint64_t rdx, const vmlab_pio *t, uint32_t *len, uint32_t *out)
+{
+    const uint32_t PE = 1u << 7, INHIBIT = 1u << 3;
+    /* an STI/MOV SS shadow to end, or RFLAGS.TF: the single-step #DB after it */
+    if (!t || n < 1 || (hflags & INHIBIT) || (rflags & (1ull << 8)))
+        return 0;
+    /* Protected mode with CPL > IOPL, or virtual-8086 mode: the TSS I/O
+     * permission bitmap decides (SDM Vol. 1 19.5.1, 19.5.2) -- Python. */
+    if ((hflags & PE) && ((rflags & (1ull << 17)) || (hflags & HF_CPL_MASK) > ((rflags >> 12) & 3)))
+        return 0;
+    const uint8_t op = code[0];
+    uint32_t port, l;
+    if (op == 0xE4 || op == 0xE6) {            /* IN AL, imm8 / OUT imm8, AL */
+        if (n < 2)
+            return 0;
+        port = code[1];
+        l = 2;
+    } else if (op == 0xEC || op == 0xEE) {     /* IN AL, DX / OUT DX, AL */
+        port = (uint32_t)(rdx & 0xFFFF);
+        l = 1;
+    } else {
+        return 0;
+    }
+    const uint32_t np = t->nports < VMLAB_PIO_PORTS ? t->nports : VMLAB_PIO_PORTS;
+    for (uint32_t k = 0; k < np; k++) {
+        if (t->port[k] != port)
+            continue;
+        if (op == 0xE4 || op == 0xEC) {
+            if (!t->read_ok[k])
+                return 0;
+            *len = l;
+            *out = t->read_value[k];
+            return 1;
+        }
+        if (!t->write_ok[k] || t->nqueued >= VMLAB_PIO_RING)
+            return 0;
+        *len = l;
+        *out = port << 8 | (uint32_t)(rax & 0xFF);
+        return 2;
+    }
+    return 0;
+}
+
+/* At a trap site the fast path did not decide: a 1-byte IN/OUT of a port the
+ * coalesced port-I/O table serves, completed here (AL gets the byte, or the
+ * OUT is queued; RIP past the instruction).  1: done, run on. */
+static int pio_fast_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpath *f)
+{
+    vmlab_pio *t = f->pio;
+    uint32_t n, hf, len, out;
+    int mode;
+    const uint8_t *code = t ? site_bytes(v, &n, &hf, &mode) : NULL;
+    if (!code)
+        return 0;
+    const int what = vmlab_pio_decide(code, n, hf, r->rflags, r->gpr[0], r->gpr[2], t, &len, &out);
+    if (!what)
+        return 0;
+    if (what == 1) {
+        uint64_t rax = (r->gpr[0] & ~0xFFull) | out;
+        if (api.reg_write(uc, UC_X86_REG_RAX, &rax))
+            return 0;
+        r->gpr[0] = rax;
+    } else {
+        t->ring[t->nqueued++] = out;
+    }
+    r->rip += len;
+    if (mode != 64)
+        r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
+    t->completed++;
     return 1;
 }
 
@@ -2340,10 +2414,10 @@ int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, v
             f->exit_rip = r->rip;
             return VMLAB_STOP_FAST_EXIT;
         }
-        /* A MOV CR that does not VM-exit, completed in C: run on (bounded;
+        /* A MOV CR that does not VM-exit, or a served IN/OUT, completed in C: run on (bounded;
          * the deadline and the attention word end it as between runs). */
         if (kind == VMLAB_STOP_TRAP && !*err && f && !flags && round < 4096 && !v->attention
-            && v->icount < deadline && cr_emulate_site(v, uc, r, f))
+            && v->icount < deadline && (cr_emulate_site(v, uc, r, f) || pio_fast_site(v, uc, r, f)))
             continue;
         break;
     }

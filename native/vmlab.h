@@ -449,6 +449,9 @@ typedef struct vmlab_fastpath {
      * fast-path VM exit's information fields into it at the exit
      * (vmlab_vmcs_store_exit). */
     uint64_t *vmcs;
+    /* Coalesced port I/O served at IN/OUT sites that the policy lets through
+     * (the policy outside non-root operation only), or NULL. */
+    struct vmlab_pio *pio;
 } vmlab_fastpath;
 enum { VMLAB_FAST_IO_NONE = 0, VMLAB_FAST_IO_ALL = 1, VMLAB_FAST_IO_BITMAPS = 2 };
 enum { VMLAB_FAST_MSR_NONE = 0, VMLAB_FAST_MSR_ALL = 1, VMLAB_FAST_MSR_BITMAPS = 2 };
@@ -488,6 +491,34 @@ int vmlab_fast_decide(vmlab_vcpu *v, vmlab_fastpath *f);
 enum { VMLAB_STOP_FAST_EXIT = 100 };
 int vmlab_run_exit(vmlab_vcpu *v, void *uc, uint64_t deadline, uint32_t flags, vmlab_regs *r,
                    vmlab_fastpath *f, int *err);
+/* ---- coalesced port I/O (hooks.c; Python twin emu/pio.py) -----------------
+ * KVM's coalesced MMIO/PIO for a polled serial port: a few ports whose 1-byte
+ * IN returns a value with no side effect (a UART's LSR while no error bit is
+ * set) or whose 1-byte OUT has no effect but the byte it carries (a UART's THR
+ * while no THR-empty interrupt is enabled), as the device model publishes them.
+ * At such a site the run goes on in C: the IN gets the value, the OUT is
+ * queued (port << 8 | byte) for the model, which takes the queue before the
+ * next exit is handled. */
+enum { VMLAB_PIO_PORTS = 8, VMLAB_PIO_RING = 4096 };
+typedef struct vmlab_pio {
+    uint32_t nports;
+    uint16_t port[8];
+    uint8_t read_ok[8];        /* 1: a 1-byte IN of port[k] returns read_value[k] */
+    uint8_t read_value[8];
+    uint8_t write_ok[8];       /* 1: a 1-byte OUT to port[k] is queued */
+    uint32_t nqueued;
+    uint32_t ring[4096];       /* the queued OUTs, in order: port << 8 | byte */
+    uint64_t completed;        /* INs and OUTs completed here (statistics) */
+} vmlab_pio;
+/* The decision at an IN/OUT site (code: its bytes; hflags: QEMU's; rflags,
+ * rax, rdx: the registers): 1 = an IN served (*out: the byte for AL), 2 = an
+ * OUT to queue (*out: the ring word), 0 = not here (another form, a prefix,
+ * a port not in t, the TSS I/O permission bitmap to consult -- CR0.PE with
+ * CPL > IOPL or virtual-8086 mode, SDM Vol. 1 19.5 --, an STI/MOV SS shadow,
+ * RFLAGS.TF (the single-step #DB after it), a full ring).  *len: the instruction's length. */
+int vmlab_pio_decide(const uint8_t *code, uint32_t n, uint32_t hflags, uint64_t rflags, uint64_t rax,
+                     uint64_t rdx, const vmlab_pio *t, uint32_t *len, uint32_t *out);
+
 /* ---- the VMCS in native memory (vmcs.c; Python twins in vmm/vmcs.py) ----------
  * A fixed layout: one 64-bit slot per field at (width << 2 | type) << 6 |
  * index of its encoding (SDM Vol. 3C 25.11.2, Table 25-21); 1024 slots. */

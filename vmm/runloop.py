@@ -428,6 +428,9 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
     # unless every exit is logged or the guest may enter VMX operation.
     cpu.bare_fastpath = (cpu.bare_policy if not log_exits and not log_cpu and getattr(m, "nested", None) is None
                          else None)
+    # ... and coalesced port I/O (emu/pio.py), unless port I/O is logged
+    cpu.bare_policy.pio = cpu.pio if not log.enabled("io") else ffi.NULL
+    pio = cpu.pio
     cpu.refresh()
     halted = False
     resume = getattr(m, "resume_outcome", None)
@@ -601,6 +604,8 @@ def _run(m, max_insns: int | None, timeout: float | None, one_step: bool) -> Run
                 m.step_next = False
             try:
                 ex = cpu.run(deadline, single_step=one_step or step or (policy is not None and policy.single_step))
+                if pio.nqueued:
+                    m.take_queued_io()      # the device sees the queued OUTs before this exit
             except Exception as exc:   # as below: decoding an exit must not become a traceback
                 return _result(m, Stop(StopReason.ERROR, f"internal error decoding an exit at rip={cpu.regs.rip:#x}: "
                                                          f"{type(exc).__name__}: {exc}"))

@@ -28,7 +28,7 @@ from vmlab.devices.acpi import SLEEP_CONTROL_PORT, SleepControl
 from vmlab.devices.ioapic import IOAPIC_BASE, IoApic, IsaIrqRouter
 from vmlab.devices.rtc import RTC_PORT, CmosRtc
 from vmlab.devices.reset import KBC_COMMAND_PORT, RESET_CONTROL_PORT, Kbc8042Reset, ResetControl
-from vmlab.devices.uart16550 import COM1_IRQ, COM1_PORT, Uart16550
+from vmlab.devices.uart16550 import COM1_IRQ, COM1_PORT, LSR as UART_LSR, THR as UART_THR, Uart16550
 from vmlab.emu import sensitive, x86
 from vmlab.emu.cpu import MACHINE_TRAPS, GuestFault, Vcpu
 from vmlab.emu.cpu import Closed
@@ -140,6 +140,10 @@ class Vm:
         self.pit.attach(self.pio)
         self.uart = Uart16550(_weak(self._on_serial), line_to(self.isa_irqs, COM1_IRQ))
         self.pio.register(COM1_PORT, 8, self.uart, "uart0")
+        # A polled console (read LSR, write THR: Linux's printk) is served in
+        # C while the UART allows it (coalesced port I/O, emu/pio.py).
+        self.uart.on_fast = _weak(self._uart_fast)
+        self._uart_fast(*self.uart.fast_registers())
         self.debug_exit = DebugExit(_weak(self._on_debug_exit))
         self.pio.register(DEBUG_EXIT_PORT, 4, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(ram_size, cmdline)
@@ -301,6 +305,16 @@ class Vm:
         self.serial_output += data
         if self._serial_sink is not None:
             self._serial_sink(data)
+
+    def _uart_fast(self, lsr: int | None, thr: bool) -> None:
+        self.vcpu.fast_port(COM1_PORT + UART_LSR, read_value=lsr)
+        self.vcpu.fast_port(COM1_PORT + UART_THR, write=thr)
+
+    def take_queued_io(self) -> None:
+        """The OUTs the vCPU queued (coalesced port I/O) to the port bus, in order."""
+        bus = self.pio
+        for port, byte in self.vcpu.take_queued_io():
+            bus.write(port, 1, byte)
 
     def _on_debug_exit(self, status: int) -> None:
         self.pending_stop = Stop(StopReason.DEBUG_EXIT, f"guest wrote to the debug-exit port (status {status})",
