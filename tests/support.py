@@ -39,6 +39,23 @@ start:
 """
 
 
+def prelude64(gdt: int, idt: int, stack: int, gdt_limit: int, idt_limit: int = 0xFFF, tr: int | None = None) -> str:
+    """64-bit prelude (the loader is in long mode already): load GDTR and IDTR,
+    TR if given, set RSP, continue at the label ``start``."""
+    ltr = f"    mov ax, {tr:#x}\n    ltr ax\n" if tr is not None else ""
+    return f"""
+    lgdt [rip + gdtr]
+    lidt [rip + idtr]
+{ltr}    mov rsp, {stack:#x}
+    jmp start
+gdtr: .word {gdt_limit:#x}
+      .quad {gdt:#x}
+idtr: .word {idt_limit:#x}
+      .quad {idt:#x}
+start:
+"""
+
+
 def seg_desc(base: int, limit: int, access: int, flags: int) -> int:
     """A GDT descriptor quadword (SDM Vol. 3A 3.4.5): access byte, flags nibble (G D/B L AVL)."""
     return ((limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (access << 40) | (((limit >> 16) & 0xF) << 48)

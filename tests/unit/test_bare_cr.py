@@ -11,7 +11,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from support import Machine, asm, gate64, seg_desc
+from support import Machine, asm, gate64, prelude64, seg_desc
 
 CODE, HANDLER = 0x100000, 0x180000
 GDT, IDT, SAVE = 0x30000, 0x20000, 0x40000
@@ -44,26 +44,22 @@ def _body(ops) -> str:
     return "\n".join(lines) + "\n    mov al, 0\n    out 0xf4, al\n    hlt\n"
 
 
-def _run(ops, native: bool):
+def _boot(handler: str, vector: int, body: str, native: bool) -> Machine:
+    """A 64-bit machine running ``body`` with ``handler`` at IDT ``vector``
+    and MOV CR completed in C or not."""
     m = Machine()
+    gdt = [0, seg_desc(0, 0xFFFFF, 0x9A, 0xA), seg_desc(0, 0xFFFFF, 0x92, 0xC)]
+    m.mem.write(GDT, b"".join(struct.pack("<Q", d) for d in gdt))
+    m.mem.write(HANDLER, asm(handler, HANDLER, 64))
+    m.mem.write(IDT + 16 * vector, gate64(HANDLER, 0x08))
+    m.boot(asm(prelude64(GDT, IDT, 0x90000, 0x17) + body, CODE, 64), CODE, "long64")
+    m.cpu.bare_policy.cr_emulate = 1 if native else 0
+    return m
+
+
+def _run(ops, native: bool):
+    m = _boot(HANDLER_CODE, 13, _body(ops), native)
     try:
-        gdt = [0, seg_desc(0, 0xFFFFF, 0x9A, 0xA), seg_desc(0, 0xFFFFF, 0x92, 0xC)]
-        m.mem.write(GDT, b"".join(struct.pack("<Q", d) for d in gdt))
-        m.mem.write(HANDLER, asm(HANDLER_CODE, HANDLER, 64))
-        m.mem.write(IDT + 16 * 13, gate64(HANDLER, 0x08))
-        prelude = f"""
-            lgdt [rip + gdtr]
-            lidt [rip + idtr]
-            mov rsp, 0x90000
-            jmp start
-        gdtr: .word 0x17
-              .quad {GDT:#x}
-        idtr: .word 0xfff
-              .quad {IDT:#x}
-        start:
-        """
-        m.boot(asm(prelude + _body(ops), CODE, 64), CODE, "long64")
-        m.cpu.bare_policy.cr_emulate = 1 if native else 0
         res = m.run()
         r = m.cpu.refresh()
         state = (res.reason, [m.u64(SAVE + 8 * i) for i in range(len(ops))], m.u64(FAULTS),
@@ -118,34 +114,21 @@ DB_HANDLER = f"""
 
 
 def _single_step_mov_cr3(native: bool):
-    m = Machine()
+    body = """
+        mov rbx, cr3
+        pushfq
+        or qword ptr [rsp], 0x100
+        popfq                               # TF: #DB after the next instruction
+        mov cr3, rbx
+    after:
+        nop
+        lea rcx, [rip + after]
+        mov al, 0
+        out 0xf4, al
+        hlt
+    """
+    m = _boot(DB_HANDLER, 1, body, native)
     try:
-        gdt = [0, seg_desc(0, 0xFFFFF, 0x9A, 0xA), seg_desc(0, 0xFFFFF, 0x92, 0xC)]
-        m.mem.write(GDT, b"".join(struct.pack("<Q", d) for d in gdt))
-        m.mem.write(HANDLER, asm(DB_HANDLER, HANDLER, 64))
-        m.mem.write(IDT + 16 * 1, gate64(HANDLER, 0x08))
-        body = f"""
-            lgdt [rip + gdtr]
-            lidt [rip + idtr]
-            mov rsp, 0x90000
-            mov rbx, cr3
-            pushfq
-            or qword ptr [rsp], 0x100
-            popfq                               # TF: #DB after the next instruction
-            mov cr3, rbx
-        after:
-            nop
-            lea rcx, [rip + after]
-            mov al, 0
-            out 0xf4, al
-            hlt
-        gdtr: .word 0x17
-              .quad {GDT:#x}
-        idtr: .word 0xfff
-              .quad {IDT:#x}
-        """
-        m.boot(asm(body, CODE, 64), CODE, "long64")
-        m.cpu.bare_policy.cr_emulate = 1 if native else 0
         res = m.run()
         return res.reason, m.u64(SAVE), m.cpu.refresh().gpr[1]
     finally:

@@ -2,7 +2,7 @@
 16-byte stack alignment, error codes (SDM Vol. 3A 6.14)."""
 import struct
 
-from support import asm, gate64, seg_desc
+from support import asm, gate64, prelude64, seg_desc
 
 CODE = 0x100000
 HANDLER = 0x180000
@@ -10,19 +10,7 @@ GDT, IDT, TSS = 0x30000, 0x20000, 0x31000
 SAVE = 0x32000
 K_STACK, U_STACK, IST1 = 0x90000, 0x80000, 0xA0008     # IST1 deliberately not 16-aligned
 
-PRELUDE = f"""
-    lgdt [rip + gdtr]
-    lidt [rip + idtr]
-    mov ax, 0x28
-    ltr ax
-    mov rsp, {K_STACK:#x}
-    jmp start
-gdtr: .word 0x37
-      .quad {GDT:#x}
-idtr: .word 0xfff
-      .quad {IDT:#x}
-start:
-"""
+PRELUDE = prelude64(GDT, IDT, K_STACK, 0x37, tr=0x28)
 HANDLER_CODE = f"mov qword ptr [{SAVE:#x}], rsp\n mov al, 0\n out 0xf4, al\n hlt"
 
 
