@@ -63,7 +63,7 @@ def _run(ops, native: bool):
         res = m.run()
         r = m.cpu.refresh()
         state = (res.reason, [m.u64(SAVE + 8 * i) for i in range(len(ops))], m.u64(FAULTS),
-                 r.cr0, r.cr3, r.cr4, r.rip, r.rflags, list(r.gpr))
+                 r.cr0, r.cr3, r.cr4, r.rip, r.rflags, list(r.gpr), m.cpu.native.icount)
         return state, m.cpu.bare_policy.cr_emulated
     finally:
         m.close()

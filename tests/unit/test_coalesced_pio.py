@@ -117,7 +117,7 @@ def _run(served: bool):
         r = m.cpu.refresh()
         u = vm.uart
         state = (res.reason, m.serial, u.ier, u.lcr, u.mcr, u.lsr, u.divisor, list(u.rx_fifo),
-                 r.gpr[3] & 0xFFFF, r.gpr[8] & 0xFF, r.rip)
+                 r.gpr[3] & 0xFFFF, r.gpr[8] & 0xFF, r.rip, m.cpu.native.icount)     # virtual time too
         return state, m.cpu.pio.completed
     finally:
         m.close()
