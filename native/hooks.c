@@ -1046,7 +1046,7 @@ static void drop_written_code(vmlab_vcpu *v, struct priv *p)
 static void refresh_fast(vmlab_vcpu *v, struct priv *p)
 {
     p->hf_ptr = v->env ? (const volatile uint32_t *)(v->env + v->env_hflags) : NULL;
-    const int rare = v->irq_window | v->count_exec | v->log_exec | p->nrescan | p->rescan_overflow
+    const int rare = v->irq_window | v->log_exec | p->nrescan | p->rescan_overflow
                      | (p->hf_ptr == NULL) | (v->nexec_log >= 65536) | (v->ntb_new >= 65536)
                      | (v->dbg != NULL && (v->dbg->async_stop | v->dbg->break_mode));
     p->fast_deadline = rare ? 0 : v->icount_deadline;
@@ -1127,6 +1127,8 @@ static void hook_block(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
     const uint32_t hfm = *p->hf_ptr & HF_DECODE_MASK;
     if (__builtin_expect(ce->pc == addr && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
         v->icount += (uint64_t)ce->ninsn << v->icount_shift;   /* virtual ns (-icount shift) */
+        if (__builtin_expect(v->count_exec, 0))
+            v->tbs[ce->tb].exec_count++;                        /* per-block execution counts (TbCache) */
         return;
     }
     hook_block_miss(uc, v, p, addr, size);
@@ -1144,8 +1146,11 @@ static void hook_block_host(uc_engine *uc, uint64_t addr, uint32_t size, void *u
      * where its trap sites are armed. */
     const struct icache_entry *ce = &p->icache[(addr ^ (addr >> 13)) & (ICACHE_SIZE - 1)];
     const uint32_t hfm = *p->hf_ptr & HF_DECODE_MASK;
-    if (__builtin_expect(ce->pc == addr && (ce->size_mode >> 2) == size && ce->hf == hfm, 1))
+    if (__builtin_expect(ce->pc == addr && (ce->size_mode >> 2) == size && ce->hf == hfm, 1)) {
+        if (__builtin_expect(v->count_exec, 0))
+            v->tbs[ce->tb].exec_count++;
         return;
+    }
     hook_block_miss(uc, v, p, addr, size);
 }
 

@@ -76,9 +76,9 @@ def gate64(offset: int, selector: int, kind: int = 0xE, dpl: int = 0, ist: int =
 class Machine:
     """A Vm plus helpers for inline-assembly tests."""
 
-    def __init__(self, ram=16 << 20):
+    def __init__(self, ram=16 << 20, **vm_args):
         from vmlab.vmm.vm import Vm
-        self.vm = Vm(ram, serial=None)
+        self.vm = Vm(ram, serial=None, **vm_args)
         self.mem = self.vm.mem
         self.cpu = self.vm.vcpu
 

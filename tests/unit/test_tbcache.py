@@ -17,8 +17,23 @@ def test_loop_block_registered_once_and_counted_when_asked(machine):
     loop = [b for b in machine.vm.tbs.blocks() if b.exec_count >= 999]
     assert len(loop) == 1
     b = loop[0]
+    # the first pass runs in the entry block (mov ecx + the body); the loop
+    # block itself 999 times, each counted once
+    assert b.exec_count == 999
     assert b.ninsn == 3 and b.translations == 1 and b.bits == 64 and b.cpl == 0
     assert [m for _, m, _ in machine.vm.tbs.disassemble(b)] == ["add", "dec", "jne"]
+
+
+def test_exec_counts_with_the_host_clock():
+    """The host clock's block hook counts the same executions."""
+    m = Machine(clock="host")
+    try:
+        m.vm.tbs.set_exec_counting(True)
+        _boot64(m, "mov ecx, 1000\n l: add rax, rcx\n dec ecx\n jnz l")
+        assert m.run().reason == "debug-exit"
+        assert [b.exec_count for b in m.vm.tbs.blocks() if b.ninsn == 3 and b.exec_count > 1] == [999]
+    finally:
+        m.close()
 
 
 def test_store_to_code_invalidates_its_blocks(machine):
