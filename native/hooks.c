@@ -498,6 +498,15 @@ int vmlab_trap_set_kinds(vmlab_vcpu *v, void *uc, uint32_t kinds)
     return 1;
 }
 
+/* Drop registry block i's icache entry, if the slot of its pc holds it. */
+static inline void icache_forget(vmlab_vcpu *v, struct priv *p, uint32_t i)
+{
+    const uint64_t pc = v->tbs[i].pc;
+    struct icache_entry *ce = &p->icache[(pc ^ (pc >> 13)) & (ICACHE_SIZE - 1)];
+    if (ce->pc == pc && ce->tb == i)
+        ce->pc = ~0ull;
+}
+
 static int tb_invalidate(vmlab_vcpu *v, uint32_t i, uint64_t page)
 {
     vmlab_tb *t = &v->tbs[i];
@@ -528,18 +537,20 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
      * tb_page_next), and those that cross a page boundary. */
     int dropped = 0;
     for (uint32_t k = p->page_tbs[pfn], n = 0; k && n <= v->ntbs; k = p->tb_page_next[k - 1], n++)
-        dropped |= tb_invalidate(v, k - 1, page);
+        if (tb_invalidate(v, k - 1, page)) {
+            icache_forget(v, p, k - 1);
+            dropped = 1;
+        }
     for (uint32_t k = 0; k < p->ntb_span; k++)
         dropped |= tb_invalidate(v, p->tb_span[k], page);
-    /* icache entries exist only for valid registry blocks (block_icount), and
-     * go when their block does: none can be left if none was dropped now. */
-    for (uint32_t k = 0; dropped && k < ICACHE_SIZE; k++) {
-        struct icache_entry *ce = &p->icache[k];
-        /* The entry knows the physical page of its first byte only: a block
-         * that crosses into another page is dropped too (conservative). */
-        if (ce->ppage == page || (ce->pc != ~0ull && (ce->pc & 0xfff) + (ce->size_mode >> 2) > 4096))
-            ce->pc = ~0ull;
-    }
+    /* icache entries exist only for registry blocks (block_icount), each in
+     * the slot of its pc: the dropped blocks' entries go above, and when any
+     * went, the entries of every block that crosses a page boundary too (an
+     * entry knows the physical page of its first byte only: conservative).
+     * (This was a scan of the whole icache -- 512 KiB -- on every store to
+     * code: a guest patching its code spent most of its time in it.) */
+    for (uint32_t k = 0; dropped && k < p->ntb_span; k++)
+        icache_forget(v, p, p->tb_span[k]);
 }
 
 /* A host-side write to guest RAM (device DMA, a loader, the debugger): the
