@@ -608,6 +608,18 @@ class Vmcs:
         a, b = self.snapshot(), other.snapshot()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
 
+    def __copy__(self) -> "Vmcs":
+        return self.copy()
+
+    def __deepcopy__(self, memo) -> "Vmcs":
+        return self.copy()
+
+    def __reduce__(self):
+        """Pickling: the area's bytes and the rest (the native memory itself
+        cannot be pickled); unpickled, a plain Vmcs as :meth:`copy` makes."""
+        c = self.copy()
+        return _restore, (bytes(c.mem), c.launch_state, c.vmwrite_any_field, c.revision_id)
+
     def copy(self) -> "Vmcs":
         """An independent VMCS with the same fields, launch state and VMWRITE rule."""
         new = Vmcs(vmwrite_any_field=self.vmwrite_any_field, revision_id=self.revision_id)
@@ -696,6 +708,14 @@ class Vmcs:
     def exit_reason(self) -> ExitReasonField:
         """The exit-reason field, decoded."""
         return ExitReasonField.decode(self.read(VmcsField.VM_EXIT_REASON))
+
+
+def _restore(data: bytes, launch_state, vmwrite_any_field: bool, revision_id: int) -> Vmcs:
+    """Unpickle a Vmcs (``Vmcs.__reduce__``): a plain Vmcs with the pickled fields."""
+    v = Vmcs(vmwrite_any_field=vmwrite_any_field, revision_id=revision_id)
+    v.mem[:] = memoryview(data).cast("Q")
+    v.launch_state = launch_state
+    return v
 
 
 __all__ = [
