@@ -507,10 +507,14 @@ static inline void icache_forget(vmlab_vcpu *v, struct priv *p, uint32_t i)
         ce->pc = ~0ull;
 }
 
-static int tb_invalidate(vmlab_vcpu *v, uint32_t i, uint64_t page)
+/* Invalidate registry block i if it is valid and holds bytes of physical
+ * page ``page`` -- or, with ``crossing``, whatever page was written: a block
+ * that crosses a page boundary records the physical address of its first
+ * byte only, and its second page need not follow the first physically. */
+static int tb_invalidate(vmlab_vcpu *v, uint32_t i, uint64_t page, int crossing)
 {
     vmlab_tb *t = &v->tbs[i];
-    if (t->valid && t->paddr < page + 4096 && t->paddr + t->size > page) {
+    if (t->valid && (crossing || (t->paddr < page + 4096 && t->paddr + t->size > page))) {
         t->valid = 0;
         t->sites_gen = 0;
         t->invalidations++;
@@ -534,15 +538,15 @@ void vmlab_code_page_written(vmlab_vcpu *v, uint64_t paddr)
     struct priv *p = v->priv;
     const uint64_t page = pfn << 12;
     /* The registry blocks that start on this page (a list through
-     * tb_page_next), and those that cross a page boundary. */
+     * tb_page_next), and every block that crosses a page boundary. */
     int dropped = 0;
     for (uint32_t k = p->page_tbs[pfn], n = 0; k && n <= v->ntbs; k = p->tb_page_next[k - 1], n++)
-        if (tb_invalidate(v, k - 1, page)) {
+        if (tb_invalidate(v, k - 1, page, 0)) {
             icache_forget(v, p, k - 1);
             dropped = 1;
         }
     for (uint32_t k = 0; k < p->ntb_span; k++)
-        dropped |= tb_invalidate(v, p->tb_span[k], page);
+        dropped |= tb_invalidate(v, p->tb_span[k], page, 1);
     /* icache entries exist only for registry blocks (block_icount), each in
      * the slot of its pc: the dropped blocks' entries go above, and when any
      * went, the entries of every block that crosses a page boundary too (an

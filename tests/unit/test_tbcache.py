@@ -121,3 +121,35 @@ def test_modes_guest_registers_one_block_per_mode_for_the_same_bytes():
     assert decoded[16][:5] == ["xor", "dec", "mov", "inc", "inc"]
     assert decoded[32][:3] == ["xor", "dec", "mov"]
     assert decoded[64][:2] == ["xor", "movabs"]
+
+
+def test_a_store_to_the_second_page_of_a_page_crossing_block_rearms_it():
+    """A block from virtual page 0x400000 (physical 0x200000) into 0x401000
+    (physical 0x300000, not the next physical page) runs; the guest then writes
+    an OUT into its second page: the block's bytes there are classified again,
+    so the OUT is a trap site and reaches the debug-exit port (as on QEMU)."""
+    m = Machine(32 << 20)
+    try:
+        body = """
+            mov rbx, 0x400ffa
+            call rbx
+            mov byte ptr [0x300000], 0xe6     # out 0xf4, al: through the identity map
+            mov byte ptr [0x300001], 0xf4
+            mov byte ptr [0x300002], 0xc3     # ret
+            mov al, 0x05
+            call rbx
+            hlt
+        """
+        m.boot(asm(body, 0x100000, 64), 0x100000, "long64")
+        pdpt = m.u64(m.cpu.refresh().cr3 & ~0xFFF) & 0xFFFFFFFFF000
+        pd = m.u64(pdpt) & 0xFFFFFFFFF000
+        pt = 0x50000
+        m.mem.write_int(pt, 8, 0x200000 | 3)            # 0x400000 -> 0x200000
+        m.mem.write_int(pt + 8, 8, 0x300000 | 3)        # 0x401000 -> 0x300000
+        m.mem.write_int(pd + 8 * 2, 8, pt | 3)          # [4 MiB, 6 MiB) through that table
+        m.mem.write(0x200FFA, b"\x90" * 6)              # the block: 6 NOPs, then in the next page
+        m.mem.write(0x300000, b"\x90\x90\xc3")          # NOP NOP RET (the same size as OUT + RET)
+        res = m.run(max_insns=100_000)
+        assert res.reason == "debug-exit" and res.status == (5 << 1) | 1
+    finally:
+        m.close()
