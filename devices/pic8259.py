@@ -215,6 +215,9 @@ class Pic8259:
             self.auto_eoi = bool(value & ICW4_AEOI)
             self.sfnm = bool(value & ICW4_SFNM)
             self.init_step = 0
+            # SFNM changes what the priority resolver lets through (an
+            # in-service cascade input no longer blocks its own level)
+            self._update()
 
     def _icw1(self, value: int) -> None:
         # Datasheet: the edge sense circuit is reset (a new low-to-high

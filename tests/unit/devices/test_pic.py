@@ -1,6 +1,6 @@
 """Tests of devices.pic8259 programmed through its ports as Linux does."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from vmlab.devices.bus import IO_LIMIT, Bus
 from vmlab.devices.irq import IrqLine, line_to
@@ -235,6 +235,8 @@ def test_pic_icw2_low_bits_ignored():
     st.tuples(st.just("irq"), st.integers(0, 15), st.booleans()),
     st.tuples(st.just("ack"), st.just(0), st.just(0)),
 ), max_size=80))
+@example(ops=[("out", 0x20, 0x1D), ("out", 0xA1, 0), ("irq", 8, True), ("ack", 0, 0), ("out", 0x21, 0),
+              ("out", 0x21, 0), ("out", 0xA0, 0x18), ("out", 0x21, 0x10)])   # ICW4.SFNM with the cascade in service
 def test_pic_random_programming_never_raises_and_keeps_invariants(ops):
     m = Machine(init=False)
     for kind, a, b in ops:
