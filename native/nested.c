@@ -45,8 +45,20 @@ int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64
     for (k = 0; k < count; k++)
         if (s->enc[k] == enc)
             break;
-    if (k == count)
-        return 0;
+    if (k == count) {
+        /* Not in the table: a VMREAD of any supported field, full access
+         * (bit 0 clear), from the VMCS area (bits 31:15 and 12 zero, index
+         * below 64: the area's layout; readable: an Appendix B field). */
+        if (is_write || !s->vmcs || enc >= 0x8000 || (enc & 0x1001) || ((enc >> 1) & 0x1FF) >= 64)
+            return 0;
+        const uint32_t slot = vmlab_vmcs_slot(enc);
+        if (!s->readable[slot])
+            return 0;
+        gpr[rm] = s->vmcs[slot];
+        *rflags &= ~SH_RFLAGS_VMSUCCEED_CLEAR;
+        s->hits++;
+        return (int)(i + 3);
+    }
     if (is_write) {
         if (!s->writable[k])
             return 0;
@@ -152,8 +164,11 @@ int vmlab_vmx_reflect_ok(const vmlab_regs *r, uint32_t trap_kinds, const vmlab_v
 void vmlab_vmx_reflect_store(const vmlab_regs *r, const vmlab_fastpath *f, vmlab_vmx_shadow *s)
 {
     const uint32_t count = s->n < VMLAB_VMX_SHADOW_MAX ? s->n : VMLAB_VMX_SHADOW_MAX;
-    /* 28.3: the guest-state area (the fields the table holds are read from it) */
+    /* 28.3: the guest-state area (the fields the table holds are read from
+     * it; the others are served from the VMCS area, stored there too) */
     vmlab_level_save(r, s->l2_img);
+    if (s->vmcs)
+        vmlab_vmcs_store_guest(r, s->vmcs, 0);
     for (int k = 0; k < VMLAB_LV_N; k++)
         if (s->img_k[k] < count)
             s->value[s->img_k[k]] = s->l2_img[k];

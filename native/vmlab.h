@@ -644,11 +644,17 @@ typedef struct vmlab_vmx_shadow {
     uint8_t intr_k;            /* table index of the guest interruptibility state */
     uint8_t pad_k[7];
     uint64_t host_img[43];     /* L1's host-state area as an image (vmm/nested_state.py host_image) */
+    /* The current VMCS's area (vmcs.c), or NULL: a VMREAD of a field not in
+     * the table is served from it when readable[slot] says the slot holds a
+     * supported field (a reflection here stores L2's guest state there too). */
+    uint64_t *vmcs;
+    uint8_t readable[1024];
 } vmlab_vmx_shadow;
 /* A VMRESUME at code[0..n) that C may execute (3, its length) or 0. */
 int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, uint32_t trap_kinds,
                         const vmlab_vmx_shadow *s);
-/* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it. */
+/* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it
+ * (a VMREAD of a field outside the table is served from s->vmcs when it is set). */
 int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64_t *rflags,
                           vmlab_vmx_shadow *s);
 /* May C reflect the L2 VM exit the fast path just decided (1) or not (0)? */

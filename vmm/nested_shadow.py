@@ -44,7 +44,9 @@ _VMSUCCEED_CLEAR = 0x8D5            # CF PF AF ZF SF OF (SDM Vol. 3C 31.2)
 def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[int, int]:
     """The twin of vmlab_vmx_shadow_insn: ``table`` holds lists ``enc``,
     ``writable``, ``mask``, ``value`` and ints ``dirty``, ``hits`` (changed in
-    place, as ``gpr``).  Returns (length or 0, rflags)."""
+    place, as ``gpr``), and optionally ``vmcs`` (the VMCS area, indexable by
+    slot) with ``readable`` (per slot): a VMREAD of a field outside the table
+    is served from the area.  Returns (length or 0, rflags)."""
     i, rex = 0, 0
     if len(code) >= 1 and (code[0] & 0xF0) == 0x40:
         rex, i = code[0], 1
@@ -57,7 +59,14 @@ def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[
     enc = gpr[reg] & 0xFFFFFFFF
     encs = table["enc"][:min(table["n"], MAX)]
     if enc not in encs:
-        return 0, rflags
+        # any supported field, full access, from the VMCS area (its layout: index below 64)
+        area = table.get("vmcs")
+        if (is_write or area is None or enc >= 0x8000 or enc & 0x1001 or (enc >> 1) & 0x1FF >= 64
+                or not table["readable"][F.slot(enc)]):
+            return 0, rflags
+        gpr[rm] = area[F.slot(enc)]
+        table["hits"] += 1
+        return i + 3, rflags & ~_VMSUCCEED_CLEAR
     k = encs.index(enc)
     if is_write:
         if not table["writable"][k]:
@@ -120,9 +129,11 @@ def reflect_store(r, f, table: dict) -> None:
     guest-state fields, blocking by NMI cleared, the exit information of the
     fast-path decision ``f`` (``exit_reason``, ``exit_qual``, ``exit_len``);
     the table serves L1 with its VMRESUME armed (changed in place)."""
-    from .nested_state import level_save
+    from .nested_state import level_save, store_guest
     count = min(table["n"], MAX)
     img = level_save(r)
+    if table.get("vmcs") is not None:
+        store_guest(r, table["vmcs"], 0)          # the fields served from the area
     table["l2_img"] = img
     value = table["value"]
     for i, k in enumerate(table["img_k"]):
@@ -157,6 +168,8 @@ class VmcsCache:
         for i, enc in enumerate(EXIT_FIELDS):
             s.x_k[i] = HOT_FIELDS.index(enc)
         s.intr_k = HOT_FIELDS.index(_INTR)
+        for f in by_enc.values():
+            s.readable[f.slot] = 1
         self.vmcs = None
 
     def fill(self, vmcs) -> None:
@@ -166,6 +179,7 @@ class VmcsCache:
         ffi.memmove(s.value, _PACK(*[m[k] for k in HOT_SLOTS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
         s.entry_ready = s.reflect_ready = 0
+        s.vmcs = vmcs.area                # the other fields' VMREADs (self.vmcs keeps it alive)
         s.active = 1
         self.vmcs = vmcs
 
@@ -194,4 +208,5 @@ class VmcsCache:
                     m[HOT_SLOTS[k]] = s.value[k]
                     dirty.add(enc)
         s.dirty = 0
+        s.vmcs = ffi.NULL
         self.vmcs = None

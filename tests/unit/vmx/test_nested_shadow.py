@@ -2,6 +2,7 @@
 vmm/nested_shadow.shadow_insn, and the table's life in vmm/nested.py."""
 from __future__ import annotations
 
+import random
 import shutil
 
 import pytest
@@ -13,6 +14,9 @@ from vmlab.vmm import vmcs as F
 from vmlab.vmm.nested_shadow import HOT_FIELDS, MAX, shadow_insn
 
 U64 = st.integers(0, (1 << 64) - 1)
+ENCODINGS = tuple(f.encoding for f in F.FIELDS)
+#: high access, reserved bit 12, an index past the area's 64, an unlisted field, bits 31:15
+ODD_ENCODINGS = (0x2001, 0x681F, 0x1000 | 0x681E, 0x4480, 0x0880, 0x6C80, 0x4826, 0x2048, 0x8000 | 0x681E, 0x10000)
 
 
 @st.composite
@@ -22,6 +26,13 @@ def cases(draw):
              "writable": [draw(st.integers(0, 1)) for _ in range(MAX)],
              "mask": [F.FIELDS_BY_ENCODING[e].mask for e in HOT_FIELDS] + [0] * (MAX - len(HOT_FIELDS)),
              "value": [draw(U64) for _ in range(MAX)], "dirty": draw(U64), "hits": draw(st.integers(0, 1000))}
+    if draw(st.integers(0, 3)):
+        # the VMCS area the other fields' VMREADs are served from (contents from a seed)
+        rnd = random.Random(draw(st.integers(0, 1 << 32)))
+        table["vmcs"] = [rnd.getrandbits(64) for _ in range(F.VMCS_SLOTS)]
+        table["readable"] = [0] * F.VMCS_SLOTS
+        for f in F.FIELDS:
+            table["readable"][f.slot] = 1
     prefix = draw(st.sampled_from([b"", b"", bytes([draw(st.integers(0x40, 0x4F))]),
                                    bytes([draw(st.integers(0x40, 0x4F))]), b"\x66", b"\xf2", b"\x41\x66"]))
     op = draw(st.sampled_from([0x78, 0x79, 0x78, 0x79, 0x77, 0x22]))
@@ -33,7 +44,8 @@ def cases(draw):
     # the field register holds a table encoding (high bits set or not) most of the time
     for r in range(16):
         if draw(st.integers(0, 3)):
-            gpr[r] = (draw(st.integers(0, 1)) * draw(U64) & ~0xFFFFFFFF) | draw(st.sampled_from(HOT_FIELDS))
+            gpr[r] = (draw(st.integers(0, 1)) * draw(U64) & ~0xFFFFFFFF) | draw(st.one_of(
+                st.sampled_from(HOT_FIELDS), st.sampled_from(ENCODINGS), st.sampled_from(ODD_ENCODINGS)))
     return code, gpr, draw(U64), table
 
 
@@ -44,11 +56,18 @@ def _native(code, gpr, rflags, table):
     for k in range(MAX):
         s.enc[k], s.writable[k], s.mask[k], s.value[k] = (table["enc"][k], table["writable"][k], table["mask"][k],
                                                           table["value"][k])
+    area = None
+    if "vmcs" in table:
+        area = s.vmcs = ffi.new("uint64_t[]", table["vmcs"])
+        for k, ok in enumerate(table["readable"]):
+            s.readable[k] = ok
     g = ffi.new("uint64_t[16]", gpr)
     fl = ffi.new("uint64_t *", rflags)
     buf = ffi.new("uint8_t[]", code or b"\0")
     n = lib.vmlab_vmx_shadow_insn(buf, len(code), g, fl, s)
     out = dict(table, dirty=s.dirty, hits=s.hits, value=[s.value[k] for k in range(MAX)])
+    if area is not None:
+        out["vmcs"] = list(area)
     return n, list(g), fl[0], out
 
 
@@ -66,11 +85,23 @@ def _table_case(code: bytes):
     return code, gpr, 0x8D7, table
 
 
+def _area_case():
+    """vmread r11, r9 with R9 naming GUEST_CS_ACCESS_RIGHTS (not in the table): from the area."""
+    code, gpr, rflags, table = _table_case(bytes([0x4D, 0x0F, 0x78, 0xCB]))
+    gpr[9] = int(F.GUEST_CS_ACCESS_RIGHTS)
+    table["vmcs"] = [k * 3 for k in range(F.VMCS_SLOTS)]
+    table["readable"] = [0] * F.VMCS_SLOTS
+    for f in F.FIELDS:
+        table["readable"][f.slot] = 1
+    return code, gpr, rflags, table
+
+
 @settings(max_examples=400, deadline=None)
 @given(cases())
 # one instruction served and one refused in every run, whatever is drawn
 @example(_table_case(bytes([0x4D, 0x0F, 0x79, 0xCA])))      # vmwrite r9, r10: served
 @example(_table_case(bytes([0x0F, 0x78, 0x08])))            # memory operand: refused
+@example(_area_case())                                      # vmread r11, r9 of a field outside the table
 def test_native_vmread_vmwrite_matches_the_python_twin(case):
     code, gpr, rflags, table = case
     n_c, gpr_c, fl_c, table_c = _native(code, list(gpr), rflags, {k: (list(v) if isinstance(v, list) else v)
@@ -81,6 +112,7 @@ def test_native_vmread_vmwrite_matches_the_python_twin(case):
     assert (n_c, gpr_c, fl_c) == (n_p, g, fl_p)
     SERVED.append(n_p)
     assert (table_c["value"], table_c["dirty"], table_c["hits"]) == (t["value"], t["dirty"], t["hits"])
+    assert table_c.get("vmcs") == t.get("vmcs")
 
 
 def test_the_comparison_met_served_and_refused_instructions():
@@ -103,6 +135,17 @@ def test_twin_serves_vmread_and_vmwrite_and_refuses_the_rest():
     assert gpr[11] == 0x87654321
     assert shadow_insn(bytes([0x0F, 0x78, 0x08]), gpr, 0, table)[0] == 0                # memory operand
     gpr[1] = 0x4401                                                                     # not in the table
+    assert shadow_insn(bytes([0x0F, 0x78, 0xC8]), gpr, 0, table)[0] == 0
+    # with the VMCS area: a VMREAD of any field it holds; a VMWRITE of one outside the table is Python's
+    table["vmcs"] = [0] * F.VMCS_SLOTS
+    table["vmcs"][F.slot(F.GUEST_CS_ACCESS_RIGHTS)] = 0xA09B
+    table["readable"] = [0] * F.VMCS_SLOTS
+    table["readable"][F.slot(F.GUEST_CS_ACCESS_RIGHTS)] = 1
+    gpr[1] = int(F.GUEST_CS_ACCESS_RIGHTS)
+    assert shadow_insn(bytes([0x0F, 0x78, 0xC8]), gpr, 0x8D5, table) == (3, 0)          # vmread rax, rcx
+    assert gpr[0] == 0xA09B
+    assert shadow_insn(bytes([0x0F, 0x79, 0xC8]), gpr, 0, table)[0] == 0                # vmwrite rcx, rax
+    gpr[1] = int(F.GUEST_CS_ACCESS_RIGHTS) | 1                                          # high access
     assert shadow_insn(bytes([0x0F, 0x78, 0xC8]), gpr, 0, table)[0] == 0
 
 
@@ -223,6 +266,9 @@ def reflect_cases(draw):
              "entered": draw(st.integers(0, 1)), "reflections": draw(st.integers(0, 100)),
              "reflected_total": draw(st.integers(0, 1000)),
              "host_efer": draw(st.sampled_from([r.efer, r.efer, r.efer ^ (1 << 10), draw(U64)]))}
+    if draw(st.booleans()):
+        rnd = random.Random(draw(st.integers(0, 1 << 32)))
+        table["vmcs"] = [rnd.getrandbits(64) for _ in range(F.VMCS_SLOTS)]     # the area stored into too
     f = _Fast(draw(st.integers(0, 65535)), draw(U64), draw(st.integers(0, 15)))
     kinds = draw(st.sampled_from([0, 1 << lib.VMLAB_TRAP_IRET, 0xFFFFFFFF, 1 << lib.VMLAB_TRAP_VMX]))
     return r, f, kinds, table
@@ -239,6 +285,8 @@ def _native_shadow(table):
         s.img_k[i] = table["img_k"][i]
     for i in range(5):
         s.x_k[i] = table["x_k"][i]
+    if "vmcs" in table:
+        s.vmcs = table["_area"] = ffi.new("uint64_t[]", table["vmcs"])
     return s
 
 
@@ -261,7 +309,11 @@ def test_native_reflection_matches_the_python_twin(case):
     cf.exit_reason, cf.exit_qual, cf.exit_len = f.exit_reason, f.exit_qual, f.exit_len
     lib.vmlab_vmx_reflect_store(r, cf, s)
     t = dict(table, value=list(table["value"]))
+    if "vmcs" in t:
+        t["vmcs"] = list(t["vmcs"])
     reflect_store(r, f, t)
+    if "vmcs" in t:
+        assert list(table["_area"]) == t["vmcs"]
     assert [s.l2_img[i] for i in range(lib.VMLAB_LV_N)] == t["l2_img"]
     assert [s.value[k] for k in range(MAX)] == t["value"]
     for name in ("dirty", "active", "entry_ready", "in_l2", "entered", "reflections", "reflected_total"):
