@@ -46,15 +46,26 @@ int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64
         if (s->enc[k] == enc)
             break;
     if (k == count) {
-        /* Not in the table: a VMREAD of any supported field, full access
-         * (bit 0 clear), from the VMCS area (bits 31:15 and 12 zero, index
-         * below 64: the area's layout; readable: an Appendix B field). */
-        if (is_write || !s->vmcs || enc >= 0x8000 || (enc & 0x1001) || ((enc >> 1) & 0x1FF) >= 64)
+        /* Not in the table: any supported field, full access (bit 0 clear),
+         * in the VMCS area (bits 31:15 and 12 zero, index below 64: the
+         * area's layout; readable: an Appendix B field). */
+        if (!s->vmcs || enc >= 0x8000 || (enc & 0x1001) || ((enc >> 1) & 0x1FF) >= 64)
             return 0;
         const uint32_t slot = vmlab_vmcs_slot(enc);
         if (!s->readable[slot])
             return 0;
-        gpr[rm] = s->vmcs[slot];
+        if (is_write) {
+            /* bits 11:10 type 1: a VM-exit information field (VMfailValid 13
+             * without IA32_VMX_MISC[29]: Python's); bits 14:13 the width */
+            const uint32_t width = (enc >> 13) & 3;
+            if (((enc >> 10) & 3) == 1 && !s->vmwrite_any)
+                return 0;
+            const uint64_t mask = width == 0 ? 0xFFFFull : width == 2 ? 0xFFFFFFFFull : ~0ull;
+            s->vmcs[slot] = gpr[rm] & mask;
+            s->vmcs_dirty[slot >> 6] |= 1ull << (slot & 63);
+        } else {
+            gpr[rm] = s->vmcs[slot];
+        }
         *rflags &= ~SH_RFLAGS_VMSUCCEED_CLEAR;
         s->hits++;
         return (int)(i + 3);
@@ -91,6 +102,9 @@ int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, ui
         return 0;
     if (irq_window || (trap_kinds & (1u << VMLAB_TRAP_IRET)))
         return 0;
+    for (int w = 0; w < 16; w++)
+        if (s->vmcs_dirty[w])
+            return 0;             /* a field outside the table was written: Python checks the entry */
     const uint64_t d = s->dirty, rr = d & s->entry_rip_rsp, cheap = d & s->entry_cheap;
     if ((d & ~(rr | cheap)) || (rr && cheap))
         return 0;

@@ -649,12 +649,19 @@ typedef struct vmlab_vmx_shadow {
      * supported field (a reflection here stores L2's guest state there too). */
     uint64_t *vmcs;
     uint8_t readable[1024];
+    /* ... and a VMWRITE of such a field into it (a read-only field only with
+     * vmwrite_any, IA32_VMX_MISC[29]), its slot marked in vmcs_dirty (Python
+     * puts those writes into the VMCS's tracked set; a VMRESUME here needs
+     * none pending) */
+    uint32_t vmwrite_any;
+    uint32_t pad_w;
+    uint64_t vmcs_dirty[16];
 } vmlab_vmx_shadow;
 /* A VMRESUME at code[0..n) that C may execute (3, its length) or 0. */
 int vmlab_vmx_resume_ok(const uint8_t *code, uint32_t n, uint32_t irq_window, uint32_t trap_kinds,
                         const vmlab_vmx_shadow *s);
 /* One VMREAD/VMWRITE at code[0..n): its length if served, 0 if Python must take it
- * (a VMREAD of a field outside the table is served from s->vmcs when it is set). */
+ * (a field outside the table is read and written in s->vmcs when it is set). */
 int vmlab_vmx_shadow_insn(const uint8_t *code, uint32_t n, uint64_t *gpr, uint64_t *rflags,
                           vmlab_vmx_shadow *s);
 /* May C reflect the L2 VM exit the fast path just decided (1) or not (0)? */

@@ -37,6 +37,8 @@ HOT_FIELDS = tuple(int(f) for f in (
 #: where they live in a VMCS area (vmm/vmcs.py ``slot``)
 HOT_SLOTS = tuple(F.slot(e) for e in HOT_FIELDS)
 MAX = lib.VMLAB_VMX_SHADOW_MAX
+#: the field encoding of each slot of the VMCS area that holds one
+_ENC_OF_SLOT = {f.slot: f.encoding for f in F.FIELDS}
 _PACK = struct.Struct(f"<{len(HOT_FIELDS)}Q").pack       # the table's values, one memmove
 _VMSUCCEED_CLEAR = 0x8D5            # CF PF AF ZF SF OF (SDM Vol. 3C 31.2)
 
@@ -45,8 +47,9 @@ def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[
     """The twin of vmlab_vmx_shadow_insn: ``table`` holds lists ``enc``,
     ``writable``, ``mask``, ``value`` and ints ``dirty``, ``hits`` (changed in
     place, as ``gpr``), and optionally ``vmcs`` (the VMCS area, indexable by
-    slot) with ``readable`` (per slot): a VMREAD of a field outside the table
-    is served from the area.  Returns (length or 0, rflags)."""
+    slot) with ``readable`` (per slot), ``vmwrite_any`` and ``vmcs_dirty``
+    (16 ints): a field outside the table is read and written in the area.
+    Returns (length or 0, rflags)."""
     i, rex = 0, 0
     if len(code) >= 1 and (code[0] & 0xF0) == 0x40:
         rex, i = code[0], 1
@@ -61,10 +64,17 @@ def shadow_insn(code: bytes, gpr: list[int], rflags: int, table: dict) -> tuple[
     if enc not in encs:
         # any supported field, full access, from the VMCS area (its layout: index below 64)
         area = table.get("vmcs")
-        if (is_write or area is None or enc >= 0x8000 or enc & 0x1001 or (enc >> 1) & 0x1FF >= 64
+        if (area is None or enc >= 0x8000 or enc & 0x1001 or (enc >> 1) & 0x1FF >= 64
                 or not table["readable"][F.slot(enc)]):
             return 0, rflags
-        gpr[rm] = area[F.slot(enc)]
+        slot = F.slot(enc)
+        if is_write:
+            if (enc >> 10) & 3 == 1 and not table["vmwrite_any"]:
+                return 0, rflags           # a VM-exit information field: VMfailValid 13 is Python's
+            area[slot] = gpr[rm] & (0xFFFF, (1 << 64) - 1, 0xFFFFFFFF, (1 << 64) - 1)[(enc >> 13) & 3]
+            table["vmcs_dirty"][slot >> 6] |= 1 << (slot & 63)
+        else:
+            gpr[rm] = area[slot]
         table["hits"] += 1
         return i + 3, rflags & ~_VMSUCCEED_CLEAR
     k = encs.index(enc)
@@ -90,6 +100,8 @@ def resume_ok(code: bytes, irq_window: int, trap_kinds: int, table: dict) -> int
         return 0
     if irq_window or trap_kinds & _TRAP_IRET:
         return 0
+    if any(table.get("vmcs_dirty", ())):
+        return 0                    # a field outside the table was written: Python checks the entry
     d = table["dirty"]
     rr, cheap = d & table["entry_rip_rsp"], d & table["entry_cheap"]
     if d & ~(rr | cheap) or (rr and cheap):
@@ -170,6 +182,7 @@ class VmcsCache:
         s.intr_k = HOT_FIELDS.index(_INTR)
         for f in by_enc.values():
             s.readable[f.slot] = 1
+        s.vmwrite_any = 1 if caps.vmwrite_any_field else 0
         self.vmcs = None
 
     def fill(self, vmcs) -> None:
@@ -178,6 +191,7 @@ class VmcsCache:
         m = vmcs.mem
         ffi.memmove(s.value, _PACK(*[m[k] for k in HOT_SLOTS]), 8 * len(HOT_FIELDS))
         s.dirty = 0
+        s.vmcs_dirty[0:16] = [0] * 16
         s.entry_ready = s.reflect_ready = 0
         s.vmcs = vmcs.area                # the other fields' VMREADs (self.vmcs keeps it alive)
         s.active = 1
@@ -207,6 +221,16 @@ class VmcsCache:
                     enc = HOT_FIELDS[k]
                     m[HOT_SLOTS[k]] = s.value[k]
                     dirty.add(enc)
+        if self.vmcs is not None:
+            # fields outside the table, written in the area itself
+            dirty = self.vmcs.dirty
+            for w in range(16):
+                d = s.vmcs_dirty[w]
+                while d:
+                    b = (d & -d).bit_length() - 1
+                    d &= d - 1
+                    dirty.add(_ENC_OF_SLOT[w << 6 | b])
+        s.vmcs_dirty[0:16] = [0] * 16
         s.dirty = 0
         s.vmcs = ffi.NULL
         self.vmcs = None

@@ -33,6 +33,8 @@ def cases(draw):
         table["readable"] = [0] * F.VMCS_SLOTS
         for f in F.FIELDS:
             table["readable"][f.slot] = 1
+        table["vmwrite_any"] = draw(st.integers(0, 1))
+        table["vmcs_dirty"] = [draw(st.sampled_from([0, 0, 1, 1 << 63])) for _ in range(16)]
     prefix = draw(st.sampled_from([b"", b"", bytes([draw(st.integers(0x40, 0x4F))]),
                                    bytes([draw(st.integers(0x40, 0x4F))]), b"\x66", b"\xf2", b"\x41\x66"]))
     op = draw(st.sampled_from([0x78, 0x79, 0x78, 0x79, 0x77, 0x22]))
@@ -61,13 +63,15 @@ def _native(code, gpr, rflags, table):
         area = s.vmcs = ffi.new("uint64_t[]", table["vmcs"])
         for k, ok in enumerate(table["readable"]):
             s.readable[k] = ok
+        s.vmwrite_any = table["vmwrite_any"]
+        s.vmcs_dirty[0:16] = table["vmcs_dirty"]
     g = ffi.new("uint64_t[16]", gpr)
     fl = ffi.new("uint64_t *", rflags)
     buf = ffi.new("uint8_t[]", code or b"\0")
     n = lib.vmlab_vmx_shadow_insn(buf, len(code), g, fl, s)
     out = dict(table, dirty=s.dirty, hits=s.hits, value=[s.value[k] for k in range(MAX)])
     if area is not None:
-        out["vmcs"] = list(area)
+        out["vmcs"], out["vmcs_dirty"] = list(area), list(s.vmcs_dirty)
     return n, list(g), fl[0], out
 
 
@@ -85,14 +89,16 @@ def _table_case(code: bytes):
     return code, gpr, 0x8D7, table
 
 
-def _area_case():
-    """vmread r11, r9 with R9 naming GUEST_CS_ACCESS_RIGHTS (not in the table): from the area."""
-    code, gpr, rflags, table = _table_case(bytes([0x4D, 0x0F, 0x78, 0xCB]))
+def _area_case(write: bool = False):
+    """vmread r11, r9 (or vmwrite r9, r11) with R9 naming GUEST_CS_ACCESS_RIGHTS
+    (not in the table): in the area."""
+    code, gpr, rflags, table = _table_case(bytes([0x4D, 0x0F, 0x79 if write else 0x78, 0xCB]))
     gpr[9] = int(F.GUEST_CS_ACCESS_RIGHTS)
     table["vmcs"] = [k * 3 for k in range(F.VMCS_SLOTS)]
     table["readable"] = [0] * F.VMCS_SLOTS
     for f in F.FIELDS:
         table["readable"][f.slot] = 1
+    table["vmwrite_any"], table["vmcs_dirty"] = 1, [0] * 16
     return code, gpr, rflags, table
 
 
@@ -102,6 +108,7 @@ def _area_case():
 @example(_table_case(bytes([0x4D, 0x0F, 0x79, 0xCA])))      # vmwrite r9, r10: served
 @example(_table_case(bytes([0x0F, 0x78, 0x08])))            # memory operand: refused
 @example(_area_case())                                      # vmread r11, r9 of a field outside the table
+@example(_area_case(write=True))                            # vmwrite r9, r11 of one: into the area, marked
 def test_native_vmread_vmwrite_matches_the_python_twin(case):
     code, gpr, rflags, table = case
     n_c, gpr_c, fl_c, table_c = _native(code, list(gpr), rflags, {k: (list(v) if isinstance(v, list) else v)
@@ -112,7 +119,7 @@ def test_native_vmread_vmwrite_matches_the_python_twin(case):
     assert (n_c, gpr_c, fl_c) == (n_p, g, fl_p)
     SERVED.append(n_p)
     assert (table_c["value"], table_c["dirty"], table_c["hits"]) == (t["value"], t["dirty"], t["hits"])
-    assert table_c.get("vmcs") == t.get("vmcs")
+    assert (table_c.get("vmcs"), table_c.get("vmcs_dirty")) == (t.get("vmcs"), t.get("vmcs_dirty"))
 
 
 def test_the_comparison_met_served_and_refused_instructions():
@@ -144,7 +151,15 @@ def test_twin_serves_vmread_and_vmwrite_and_refuses_the_rest():
     gpr[1] = int(F.GUEST_CS_ACCESS_RIGHTS)
     assert shadow_insn(bytes([0x0F, 0x78, 0xC8]), gpr, 0x8D5, table) == (3, 0)          # vmread rax, rcx
     assert gpr[0] == 0xA09B
-    assert shadow_insn(bytes([0x0F, 0x79, 0xC8]), gpr, 0, table)[0] == 0                # vmwrite rcx, rax
+    table["vmwrite_any"], table["vmcs_dirty"] = 0, [0] * 16
+    gpr[0] = 0x1_C093                                                                   # 32-bit field: kept whole
+    assert shadow_insn(bytes([0x0F, 0x79, 0xC8]), gpr, 0, table)[0] == 3                # vmwrite rcx, rax
+    slot = F.slot(F.GUEST_CS_ACCESS_RIGHTS)
+    assert table["vmcs"][slot] == 0x1_C093 and table["vmcs_dirty"][slot >> 6] == 1 << (slot & 63)
+    table["readable"][F.slot(F.IO_RCX)] = 1
+    gpr[1] = int(F.IO_RCX)                                                              # read-only, no MISC[29]
+    assert shadow_insn(bytes([0x0F, 0x79, 0xC8]), gpr, 0, table)[0] == 0
+    gpr[1] = int(F.GUEST_CS_ACCESS_RIGHTS)
     gpr[1] = int(F.GUEST_CS_ACCESS_RIGHTS) | 1                                          # high access
     assert shadow_insn(bytes([0x0F, 0x78, 0xC8]), gpr, 0, table)[0] == 0
 
@@ -207,7 +222,9 @@ def resume_cases(draw):
              "rip_bits": draw(st.sampled_from([0, 48, 57, 64])),
              "value": [draw(st.one_of(U64, st.integers(0, 1 << 33), st.sampled_from(
                  [0xFFFF800000000000, 0x00007FFFFFFFFFFF, 0x0000800000000000, 0xFFFFFFFF])))
-                       for _ in range(MAX)]}
+                       for _ in range(MAX)],
+             # a field outside the table written (slot bits), mostly none
+             "vmcs_dirty": [draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 << 5])) for _ in range(16)]}
     code = draw(st.one_of(st.just(b"\x0f\x01\xc3"), st.just(b"\x0f\x01\xc2"), st.binary(min_size=0, max_size=4)))
     code += draw(st.binary(max_size=3))
     return code, draw(st.sampled_from([0, 0, 1])), draw(st.sampled_from([0, 1 << lib.VMLAB_TRAP_IRET, 0xFFFFFFFF, 1 << lib.VMLAB_TRAP_VMX])), table
@@ -225,6 +242,7 @@ def test_native_vmresume_decision_matches_the_python_twin(case):
     s.rip_k, s.rsp_k, s.rip_bits = table["rip_k"], table["rsp_k"], table["rip_bits"]
     for k in range(MAX):
         s.value[k] = table["value"][k]
+    s.vmcs_dirty[0:16] = table["vmcs_dirty"]
     buf = ffi.new("uint8_t[]", code or b"\0")
     assert lib.vmlab_vmx_resume_ok(buf, len(code), irq_window, kinds, s) == resume_ok(code, irq_window, kinds, table)
 
@@ -388,6 +406,7 @@ def test_l2_exits_reflected_in_c_leave_the_machine_as_python_does(tmp_path, monk
     def snap(self, by):
         sh = self._cache.native
         written = {HOT_FIELDS[k] for k in range(len(HOT_FIELDS)) if sh.dirty >> k & 1}
+        written |= {f.encoding for f in F.FIELDS if sh.vmcs_dirty[f.slot >> 6] >> (f.slot & 63) & 1}
         mem = self._guest._vmcs.mem
         after_exit.setdefault(self.reflected, []).append(
             (by, {e: mem[F.slot(e)] for e in compared - written}))
@@ -420,7 +439,9 @@ def test_l2_exits_reflected_in_c_leave_the_machine_as_python_does(tmp_path, monk
             exits.append(dict(after_exit))
         finally:
             vm.close()
-    assert len(views[0]) > 20 and views[0] == views[1]
+    # (VMREAD and VMWRITE of every field are served in C: what reaches Python is
+    # VMPTRLD, VMLAUNCH, the VMRESUMEs C does not take, VMCLEAR...)
+    assert len(views[0]) > 10 and views[0] == views[1]
     by_c = {k: snaps[-1][1] for k, snaps in exits[0].items() if snaps[-1][0] == "c"}
     assert len(by_c) >= 3, exits[0].keys()
     for k, fields in by_c.items():
