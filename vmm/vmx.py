@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vmlab.emu import x86
-from vmlab.emu.cpu import _M_RIP, GuestFault
+from vmlab.emu.cpu import _M_RIP, REGS_Q_RIP as _Q_RIP, GuestFault
 from vmlab.emu.events import Event, TripleFault, deliver
 from vmlab.emu.exits import ExceptionExit, Exit, HltExit, PolicyExit
 from vmlab.emu.fastpath import exception_exit
@@ -178,7 +178,7 @@ class GuestRegs:
     def __getattr__(self, name):
         i = GuestRegs._GPR.get(name)
         if i is not None:
-            return self._cpu.regs.gpr[i]
+            return self._cpu.regs_q[i]
         if name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
             return getattr(self._cpu.regs, name)
         raise AttributeError(name)
@@ -253,9 +253,10 @@ class VmExit:
             v = self.vmcs
             cpu = self.guest.cpu
             if v.lazy is not None and v is self.guest._vmcs:
-                # Guest state not stored yet: it is still the vCPU's (Vcpu.set_rip, inline).
-                r = cpu.regs
-                r.rip = (r.rip + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
+                # Guest state not stored yet: it is still the vCPU's (Vcpu.set_rip,
+                # inline, through the register file's memoryview)
+                q = cpu.regs_q
+                q[_Q_RIP] = (q[_Q_RIP] + self.instruction_length) & 0xFFFFFFFFFFFFFFFF
                 cpu._dirty |= _M_RIP
                 return
             if isinstance(v, TrackedVmcs):
