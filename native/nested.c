@@ -6,7 +6,8 @@
  * into a vmlab_vmx_shadow table (not VMCS shadowing of SDM 25.10, which is a
  * VMX feature for L1; this is vmlab's own cache).  vmlab_run_exit_vmx wraps
  * vmlab_run_exit: at a trap site that is a VMREAD or VMWRITE between
- * registers, in 64-bit mode at CPL 0, of a field in the table, it does what
+ * registers, in 64-bit mode at CPL 0, of a field in the table -- or of any
+ * other supported field, in the VMCS's own native area (vmcs.c) --, it does what
  * SDM Vol. 3C 31.3 "VMREAD"/"VMWRITE" Operation says once every #UD, #GP and
  * VMfail condition is known not to hold -- the register gets the field (or
  * the field the register, truncated to the field's width), RFLAGS.CF, PF, AF,

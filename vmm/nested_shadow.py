@@ -5,7 +5,9 @@ While the guest hypervisor (L1) runs in VMX root operation with a current
 VMCS, :class:`VmcsCache` copies the fields an exit handler typically reads or
 writes (``HOT_FIELDS``) into a native table; ``vmlab_run_exit_vmx`` then serves
 a VMREAD or VMWRITE between registers, in 64-bit mode at CPL 0, of one of those
-fields without returning to Python: SDM Vol. 3C 31.3 "VMREAD"/"VMWRITE"
+fields -- or of any other supported field, in the VMCS's native area itself
+(``Vmcs.area``; such a VMWRITE is marked per slot and joins the VMCS's tracked
+writes at ``sync``) -- without returning to Python: SDM Vol. 3C 31.3 "VMREAD"/"VMWRITE"
 Operation once every #UD, #GP and VMfail condition is known not to hold (the
 register gets the field, or the field the register truncated to the field's
 width; "VMsucceed" clears CF, PF, AF, ZF, SF and OF, 31.2).  Every other
