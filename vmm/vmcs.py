@@ -370,6 +370,13 @@ FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 MAX_FIELD_INDEX = max(encoding_index(f.encoding) for f in FIELDS)
 #: The encodings of every field (a VMCS whose every field counts as written).
 ALL_ENCODINGS = frozenset(FIELDS_BY_ENCODING)
+#: every encoding VMREAD/VMWRITE accept (full, and high for 64-bit fields) ->
+#: (field, high, slot, width mask, read only): what lookup() works out, ready
+_ACCESS: dict[int, tuple] = {}
+for _f in FIELDS:
+    for _h in ((False, True) if _f.width is FieldWidth.BITS64 else (False,)):
+        _ACCESS[_f.encoding | int(_h)] = (_f, _h, _f.slot, _f.mask, _f.read_only)
+del _f, _h
 if MAX_FIELD_INDEX > 0x3F or len({f.slot for f in FIELDS}) != len(FIELDS):
     raise ImportError("the VMCS area layout (6-bit index per width/type group) does not fit the field table")
 
@@ -533,9 +540,14 @@ class Vmcs:
 
     def read(self, encoding: int) -> int:
         """VMREAD: the field's value, zero-extended to 64 bits; bits 63:32 for a high encoding."""
-        field, high = lookup(encoding)
-        value = self.mem[field.slot]
-        return value >> 32 if high else value
+        try:
+            a = _ACCESS.get(encoding)
+        except TypeError:
+            a = None
+        if a is None:
+            lookup(encoding)                # raises: not an encoding VMREAD accepts
+        value = self.mem[a[2]]
+        return value >> 32 if a[1] else value
 
     def write(self, encoding: int, value: int) -> None:
         """VMWRITE: store ``value`` truncated to the field's width.
@@ -544,17 +556,25 @@ class Vmcs:
         bits of ``value`` and keeps bits 31:0.  Raises
         :class:`VmInstructionFault` with error 12 or 13 (see :func:`lookup`).
         """
-        field, high = lookup(encoding)
-        if field.read_only and not self.vmwrite_any_field:
+        try:
+            a = _ACCESS.get(encoding)
+        except TypeError:
+            a = None
+        if a is None:
+            lookup(encoding)                # raises: not an encoding VMWRITE accepts
+        field = a[0]
+        if a[4] and not self.vmwrite_any_field:
             raise VmInstructionFault(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT,
                                      f"VMWRITE to read-only field {field.name} ({field.encoding:#06x}) "
                                      f"without IA32_VMX_MISC[29]")
-        self._store(field, _as_int(value), high)
+        self._store(field, value if type(value) is int else _as_int(value), a[1])
 
     def _store(self, field: Field, value: int, high: bool = False) -> None:
+        a = _ACCESS[field.encoding]
+        mem, slot = self.mem, a[2]
         if high:
-            value = (self.mem[field.slot] & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
-        self.mem[field.slot] = value & field.mask
+            value = (mem[slot] & 0xFFFFFFFF) | ((value & 0xFFFFFFFF) << 32)
+        mem[slot] = value & a[3]
 
     # -- Python access --------------------------------------------------------------
 
@@ -570,24 +590,6 @@ class Vmcs:
 
     def __setitem__(self, key, value) -> None:
         self.write(self._resolve(key), value)
-
-    def __getattr__(self, name: str) -> int:
-        # Only called for names that are not slots or methods.
-        try:
-            field, high = field_by_name(name)
-        except KeyError:
-            raise AttributeError(f"Vmcs has no attribute or field {name!r}") from None
-        return self.read(field.encoding | int(high))
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in Vmcs.__slots__:
-            object.__setattr__(self, name, value)
-            return
-        try:
-            field, high = field_by_name(name)
-        except KeyError:
-            raise AttributeError(f"Vmcs has no field {name!r}") from None
-        self.write(field.encoding | int(high), value)
 
     def __iter__(self) -> Iterator[Field]:
         return iter(FIELDS)
@@ -708,6 +710,29 @@ class Vmcs:
     def exit_reason(self) -> ExitReasonField:
         """The exit-reason field, decoded."""
         return ExitReasonField.decode(self.read(VmcsField.VM_EXIT_REASON))
+
+
+def _field_property(field: Field, high: bool) -> property:
+    encoding = field.encoding | int(high)
+
+    def get(self) -> int:
+        return self.read(encoding)
+
+    def set_(self, value) -> None:
+        self.write(encoding, value)
+    return property(get, set_, doc=f"{field.name}{'_HIGH' if high else ''} ({encoding:#06x}, SDM Vol. 3C "
+                                       f"{field.section}): VMREAD/VMWRITE")
+
+
+# Field attributes (``vmcs.guest_rip``, ``vmcs.GUEST_RIP``, ``vmcs.tsc_offset_high``)
+# are properties made here, not a __getattr__: a class with __getattr__ takes a
+# slower path for every attribute (the run loop reads the VMCS's slots per exit).
+for _f in FIELDS:
+    for _high in ((False, True) if _f.width is FieldWidth.BITS64 else (False,)):
+        _p = _field_property(_f, _high)
+        for _name in (_f.attr, _f.name):
+            setattr(Vmcs, _name + ("_HIGH" if _high and _name.isupper() else "_high" if _high else ""), _p)
+del _f, _high, _p, _name
 
 
 def _restore(data: bytes, launch_state, vmwrite_any_field: bool, revision_id: int) -> Vmcs:

@@ -51,6 +51,7 @@ from .vmx_intercept import (_ENC_PRIMARY, _ENC_SECONDARY, _PIN, _PP, _REASONS, _
 
 
 _set_attr, _new = object.__setattr__, object.__new__
+_vmcs_read, _vmcs_store = F.Vmcs.read, F.Vmcs._store
 _refcount = sys.getrefcount
 _SEG_ORDER = (x86.R_ES, x86.R_CS, x86.R_SS, x86.R_DS, x86.R_FS, x86.R_GS)   # VMCS field order = QEMU order
 
@@ -100,12 +101,6 @@ class TrackedVmcs(F.Vmcs):
         # guest RAM behind it) alive in a cycle
         object.__setattr__(self, "lazy", None)
 
-    def __setattr__(self, name, value):
-        if name in ("dirty", "cpu_dirty", "lazy"):
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
     def materialize(self) -> None:
         """Store the guest-state fields a VM exit deferred."""
         ref = self.lazy
@@ -118,7 +113,7 @@ class TrackedVmcs(F.Vmcs):
     def read(self, encoding: int) -> int:
         if self.lazy is not None and int(encoding) in _LAZY_FIELDS:
             self.materialize()
-        return super().read(encoding)
+        return _vmcs_read(self, encoding)
 
     def snapshot(self, *, nonzero: bool = False):
         self.materialize()
@@ -132,7 +127,7 @@ class TrackedVmcs(F.Vmcs):
         if self.lazy is not None:
             self.materialize()      # a write must not be overwritten by the deferred save
         self.dirty.add(field.encoding)
-        super()._store(field, value, high)
+        _vmcs_store(self, field, value, high)
 
     @classmethod
     def wrap(cls, vmcs: F.Vmcs) -> "TrackedVmcs":
