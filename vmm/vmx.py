@@ -161,28 +161,45 @@ class VmEntryFailed(VmmError):
 
 class GuestRegs:
     """Attribute access to the guest GPRs (rax…r15, rip, rflags) backed by the vCPU's
-    bulk register file: no Unicorn call per register."""
+    bulk register file: no Unicorn call per register.  CR0, CR2, CR3, CR4 and
+    EFER read only (a VMM changes them through the VMCS guest-state fields).
+    Each register is a property (no __getattr__: see vmm/vmcs.py's fields)."""
 
     __slots__ = ("_cpu",)
     _GPR = {n: i for i, n in enumerate(("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
                                          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"))}
 
     def __init__(self, cpu):
-        object.__setattr__(self, "_cpu", cpu)
+        self._cpu = cpu
 
-    def __getattr__(self, name):
-        i = GuestRegs._GPR.get(name)
-        if i is not None:
-            return self._cpu.regs_q[i]
-        if name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
-            return getattr(self._cpu.regs, name)
-        raise AttributeError(name)
 
-    def __setattr__(self, name, value):
-        if name in GuestRegs._GPR or name in ("rip", "rflags"):
-            self._cpu.set_reg(name, value)
-        else:
+def _gpr_property(i: int) -> property:
+    def get(self) -> int:
+        return self._cpu.regs_q[i]
+
+    def set_(self, value: int) -> None:
+        cpu = self._cpu
+        cpu.regs_q[i] = value & 0xFFFFFFFFFFFFFFFF      # Vcpu.set_reg, inline
+        cpu._dirty |= 1 << i
+    return property(get, set_)
+
+
+def _reg_property(name: str, writable: bool) -> property:
+    def get(self) -> int:
+        return getattr(self._cpu.regs, name)
+
+    def set_(self, value: int) -> None:
+        if not writable:
             raise AttributeError(f"{name} is not writable through exit.regs (write the VMCS guest-state field)")
+        self._cpu.set_reg(name, value)
+    return property(get, set_)
+
+
+for _name, _i in GuestRegs._GPR.items():
+    setattr(GuestRegs, _name, _gpr_property(_i))
+for _name in ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer"):
+    setattr(GuestRegs, _name, _reg_property(_name, _name in ("rip", "rflags")))
+del _name, _i
 
 
 #: VmExit._mex of an exit taken by the run loop's lean path: the PolicyExit is
