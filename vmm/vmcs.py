@@ -540,12 +540,7 @@ class Vmcs:
 
     def read(self, encoding: int) -> int:
         """VMREAD: the field's value, zero-extended to 64 bits; bits 63:32 for a high encoding."""
-        try:
-            a = _ACCESS.get(encoding)
-        except TypeError:
-            a = None
-        if a is None:
-            lookup(encoding)                # raises: not an encoding VMREAD accepts
+        a = _access(encoding)
         value = self.mem[a[2]]
         return value >> 32 if a[1] else value
 
@@ -556,12 +551,7 @@ class Vmcs:
         bits of ``value`` and keeps bits 31:0.  Raises
         :class:`VmInstructionFault` with error 12 or 13 (see :func:`lookup`).
         """
-        try:
-            a = _ACCESS.get(encoding)
-        except TypeError:
-            a = None
-        if a is None:
-            lookup(encoding)                # raises: not an encoding VMWRITE accepts
+        a = _access(encoding)
         field = a[0]
         if a[4] and not self.vmwrite_any_field:
             raise VmInstructionFault(VmInstructionError.VMWRITE_READ_ONLY_COMPONENT,
@@ -710,6 +700,19 @@ class Vmcs:
     def exit_reason(self) -> ExitReasonField:
         """The exit-reason field, decoded."""
         return ExitReasonField.decode(self.read(VmcsField.VM_EXIT_REASON))
+
+
+def _access(encoding) -> tuple:
+    """(field, high, slot, width mask, read only) of an encoding VMREAD and
+    VMWRITE accept (the table's entry); anything else raises as lookup()."""
+    a = _ACCESS.get(encoding) if type(encoding) in _INT_TYPES else None
+    if a is None:
+        field, high = lookup(encoding)      # raises unless an int of another type
+        a = _ACCESS[field.encoding | int(high)]
+    return a
+
+
+_INT_TYPES = (int, VmcsField)
 
 
 def _field_property(field: Field, high: bool) -> property:
