@@ -19,9 +19,11 @@ reaches Python.
 """
 from __future__ import annotations
 
+from .native import lib
+
 #: answers of pio_decide (and vmlab_pio_decide)
 NONE, IN_SERVED, OUT_QUEUED = 0, 1, 2
-PORTS, RING = 8, 4096          # VMLAB_PIO_PORTS, VMLAB_PIO_RING
+PORTS, RING = lib.VMLAB_PIO_PORTS, lib.VMLAB_PIO_RING
 
 _PE, _INHIBIT, _CPL = 1 << 7, 1 << 3, 3      # QEMU hflags bits
 _TF, _RFLAGS_VM = 1 << 8, 1 << 17             # RFLAGS

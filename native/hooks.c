@@ -2060,10 +2060,6 @@ int vmlab_cr_value(uint32_t cr, int write, uint64_t src, int mode, uint32_t hfla
     return 1;
 }
 
-/* At a trap site the fast path did not decide: a MOV to/from CR0/CR3/CR4 that
- * does not VM-exit, completed here when vmlab_cr_value can (the write with
- * the side effects Vcpu.write_cr has: every cached translation dropped, the
- * paging copies synced; RIP past the instruction).  1: done, run on. */
 /* The trap site the vCPU stopped at (fault_paddr): its bytes in RAM up to the
  * end of their page, at most 15 (*n; a straddling instruction is left to
  * Python, which walks the next page), QEMU's hflags and the code size (16,
@@ -2082,6 +2078,35 @@ static const uint8_t *site_bytes(vmlab_vcpu *v, uint32_t *n, uint32_t *hf, int *
     return v->ram + pa;
 }
 
+/* After a paging register changed in Unicorn: every cached translation
+ * dropped (vmlab's and Unicorn's), and v's copies of CR0, CR3, CR4 and EFER
+ * read back (what the walker uses).  0 or the uc_err of the read. */
+static int paging_changed(vmlab_vcpu *v, void *uc)
+{
+    vmlab_stlb_flush(v);
+    vmlab_tlb_flush(uc);
+    uc_x86_msr e = {0xC0000080u, 0};
+    int rids[4] = {UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_MSR};
+    void *rvals[4] = {&v->cr0, &v->cr3, &v->cr4, &e};
+    const int err = api.reg_read_batch(uc, rids, rvals, 4);
+    if (!err)
+        v->efer = e.value;
+    return err;
+}
+
+/* RIP past a trap-site instruction of ``len`` bytes completed here, wrapped
+ * at the code size (16, 32, 64). */
+static inline void site_advance(vmlab_regs *r, uint32_t len, int mode)
+{
+    r->rip += len;
+    if (mode != 64)
+        r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
+}
+
+/* At a trap site the fast path did not decide: a MOV to/from CR0/CR3/CR4 that
+ * does not VM-exit, completed here when vmlab_cr_value can (the write with
+ * the side effects Vcpu.write_cr has: every cached translation dropped, the
+ * paging copies synced; RIP past the instruction).  1: done, run on. */
 static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpath *f)
 {
     uint32_t n, hf;
@@ -2109,23 +2134,12 @@ static int cr_emulate_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpat
         r->gpr[g] = val;
     } else {
         static const int ids[5] = {UC_X86_REG_CR0, 0, 0, UC_X86_REG_CR3, UC_X86_REG_CR4};
-        if (api.reg_write(uc, ids[cr], &val))
+        if (api.reg_write(uc, ids[cr], &val) || paging_changed(v, uc))
             return 0;
-        vmlab_stlb_flush(v);
-        vmlab_tlb_flush(uc);
-        uc_x86_msr e = {0xC0000080u, 0};
-        int rids[4] = {UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_MSR};
-        void *rvals[4] = {&v->cr0, &v->cr3, &v->cr4, &e};
-        if (api.reg_read_batch(uc, rids, rvals, 4))
-            return 0;
-        v->efer = e.value;
-
         r->cr0 = v->cr0; r->cr3 = v->cr3; r->cr4 = v->cr4;
     }
     /* Past the instruction (no interrupt shadow to end: vmlab_cr_value checked) */
-    r->rip += c.length;
-    if (mode != 64)
-        r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
+    site_advance(r, c.length, mode);
     f->cr_emulated++;
     return 1;
 }
@@ -2196,9 +2210,7 @@ static int pio_fast_site(vmlab_vcpu *v, void *uc, vmlab_regs *r, vmlab_fastpath 
     } else {
         t->ring[t->nqueued++] = out;
     }
-    r->rip += len;
-    if (mode != 64)
-        r->rip &= mode == 32 ? 0xffffffffull : 0xffffull;
+    site_advance(r, len, mode);
     t->completed++;
     return 1;
 }
@@ -2507,13 +2519,5 @@ int vmlab_paging_write(vmlab_vcpu *v, void *uc, uint64_t cr0, uint64_t cr3, uint
     ids[n] = UC_X86_REG_CR0; vals[n++] = &cr0;
     if ((err = api.reg_write_batch(uc, ids, vals, n)))
         return err;
-    vmlab_stlb_flush(v);
-    vmlab_tlb_flush(uc);
-    uc_x86_msr e = {0xC0000080u, 0};
-    int rids[4] = {UC_X86_REG_CR0, UC_X86_REG_CR3, UC_X86_REG_CR4, UC_X86_REG_MSR};
-    void *rvals[4] = {&v->cr0, &v->cr3, &v->cr4, &e};
-    if ((err = api.reg_read_batch(uc, rids, rvals, 4)))
-        return err;
-    v->efer = e.value;
-    return 0;
+    return paging_changed(v, uc);
 }

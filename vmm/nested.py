@@ -54,7 +54,7 @@ from .controls import PinBasedControls, PrimaryProcBasedControls, SecondaryProcB
 from .vmx import _CHEAP_FIELDS, TrackedVmcs, VmEntryFailed, VmExit, VmxGuest
 from .exit_reasons import ExitReason
 from .nested_shadow import VmcsCache
-from .nested_state import EFER as LEVEL_EFER, GUEST_IMAGE, N as LEVEL_N, LevelSwitch, host_image
+from .nested_state import EFER as LEVEL_EFER, IMAGE_SLOTS, N as LEVEL_N, LevelSwitch, host_image
 from .vmx_intercept import REFLECT
 from . import vmx_msr_areas as msr_areas
 
@@ -75,7 +75,7 @@ _ARITH = _CF | _PF | _AF | _ZF | _SF | _OF
 
 # slots of the VMCS area (vmm/vmcs.py ``slot``) read and written directly
 _S_EXIT_CTLS = F.slot(F.VM_EXIT_CONTROLS)
-_S_TSC_OFFSET, _S_INTR = F.slot(F.TSC_OFFSET), F.slot(F.GUEST_INTERRUPTIBILITY_STATE)
+_S_TSC_OFFSET = F.slot(F.TSC_OFFSET)
 _S_ENTRY_INTR, _S_EPTP = F.slot(F.VM_ENTRY_INTR_INFO), F.slot(F.EPT_POINTER)
 _S_PRIMARY, _S_SECONDARY = F.slot(F.CPU_BASED_VM_EXEC_CONTROL), F.slot(F.SECONDARY_VM_EXEC_CONTROL)
 #: execution controls (SDM Vol. 3C Tables 25-5, 25-6, 25-7)
@@ -90,8 +90,6 @@ _ENTRY_IA32E = 1 << 9                 # VM-entry control "IA-32e mode guest" (Ta
 _PP_TSC_OFFSETTING = int(PrimaryProcBasedControls.USE_TSC_OFFSETTING)
 _S_ENTRY_MSR_COUNT = F.slot(F.VM_ENTRY_MSR_LOAD_COUNT)
 _S_RFLAGS = F.slot(F.GUEST_RFLAGS)
-#: the slots of GUEST_IMAGE's fields, in its order
-_IMAGE_SLOTS = tuple(F.slot(e) for e in GUEST_IMAGE)
 
 
 #: hflags bits that send a VMREAD/VMWRITE to the full path: CPL (bits 1:0), an
@@ -324,9 +322,9 @@ class NestedVmx:
     def _entered_natively(self) -> None:
         """native/nested.c changed the level: it executed L1's VMRESUMEs and
         maybe reflected L2's VM exits to L1 (``reflections``), and L2 runs
-        (``in_l2``) or L1 does.  The VMCS gets what C stored -- L2's guest
-        state of the last reflection, the table's values (exit information,
-        the VMWRITEs the entries consumed) -- then what _vmentry and
+        (``in_l2``) or L1 does.  The VMCS gets the table's values (exit
+        information, the VMWRITEs the entries consumed; L2's guest state of
+        the last reflection C stored into the VMCS area itself) -- then what _vmentry and
         _L2Guest._enter do after the state load (L2's policy), or what
         _reflect does after the host-state load (L1 runs on the table)."""
         vm = self.vm
@@ -338,9 +336,6 @@ class NestedVmx:
         if n:
             sh.reflections = 0
             self.reflected += n
-            m = v.mem
-            for k, val in zip(_IMAGE_SLOTS, ffi.unpack(sh.l2_img, LEVEL_N)):
-                m[k] = val
         self._cache.store_all()
         if not sh.in_l2:
             # L1 at HOST_RIP, the table serving it (as _reflect then _cache_on)
@@ -804,7 +799,7 @@ class _L2Guest(VmxGuest):
         v, cpu = self.vmcs, self.cpu
         v.materialize()
         m = v.mem
-        self.vm.nested._switch_for(cpu).load([m[k] for k in _IMAGE_SLOTS])
+        self.vm.nested._switch_for(cpu).load([m[k] for k in IMAGE_SLOTS])
         cpu.native.tsc_offset = m[_S_TSC_OFFSET] if self._primary() & _PP_TSC_OFFSETTING else 0
         self._saved = True
 

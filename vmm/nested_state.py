@@ -57,7 +57,7 @@ assert len(GUEST_IMAGE) == N
 
 _M32 = 0xFFFFFFFF
 #: where the image's fields live in a VMCS area (vmm/vmcs.py ``slot``)
-_IMAGE_SLOTS = tuple(F.slot(e) for e in GUEST_IMAGE)
+IMAGE_SLOTS = tuple(F.slot(e) for e in GUEST_IMAGE)
 _INTR_SLOT = F.slot(F.GUEST_INTERRUPTIBILITY_STATE)
 
 
@@ -80,7 +80,7 @@ def store_guest(r, vmcs, nmi_blocked: int) -> None:
     ``uint64_t *`` or a memoryview of ``Vmcs.mem``): the image of register
     file ``r`` into its fields, and bit 3 of the interruptibility state
     (blocking by NMI, Table 25-3) from ``nmi_blocked``."""
-    for k, value in zip(_IMAGE_SLOTS, level_save(r)):
+    for k, value in zip(IMAGE_SLOTS, level_save(r)):
         vmcs[k] = value
     vmcs[_INTR_SLOT] = (vmcs[_INTR_SLOT] & ~8) | (8 if nmi_blocked else 0)
 

@@ -316,7 +316,7 @@ class VmxGuest(NonRootIntercepts):
         self._armed_for = None
         self._pending_exits: list[VmExit] = []
         self._halt_requested = False
-        self._lazy_ref = weakref.WeakMethod(self._store_deferred)
+        self._lazy_ref = weakref.WeakMethod(self._store_guest_state)
         #: the native fast path's policy (emu/fastpath.py), refreshed at VM entry
         self._fastpath = ffi.new("vmlab_fastpath *")
         self._fastpath.vmcs = self._vmcs.area   # the lean path writes exit information there
@@ -441,15 +441,11 @@ class VmxGuest(NonRootIntercepts):
             self._vmcs.mem[_S_PREEMPT_VALUE] = \
                 max(0, self._preempt_deadline - self.cpu.native.icount) >> rate
 
-    def _store_deferred(self) -> None:
-        """The deferred part of a VM exit (TrackedVmcs.lazy): the guest
-        state.  (The exit-information fields are in the VMCS already: the
-        lean path's native call wrote them at the exit, ``_make_exit`` at the
-        general path's.)"""
-        self._store_guest_state()
-
     def _store_guest_state(self) -> None:
-        """The deferred part of a VM exit: store the vCPU's state into the
+        """The deferred part of a VM exit (TrackedVmcs.lazy; the
+        exit-information fields are in the VMCS already: the lean path's
+        native call wrote them at the exit, ``_make_exit`` at the general
+        path's): store the vCPU's state into the
         guest-state area (SDM Vol. 3C 28.3) in one native call on the VMCS
         area (native/vmcs.c ``vmlab_vmcs_store_guest``; twin
         vmm/nested_state.py ``store_guest``): RIP, RSP, RFLAGS, CR0, CR3,
@@ -891,7 +887,7 @@ _TRAPS_BY_SECONDARY = (
     (_SP.RDRAND_EXITING, {"rdrand"}),
     (_SP.RDSEED_EXITING, {"rdseed"}),
 )
-_E_RIP, _E_RSP, _E_RFLAGS = int(F.GUEST_RIP), int(F.GUEST_RSP), int(F.GUEST_RFLAGS)
+_E_RIP, _E_RSP = int(F.GUEST_RIP), int(F.GUEST_RSP)
 _E_INTR = int(F.GUEST_INTERRUPTIBILITY_STATE)
 _RIP_RSP = frozenset({_E_RIP, _E_RSP})
 #: guest-state fields a VM exit stores only when first read (TrackedVmcs.lazy)

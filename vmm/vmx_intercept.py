@@ -63,6 +63,9 @@ _FAULT_FIRST = (IoExit, MsrExit, HltExit, CrExit, TrapExit)
 _ENC_PRIMARY, _ENC_SECONDARY = int(F.CPU_BASED_VM_EXEC_CONTROL), int(F.SECONDARY_VM_EXEC_CONTROL)
 #: slots of the VMCS area (vmm/vmcs.py ``slot``) written directly at event-delivery exits
 _S_IDT_INFO, _S_IDT_EC = F.slot(F.IDT_VECTORING_INFO), F.slot(F.IDT_VECTORING_ERROR_CODE)
+_S_PREEMPT_VALUE = F.slot(F.VMX_PREEMPTION_TIMER_VALUE)
+_S_EXC_BITMAP, _S_PF_MASK, _S_PF_MATCH = (F.slot(F.EXCEPTION_BITMAP), F.slot(F.PAGE_FAULT_ERROR_CODE_MASK),
+                                          F.slot(F.PAGE_FAULT_ERROR_CODE_MATCH))
 
 
 def _event_info(ev: Event) -> InterruptionInfo:
@@ -92,7 +95,7 @@ class NonRootIntercepts:
         if d is None or self.cpu.native.icount < d:
             return None
         self._preempt_deadline = None
-        self.vmcs.mem[F.slot(F.VMX_PREEMPTION_TIMER_VALUE)] = 0
+        self.vmcs.mem[_S_PREEMPT_VALUE] = 0
         return self._make_exit(ExitReason.PREEMPTION_TIMER, 0, None)
 
     def _external_interrupt_exit(self, src: str | None):
@@ -503,10 +506,9 @@ class NonRootIntercepts:
 
     def _bitmap_exits(self, vector: int, error_code: int | None) -> bool:
         v = self._vmcs.mem
-        exits = bool(v[F.slot(F.EXCEPTION_BITMAP)] >> vector & 1) if vector < 32 else False
+        exits = bool(v[_S_EXC_BITMAP] >> vector & 1) if vector < 32 else False
         if vector == x86.PF:
-            match = ((error_code or 0) & v[F.slot(F.PAGE_FAULT_ERROR_CODE_MASK)]) == \
-                v[F.slot(F.PAGE_FAULT_ERROR_CODE_MATCH)]
+            match = ((error_code or 0) & v[_S_PF_MASK]) == v[_S_PF_MATCH]
             exits = exits if match else not exits
         return exits
 
