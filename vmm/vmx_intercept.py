@@ -613,13 +613,8 @@ class NonRootIntercepts:
 
     def _exception(self, mex: ExceptionExit) -> Outcome:
         """Exception bitmap (with the #PF error-code mask/match, SDM 26.2)."""
-        v = self.vmcs
         vec = mex.vector
-        bitmap = v.read(F.EXCEPTION_BITMAP)
-        exits = bool(bitmap >> vec & 1) if vec < 32 else False
-        if vec == x86.PF:
-            match = (mex.error_code or 0) & v.read(F.PAGE_FAULT_ERROR_CODE_MASK) == v.read(F.PAGE_FAULT_ERROR_CODE_MATCH)
-            exits = exits if match else not exits
+        exits = self._bitmap_exits(vec, mex.error_code)
         if mex.software and (mex.int_n or vec not in (x86.BP, x86.OF)):
             exits = False                  # INT n (also INT 3) is not an exception (software interrupt)
         if not exits:
